@@ -1,0 +1,66 @@
+"""Builds tpo_lite and its kernel extension.
+
+Install with ``pip install --no-build-isolation .`` so the extension compiles against the torch you already
+have (an isolated build would fetch a different torch). The CPU extension is always built; the CUDA one when
+torch has CUDA and nvcc is found. Set ``TPO_LITE_NO_EXT=1`` to skip compiling (the wrapper then JIT-compiles
+on first use, or falls back to the PyTorch reference with a warning).
+"""
+import os
+
+from setuptools import find_packages, setup
+
+ext_modules, cmdclass = [], {}
+if not os.environ.get("TPO_LITE_NO_EXT"):
+    from torch.utils import cpp_extension
+
+    cxx_flags = ["-O3", "-std=c++17", "-fopenmp"]
+    cpu_sources = sorted(os.path.join("csrc", "cpu", f) for f in os.listdir("csrc/cpu") if f.endswith(".cpp"))
+    if cpu_sources:
+        ext_modules.append(
+            cpp_extension.CppExtension(
+                "tpo_lite._C", cpu_sources, extra_compile_args={"cxx": cxx_flags}, extra_link_args=["-fopenmp"]
+            )
+        )
+    import torch
+
+    cuda_sources = sorted(
+        os.path.join("csrc", "cuda", f) for f in os.listdir("csrc/cuda") if f.endswith((".cu", ".cpp"))
+    )
+    if cuda_sources and torch.version.cuda and cpp_extension.CUDA_HOME:
+        ext_modules.append(
+            cpp_extension.CUDAExtension(
+                "tpo_lite._C_cuda",
+                cuda_sources,
+                extra_compile_args={"cxx": ["-O3", "-std=c++17"], "nvcc": ["-O3", "-std=c++17", "--use_fast_math"]},
+            )
+        )
+    if ext_modules:
+        cmdclass["build_ext"] = cpp_extension.BuildExtension
+
+setup(
+    name="tpo-lite",
+    version="0.1.0",
+    description="Thought Preference Optimization (TPO) on one GPU: fused QLoRA DPO kernels and the TPO loop",
+    packages=find_packages(include=["tpo_lite", "tpo_lite.*"]),
+    package_data={"tpo_lite": ["data/*.jsonl", "data/*.txt"]},
+    include_package_data=True,
+    python_requires=">=3.10",
+    install_requires=[
+        "torch>=2.4",
+        "transformers>=4.46",
+        "gguf>=0.10",
+        "peft>=0.13",
+        "accelerate>=1.0",
+        "bitsandbytes>=0.45",
+        "pybind11>=2.12",
+        "ninja",
+        "click>=8.1",
+        "tqdm",
+        "matplotlib>=3.7",
+        "numpy",
+    ],
+    extras_require={"test": ["pytest"]},
+    entry_points={"console_scripts": ["tpo-lite=tpo_lite.cli:main"]},
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
+)
