@@ -1,0 +1,9 @@
+"""Fused kernels: per-token log-probs straight from hidden states and the LM head, and the DPO loss."""
+from .reference import linear_logprobs_reference
+
+try:
+    from .linear_logprobs import fused_linear_logprobs
+except ImportError:  # kernels not landed yet: the reference has the same signature
+    fused_linear_logprobs = linear_logprobs_reference
+
+__all__ = ["fused_linear_logprobs", "linear_logprobs_reference"]
