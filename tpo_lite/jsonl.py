@@ -1,0 +1,171 @@
+"""Crash-safe JSONL records and atomic JSON files.
+
+Guarantees under ``kill -9`` (or power loss after fsync) at any instant:
+
+* **No torn record is ever read.** A record is one JSON object plus ``"\\n"`` written by a single ``os.write``
+  on an ``O_APPEND`` descriptor, then ``fsync``. If the process dies mid-write the file may end with a partial
+  line that has no ``"\\n"``; :func:`read_records` ignores such a last line and :func:`append_record` truncates
+  it (:func:`repair`) before it appends, so a torn tail never becomes a corrupt middle line.
+* **No lost record.** The caller appends a record only after the work it describes is finished; a kill before
+  the append means the work is simply redone on resume. After the append returns the line is on disk.
+* **No duplicated record.** Records are keyed (e.g. ``prompt_id``); the loop reads the keys already present and
+  never writes a key twice. :func:`read_records` with ``key=`` rejects duplicates as corruption.
+* Whole-file outputs (``metrics.json``, ``DONE`` markers, the resolved config) go through
+  :func:`write_json_atomic` / :func:`write_text_atomic`: write a temp file, fsync, ``os.replace`` over the
+  target, fsync the directory. A reader sees the old file or the new one, never half of one.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from typing import Any
+
+from .errors import TpoError
+
+
+def _fsync_dir(path: str) -> None:
+    # The directory entry of a new/renamed file must be durable too, not only its contents.
+    try:
+        fd = os.open(os.path.dirname(os.path.abspath(path)) or ".", os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def repair(path: str | os.PathLike) -> int:
+    """Truncate a torn last line (one without a trailing ``"\\n"``) from ``path``.
+
+    Returns the number of bytes removed (0 when the file is missing, empty or already ends in ``"\\n"``).
+    """
+    path = os.fspath(path)
+    try:
+        size = os.path.getsize(path)
+    except FileNotFoundError:
+        return 0
+    if size == 0:
+        return 0
+    with open(path, "rb+") as f:
+        f.seek(size - 1)
+        if f.read(1) == b"\n":
+            return 0
+        # Scan backwards in blocks for the last newline; everything after it is the torn tail.
+        pos, keep = size, 0
+        block = 1 << 16
+        while pos > 0:
+            start = max(0, pos - block)
+            f.seek(start)
+            chunk = f.read(pos - start)
+            idx = chunk.rfind(b"\n")
+            if idx >= 0:
+                keep = start + idx + 1
+                break
+            pos = start
+        f.truncate(keep)
+        f.flush()
+        os.fsync(f.fileno())
+        return size - keep
+
+
+def append_record(path: str | os.PathLike, obj: Any) -> None:
+    """Append ``obj`` as one JSON line, durably (single write on an O_APPEND fd, then fsync).
+
+    A torn tail left by an earlier crash is truncated first, so the new line starts on a line boundary.
+    """
+    path = os.fspath(path)
+    data = (json.dumps(obj, ensure_ascii=False, separators=(",", ":")) + "\n").encode("utf-8")
+    created = not os.path.exists(path)
+    repair(path)
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        view = memoryview(data)
+        # One write normally writes everything for a regular file; loop only for the rare short write
+        # (a kill in between leaves a torn tail, which readers drop and the next append repairs).
+        while view:
+            n = os.write(fd, view)
+            view = view[n:]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    if created:
+        _fsync_dir(path)
+
+
+def read_records(path: str | os.PathLike, key: str | None = None):
+    """Read a JSONL file written by :func:`append_record`.
+
+    Returns a list of objects, or with ``key`` a dict ``{record[key]: record}`` in file order. A missing file
+    reads as empty. A last line without ``"\\n"`` is a torn write and is dropped. A complete line that is not a
+    JSON object, lacks ``key``, or repeats a key raises :class:`TpoError` with the file and line number.
+    """
+    path = os.fspath(path)
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except FileNotFoundError:
+        return {} if key is not None else []
+    lines = raw.split(b"\n")
+    # After split, the last element is b"" when the file ends in "\n", otherwise it is the torn tail.
+    complete = lines[:-1]
+    records = [] if key is None else {}
+    for lineno, line in enumerate(complete, start=1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise TpoError(f"not valid JSON ({e})", path=path, line=lineno) from None
+        if not isinstance(obj, dict):
+            raise TpoError(f"expected a JSON object, got {type(obj).__name__}", path=path, line=lineno)
+        if key is None:
+            records.append(obj)
+            continue
+        if key not in obj:
+            raise TpoError("missing key", path=path, line=lineno, field=key)
+        k = obj[key]
+        if k in records:
+            raise TpoError(f"duplicate record {k!r}", path=path, line=lineno, field=key)
+        records[k] = obj
+    return records
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+    """Replace ``path`` with ``text`` atomically (temp file in the same dir + fsync + os.replace)."""
+    path = os.fspath(path)
+    d = os.path.dirname(os.path.abspath(path))
+    os.makedirs(d, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=d)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    _fsync_dir(path)
+
+
+def write_json_atomic(path: str | os.PathLike, obj: Any, indent: int | None = 2) -> None:
+    """Replace ``path`` with ``obj`` as JSON atomically (see :func:`write_text_atomic`)."""
+    write_text_atomic(path, json.dumps(obj, ensure_ascii=False, indent=indent) + "\n")
+
+
+def read_json(path: str | os.PathLike) -> Any:
+    """Read a JSON file; a malformed one raises :class:`TpoError` naming the file and line."""
+    path = os.fspath(path)
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise TpoError(f"not valid JSON: {e.msg}", path=path, line=e.lineno) from None
