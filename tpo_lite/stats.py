@@ -1,0 +1,286 @@
+"""Statistics for judging and evaluation: win rate, bootstrap CI, Bradley-Terry, length-controlled win rate.
+
+Plain numpy, no scipy. Everything here works on *per-instruction* values: one outcome per instruction
+(1 = the model wins, 0.5 = tie, 0 = loss; a probability in [0, 1] is also accepted, e.g. the average of
+a pairwise judge's two orders), and bootstrap resampling is over instructions.
+
+Length-controlled win rate (``length_controlled_win_rate``)
+-----------------------------------------------------------
+We fit a logistic regression of the judge's preference on the standardised length difference,
+
+    P(model preferred | d) = sigmoid(a + b * z),   z = d / sd(d),   d = len_model - len_baseline,
+
+by maximum likelihood with fractional outcomes (a tie counts as half a win), and report ``sigmoid(a)``:
+the predicted win rate of a model whose responses are exactly as long as the baseline's. ``z`` is scaled
+but *not* centred, so ``z = 0`` still means "equal length". A small ridge on the slope ``b`` keeps the fit
+finite when wins and losses are perfectly separated by length; the intercept is not penalised.
+
+How this differs from AlpacaEval 2.0's length-controlled win rate: AlpacaEval fits a GLM per model with
+three terms -- the model-vs-baseline identity, ``tanh`` of the standardised length difference and an
+instruction-difficulty term whose coefficients are estimated jointly over *many* leaderboard models -- and
+reads the prediction with the length term set to zero. Ours has a single covariate (the linear,
+standardised length difference), no instruction-difficulty or model terms and is fitted on the one
+comparison at hand, so it is a simpler first-order length adjustment; the numbers are not comparable with
+AlpacaEval's leaderboard LC values.
+"""
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import numpy as np
+
+__all__ = [
+    "win_rate",
+    "bootstrap_ci",
+    "bradley_terry",
+    "length_controlled_win_rate",
+    "length_controlled_win_rate_ci",
+    "summarize_outcomes",
+]
+
+
+def _sigmoid(x: np.ndarray) -> np.ndarray:
+    # Numerically stable for large |x| (exp never overflows).
+    x = np.asarray(x, dtype=np.float64)
+    out = np.empty_like(x)
+    pos = x >= 0
+    out[pos] = 1.0 / (1.0 + np.exp(-x[pos]))
+    ex = np.exp(x[~pos])
+    out[~pos] = ex / (1.0 + ex)
+    return out
+
+
+def _outcomes_array(outcomes: Sequence[float], name: str = "outcomes") -> np.ndarray:
+    arr = np.asarray(outcomes, dtype=np.float64).reshape(-1)
+    if arr.size == 0:
+        raise ValueError(f"{name}: empty; need at least one per-instruction outcome")
+    if not np.all(np.isfinite(arr)):
+        bad = int(np.flatnonzero(~np.isfinite(arr))[0])
+        raise ValueError(f"{name}[{bad}]: not a finite number ({arr[bad]!r})")
+    if np.any((arr < 0) | (arr > 1)):
+        bad = int(np.flatnonzero((arr < 0) | (arr > 1))[0])
+        raise ValueError(f"{name}[{bad}]: {arr[bad]!r} is outside [0, 1] (1 = win, 0.5 = tie, 0 = loss)")
+    return arr
+
+
+def win_rate(outcomes: Sequence[float]) -> float:
+    """Mean outcome: 1 = win, 0.5 = tie (counts as half a win), 0 = loss; probabilities in [0, 1] allowed."""
+    return float(np.mean(_outcomes_array(outcomes)))
+
+
+def bootstrap_ci(
+    values,
+    statistic: Callable[[np.ndarray], float] = np.mean,
+    n_boot: int = 2000,
+    alpha: float = 0.05,
+    seed: int = 0,
+) -> tuple[float, float]:
+    """Percentile bootstrap confidence interval of ``statistic`` over instructions.
+
+    ``values`` holds one entry per instruction: a 1-D array, or a 2-D array whose *rows* are instructions
+    (so a statistic of several aligned columns, e.g. outcome and two lengths, resamples them together).
+    Each of ``n_boot`` replicates draws ``n`` rows with replacement (``numpy.random.default_rng(seed)``, so
+    the result is reproducible) and evaluates ``statistic`` on them; the interval is the ``alpha/2`` and
+    ``1 - alpha/2`` percentiles of the replicates. Returns ``(lo, hi)``.
+    """
+    arr = np.asarray(values, dtype=np.float64)
+    if arr.ndim == 0 or arr.shape[0] == 0:
+        raise ValueError("bootstrap_ci: values is empty; need at least one per-instruction value")
+    if not (0.0 < alpha < 1.0):
+        raise ValueError(f"bootstrap_ci: alpha must be in (0, 1), got {alpha!r}")
+    if int(n_boot) < 1:
+        raise ValueError(f"bootstrap_ci: n_boot must be >= 1, got {n_boot!r}")
+    n = arr.shape[0]
+    rng = np.random.default_rng(seed)
+    reps = np.empty(int(n_boot), dtype=np.float64)
+    for b in range(int(n_boot)):
+        idx = rng.integers(0, n, size=n)
+        reps[b] = float(statistic(arr[idx]))
+    if not np.all(np.isfinite(reps)):
+        raise ValueError("bootstrap_ci: the statistic returned a non-finite value on a resample")
+    lo, hi = np.quantile(reps, [alpha / 2.0, 1.0 - alpha / 2.0])
+    return float(lo), float(hi)
+
+
+def bradley_terry(
+    n_items: int,
+    comparisons: Sequence[tuple],
+    l2: float = 0.01,
+    max_iter: int = 100,
+    tol: float = 1e-10,
+) -> np.ndarray:
+    """Fit Bradley-Terry log-strengths ``theta`` (``P(i beats j) = sigmoid(theta_i - theta_j)``).
+
+    ``comparisons`` is a list of ``(i, j, p)`` or ``(i, j, p, weight)``: ``p`` in [0, 1] is the fraction
+    (or probability) of times ``i`` beat ``j`` -- a tie is 0.5, and the two presentation orders of a pair
+    can be given as two entries or averaged into one. The fit maximises
+
+        sum_c w_c [p_c log sigmoid(theta_i - theta_j) + (1 - p_c) log sigmoid(theta_j - theta_i)]
+        - l2/2 * ||theta||^2
+
+    with Newton's method (the objective is strictly concave for ``l2 > 0``). The ridge is a Gaussian prior
+    of variance ``1/l2`` on each log-strength: it keeps the estimate finite under perfect separation
+    (an item that won every comparison) and gives items with no comparisons ``theta = 0``. Because every
+    comparison's gradient sums to zero over its two items, the optimum satisfies ``sum(theta) = 0``: the
+    result is centred at 0. With ``l2 = 0`` the pseudo-inverse is used and the result re-centred each step;
+    under perfect separation it then grows until ``max_iter``.
+    """
+    n = int(n_items)
+    if n < 1:
+        raise ValueError(f"bradley_terry: n_items must be >= 1, got {n_items!r}")
+    if l2 < 0:
+        raise ValueError(f"bradley_terry: l2 must be >= 0, got {l2!r}")
+    ii, jj, pp, ww = [], [], [], []
+    for k, c in enumerate(comparisons):
+        if len(c) not in (3, 4):
+            raise ValueError(f"bradley_terry: comparisons[{k}] must be (i, j, p) or (i, j, p, weight), got {c!r}")
+        i, j, p = int(c[0]), int(c[1]), float(c[2])
+        w = float(c[3]) if len(c) == 4 else 1.0
+        if not (0 <= i < n and 0 <= j < n):
+            raise ValueError(f"bradley_terry: comparisons[{k}]: item index out of range [0, {n}): {c!r}")
+        if i == j:
+            raise ValueError(f"bradley_terry: comparisons[{k}]: an item cannot be compared with itself: {c!r}")
+        if not (0.0 <= p <= 1.0) or not np.isfinite(p):
+            raise ValueError(f"bradley_terry: comparisons[{k}]: p={p!r} is outside [0, 1]")
+        if not (w >= 0.0) or not np.isfinite(w):
+            raise ValueError(f"bradley_terry: comparisons[{k}]: weight={w!r} must be finite and >= 0")
+        ii.append(i)
+        jj.append(j)
+        pp.append(p)
+        ww.append(w)
+    theta = np.zeros(n, dtype=np.float64)
+    if not ii:
+        return theta
+    ii_a, jj_a = np.asarray(ii), np.asarray(jj)
+    p_a, w_a = np.asarray(pp), np.asarray(ww)
+    for _ in range(int(max_iter)):
+        s = _sigmoid(theta[ii_a] - theta[jj_a])
+        r = w_a * (p_a - s)  # d loglik / d(theta_i - theta_j)
+        grad = np.zeros(n)
+        np.add.at(grad, ii_a, r)
+        np.add.at(grad, jj_a, -r)
+        grad -= l2 * theta
+        h = w_a * s * (1.0 - s)  # information of each comparison
+        info = np.zeros((n, n))
+        np.add.at(info, (ii_a, ii_a), h)
+        np.add.at(info, (jj_a, jj_a), h)
+        np.add.at(info, (ii_a, jj_a), -h)
+        np.add.at(info, (jj_a, ii_a), -h)
+        info[np.diag_indices(n)] += l2
+        if l2 > 0:
+            step = np.linalg.solve(info, grad)
+        else:
+            step = np.linalg.pinv(info) @ grad
+        theta = theta + step
+        if l2 == 0:
+            theta -= theta.mean()
+        if np.max(np.abs(step)) < tol:
+            break
+    return theta
+
+
+def _logistic_fit(y: np.ndarray, z: np.ndarray, slope_l2: float, max_iter: int = 100) -> tuple[float, float]:
+    """Newton fit of ``y ~ sigmoid(a + b z)`` with fractional ``y`` and a ridge on ``b`` only."""
+    a = float(np.log(np.mean(y) / (1.0 - np.mean(y))))  # the intercept-only optimum: a good start
+    b = 0.0
+    for _ in range(max_iter):
+        s = _sigmoid(a + b * z)
+        r = y - s
+        g = np.array([r.sum(), (r * z).sum() - slope_l2 * b])
+        w = s * (1.0 - s)
+        h = np.array([[w.sum(), (w * z).sum()], [(w * z).sum(), (w * z * z).sum() + slope_l2]])
+        step = np.linalg.solve(h + 1e-12 * np.eye(2), g)
+        a, b = a + step[0], b + step[1]
+        if np.max(np.abs(step)) < 1e-10:
+            break
+    return a, b
+
+
+def length_controlled_win_rate(
+    outcomes: Sequence[float],
+    len_model: Sequence[float],
+    len_baseline: Sequence[float],
+    slope_l2: float = 0.01,
+) -> float:
+    """Win rate at zero length difference from a one-covariate logistic fit (see the module docstring).
+
+    ``outcomes[k]`` is the judge's preference for the model on instruction ``k`` (1 win, 0.5 tie, 0 loss
+    or a probability), ``len_model[k]`` / ``len_baseline[k]`` the two responses' lengths (any unit, the
+    difference is standardised). When the length difference does not vary (e.g. all lengths equal) the
+    length effect cannot be separated from the intercept and the plain win rate is returned; likewise when
+    every outcome is 0 or every outcome is 1.
+    """
+    y = _outcomes_array(outcomes)
+    lm = np.asarray(len_model, dtype=np.float64).reshape(-1)
+    lb = np.asarray(len_baseline, dtype=np.float64).reshape(-1)
+    if lm.shape != y.shape or lb.shape != y.shape:
+        raise ValueError(
+            f"length_controlled_win_rate: {y.size} outcomes but {lm.size} model lengths and "
+            f"{lb.size} baseline lengths; need one of each per instruction"
+        )
+    if not (np.all(np.isfinite(lm)) and np.all(np.isfinite(lb))):
+        raise ValueError("length_controlled_win_rate: lengths must be finite numbers")
+    mean = float(np.mean(y))
+    d = lm - lb
+    sd = float(np.std(d))
+    if mean <= 0.0 or mean >= 1.0 or sd == 0.0:
+        return mean
+    a, _ = _logistic_fit(y, d / sd, slope_l2)
+    return float(_sigmoid(np.array([a]))[0])
+
+
+def length_controlled_win_rate_ci(
+    outcomes: Sequence[float],
+    len_model: Sequence[float],
+    len_baseline: Sequence[float],
+    n_boot: int = 2000,
+    alpha: float = 0.05,
+    seed: int = 0,
+) -> tuple[float, float]:
+    """Percentile bootstrap CI of ``length_controlled_win_rate``, resampling instructions (refit each time)."""
+    y = _outcomes_array(outcomes)
+    lm = np.asarray(len_model, dtype=np.float64).reshape(-1)
+    lb = np.asarray(len_baseline, dtype=np.float64).reshape(-1)
+    if lm.shape != y.shape or lb.shape != y.shape:
+        raise ValueError(
+            f"length_controlled_win_rate_ci: {y.size} outcomes but {lm.size} model lengths and "
+            f"{lb.size} baseline lengths; need one of each per instruction"
+        )
+    table = np.column_stack([y, lm, lb])
+    return bootstrap_ci(
+        table,
+        statistic=lambda t: length_controlled_win_rate(t[:, 0], t[:, 1], t[:, 2]),
+        n_boot=n_boot,
+        alpha=alpha,
+        seed=seed,
+    )
+
+
+def summarize_outcomes(
+    outcomes: Sequence[float],
+    len_model: Sequence[float] | None = None,
+    len_baseline: Sequence[float] | None = None,
+    n_boot: int = 2000,
+    alpha: float = 0.05,
+    seed: int = 0,
+) -> dict:
+    """Everything a report needs about one comparison, as a JSON-ready dict.
+
+    Keys: ``n``, ``wins``, ``ties``, ``losses`` (outcome > 0.5, == 0.5, < 0.5), ``win_rate``,
+    ``win_rate_ci`` ([lo, hi]); with lengths also ``lc_win_rate`` and ``lc_win_rate_ci``.
+    """
+    y = _outcomes_array(outcomes)
+    out = {
+        "n": int(y.size),
+        "wins": int(np.sum(y > 0.5)),
+        "ties": int(np.sum(y == 0.5)),
+        "losses": int(np.sum(y < 0.5)),
+        "win_rate": float(np.mean(y)),
+        "win_rate_ci": list(bootstrap_ci(y, n_boot=n_boot, alpha=alpha, seed=seed)),
+    }
+    if len_model is not None and len_baseline is not None:
+        out["lc_win_rate"] = length_controlled_win_rate(y, len_model, len_baseline)
+        out["lc_win_rate_ci"] = list(
+            length_controlled_win_rate_ci(y, len_model, len_baseline, n_boot=n_boot, alpha=alpha, seed=seed)
+        )
+    return out
