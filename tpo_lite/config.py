@@ -1,0 +1,446 @@
+"""Run configuration: one TOML file, one table per stage.
+
+Each stage owns a ``@dataclass`` config in its own module (``ModelConfig`` in ``models``, ``PromptConfig`` in
+``prompts``, ...). :class:`RunConfig` composes them as TOML tables ``[model] [prompts] [sampling] [judge]
+[pairs] [train] [loop]`` (and ``[eval]`` when ``tpo_lite.evaluate`` defines ``EvalConfig``). Every field's
+``metadata["help"]`` is its only documentation: ``tpo-lite run --list-options``, the resolved
+``runs/NAME/config.toml`` and docs/running.md are generated from it.
+
+Validation is strict: an unknown table or key, or a value of the wrong type, raises :class:`TpoError` naming
+the file, the line of the offending key and the field (``section.key``). A stage config may validate values
+further in ``__post_init__`` by raising ``ValueError``/``TypeError``/``TpoError``; the message is re-raised with
+the file and line of the section.
+"""
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import math
+import os
+import re
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import TpoError
+
+
+@dataclass
+class LoopConfig:
+    """The iteration loop and the run directory."""
+
+    name: str = field(default="tpo", metadata={"help": "Run name; the run directory is <runs_root>/<name>."})
+    runs_root: str = field(default="runs", metadata={
+        "help": "Folder that holds run directories (relative paths are relative to the current directory)."})
+    iterations: int = field(default=1, metadata={
+        "help": "Number of TPO iterations (sample -> judge -> pairs -> DPO). Iteration t samples with the "
+                "adapter of iteration t-1 and keeps training it."})
+    prompts_per_iteration: int = field(default=32, metadata={
+        "help": "Training instructions sampled per iteration (each gets sampling.k outputs)."})
+    train_instructions: str = field(default="", metadata={
+        "help": "JSONL file of training instructions ({\"id\", \"instruction\", \"category\", \"checks\"}); "
+                "empty = the embedded training set."})
+    heldout_instructions: str = field(default="", metadata={
+        "help": "JSONL file of held-out instructions for the before/after score; empty = the embedded "
+                "held-out set."})
+    heldout_size: int = field(default=40, metadata={
+        "help": "Held-out instructions used for the before/after score (the first N of the file; 0 = all)."})
+    fresh_instructions: bool = field(default=True, metadata={
+        "help": "Use new training instructions in every iteration (as the paper does); false = the same "
+                "prompts_per_iteration instructions every iteration. When the set runs out it wraps around "
+                "(with a warning)."})
+    shuffle: bool = field(default=True, metadata={
+        "help": "Shuffle the training set (with loop.seed) before slicing it into iterations."})
+    eval_before: bool = field(default=True, metadata={
+        "help": "Score the seed model (no adapter) on the held-out set before iteration 1."})
+    eval_after: bool = field(default=True, metadata={
+        "help": "Score the final model on the held-out set after the last iteration."})
+    eval_every_iteration: bool = field(default=False, metadata={
+        "help": "Score the held-out set after every iteration (needed by keep_best; otherwise only after the "
+                "last one)."})
+    eval_max_new_tokens: int = field(default=0, metadata={
+        "help": "Token limit for held-out generations; 0 = the sampling config's limit."})
+    eval_greedy: bool = field(default=True, metadata={
+        "help": "Decode held-out generations greedily (one output per instruction) so before/after compare "
+                "the models, not sampling noise; false = one sample at sampling.temperature."})
+    bootstrap_samples: int = field(default=1000, metadata={
+        "help": "Bootstrap resamples for the confidence intervals of held-out scores."})
+    confidence: float = field(default=0.95, metadata={"help": "Confidence level of the bootstrap intervals."})
+    keep_best: bool = field(default=False, metadata={
+        "help": "Carry forward the adapter with the best held-out score instead of the last one (as the paper "
+                "picks checkpoints); implies scoring the held-out set after every iteration."})
+    seed: int = field(default=0, metadata={
+        "help": "Seed for instruction order and per-sample seeds (a resumed run re-derives the same seeds)."})
+
+    def __post_init__(self):
+        if not self.name or "/" in self.name or self.name in (".", ".."):
+            raise ValueError(f"name must be a plain folder name, got {self.name!r}")
+        for f in ("iterations", "prompts_per_iteration"):
+            if getattr(self, f) < 1:
+                raise TpoError(f"must be >= 1, got {getattr(self, f)}", field=f)
+        for f in ("heldout_size", "eval_max_new_tokens", "bootstrap_samples"):
+            if getattr(self, f) < 0:
+                raise TpoError(f"must be >= 0, got {getattr(self, f)}", field=f)
+        if not 0.0 < self.confidence < 1.0:
+            raise TpoError(f"must be in (0, 1), got {self.confidence}", field="confidence")
+
+
+# table -> (module, class). Imported lazily: each stage module lands on its own and pulls in heavy deps.
+SECTIONS: dict[str, tuple[str, str]] = {
+    "model": ("tpo_lite.models", "ModelConfig"),
+    "prompts": ("tpo_lite.prompts", "PromptConfig"),
+    "sampling": ("tpo_lite.sampling", "SamplingConfig"),
+    "judge": ("tpo_lite.judges", "JudgeConfig"),
+    "pairs": ("tpo_lite.pairs", "PairsConfig"),
+    "train": ("tpo_lite.train", "TrainConfig"),
+    "loop": ("tpo_lite.config", "LoopConfig"),
+    "eval": ("tpo_lite.evaluate", "EvalConfig"),
+}
+OPTIONAL_SECTIONS = {"eval"}  # present only when its module defines the class
+
+
+def section_class(name: str):
+    """The dataclass for table ``name``, or None for an optional section whose module is missing."""
+    module, cls = SECTIONS[name]
+    try:
+        mod = importlib.import_module(module)
+    except ModuleNotFoundError as e:
+        if name in OPTIONAL_SECTIONS and e.name == module:
+            return None
+        raise
+    c = getattr(mod, cls, None)
+    if c is None and name not in OPTIONAL_SECTIONS:
+        raise ImportError(f"{module} does not define {cls}")
+    return c
+
+
+def section_classes() -> dict[str, type]:
+    out = {}
+    for name in SECTIONS:
+        c = section_class(name)
+        if c is not None:
+            out[name] = c
+    return out
+
+
+class RunConfig:
+    """All stage configs of one run: ``cfg.model``, ``cfg.prompts``, ``cfg.sampling``, ``cfg.judge``,
+    ``cfg.pairs``, ``cfg.train``, ``cfg.loop`` (and ``cfg.eval`` when available).
+
+    ``source`` is the TOML file it was loaded from (None for defaults).
+    """
+
+    def __init__(self, sections: dict[str, Any], source: str | None = None):
+        self.sections = dict(sections)
+        self.source = source
+
+    def __getattr__(self, name):
+        sections = self.__dict__.get("sections", {})
+        if name in sections:
+            return sections[name]
+        raise AttributeError(name)
+
+    @classmethod
+    def default(cls) -> "RunConfig":
+        return cls({name: c() for name, c in section_classes().items()})
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        return {name: dataclasses.asdict(obj) for name, obj in self.sections.items()}
+
+    def replace(self, section: str, **changes) -> "RunConfig":
+        new = dict(self.sections)
+        new[section] = dataclasses.replace(self.sections[section], **changes)
+        return RunConfig(new, self.source)
+
+    def __eq__(self, other):
+        return isinstance(other, RunConfig) and self.to_dict() == other.to_dict()
+
+    def __repr__(self):
+        return f"RunConfig(source={self.source!r}, {self.to_dict()!r})"
+
+
+# ---------------------------------------------------------------------------------------------- type checking
+
+def _type_name(tp) -> str:
+    origin = typing.get_origin(tp)
+    if origin is typing.Literal:
+        return " | ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (typing.Union, types.UnionType):
+        return " | ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin in (list, tuple):
+        args = typing.get_args(tp)
+        return f"list of {_type_name(args[0])}" if args else "list"
+    if origin is dict:
+        return "table"
+    if tp is type(None):
+        return "none"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value, tp):
+    """Return ``value`` converted to ``tp`` or raise ValueError. TOML ints are accepted for floats."""
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return value
+    if origin is typing.Literal:
+        if value in typing.get_args(tp):
+            return value
+        raise ValueError
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        # Exact type matches first so `float | str` keeps "auto" a str and 0.1 a float.
+        for a in args:
+            if isinstance(a, type) and a is not type(None) and type(value) is a:
+                return value
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(value, a)
+            except ValueError:
+                pass
+        raise ValueError
+    if origin in (list, tuple):
+        if not isinstance(value, list):
+            raise ValueError
+        args = typing.get_args(tp)
+        items = [_coerce(v, args[0]) for v in value] if args else list(value)
+        return tuple(items) if origin is tuple else items
+    if origin is dict or tp is dict:
+        if not isinstance(value, dict):
+            raise ValueError
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ValueError
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ValueError
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ValueError
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ValueError
+    if isinstance(tp, type) and isinstance(value, tp):
+        return value
+    raise ValueError
+
+
+def _find_line(text: str, section: str, key: str | None = None) -> int | None:
+    """Line (1-based) of ``key`` in table ``[section]`` (or of the table header when key is None)."""
+    current = None
+    header_line = None
+    key_re = re.compile(r'^\s*("?)' + re.escape(key) + r'\1\s*=') if key else None
+    for i, line in enumerate(text.splitlines(), start=1):
+        m = re.match(r"^\s*\[\s*([A-Za-z0-9_\-]+)\s*\]", line)
+        if m:
+            current = m.group(1)
+            if current == section and header_line is None:
+                header_line = i
+            continue
+        if key_re is not None and current == section and key_re.match(line):
+            return i
+        # dotted form at top level: section.key = ...
+        if key and current is None and re.match(r"^\s*" + re.escape(section) + r"\s*\.\s*" + re.escape(key)
+                                                + r"\s*=", line):
+            return i
+    return header_line
+
+
+def build_section(cls, values: dict, name: str, path: str | None = None, text: str = "",
+                  set_keys: frozenset = frozenset()):
+    """Build dataclass ``cls`` from ``values`` with strict key and type checks.
+
+    ``set_keys`` holds the ``(section, key)`` pairs that came from ``--set``; errors in them name ``--set``.
+    """
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    kwargs = {}
+    for key, value in values.items():
+        line = _find_line(text, name, key) if text else None
+        if key not in fields:
+            close = [k for k in fields if k.startswith(key[:3])]
+            hint = f" (did you mean {', '.join(close)}?)" if close else ""
+            raise TpoError(f"unknown option{hint}; see `tpo-lite run --list-options`", path=path, line=line,
+                           field=f"{name}.{key}")
+        tp = hints.get(key, Any)
+        try:
+            kwargs[key] = _coerce(value, tp)
+        except ValueError:
+            raise TpoError(f"expected {_type_name(tp)}, got {type(value).__name__} {value!r}", path=path,
+                           line=line, field=f"{name}.{key}") from None
+        choices = fields[key].metadata.get("choices")
+        if choices and kwargs[key] not in choices:
+            raise TpoError(f"must be one of {', '.join(map(repr, choices))}, got {value!r}", path=path,
+                           line=line, field=f"{name}.{key}")
+    try:
+        return cls(**kwargs)
+    except TpoError as e:
+        fld = f"{name}.{e.field}" if e.field else name
+        if (name, e.field) in set_keys:
+            raise TpoError(e.message, path="--set", field=fld) from None
+        line = _find_line(text, name, e.field) if text else None
+        raise TpoError(e.message, path=path, line=line, field=fld) from None
+    except (ValueError, TypeError) as e:
+        line = _find_line(text, name) if text else None
+        raise TpoError(str(e), path=path, line=line, field=name) from None
+
+
+def parse_set(assignment: str) -> tuple[str, str, Any]:
+    """Parse ``section.key=value`` (value in TOML syntax; a bare word is taken as a string)."""
+    if "=" not in assignment or "." not in assignment.split("=", 1)[0]:
+        raise TpoError(f"expected section.key=value, got {assignment!r}", path="--set")
+    lhs, raw = assignment.split("=", 1)
+    section, key = (s.strip() for s in lhs.split(".", 1))
+    raw = raw.strip()
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw
+    return section, key, value
+
+
+def load_config(path: str | os.PathLike | None, overrides: list[str] | tuple[str, ...] = (),
+                name: str | None = None) -> RunConfig:
+    """Load, validate and resolve a run config.
+
+    ``path`` is a TOML file (None = all defaults). ``overrides`` are ``section.key=value`` strings applied on
+    top (``--set``); ``name`` overrides ``loop.name``. Raises :class:`TpoError` on any bad input.
+    """
+    text, data, src = "", {}, None
+    if path is not None:
+        src = os.fspath(path)
+        try:
+            with open(src, "rb") as f:
+                raw = f.read()
+        except FileNotFoundError:
+            raise TpoError("config file not found", path=src) from None
+        except IsADirectoryError:
+            raise TpoError("is a directory, expected a TOML file", path=src) from None
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise TpoError(f"not UTF-8 text ({e})", path=src) from None
+        try:
+            data = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as e:
+            m = re.search(r"\(at line (\d+), column (\d+)\)", str(e))
+            msg = re.sub(r"\s*\(at line \d+, column \d+\)", "", str(e))
+            if m:
+                msg += f" (column {m.group(2)})"
+            raise TpoError(f"invalid TOML: {msg}", path=src, line=int(m.group(1)) if m else None) from None
+    classes = section_classes()
+    for sec, val in data.items():
+        if sec not in classes:
+            raise TpoError(f"unknown table; expected one of {', '.join('[' + s + ']' for s in classes)}",
+                           path=src, line=_find_line(text, sec), field=sec)
+        if not isinstance(val, dict):
+            raise TpoError("expected a table", path=src, line=_find_line(text, sec, None), field=sec)
+    # Overrides: validate keys/types with "--set" as the location, then merge.
+    merged = {sec: dict(v) for sec, v in data.items()}
+    set_keys: set[tuple[str, str]] = set()
+    for a in overrides:
+        sec, key, value = parse_set(a)
+        if sec not in classes:
+            raise TpoError(f"unknown table {sec!r}", path="--set", field=f"{sec}.{key}")
+        build_section(classes[sec], {key: value}, sec, path="--set")  # key + type check only
+        merged.setdefault(sec, {})[key] = value
+        set_keys.add((sec, key))
+    if name is not None:
+        merged.setdefault("loop", {})["name"] = name
+        set_keys.add(("loop", "name"))
+    sections = {}
+    for sec, cls in classes.items():
+        vals = merged.get(sec, {})
+        # Errors in values that came from --set are reported against --set, the rest against the file.
+        sections[sec] = build_section(cls, vals, sec, path=src, text=text, set_keys=frozenset(set_keys))
+    return RunConfig(sections, source=src)
+
+
+# ------------------------------------------------------------------------------------------------- writing
+
+def _toml_value(v) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, int):
+        return str(v)
+    if isinstance(v, float):
+        if math.isnan(v):
+            return "nan"
+        if math.isinf(v):
+            return "inf" if v > 0 else "-inf"
+        return repr(v)
+    if isinstance(v, str):
+        return '"' + v.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n").replace("\t", "\\t") + '"'
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    if isinstance(v, dict):
+        return "{" + ", ".join(f"{k} = {_toml_value(x)}" for k, x in v.items()) + "}"
+    raise TypeError(f"cannot write {type(v).__name__} to TOML")
+
+
+def _wrap(text: str, width: int = 110, prefix: str = "# ") -> list[str]:
+    import textwrap
+
+    return textwrap.wrap(text, width=width, initial_indent=prefix, subsequent_indent=prefix) or [prefix.rstrip()]
+
+
+def to_toml(cfg: RunConfig, with_help: bool = True) -> str:
+    """The resolved config as TOML (every option, with its help text as a comment). None values, which TOML
+    cannot hold, are written commented out and read back as the field default (None)."""
+    out = [f"# Resolved tpo-lite run config (every option; help text from the code)."]
+    for sec, obj in cfg.sections.items():
+        out.append("")
+        out.append(f"[{sec}]")
+        for f in dataclasses.fields(obj):
+            if not f.init:
+                continue
+            v = getattr(obj, f.name)
+            if with_help and f.metadata.get("help"):
+                out.extend(_wrap(f.metadata["help"]))
+            if v is None:
+                out.append(f"# {f.name} = (unset)")
+            else:
+                out.append(f"{f.name} = {_toml_value(v)}")
+    return "\n".join(out) + "\n"
+
+
+def options_reference(markdown: bool = False) -> str:
+    """Every option of every table with its type, default and help (generated from the dataclasses)."""
+    lines = []
+    for sec, cls in section_classes().items():
+        hints = typing.get_type_hints(cls)
+        if markdown:
+            lines += ["", f"### [{sec}]", "", "| option | type | default | meaning |", "|---|---|---|---|"]
+        else:
+            lines += ["", f"[{sec}]"]
+        doc = (cls.__doc__ or "").strip().splitlines()
+        for f in dataclasses.fields(cls):
+            if not f.init:
+                continue
+            if f.default is not dataclasses.MISSING:
+                d = f.default
+            elif f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+                d = f.default_factory()  # type: ignore[misc]
+            else:
+                d = "(required)"
+            dv = "(unset)" if d is None else (_toml_value(d) if not isinstance(d, str) or d else '""')
+            help_ = f.metadata.get("help", "(undocumented)")
+            tn = _type_name(hints.get(f.name, Any))
+            if markdown:
+                lines.append(f"| `{f.name}` | {tn} | `{dv}` | {help_.replace('|', '/')} |")
+            else:
+                lines.append(f"  {f.name} ({tn}, default {dv})")
+                lines.extend(_wrap(help_, width=100, prefix="      "))
+        if doc and not markdown:
+            pass
+    return "\n".join(lines).lstrip("\n") + "\n"
