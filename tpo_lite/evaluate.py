@@ -1,0 +1,848 @@
+"""`tpo-lite eval`: eval-set formats, generation of the model's outputs, comparison with a judge, report data.
+
+The evidence TPO offers is the quality of the final *responses* (thoughts stripped) judged against a baseline,
+as in the paper's AlpacaEval / Arena-Hard tables. This module:
+
+1. reads an eval set (:func:`load_eval_set`) in one of three formats:
+
+   * **AlpacaEval** -- a JSON list or JSONL of ``{"instruction", "output", "generator", "dataset"}``;
+     ``dataset`` is used as the category, ``output`` (when present) as the baseline answer;
+   * **Arena-Hard** -- question JSONL with ``uid`` (or ``question_id``) and ``prompt`` or ``turns`` /
+     ``messages`` (the first user turn is the instruction), ``category`` optional; baseline answers in a
+     separate JSONL keyed by ``uid`` with the text in ``output``, ``answer``, ``messages[-1].content`` or
+     ``choices[0].turns[0].content`` (the usual places);
+   * **our instruction JSONL** -- ``{"id", "instruction", "category", "checks"}`` (see
+     :mod:`tpo_lite.instructions`); ``checks`` feed the programmatic judge.
+
+   A missing or empty category becomes ``"uncategorised"``. A bad record raises :class:`TpoError` naming the
+   file, the line (1-based; for a JSON list, the list index is given instead) and the field.
+
+2. generates the model's outputs (:func:`generate_outputs`) through the run's own prompt template and sampler,
+   with the eval decoding settings of :class:`EvalConfig` (default greedy: ``temperature = 0``), and strips
+   the thoughts with :func:`tpo_lite.parsing.parse_output`. An output with no parseable response is *invalid*
+   and counts as a loss against any baseline (and as score 0 in an absolute evaluation).
+
+3. writes AlpacaEval-style ``model_outputs.json`` (``instruction``, ``output`` = response only, ``generator``,
+   ``dataset``), so the official tools can be run on it, and ``model_thoughts.jsonl`` beside it with the
+   thoughts, validity and finish reasons (:func:`write_model_outputs`).
+
+4. compares with a judge (:func:`compare_outputs`); the judge sees the original instruction and the two
+   responses only, never a thought:
+
+   * ``score`` -- any judge with ``score()`` (reward model, programmatic): the two responses are scored and
+     the difference gives win (> ``tie_margin``), tie (within it) or loss;
+   * ``pairwise`` -- a judge with ``compare()``: asked in both orders; the outcome is the mean of
+     ``p(model wins)`` over the two orders, and the position bias (how often the *first* response is
+     preferred; 0.5 = no bias) and the order-consistency rate are reported.
+
+   The summary holds the win rate (ties as half), the length-controlled win rate
+   (:func:`tpo_lite.stats.length_controlled_win_rate`), 95% bootstrap CIs resampling instructions, a
+   per-category table, mean response and thought lengths and the invalid-format rate.
+
+5. or evaluates *absolutely* (:func:`absolute_eval`): the mean programmatic-judge score on the held-out set
+   with its bootstrap CI -- what ``tpo-lite run`` prints before vs after.
+
+Lengths are measured in **characters** of the response (or thought) text, the unit AlpacaEval uses, because the
+two sides of a comparison may come from models with different tokenizers.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from collections import defaultdict, deque
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Sequence
+
+import numpy as np
+
+from .errors import TpoError
+from .jsonl import read_records, write_json_atomic, write_text_atomic
+
+UNCATEGORISED = "uncategorised"
+FORMATS = ("auto", "alpaca_eval", "arena_hard", "instructions")
+COMPARISONS = ("auto", "score", "pairwise")
+
+MODEL_OUTPUTS = "model_outputs.json"
+MODEL_THOUGHTS = "model_thoughts.jsonl"
+EVAL_JSON = "eval.json"
+EVAL_MD = "eval.md"
+
+
+@dataclass
+class EvalConfig:
+    """The ``[eval]`` table: what to evaluate on and how to decode and judge it."""
+
+    eval_set: str = field(
+        default="heldout",
+        metadata={"help": "Eval set: 'heldout' (the embedded held-out instructions with verifiable checks) or a "
+                          "path to an AlpacaEval JSON/JSONL, an Arena-Hard question JSONL or an instruction JSONL."},
+    )
+    eval_format: str = field(
+        default="auto",
+        metadata={"help": "Format of eval_set: 'auto' (guessed from the first record's keys), 'alpaca_eval', "
+                          "'arena_hard' or 'instructions'."},
+    )
+    baseline_outputs: str = field(
+        default="",
+        metadata={"help": "Optional file of baseline answers: an AlpacaEval-style model_outputs.json/JSONL "
+                          "(matched by instruction text) or an Arena-Hard answer JSONL (matched by uid). Empty: "
+                          "use the 'output' field of an AlpacaEval eval set, if any."},
+    )
+    max_instructions: int = field(
+        default=0,
+        metadata={"help": "Evaluate only the first N instructions of the eval set (0 = all)."},
+    )
+    max_new_tokens: int = field(
+        default=384,
+        metadata={"help": "Token limit of each generated output (thought + response). An output cut off by it "
+                          "before EOS is invalid and counts as a loss."},
+    )
+    temperature: float = field(
+        default=0.0,
+        metadata={"help": "Decoding temperature for eval generation; 0 = greedy (deterministic), the default."},
+    )
+    top_p: float = field(
+        default=1.0,
+        metadata={"help": "Nucleus sampling mass for eval generation (only used when temperature > 0)."},
+    )
+    seed: int = field(
+        default=0,
+        metadata={"help": "Seed of eval generation (output i uses seed + i) and of the bootstrap resampling."},
+    )
+    batch_size: int = field(
+        default=8,
+        metadata={"help": "Prompts generated together by the local sampler during eval."},
+    )
+    comparison: str = field(
+        default="auto",
+        metadata={"help": "How the judge compares two responses: 'score' (score difference of a reward model or "
+                          "the programmatic judge), 'pairwise' (a pairwise judge asked in both orders) or 'auto' "
+                          "(pairwise when the judge is a pairwise judge, else score)."},
+    )
+    tie_margin: float = field(
+        default=0.0,
+        metadata={"help": "In 'score' comparisons, a score difference with |diff| <= tie_margin is a tie (half a "
+                          "win). 0 = only exactly equal scores tie (the programmatic judge's usual case)."},
+    )
+    n_boot: int = field(
+        default=2000,
+        metadata={"help": "Bootstrap replicates for the confidence intervals (resampling instructions)."},
+    )
+    alpha: float = field(
+        default=0.05,
+        metadata={"help": "1 - confidence level of the intervals (0.05 gives 95% CIs)."},
+    )
+
+    def validate(self) -> None:
+        """Raise :class:`TpoError` naming the ``eval.<field>`` that is out of range."""
+        if self.eval_format not in FORMATS:
+            raise TpoError(f"must be one of {', '.join(FORMATS)}, got {self.eval_format!r}", field="eval.eval_format")
+        if self.comparison not in COMPARISONS:
+            raise TpoError(f"must be one of {', '.join(COMPARISONS)}, got {self.comparison!r}",
+                           field="eval.comparison")
+        if self.max_instructions < 0:
+            raise TpoError(f"must be >= 0, got {self.max_instructions}", field="eval.max_instructions")
+        if self.max_new_tokens < 1:
+            raise TpoError(f"must be >= 1, got {self.max_new_tokens}", field="eval.max_new_tokens")
+        if self.temperature < 0:
+            raise TpoError(f"must be >= 0, got {self.temperature}", field="eval.temperature")
+        if not (0.0 < self.top_p <= 1.0):
+            raise TpoError(f"must be in (0, 1], got {self.top_p}", field="eval.top_p")
+        if self.batch_size < 1:
+            raise TpoError(f"must be >= 1, got {self.batch_size}", field="eval.batch_size")
+        if self.tie_margin < 0:
+            raise TpoError(f"must be >= 0, got {self.tie_margin}", field="eval.tie_margin")
+        if self.n_boot < 1:
+            raise TpoError(f"must be >= 1, got {self.n_boot}", field="eval.n_boot")
+        if not (0.0 < self.alpha < 1.0):
+            raise TpoError(f"must be in (0, 1), got {self.alpha}", field="eval.alpha")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Eval-set readers
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class EvalItem:
+    """One eval instruction. ``baseline`` is the baseline's answer text when the eval set carries one."""
+
+    id: str
+    instruction: str
+    category: str = UNCATEGORISED
+    checks: list = field(default_factory=list)
+    baseline: str | None = None
+    baseline_generator: str | None = None
+
+
+def _category(value: Any) -> str:
+    if value is None:
+        return UNCATEGORISED
+    value = str(value).strip()
+    return value or UNCATEGORISED
+
+
+def _read_json_or_jsonl(path: str) -> list[tuple[int | None, Any]]:
+    """Records of a JSON list or a JSONL file as ``(line, record)``; line is None for a JSON list."""
+    if not os.path.exists(path):
+        raise TpoError("file not found", path=path)
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    stripped = text.lstrip()
+    if not stripped:
+        raise TpoError("file is empty", path=path)
+    if stripped.startswith("["):
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise TpoError(f"not valid JSON: {e.msg}", path=path, line=e.lineno) from None
+        return [(None, rec) for rec in data]
+    out = []
+    for lineno, line in enumerate(text.split("\n"), start=1):
+        if not line.strip():
+            continue
+        try:
+            out.append((lineno, json.loads(line)))
+        except json.JSONDecodeError as e:
+            raise TpoError(f"not valid JSON ({e.msg})", path=path, line=lineno) from None
+    return out
+
+
+def _where(line: int | None, index: int) -> tuple[int | None, str]:
+    # For a JSON list we cannot name a line cheaply; name the list index in the field instead.
+    return (line, "") if line is not None else (None, f"[{index}].")
+
+
+def _require_str(rec: Any, key: str, path: str, line: int | None, index: int, allow_empty: bool = False) -> str:
+    lno, prefix = _where(line, index)
+    if not isinstance(rec, dict):
+        raise TpoError(f"expected a JSON object, got {type(rec).__name__}", path=path, line=lno,
+                       field=prefix.rstrip(".") or None)
+    if key not in rec:
+        raise TpoError("missing", path=path, line=lno, field=prefix + key)
+    value = rec[key]
+    if not isinstance(value, str):
+        raise TpoError(f"expected a string, got {type(value).__name__}", path=path, line=lno, field=prefix + key)
+    if not allow_empty and not value.strip():
+        raise TpoError("empty", path=path, line=lno, field=prefix + key)
+    return value
+
+
+def read_alpaca_eval(path: str | os.PathLike) -> list[EvalItem]:
+    """Read an AlpacaEval eval set / outputs file (JSON list or JSONL).
+
+    Each record needs ``instruction``; ``output`` (optional) becomes the baseline answer, ``generator`` its
+    name and ``dataset`` the category. Ids are ``alpaca-<index>`` in file order.
+    """
+    path = os.fspath(path)
+    items = []
+    for index, (line, rec) in enumerate(_read_json_or_jsonl(path)):
+        instruction = _require_str(rec, "instruction", path, line, index)
+        output = None
+        if "output" in rec and rec["output"] is not None:
+            output = _require_str(rec, "output", path, line, index, allow_empty=True)
+        gen = rec.get("generator")
+        items.append(EvalItem(id=f"alpaca-{index:04d}", instruction=instruction, category=_category(rec.get("dataset")),
+                              baseline=output, baseline_generator=None if gen is None else str(gen)))
+    return items
+
+
+def _first_user_turn(rec: dict, path: str, line: int | None, index: int) -> str:
+    lno, prefix = _where(line, index)
+    if isinstance(rec.get("prompt"), str):
+        return _require_str(rec, "prompt", path, line, index)
+    for key in ("turns", "messages"):
+        turns = rec.get(key)
+        if turns is None:
+            continue
+        if not isinstance(turns, list) or not turns:
+            raise TpoError("expected a non-empty list", path=path, line=lno, field=prefix + key)
+        for t, turn in enumerate(turns):
+            if isinstance(turn, str):
+                text = turn
+            elif isinstance(turn, dict) and turn.get("role", "user") == "user":
+                text = turn.get("content")
+            else:
+                continue
+            if not isinstance(text, str) or not text.strip():
+                raise TpoError("expected non-empty text", path=path, line=lno, field=f"{prefix}{key}[{t}].content")
+            return text
+        raise TpoError("has no user turn", path=path, line=lno, field=prefix + key)
+    raise TpoError("missing: needs 'prompt', 'turns' or 'messages'", path=path, line=lno, field=prefix + "prompt")
+
+
+def read_arena_hard(questions_path: str | os.PathLike,
+                    answers_path: str | os.PathLike | None = None) -> list[EvalItem]:
+    """Read Arena-Hard questions (JSONL, ``uid``/``question_id`` + ``prompt`` or ``turns``/``messages``).
+
+    Only the first user turn is used (single-turn evaluation). ``answers_path``, if given, is an answer JSONL
+    keyed by the same uid (see :func:`read_arena_hard_answers`) and provides the baseline answers; every
+    question must have one.
+    """
+    questions_path = os.fspath(questions_path)
+    items, seen = [], {}
+    for index, (line, rec) in enumerate(_read_json_or_jsonl(questions_path)):
+        lno, prefix = _where(line, index)
+        if not isinstance(rec, dict):
+            raise TpoError(f"expected a JSON object, got {type(rec).__name__}", path=questions_path, line=lno)
+        uid = rec.get("uid", rec.get("question_id"))
+        if uid is None or (isinstance(uid, str) and not uid.strip()):
+            raise TpoError("missing (or 'question_id')", path=questions_path, line=lno, field=prefix + "uid")
+        uid = str(uid)
+        if uid in seen:
+            raise TpoError(f"duplicate uid {uid!r} (first at line {seen[uid]})", path=questions_path, line=lno,
+                           field=prefix + "uid")
+        seen[uid] = line if line is not None else index
+        items.append(EvalItem(id=uid, instruction=_first_user_turn(rec, questions_path, line, index),
+                              category=_category(rec.get("category", rec.get("cluster")))))
+    if answers_path is not None:
+        answers = read_arena_hard_answers(answers_path)
+        missing = [it.id for it in items if it.id not in answers]
+        if missing:
+            raise TpoError(f"no baseline answer for {len(missing)} of {len(items)} questions (first: "
+                           f"{', '.join(map(repr, missing[:3]))}) from {questions_path}", path=os.fspath(answers_path))
+        for it in items:
+            it.baseline, it.baseline_generator = answers[it.id]
+    return items
+
+
+def _answer_text(rec: dict) -> str | None:
+    # The usual places an Arena-Hard / FastChat answer file keeps the text.
+    if isinstance(rec.get("output"), str):
+        return rec["output"]
+    if isinstance(rec.get("answer"), str):
+        return rec["answer"]
+    msgs = rec.get("messages")
+    if isinstance(msgs, list) and msgs:
+        last = msgs[-1]
+        content = last.get("content") if isinstance(last, dict) else None
+        if isinstance(content, dict):  # arena-hard-auto v2: {"answer": ...}
+            content = content.get("answer")
+        if isinstance(content, str):
+            return content
+    choices = rec.get("choices")
+    if isinstance(choices, list) and choices and isinstance(choices[0], dict):
+        turns = choices[0].get("turns")
+        if isinstance(turns, list) and turns:
+            t = turns[0]
+            content = t.get("content") if isinstance(t, dict) else t
+            if isinstance(content, str):
+                return content
+    return None
+
+
+def read_arena_hard_answers(path: str | os.PathLike) -> dict[str, tuple[str, str | None]]:
+    """Arena-Hard answer JSONL -> ``{uid: (answer text, model name)}``."""
+    path = os.fspath(path)
+    out: dict[str, tuple[str, str | None]] = {}
+    for index, (line, rec) in enumerate(_read_json_or_jsonl(path)):
+        lno, prefix = _where(line, index)
+        if not isinstance(rec, dict):
+            raise TpoError(f"expected a JSON object, got {type(rec).__name__}", path=path, line=lno)
+        uid = rec.get("uid", rec.get("question_id"))
+        if uid is None:
+            raise TpoError("missing (or 'question_id')", path=path, line=lno, field=prefix + "uid")
+        text = _answer_text(rec)
+        if text is None:
+            raise TpoError("no answer text (looked in output, answer, messages[-1].content, "
+                           "choices[0].turns[0].content)", path=path, line=lno)
+        if str(uid) in out:
+            raise TpoError(f"duplicate uid {uid!r}", path=path, line=lno, field=prefix + "uid")
+        model = rec.get("model", rec.get("model_id", rec.get("generator")))
+        out[str(uid)] = (text, None if model is None else str(model))
+    return out
+
+
+def read_instruction_set(path: str | os.PathLike) -> list[EvalItem]:
+    """Our instruction JSONL (``id``, ``instruction``, ``category``, ``checks``) via
+    :func:`tpo_lite.instructions.load_instructions`."""
+    from .instructions import load_instructions
+
+    return [EvalItem(id=str(ins.id), instruction=ins.instruction, category=_category(ins.category),
+                     checks=list(ins.checks or [])) for ins in load_instructions(os.fspath(path))]
+
+
+def detect_format(path: str | os.PathLike) -> str:
+    """Guess the format from the first record's keys: ``uid``/``question_id``/``turns`` -> arena_hard, ``checks``
+    or ``id`` -> instructions, else alpaca_eval."""
+    recs = _read_json_or_jsonl(os.fspath(path))
+    first = recs[0][1] if recs else {}
+    if not isinstance(first, dict):
+        raise TpoError(f"expected JSON objects, got {type(first).__name__}", path=os.fspath(path), line=recs[0][0])
+    keys = set(first)
+    if keys & {"uid", "question_id", "turns", "messages"} or ("prompt" in keys and "instruction" not in keys):
+        return "arena_hard"
+    if "checks" in keys or "id" in keys:
+        return "instructions"
+    return "alpaca_eval"
+
+
+def resolve_eval_set(eval_set: str) -> str:
+    """``'heldout'`` / ``'train'`` -> the embedded set's path; anything else is a path."""
+    if eval_set in ("heldout", "train"):
+        from .instructions import embedded_path
+
+        return os.fspath(embedded_path(eval_set))
+    return eval_set
+
+
+def load_eval_set(path: str | os.PathLike, fmt: str = "auto", baseline: str | os.PathLike | None = None,
+                  max_instructions: int = 0) -> list[EvalItem]:
+    """Read an eval set in ``fmt`` (see :data:`FORMATS`); attach baseline answers from ``baseline`` if given.
+
+    ``baseline`` is an Arena-Hard answer JSONL (for arena_hard sets, matched by uid) or an AlpacaEval-style
+    outputs file (matched by instruction text; must cover every instruction). ``max_instructions`` > 0 keeps the
+    first N items.
+    """
+    path = resolve_eval_set(os.fspath(path))
+    if fmt not in FORMATS:
+        raise TpoError(f"unknown eval format {fmt!r}; expected one of {', '.join(FORMATS)}", field="eval.eval_format")
+    if fmt == "auto":
+        fmt = detect_format(path)
+    if fmt == "arena_hard":
+        items = read_arena_hard(path, baseline if baseline else None)
+    else:
+        items = read_alpaca_eval(path) if fmt == "alpaca_eval" else read_instruction_set(path)
+        if baseline:
+            outs = read_outputs(baseline)
+            aligned = align_outputs(items, outs, what=f"baseline outputs {os.fspath(baseline)}")
+            for it, out in zip(items, aligned):
+                it.baseline, it.baseline_generator = out.response if out.valid else None, out.generator
+    if not items:
+        raise TpoError("eval set has no instructions", path=path)
+    if max_instructions:
+        items = items[:max_instructions]
+    return items
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Model outputs
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ModelOutput:
+    """One generated (or loaded) output. ``response`` is what the judge sees; ``valid`` False = counts as a loss."""
+
+    instruction: str
+    response: str
+    generator: str
+    category: str = UNCATEGORISED
+    id: str | None = None
+    thought: str = ""
+    valid: bool = True
+    invalid_reason: str | None = None
+    finish_reason: str | None = None
+    forced: bool = False
+    text: str | None = None  # the whole output (thought + markers + response), when generated here
+
+
+def read_outputs(path: str | os.PathLike) -> list[ModelOutput]:
+    """Read AlpacaEval-style outputs (``instruction``, ``output``, ``generator``, ``dataset``).
+
+    If a ``model_thoughts.jsonl`` lies beside the file (as :func:`write_model_outputs` writes it), validity and
+    thoughts are taken from it, so another run's invalid outputs stay invalid.
+    """
+    path = os.fspath(path)
+    outs = []
+    for index, (line, rec) in enumerate(_read_json_or_jsonl(path)):
+        instruction = _require_str(rec, "instruction", path, line, index)
+        lno, prefix = _where(line, index)
+        if "output" not in rec or not isinstance(rec["output"], str):
+            raise TpoError("missing or not a string", path=path, line=lno, field=prefix + "output")
+        outs.append(ModelOutput(instruction=instruction, response=rec["output"],
+                                generator=str(rec.get("generator", os.path.basename(os.path.dirname(path)) or "model")),
+                                category=_category(rec.get("dataset")), id=rec.get("id")))
+    side = os.path.join(os.path.dirname(path), MODEL_THOUGHTS)
+    if os.path.exists(side):
+        recs = read_records(side)
+        if len(recs) != len(outs):
+            raise TpoError(f"{len(recs)} records but {path} has {len(outs)} outputs; the two files must come from "
+                           "the same eval", path=side)
+        for k, (o, r) in enumerate(zip(outs, recs)):
+            if r.get("instruction") != o.instruction:
+                raise TpoError(f"record {k + 1} is for a different instruction than output {k} of {path}",
+                               path=side, line=k + 1, field="instruction")
+            o.thought = r.get("thought") or ""
+            o.valid = bool(r.get("valid", True))
+            o.invalid_reason = r.get("invalid_reason")
+            o.finish_reason = r.get("finish_reason")
+            o.forced = bool(r.get("forced", False))
+            o.id = r.get("id", o.id)
+    return outs
+
+
+def align_outputs(items: Sequence[EvalItem], outputs: Sequence[ModelOutput], what: str = "outputs") -> list[ModelOutput]:
+    """Return ``outputs`` reordered to match ``items`` one to one, or refuse.
+
+    Matching is by instruction text (AlpacaEval's key); repeated instructions match in order of appearance.
+    Missing or extra outputs raise :class:`TpoError` with counts and the first offenders, because a comparison on
+    a partial overlap would silently report a different eval.
+    """
+    pool: dict[str, deque] = defaultdict(deque)
+    for o in outputs:
+        pool[o.instruction].append(o)
+    aligned, missing = [], []
+    for it in items:
+        if pool.get(it.instruction):
+            aligned.append(pool[it.instruction].popleft())
+        else:
+            missing.append(it)
+    extra = [o for q in pool.values() for o in q]
+    if missing or extra:
+        def short(s):
+            s = " ".join(s.split())
+            return repr(s[:60] + ("..." if len(s) > 60 else ""))
+
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} of {len(items)} instructions have no output (first: "
+                         f"{short(missing[0].instruction)}, id {missing[0].id})")
+        if extra:
+            parts.append(f"{len(extra)} outputs match no instruction (first: {short(extra[0].instruction)})")
+        raise TpoError(f"{what} do not line up with the eval set: " + "; ".join(parts)
+                       + ". Generate them on the same eval set (and the same max_instructions).")
+    return aligned
+
+
+def write_model_outputs(out_dir: str | os.PathLike, outputs: Sequence[ModelOutput]) -> str:
+    """Write ``model_outputs.json`` (AlpacaEval format, response only) and ``model_thoughts.jsonl``.
+
+    Returns the path of ``model_outputs.json``. An invalid output is written with its (possibly empty) parsed
+    response so the official tools see what the user would have seen.
+    """
+    out_dir = os.fspath(out_dir)
+    os.makedirs(out_dir, exist_ok=True)
+    alpaca = [{"instruction": o.instruction, "output": o.response, "generator": o.generator, "dataset": o.category}
+              for o in outputs]
+    path = os.path.join(out_dir, MODEL_OUTPUTS)
+    write_json_atomic(path, alpaca)
+    side = "".join(json.dumps({"id": o.id, "instruction": o.instruction, "thought": o.thought,
+                               "response": o.response, "valid": o.valid, "invalid_reason": o.invalid_reason,
+                               "finish_reason": o.finish_reason, "forced": o.forced, "text": o.text},
+                              ensure_ascii=False) + "\n" for o in outputs)
+    write_text_atomic(os.path.join(out_dir, MODEL_THOUGHTS), side)
+    return path
+
+
+def baseline_outputs(items: Sequence[EvalItem], generator: str | None = None) -> list[ModelOutput]:
+    """The eval set's own baseline answers as outputs; refuses if any item lacks one."""
+    missing = [it for it in items if it.baseline is None]
+    if missing:
+        raise TpoError(f"{len(missing)} of {len(items)} eval instructions have no baseline answer (first id "
+                       f"{missing[0].id}); give baseline outputs or compare against another run's outputs")
+    return [ModelOutput(instruction=it.instruction, response=it.baseline, id=it.id, category=it.category,
+                        generator=generator or it.baseline_generator or "baseline") for it in items]
+
+
+def _eval_sampling_config(base, ecfg: EvalConfig):
+    """The run's SamplingConfig with the eval decoding settings put in (fields the sampler does not have are
+    skipped, so prompt-side options such as thought prefill / budget forcing carry over from the run)."""
+    from .sampling import SamplingConfig
+
+    base = base if base is not None else SamplingConfig()
+    names = {f.name for f in dataclasses.fields(base)}
+    wanted = {"temperature": ecfg.temperature, "top_p": ecfg.top_p if ecfg.temperature > 0 else 1.0,
+              "max_new_tokens": ecfg.max_new_tokens, "seed": ecfg.seed, "batch_size": ecfg.batch_size}
+    return dataclasses.replace(base, **{k: v for k, v in wanted.items() if k in names})
+
+
+def generate_outputs(items: Sequence[EvalItem], model, tokenizer, prompt_cfg, generator: str,
+                     ecfg: EvalConfig | None = None, sampling_cfg=None, progress: bool = False) -> list[ModelOutput]:
+    """Generate one output per item with the local sampler and parse it into thought and response.
+
+    Decoding: ``ecfg.temperature`` (default 0 = greedy), ``ecfg.top_p``, ``ecfg.max_new_tokens``; output ``i``
+    uses seed ``ecfg.seed + i``, so a sampled eval (temperature > 0) is reproducible too. The prompt is built
+    with the run's template (``prompt_cfg``) and the parser of that template decides validity.
+    """
+    from .parsing import parse_output
+    from .prompts import get_template
+    from .sampling import LocalSampler, PromptJob
+
+    ecfg = ecfg or EvalConfig()
+    scfg = _eval_sampling_config(sampling_cfg, ecfg)
+    template = get_template(prompt_cfg)
+    sampler = LocalSampler(model, tokenizer, scfg, template)
+    jobs = [PromptJob(prompt_id=it.id, instruction=it.instruction, seeds=[ecfg.seed + i])
+            for i, it in enumerate(items)]
+    by_id = {}
+    for prompt_id, samples in sampler.sample(jobs, 1):
+        by_id[prompt_id] = samples[0]
+    outs = []
+    for it in items:
+        if it.id not in by_id:
+            raise TpoError(f"the sampler returned no output for {it.id}")
+        s = by_id[it.id]
+        parsed = parse_output(s.text, template, s.finish_reason)
+        outs.append(ModelOutput(instruction=it.instruction, response=parsed.response or "", generator=generator,
+                                category=it.category, id=it.id, thought=parsed.thought or "", valid=bool(parsed.valid),
+                                invalid_reason=parsed.reason if not parsed.valid else None,
+                                finish_reason=s.finish_reason, forced=bool(getattr(s, "forced", False)), text=s.text))
+    return outs
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Judging
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _judge_name(judge) -> str:
+    return str(getattr(judge, "name", type(judge).__name__))
+
+
+def _as_instruction(item: EvalItem):
+    # The judges take the original instruction (with its checks, for the programmatic judge), never a prompt.
+    from .instructions import Instruction
+
+    return Instruction(id=item.id, instruction=item.instruction, category=item.category, checks=list(item.checks))
+
+
+def _score(judge, item: EvalItem, responses: list[str]) -> list[float | None]:
+    res = judge.score(_as_instruction(item), responses)
+    scores = list(res.scores)
+    if len(scores) != len(responses):
+        raise TpoError(f"judge {_judge_name(judge)} returned {len(scores)} scores for {len(responses)} responses")
+    for s in scores:
+        if s is not None and not math.isfinite(float(s)):
+            raise TpoError(f"judge {_judge_name(judge)} returned a non-finite score ({s}) for {item.id}")
+    return [None if s is None else float(s) for s in scores]
+
+
+def _comparison_mode(judge, requested: str) -> str:
+    if requested == "pairwise" and not hasattr(judge, "compare"):
+        raise TpoError(f"judge {_judge_name(judge)} cannot compare two responses; use comparison = 'score'",
+                       field="eval.comparison")
+    if requested == "score" and not hasattr(judge, "score"):
+        raise TpoError(f"judge {_judge_name(judge)} cannot score responses; use comparison = 'pairwise'",
+                       field="eval.comparison")
+    if requested != "auto":
+        return requested
+    can_compare = hasattr(judge, "compare")
+    if can_compare and (not hasattr(judge, "score") or getattr(judge, "kind", None) == "pairwise"):
+        return "pairwise"
+    return "score"
+
+
+def _mean(xs: Iterable[float]) -> float | None:
+    xs = list(xs)
+    return float(np.mean(xs)) if xs else None
+
+
+def _length_stats(outputs: Sequence[ModelOutput]) -> dict:
+    valid = [o for o in outputs if o.valid]
+    return {
+        "response_chars_mean": _mean(len(o.response) for o in valid),
+        "thought_chars_mean": _mean(len(o.thought) for o in valid),
+        "n_valid": len(valid),
+        "invalid_rate": 1.0 - len(valid) / len(outputs) if outputs else None,
+        "forced_rate": _mean(float(o.forced) for o in outputs),
+    }
+
+
+def compare_outputs(items: Sequence[EvalItem], model: Sequence[ModelOutput], baseline: Sequence[ModelOutput], judge,
+                    ecfg: EvalConfig | None = None, progress: Callable[[int, int], None] | None = None) -> dict:
+    """Judge ``model`` against ``baseline`` on ``items`` (all three aligned by :func:`align_outputs`).
+
+    Per instruction the outcome is 1 (model wins), 0.5 (tie) or 0 (loss), or for a pairwise judge the mean of
+    ``p(model wins)`` over both presentation orders. An invalid model output loses without being judged; an
+    invalid baseline output loses likewise; both invalid is a tie. Returns the JSON-ready summary (see module
+    docstring) with a per-item list under ``"items"``.
+    """
+    from .stats import summarize_outcomes
+
+    ecfg = ecfg or EvalConfig()
+    model = align_outputs(items, model, what=f"outputs of {model[0].generator if model else 'the model'}")
+    baseline = align_outputs(items, baseline, what=f"outputs of {baseline[0].generator if baseline else 'the baseline'}")
+    mode = _comparison_mode(judge, ecfg.comparison)
+    rows, first_pos, consistent = [], [], []
+    for k, (it, m, b) in enumerate(zip(items, model, baseline)):
+        row = {"id": it.id, "category": it.category, "model_valid": m.valid, "baseline_valid": b.valid,
+               "model_chars": len(m.response), "baseline_chars": len(b.response),
+               "model_thought_chars": len(m.thought)}
+        if not m.valid or not b.valid:
+            outcome = 0.5 if (not m.valid and not b.valid) else (0.0 if not m.valid else 1.0)
+            row["judged"] = False
+        elif mode == "score":
+            sm, sb = _score(judge, it, [m.response, b.response])
+            row.update(model_score=sm, baseline_score=sb, judged=True)
+            if sm is None or sb is None:  # the judge itself rejected a response: treat like an invalid output
+                outcome = 0.5 if sm is None and sb is None else (0.0 if sm is None else 1.0)
+            else:
+                d = sm - sb
+                outcome = 1.0 if d > ecfg.tie_margin else (0.0 if d < -ecfg.tie_margin else 0.5)
+        else:
+            p_ab = float(judge.compare(it.instruction, m.response, b.response))
+            p_ba = float(judge.compare(it.instruction, b.response, m.response))
+            for p in (p_ab, p_ba):
+                if not (0.0 <= p <= 1.0):
+                    raise TpoError(f"judge {_judge_name(judge)} returned p={p} outside [0, 1] for {it.id}")
+            outcome = (p_ab + (1.0 - p_ba)) / 2.0
+            first_pos.append((p_ab + p_ba) / 2.0)
+            consistent.append(float((p_ab > 0.5) == (p_ba < 0.5) and p_ab != 0.5))
+            row.update(p_model_first=p_ab, p_baseline_first=p_ba, judged=True)
+        row["outcome"] = outcome
+        rows.append(row)
+        if progress:
+            progress(k + 1, len(items))
+    outcomes = [r["outcome"] for r in rows]
+    summary = summarize_outcomes(outcomes, [r["model_chars"] for r in rows], [r["baseline_chars"] for r in rows],
+                                 n_boot=ecfg.n_boot, alpha=ecfg.alpha, seed=ecfg.seed)
+    per_cat = []
+    by_cat: dict[str, list[int]] = defaultdict(list)
+    for k, r in enumerate(rows):
+        by_cat[r["category"]].append(k)
+    for cat in sorted(by_cat):
+        idx = by_cat[cat]
+        s = summarize_outcomes([outcomes[k] for k in idx], n_boot=ecfg.n_boot, alpha=ecfg.alpha, seed=ecfg.seed)
+        per_cat.append({"category": cat, "n": s["n"], "win_rate": s["win_rate"], "win_rate_ci": s["win_rate_ci"],
+                        "wins": s["wins"], "ties": s["ties"], "losses": s["losses"]})
+    result = {
+        "kind": "pairwise",
+        "model": model[0].generator,
+        "baseline": baseline[0].generator,
+        "judge": _judge_name(judge),
+        "comparison": mode,
+        "confidence": 1.0 - ecfg.alpha,
+        **summary,
+        "per_category": per_cat,
+        "model_lengths": _length_stats(model),
+        "baseline_lengths": _length_stats(baseline),
+        "invalid_rate": _length_stats(model)["invalid_rate"],
+        "position_bias": None,
+        "items": rows,
+    }
+    if mode == "pairwise":
+        result["position_bias"] = {
+            "first_position_preferred": _mean(first_pos),  # 0.5 = no bias
+            "order_consistency": _mean(consistent),
+            "n_judged": len(first_pos),
+        }
+    return result
+
+
+def absolute_eval(items: Sequence[EvalItem], outputs: Sequence[ModelOutput], judge,
+                  ecfg: EvalConfig | None = None, invalid_score: float = 0.0) -> dict:
+    """Mean judge score of ``outputs`` on ``items`` with a bootstrap CI (resampling instructions).
+
+    Meant for the programmatic judge, whose score is the fraction of an instruction's checks passed (0..1): an
+    invalid output scores ``invalid_score`` (0 = the worst possible), so a model cannot gain by failing the
+    format. Returns ``{"kind": "absolute", "mean_score", "mean_score_ci", "valid_rate", "per_category", ...}``.
+    """
+    from .stats import bootstrap_ci
+
+    ecfg = ecfg or EvalConfig()
+    outputs = align_outputs(items, outputs, what=f"outputs of {outputs[0].generator if outputs else 'the model'}")
+    rows = []
+    for it, o in zip(items, outputs):
+        s = _score(judge, it, [o.response])[0] if o.valid else None
+        rows.append({"id": it.id, "category": it.category, "valid": o.valid,
+                     "score": invalid_score if s is None else s, "judge_score": s,
+                     "response_chars": len(o.response), "thought_chars": len(o.thought)})
+    scores = np.array([r["score"] for r in rows], dtype=np.float64)
+    per_cat = []
+    by_cat: dict[str, list[int]] = defaultdict(list)
+    for k, r in enumerate(rows):
+        by_cat[r["category"]].append(k)
+    for cat in sorted(by_cat):
+        v = scores[by_cat[cat]]
+        per_cat.append({"category": cat, "n": int(v.size), "mean_score": float(v.mean()),
+                        "mean_score_ci": list(bootstrap_ci(v, n_boot=ecfg.n_boot, alpha=ecfg.alpha, seed=ecfg.seed))})
+    lengths = _length_stats(outputs)
+    return {
+        "kind": "absolute",
+        "model": outputs[0].generator,
+        "judge": _judge_name(judge),
+        "confidence": 1.0 - ecfg.alpha,
+        "n": len(rows),
+        "mean_score": float(scores.mean()),
+        "mean_score_ci": list(bootstrap_ci(scores, n_boot=ecfg.n_boot, alpha=ecfg.alpha, seed=ecfg.seed)),
+        "valid_rate": 1.0 - lengths["invalid_rate"],
+        "invalid_rate": lengths["invalid_rate"],
+        "model_lengths": lengths,
+        "per_category": per_cat,
+        "items": rows,
+    }
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Writing results
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _pct(x: float | None) -> str:
+    return "n/a" if x is None else f"{100 * x:.1f}%"
+
+
+def _ci(ci) -> str:
+    return "n/a" if not ci else f"[{100 * ci[0]:.1f}, {100 * ci[1]:.1f}]"
+
+
+def _num(x: float | None, fmt: str = ".0f") -> str:
+    return "n/a" if x is None else format(x, fmt)
+
+
+def render_markdown(result: dict, decoding: dict | None = None) -> str:
+    """A human-readable Markdown version of a :func:`compare_outputs` / :func:`absolute_eval` result."""
+    conf = int(round(100 * result.get("confidence", 0.95)))
+    lines = []
+    if result["kind"] == "absolute":
+        lines += [f"# Absolute evaluation: {result['model']}", "",
+                  f"Judge: `{result['judge']}`, {result['n']} instructions.", "",
+                  f"- Mean score: **{result['mean_score']:.3f}** ({conf}% CI [{result['mean_score_ci'][0]:.3f}, "
+                  f"{result['mean_score_ci'][1]:.3f}]); invalid outputs score 0",
+                  f"- Valid-format rate: {_pct(result['valid_rate'])}"]
+        ml = result["model_lengths"]
+        lines += [f"- Mean response length: {_num(ml['response_chars_mean'])} chars; mean thought length: "
+                  f"{_num(ml['thought_chars_mean'])} chars (valid outputs)", "",
+                  "| category | n | mean score | CI |", "|---|---:|---:|---|"]
+        for c in result["per_category"]:
+            lines.append(f"| {c['category']} | {c['n']} | {c['mean_score']:.3f} | "
+                         f"[{c['mean_score_ci'][0]:.3f}, {c['mean_score_ci'][1]:.3f}] |")
+    else:
+        lines += [f"# {result['model']} vs {result['baseline']}", "",
+                  f"Judge: `{result['judge']}` ({result['comparison']} comparison), {result['n']} instructions.", "",
+                  f"- Win rate (ties count half): **{_pct(result['win_rate'])}** ({conf}% CI "
+                  f"{_ci(result['win_rate_ci'])}); {result['wins']} wins, {result['ties']} ties, "
+                  f"{result['losses']} losses",
+                  f"- Length-controlled win rate: {_pct(result.get('lc_win_rate'))} ({conf}% CI "
+                  f"{_ci(result.get('lc_win_rate_ci'))})",
+                  f"- Invalid-format rate of {result['model']}: {_pct(result['invalid_rate'])} (each counts as a loss)"]
+        pb = result.get("position_bias")
+        if pb:
+            lines.append(f"- Position bias: the first-shown response is preferred "
+                         f"{_pct(pb['first_position_preferred'])} of the time (50% = unbiased); the two orders agree "
+                         f"on {_pct(pb['order_consistency'])} of instructions")
+        lines += ["", "| | mean response chars | mean thought chars | invalid rate |", "|---|---:|---:|---:|"]
+        for who, key in ((result["model"], "model_lengths"), (result["baseline"], "baseline_lengths")):
+            ml = result[key]
+            lines.append(f"| {who} | {_num(ml['response_chars_mean'])} | {_num(ml['thought_chars_mean'])} | "
+                         f"{_pct(ml['invalid_rate'])} |")
+        lines += ["", "| category | n | win rate | CI | W / T / L |", "|---|---:|---:|---|---|"]
+        for c in result["per_category"]:
+            lines.append(f"| {c['category']} | {c['n']} | {_pct(c['win_rate'])} | {_ci(c['win_rate_ci'])} | "
+                         f"{c['wins']} / {c['ties']} / {c['losses']} |")
+    if decoding:
+        lines += ["", "Decoding: " + ", ".join(f"{k}={v}" for k, v in decoding.items())]
+    return "\n".join(lines) + "\n"
+
+
+def write_result(out_dir: str | os.PathLike, result: dict, decoding: dict | None = None,
+                 name: str = "eval") -> tuple[str, str]:
+    """Write ``<name>.json`` and ``<name>.md`` into ``out_dir``; returns both paths."""
+    out_dir = os.fspath(out_dir)
+    os.makedirs(out_dir, exist_ok=True)
+    if decoding:
+        result = {**result, "decoding": decoding}
+    jp, mp = os.path.join(out_dir, f"{name}.json"), os.path.join(out_dir, f"{name}.md")
+    write_json_atomic(jp, result)
+    write_text_atomic(mp, render_markdown(result, decoding))
+    return jp, mp
+
+
+def decoding_record(ecfg: EvalConfig) -> dict:
+    """The decoding settings as written into eval.json, so a result says how its outputs were produced."""
+    return {"temperature": ecfg.temperature, "greedy": ecfg.temperature == 0,
+            "top_p": ecfg.top_p if ecfg.temperature > 0 else 1.0, "max_new_tokens": ecfg.max_new_tokens,
+            "seed": ecfg.seed}
