@@ -33,8 +33,7 @@ def fake_sections(monkeypatch):
     mod = types.ModuleType("fake_stage")
     mod.FakeTrain = FakeTrain
     monkeypatch.setitem(sys.modules, "fake_stage", mod)
-    monkeypatch.setattr(C, "SECTIONS", {"train": ("fake_stage", "FakeTrain"), "loop": ("tpo_lite.config", "LoopConfig"),
-                                        "eval": ("no_such_module_xyz", "EvalConfig")})
+    monkeypatch.setattr(C, "SECTIONS", {"train": ("fake_stage", "FakeTrain"), "loop": ("tpo_lite.config", "LoopConfig")})
 
 
 def write(tmp_path, text):
@@ -49,7 +48,6 @@ def test_defaults_and_values(tmp_path):
     assert cfg.train.lr == 1.0 and isinstance(cfg.train.lr, float)
     assert cfg.train.rho == 0.2 and cfg.train.mode == "bf16" and cfg.train.targets == ["a", "b"]
     assert cfg.loop.iterations == 3 and cfg.loop.prompts_per_iteration == 32
-    assert "eval" not in cfg.sections  # optional section whose module is missing
     assert C.load_config(write(tmp_path, '[train]\nrho = "auto"\n')).train.rho == "auto"
 
 
