@@ -135,29 +135,22 @@ class EvalConfig:
         metadata={"help": "1 - confidence level of the intervals (0.05 gives 95% CIs)."},
     )
 
-    def validate(self) -> None:
-        """Raise :class:`TpoError` naming the ``eval.<field>`` that is out of range."""
+    def __post_init__(self):
+        # Field names only (no "eval." prefix): tpo_lite.config adds the table name, file and line.
         if self.eval_format not in FORMATS:
-            raise TpoError(f"must be one of {', '.join(FORMATS)}, got {self.eval_format!r}", field="eval.eval_format")
+            raise TpoError(f"must be one of {', '.join(FORMATS)}, got {self.eval_format!r}", field="eval_format")
         if self.comparison not in COMPARISONS:
-            raise TpoError(f"must be one of {', '.join(COMPARISONS)}, got {self.comparison!r}",
-                           field="eval.comparison")
-        if self.max_instructions < 0:
-            raise TpoError(f"must be >= 0, got {self.max_instructions}", field="eval.max_instructions")
-        if self.max_new_tokens < 1:
-            raise TpoError(f"must be >= 1, got {self.max_new_tokens}", field="eval.max_new_tokens")
-        if self.temperature < 0:
-            raise TpoError(f"must be >= 0, got {self.temperature}", field="eval.temperature")
+            raise TpoError(f"must be one of {', '.join(COMPARISONS)}, got {self.comparison!r}", field="comparison")
+        for name, lo in (("max_instructions", 0), ("max_new_tokens", 1), ("batch_size", 1), ("n_boot", 1)):
+            if getattr(self, name) < lo:
+                raise TpoError(f"must be >= {lo}, got {getattr(self, name)}", field=name)
+        for name in ("temperature", "tie_margin"):
+            if not getattr(self, name) >= 0:
+                raise TpoError(f"must be >= 0, got {getattr(self, name)}", field=name)
         if not (0.0 < self.top_p <= 1.0):
-            raise TpoError(f"must be in (0, 1], got {self.top_p}", field="eval.top_p")
-        if self.batch_size < 1:
-            raise TpoError(f"must be >= 1, got {self.batch_size}", field="eval.batch_size")
-        if self.tie_margin < 0:
-            raise TpoError(f"must be >= 0, got {self.tie_margin}", field="eval.tie_margin")
-        if self.n_boot < 1:
-            raise TpoError(f"must be >= 1, got {self.n_boot}", field="eval.n_boot")
+            raise TpoError(f"must be in (0, 1], got {self.top_p}", field="top_p")
         if not (0.0 < self.alpha < 1.0):
-            raise TpoError(f"must be in (0, 1), got {self.alpha}", field="eval.alpha")
+            raise TpoError(f"must be in (0, 1), got {self.alpha}", field="alpha")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -398,7 +391,7 @@ def load_eval_set(path: str | os.PathLike, fmt: str = "auto", baseline: str | os
     """
     path = resolve_eval_set(os.fspath(path))
     if fmt not in FORMATS:
-        raise TpoError(f"unknown eval format {fmt!r}; expected one of {', '.join(FORMATS)}", field="eval.eval_format")
+        raise TpoError(f"unknown eval format {fmt!r}; expected one of {', '.join(FORMATS)}", field="eval_format")
     if fmt == "auto":
         fmt = detect_format(path)
     if fmt == "arena_hard":
@@ -578,7 +571,7 @@ def generate_outputs(items: Sequence[EvalItem], model, tokenizer, prompt_cfg, ge
         parsed = parse_output(s.text, template, s.finish_reason)
         outs.append(ModelOutput(instruction=it.instruction, response=parsed.response or "", generator=generator,
                                 category=it.category, id=it.id, thought=parsed.thought or "", valid=bool(parsed.valid),
-                                invalid_reason=parsed.reason if not parsed.valid else None,
+                                invalid_reason=parsed.invalid_reason,
                                 finish_reason=s.finish_reason, forced=bool(getattr(s, "forced", False)), text=s.text))
     return outs
 
@@ -592,15 +585,10 @@ def _judge_name(judge) -> str:
     return str(getattr(judge, "name", type(judge).__name__))
 
 
-def _as_instruction(item: EvalItem):
-    # The judges take the original instruction (with its checks, for the programmatic judge), never a prompt.
-    from .instructions import Instruction
-
-    return Instruction(id=item.id, instruction=item.instruction, category=item.category, checks=list(item.checks))
-
-
 def _score(judge, item: EvalItem, responses: list[str]) -> list[float | None]:
-    res = judge.score(_as_instruction(item), responses)
+    # An EvalItem carries .instruction and .checks like tpo_lite.instructions.Instruction, which is all a judge
+    # reads (tpo_lite.judges.base.instruction_text / instruction_checks): the original instruction, never a prompt.
+    res = judge.score(item, responses)
     scores = list(res.scores)
     if len(scores) != len(responses):
         raise TpoError(f"judge {_judge_name(judge)} returned {len(scores)} scores for {len(responses)} responses")
@@ -613,10 +601,10 @@ def _score(judge, item: EvalItem, responses: list[str]) -> list[float | None]:
 def _comparison_mode(judge, requested: str) -> str:
     if requested == "pairwise" and not hasattr(judge, "compare"):
         raise TpoError(f"judge {_judge_name(judge)} cannot compare two responses; use comparison = 'score'",
-                       field="eval.comparison")
+                       field="comparison")
     if requested == "score" and not hasattr(judge, "score"):
         raise TpoError(f"judge {_judge_name(judge)} cannot score responses; use comparison = 'pairwise'",
-                       field="eval.comparison")
+                       field="comparison")
     if requested != "auto":
         return requested
     can_compare = hasattr(judge, "compare")
@@ -673,8 +661,8 @@ def compare_outputs(items: Sequence[EvalItem], model: Sequence[ModelOutput], bas
                 d = sm - sb
                 outcome = 1.0 if d > ecfg.tie_margin else (0.0 if d < -ecfg.tie_margin else 0.5)
         else:
-            p_ab = float(judge.compare(it.instruction, m.response, b.response))
-            p_ba = float(judge.compare(it.instruction, b.response, m.response))
+            p_ab = float(judge.compare(it, m.response, b.response))
+            p_ba = float(judge.compare(it, b.response, m.response))
             for p in (p_ab, p_ba):
                 if not (0.0 <= p <= 1.0):
                     raise TpoError(f"judge {_judge_name(judge)} returned p={p} outside [0, 1] for {it.id}")

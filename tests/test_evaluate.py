@@ -1,0 +1,353 @@
+"""Tests for tpo_lite.evaluate: eval-set readers, alignment, comparisons, absolute eval, the real generation path."""
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from tpo_lite import evaluate as ev
+from tpo_lite.errors import TpoError
+from tpo_lite.judges.base import JudgeResult
+
+
+def _write(path, text):
+    path.write_text(text, encoding="utf-8")
+    return str(path)
+
+
+def _jsonl(path, recs):
+    return _write(path, "".join(json.dumps(r) + "\n" for r in recs))
+
+
+# ------------------------------------------------------------------------------------------------ readers
+
+
+def test_alpaca_eval_json_list_and_jsonl_agree(tmp_path):
+    recs = [
+        {"instruction": "Name a colour.", "output": "Blue.", "generator": "gpt4_turbo", "dataset": "helpful_base"},
+        {"instruction": "Say hi.", "output": "Hi!", "generator": "gpt4_turbo", "dataset": ""},
+        {"instruction": "Count to 3.", "output": "1 2 3", "generator": "gpt4_turbo"},
+    ]
+    a = ev.read_alpaca_eval(_write(tmp_path / "a.json", json.dumps(recs)))
+    b = ev.read_alpaca_eval(_jsonl(tmp_path / "b.jsonl", recs))
+    assert [(i.instruction, i.category, i.baseline, i.baseline_generator) for i in a] == [
+        ("Name a colour.", "helpful_base", "Blue.", "gpt4_turbo"),
+        ("Say hi.", "uncategorised", "Hi!", "gpt4_turbo"),  # empty dataset
+        ("Count to 3.", "uncategorised", "1 2 3", "gpt4_turbo"),  # missing dataset
+    ]
+    assert [(i.instruction, i.category, i.baseline) for i in a] == [(i.instruction, i.category, i.baseline) for i in b]
+    assert ev.detect_format(tmp_path / "a.json") == "alpaca_eval"
+
+
+def test_alpaca_eval_bad_records_name_file_line_field(tmp_path):
+    p = _write(tmp_path / "bad.jsonl", json.dumps({"instruction": "ok"}) + "\n\n" + json.dumps({"output": "x"}) + "\n")
+    with pytest.raises(TpoError) as e:
+        ev.read_alpaca_eval(p)
+    assert str(e.value) == f"{p}:3: instruction: missing"
+    p = _write(tmp_path / "bad.json", json.dumps([{"instruction": "ok"}, {"instruction": 5}]))
+    with pytest.raises(TpoError, match=r"bad.json: \[1\].instruction: expected a string, got int"):
+        ev.read_alpaca_eval(p)
+    p = _write(tmp_path / "broken.jsonl", '{"instruction": "a"}\n{"instruction": \n')
+    with pytest.raises(TpoError, match=r"broken.jsonl:2: not valid JSON"):
+        ev.read_alpaca_eval(p)
+    with pytest.raises(TpoError, match="file not found"):
+        ev.read_alpaca_eval(tmp_path / "nope.json")
+
+
+def test_arena_hard_questions_and_answers(tmp_path):
+    q = _jsonl(tmp_path / "question.jsonl", [
+        {"uid": "u1", "category": "arena-hard-v0.1", "prompt": "Write a haiku."},
+        {"question_id": "u2", "turns": [{"content": "Explain TCP."}]},
+        {"uid": "u3", "messages": [{"role": "system", "content": "be brief"}, {"role": "user", "content": "2+2?"}]},
+    ])
+    a = _jsonl(tmp_path / "gpt-4-0314.jsonl", [
+        {"uid": "u1", "model": "gpt-4-0314", "messages": [{"role": "user", "content": "Write a haiku."},
+                                                           {"role": "assistant", "content": {"answer": "Leaves fall"}}]},
+        {"question_id": "u2", "model_id": "gpt-4-0314", "choices": [{"index": 0, "turns": [{"content": "TCP is..."}]}]},
+        {"uid": "u3", "output": "4"},
+    ])
+    items = ev.read_arena_hard(q, a)
+    assert [(i.id, i.instruction, i.category, i.baseline, i.baseline_generator) for i in items] == [
+        ("u1", "Write a haiku.", "arena-hard-v0.1", "Leaves fall", "gpt-4-0314"),
+        ("u2", "Explain TCP.", "uncategorised", "TCP is...", "gpt-4-0314"),
+        ("u3", "2+2?", "uncategorised", "4", None),
+    ]
+    assert ev.detect_format(q) == "arena_hard"
+    assert [i.id for i in ev.load_eval_set(q, baseline=a)] == ["u1", "u2", "u3"]
+
+
+def test_arena_hard_bad_input(tmp_path):
+    q = _jsonl(tmp_path / "q.jsonl", [{"uid": "u1", "prompt": "x"}, {"uid": "u1", "prompt": "y"}])
+    with pytest.raises(TpoError, match=r"q.jsonl:2: uid: duplicate uid 'u1'"):
+        ev.read_arena_hard(q)
+    q = _jsonl(tmp_path / "q2.jsonl", [{"uid": "u1", "prompt": "x"}, {"uid": "u2", "title": "no prompt"}])
+    with pytest.raises(TpoError, match=r"q2.jsonl:2: prompt: missing"):
+        ev.read_arena_hard(q)
+    q = _jsonl(tmp_path / "q3.jsonl", [{"uid": "u1", "prompt": "x"}, {"uid": "u2", "prompt": "y"}])
+    a = _jsonl(tmp_path / "a3.jsonl", [{"uid": "u1", "output": "z"}])
+    with pytest.raises(TpoError, match=r"a3.jsonl: no baseline answer for 1 of 2 questions \(first: 'u2'\)"):
+        ev.read_arena_hard(q, a)
+    a = _jsonl(tmp_path / "a4.jsonl", [{"uid": "u1", "messages": []}])
+    with pytest.raises(TpoError, match=r"a4.jsonl:1: no answer text"):
+        ev.read_arena_hard_answers(a)
+
+
+def test_instruction_set_reader(tmp_path):
+    pytest.importorskip("tpo_lite.instructions")
+    p = _jsonl(tmp_path / "ins.jsonl", [
+        {"id": "h1", "instruction": "Answer in at most 5 words.", "category": "brevity",
+         "checks": [{"type": "max_words", "value": 5}]},
+        {"id": "h2", "instruction": "Say yes."},
+    ])
+    items = ev.load_eval_set(p)
+    assert [(i.id, i.category) for i in items] == [("h1", "brevity"), ("h2", "uncategorised")]
+    assert items[0].checks == [{"type": "max_words", "value": 5}] and items[1].checks == []
+    assert ev.load_eval_set(p, max_instructions=1)[0].id == "h1"
+
+
+def test_eval_config_validation():
+    with pytest.raises(TpoError, match="comparison: must be one of"):
+        ev.EvalConfig(comparison="best")
+    with pytest.raises(TpoError, match="alpha: must be in"):
+        ev.EvalConfig(alpha=1.5)
+    with pytest.raises(TpoError, match="max_new_tokens: must be >= 1"):
+        ev.EvalConfig(max_new_tokens=0)
+
+
+# ------------------------------------------------------------------------------------------------ alignment
+
+
+def _items(n, cats=("a", "b")):
+    return [ev.EvalItem(id=f"q{k}", instruction=f"instruction {k}", category=cats[k % len(cats)]) for k in range(n)]
+
+
+def _outs(items, responses, gen, valid=None, thoughts=None):
+    return [ev.ModelOutput(instruction=it.instruction, response=r, generator=gen, category=it.category, id=it.id,
+                           valid=True if valid is None else valid[k], thought="" if thoughts is None else thoughts[k])
+            for k, (it, r) in enumerate(zip(items, responses))]
+
+
+def test_misaligned_outputs_are_refused():
+    items = _items(4)
+    outs = _outs(items, ["x"] * 4, "m")
+    assert [o.id for o in ev.align_outputs(items, list(reversed(outs)))] == ["q0", "q1", "q2", "q3"]
+    with pytest.raises(TpoError, match=r"1 of 4 instructions have no output \(first: 'instruction 3', id q3\)"):
+        ev.align_outputs(items, outs[:3])
+    stray = outs[:3] + [ev.ModelOutput(instruction="something else", response="y", generator="m")]
+    with pytest.raises(TpoError, match=r"do not line up.*1 outputs match no instruction \(first: 'something else'\)"):
+        ev.align_outputs(items, stray)
+    with pytest.raises(TpoError, match="no output"):
+        ev.compare_outputs(items, outs, outs[:2], _LengthJudge())
+
+
+def test_outputs_roundtrip_with_thought_side_file(tmp_path):
+    items = _items(3)
+    outs = _outs(items, ["r0", "", "r2"], "tpo-iter1", valid=[True, False, True], thoughts=["t0", "t1", "t2"])
+    outs[1].invalid_reason = "no_response_marker"
+    path = ev.write_model_outputs(tmp_path / "m", outs)
+    alpaca = json.loads(open(path).read())
+    assert alpaca[0] == {"instruction": "instruction 0", "output": "r0", "generator": "tpo-iter1", "dataset": "a"}
+    back = ev.read_outputs(path)
+    assert [(o.response, o.valid, o.thought, o.invalid_reason) for o in back] == [
+        ("r0", True, "t0", None), ("", False, "t1", "no_response_marker"), ("r2", True, "t2", None)]
+    # A side file from a different eval is refused rather than silently mixed in.
+    side = tmp_path / "m" / ev.MODEL_THOUGHTS
+    lines = side.read_text().splitlines()
+    side.write_text("\n".join(lines[:2]) + "\n")
+    with pytest.raises(TpoError, match="2 records but .* has 3 outputs"):
+        ev.read_outputs(path)
+
+
+# ------------------------------------------------------------------------------------------------ comparisons
+
+
+class _LengthJudge:
+    """Score = number of words (a stand-in reward model with a known answer)."""
+
+    name = "words"
+
+    def score(self, instruction, responses):
+        assert not isinstance(instruction, str) and hasattr(instruction, "checks")
+        return JudgeResult([None if r is None else float(len(r.split())) for r in responses])
+
+
+class _BiasedPairwise:
+    """p(a wins) = 0.9 if a is longer, 0.1 if shorter, else 0.5; plus `bias` for whoever is shown first."""
+
+    name = "pairwise-fake"
+    kind = "pairwise"
+
+    def __init__(self, bias=0.0):
+        self.bias = bias
+        self.calls = []
+
+    def compare(self, instruction, a, b):
+        self.calls.append((instruction.instruction, a, b))
+        base = 0.9 if len(a) > len(b) else (0.1 if len(a) < len(b) else 0.5)
+        return min(1.0, base + self.bias)
+
+
+def test_score_comparison_counts_and_invalid_as_loss():
+    items = _items(6)
+    model = _outs(items, ["a b c", "a", "a b", "a b c d", "x y z", "q"], "m",
+                  valid=[True, True, True, True, False, True])
+    base = _outs(items, ["a b", "a b", "c d", "a", "p", "q"], "base")
+    r = ev.compare_outputs(items, model, base, _LengthJudge(), ev.EvalConfig(n_boot=200))
+    # outcomes: win, loss, tie, win, loss (invalid, not judged), tie
+    assert [row["outcome"] for row in r["items"]] == [1.0, 0.0, 0.5, 1.0, 0.0, 0.5]
+    assert (r["wins"], r["ties"], r["losses"]) == (2, 2, 2)
+    assert r["win_rate"] == pytest.approx(3 / 6)
+    assert r["items"][4]["judged"] is False and "model_score" not in r["items"][4]
+    assert r["invalid_rate"] == pytest.approx(1 / 6)
+    assert r["comparison"] == "score" and r["position_bias"] is None
+    lo, hi = r["win_rate_ci"]
+    assert 0.0 <= lo <= 0.5 <= hi <= 1.0
+    cats = {c["category"]: c for c in r["per_category"]}
+    assert cats["a"]["n"] == 3 and cats["a"]["win_rate"] == pytest.approx((1 + 0.5 + 0) / 3)  # q0, q2, q4
+    assert cats["b"]["win_rate"] == pytest.approx((0 + 1 + 0.5) / 3)  # q1, q3, q5
+    # lengths are means over valid outputs, in characters
+    assert r["model_lengths"]["response_chars_mean"] == pytest.approx(np.mean([5, 1, 3, 7, 1]))
+    with pytest.raises(TpoError, match="cannot compare"):
+        ev.compare_outputs(items, model, base, _LengthJudge(), ev.EvalConfig(comparison="pairwise"))
+
+
+def test_tie_margin():
+    items = _items(2)
+    r = ev.compare_outputs(items, _outs(items, ["a b c", "a"], "m"), _outs(items, ["a b", "a b c d"], "b"),
+                           _LengthJudge(), ev.EvalConfig(tie_margin=1.0, n_boot=50))
+    assert [row["outcome"] for row in r["items"]] == [0.5, 0.0]
+
+
+def test_pairwise_both_orders_and_position_bias():
+    items = _items(4)
+    model = _outs(items, ["longer one", "s", "same", "longest of all"], "m")
+    base = _outs(items, ["short", "longer", "same", "x"], "b")
+    judge = _BiasedPairwise(bias=0.1)
+    r = ev.compare_outputs(items, model, base, judge, ev.EvalConfig(n_boot=100))
+    assert r["comparison"] == "pairwise"
+    assert len(judge.calls) == 8
+    # the judge saw the original instruction and the two responses, in both orders
+    assert judge.calls[0] == ("instruction 0", "longer one", "short")
+    assert judge.calls[1] == ("instruction 0", "short", "longer one")
+    # model longer: p_ab = 1.0, p_ba = 0.2 -> outcome (1.0 + 0.8)/2 = 0.9; shorter: (0.2 + 0.0)/2 = 0.1; tie: 0.5
+    assert [row["outcome"] for row in r["items"]] == pytest.approx([0.9, 0.1, 0.5, 0.9])
+    pb = r["position_bias"]
+    # first shown preferred: per item mean(p_ab, p_ba) = 0.6 in every case -> the +0.1 bias shows up exactly
+    assert pb["first_position_preferred"] == pytest.approx(0.6)
+    assert pb["order_consistency"] == pytest.approx(3 / 4)  # the tie item disagrees (0.6 vs 0.6)
+    assert r["win_rate"] == pytest.approx(0.6)
+
+
+class _LengthLovingPairwise:
+    """p(a wins) = sigmoid((len(a) - len(b)) / 10): a judge that only likes length (no position bias)."""
+
+    name = "length-lover"
+    kind = "pairwise"
+
+    def compare(self, instruction, a, b):
+        return float(1.0 / (1.0 + np.exp(-(len(a) - len(b)) / 10.0)))
+
+
+def test_lc_win_rate_removes_a_pure_length_preference():
+    # The judge prefers longer responses and nothing else; the model is longer on 75% of instructions, so its raw
+    # win rate is well above 0.5 but at equal length it is exactly even: the length-controlled rate must be ~0.5.
+    rng = np.random.default_rng(0)
+    n = 120
+    items = [ev.EvalItem(id=f"q{k}", instruction=f"i{k}") for k in range(n)]
+    d = rng.integers(1, 41, size=n) * np.where(np.arange(n) < 90, 1, -1)
+    base = [ev.ModelOutput(instruction=it.instruction, response="w" * 60, generator="b") for it in items]
+    model = [ev.ModelOutput(instruction=it.instruction, response="w" * (60 + int(dk)), generator="m")
+             for it, dk in zip(items, d)]
+    r = ev.compare_outputs(items, model, base, _LengthLovingPairwise(), ev.EvalConfig(n_boot=200))
+    expected = np.mean([(p + p) / 2 for p in 1.0 / (1.0 + np.exp(-d / 10.0))])
+    assert r["win_rate"] == pytest.approx(expected) and r["win_rate"] > 0.65
+    assert r["lc_win_rate"] == pytest.approx(0.5, abs=0.01)
+    lo, hi = r["lc_win_rate_ci"]  # the preferences lie exactly on the logistic curve: a narrow interval at 0.5
+    assert 0.49 < lo <= r["lc_win_rate"] <= hi < 0.51
+    assert r["position_bias"]["first_position_preferred"] == pytest.approx(0.5)
+
+
+def test_absolute_eval_mean_and_invalid_zero():
+    items = _items(4)
+    outs = _outs(items, ["a b", "a b c d", "zzz", "a"], "m", valid=[True, True, False, True])
+    r = ev.absolute_eval(items, outs, _LengthJudge(), ev.EvalConfig(n_boot=200))
+    assert [row["score"] for row in r["items"]] == [2.0, 4.0, 0.0, 1.0]
+    assert r["mean_score"] == pytest.approx(7 / 4)
+    assert r["valid_rate"] == pytest.approx(0.75)
+    lo, hi = r["mean_score_ci"]
+    assert 0.0 <= lo <= 7 / 4 <= hi <= 4.0
+
+
+def test_write_result_json_and_markdown(tmp_path):
+    items = _items(3)
+    r = ev.compare_outputs(items, _outs(items, ["a b c", "a", "a b"], "tpo"), _outs(items, ["a b", "a b", "a b"], "seed"),
+                           _LengthJudge(), ev.EvalConfig(n_boot=50))
+    jp, mp = ev.write_result(tmp_path, r, ev.decoding_record(ev.EvalConfig()))
+    back = json.loads(open(jp).read())
+    assert back["win_rate"] == pytest.approx(0.5) and back["decoding"]["greedy"] is True
+    md = open(mp).read()
+    assert "tpo vs seed" in md and "50.0%" in md and "| a |" in md
+
+
+# ------------------------------------------------------------------------------------------------ real generation
+
+
+def _tiny_model_and_tokenizer(tmp_path):
+    """A random 2-layer llama and a word-level tokenizer with a chat template, both built here."""
+    import torch
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    words = ["<pad>", "<s>", "</s>", "<unk>", "<|im_start|>", "<|im_end|>", "user", "assistant", "system", "\n"]
+    words += ["here", "is", "my", "thought", "process:", "response:", "the", "a", "answer", "yes", "no", "word"]
+    words += [f"w{k}" for k in range(100)]
+    vocab = {w: i for i, w in enumerate(dict.fromkeys(words))}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    hf = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="<|im_end|>", pad_token="<pad>",
+                                 unk_token="<unk>")
+    hf.chat_template = ("{% for m in messages %}<|im_start|> {{ m['role'] }} {{ m['content'] }} <|im_end|> "
+                        "{% endfor %}{% if add_generation_prompt %}<|im_start|> assistant {% endif %}")
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(vocab), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                      bos_token_id=vocab["<s>"], eos_token_id=vocab["<|im_end|>"], pad_token_id=vocab["<pad>"])
+    model = LlamaForCausalLM(cfg).eval()
+    return model, hf
+
+
+def test_eval_tiny_random_model_real_path(tmp_path):
+    """Generation through the real sampler + parser + programmatic judge on a tiny random model."""
+    pytest.importorskip("tpo_lite.sampling")
+    judges = pytest.importorskip("tpo_lite.judges")
+    from tpo_lite.prompts import PromptConfig
+
+    model, tok = _tiny_model_and_tokenizer(tmp_path)
+    items = [ev.EvalItem(id=f"h{k}", instruction=f"w{k} w{k + 1} answer yes", category=["c1", "c2"][k % 2],
+                         checks=[{"type": "max_words", "value": 50}]) for k in range(4)]
+    ecfg = ev.EvalConfig(max_new_tokens=12, n_boot=100, batch_size=4)
+    judge = judges.make_judge(judges.JudgeConfig(kind="programmatic"))
+    results = {}
+    for template in ("generic", "direct"):
+        outs = ev.generate_outputs(items, model, tok, PromptConfig(template=template), f"tiny-{template}", ecfg)
+        assert [o.id for o in outs] == [it.id for it in items]
+        for o in outs:
+            assert o.finish_reason in ("eos", "stop", "length") and isinstance(o.text, str)
+            if o.finish_reason == "length":
+                assert not o.valid  # cut off by the token limit -> invalid (a loss)
+        # greedy decoding is deterministic
+        again = ev.generate_outputs(items, model, tok, PromptConfig(template=template), f"tiny-{template}", ecfg)
+        assert [o.text for o in again] == [o.text for o in outs]
+        path = ev.write_model_outputs(tmp_path / template, outs)
+        assert len(json.loads(open(path).read())) == 4
+        r = ev.absolute_eval(items, outs, judge, ecfg)
+        assert r["n"] == 4 and 0.0 <= r["mean_score"] <= 1.0 and np.isfinite(r["mean_score_ci"]).all()
+        assert r["valid_rate"] == pytest.approx(np.mean([o.valid for o in outs]))
+        results[template] = ev.read_outputs(path)
+    cmp = ev.compare_outputs(items, results["generic"], results["direct"], judge, ev.EvalConfig(n_boot=100))
+    assert cmp["n"] == 4 and 0.0 <= cmp["win_rate"] <= 1.0
+    assert cmp["win_rate"] == pytest.approx(np.mean([row["outcome"] for row in cmp["items"]]))
+    ev.write_result(tmp_path / "cmp", cmp)
+    assert json.loads((tmp_path / "cmp" / "eval.json").read_text())["n"] == 4
