@@ -112,8 +112,8 @@ def test_eval_config_validation():
         ev.EvalConfig(comparison="best")
     with pytest.raises(TpoError, match="alpha: must be in"):
         ev.EvalConfig(alpha=1.5)
-    with pytest.raises(TpoError, match="max_new_tokens: must be >= 1"):
-        ev.EvalConfig(max_new_tokens=0)
+    with pytest.raises(TpoError, match="max_new_tokens: must be >= 0"):
+        ev.EvalConfig(max_new_tokens=-1)
 
 
 # ------------------------------------------------------------------------------------------------ alignment

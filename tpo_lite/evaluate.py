@@ -91,13 +91,14 @@ class EvalConfig:
                           "use the 'output' field of an AlpacaEval eval set, if any."},
     )
     max_instructions: int = field(
-        default=0,
-        metadata={"help": "Evaluate only the first N instructions of the eval set (0 = all)."},
+        default=40,
+        metadata={"help": "Evaluate only the first N instructions of the eval set (0 = all). The default keeps the "
+                          "before/after held-out score of `tpo-lite run` within a CPU budget."},
     )
     max_new_tokens: int = field(
-        default=384,
-        metadata={"help": "Token limit of each generated output (thought + response). An output cut off by it "
-                          "before EOS is invalid and counts as a loss."},
+        default=0,
+        metadata={"help": "Token limit of each eval output (thought + response); 0 = the [sampling] table's limit. "
+                          "An output cut off by it before EOS is invalid and counts as a loss."},
     )
     temperature: float = field(
         default=0.0,
@@ -141,7 +142,7 @@ class EvalConfig:
             raise TpoError(f"must be one of {', '.join(FORMATS)}, got {self.eval_format!r}", field="eval_format")
         if self.comparison not in COMPARISONS:
             raise TpoError(f"must be one of {', '.join(COMPARISONS)}, got {self.comparison!r}", field="comparison")
-        for name, lo in (("max_instructions", 0), ("max_new_tokens", 1), ("batch_size", 1), ("n_boot", 1)):
+        for name, lo in (("max_instructions", 0), ("max_new_tokens", 0), ("batch_size", 1), ("n_boot", 1)):
             if getattr(self, name) < lo:
                 raise TpoError(f"must be >= {lo}, got {getattr(self, name)}", field=name)
         for name in ("temperature", "tie_margin"):
@@ -538,7 +539,9 @@ def _eval_sampling_config(base, ecfg: EvalConfig):
     base = base if base is not None else SamplingConfig()
     names = {f.name for f in dataclasses.fields(base)}
     wanted = {"temperature": ecfg.temperature, "top_p": ecfg.top_p if ecfg.temperature > 0 else 1.0,
-              "max_new_tokens": ecfg.max_new_tokens, "seed": ecfg.seed, "batch_size": ecfg.batch_size}
+              "seed": ecfg.seed, "batch_size": ecfg.batch_size}
+    if ecfg.max_new_tokens:
+        wanted["max_new_tokens"] = ecfg.max_new_tokens
     return dataclasses.replace(base, **{k: v for k, v in wanted.items() if k in names})
 
 
@@ -607,10 +610,15 @@ def _comparison_mode(judge, requested: str) -> str:
                        field="comparison")
     if requested != "auto":
         return requested
-    can_compare = hasattr(judge, "compare")
-    if can_compare and (not hasattr(judge, "score") or getattr(judge, "kind", None) == "pairwise"):
+    if not hasattr(judge, "compare"):
+        return "score"
+    if not hasattr(judge, "score") or getattr(judge, "kind", None) == "pairwise":
         return "pairwise"
-    return "score"
+    try:  # a reward model can also compare (sigmoid of the score difference), but its native output is a score
+        from .judges.pairwise import PairwiseJudge
+    except ImportError:
+        return "score"
+    return "pairwise" if isinstance(judge, PairwiseJudge) else "score"
 
 
 def _mean(xs: Iterable[float]) -> float | None:
@@ -829,8 +837,11 @@ def write_result(out_dir: str | os.PathLike, result: dict, decoding: dict | None
     return jp, mp
 
 
-def decoding_record(ecfg: EvalConfig) -> dict:
-    """The decoding settings as written into eval.json, so a result says how its outputs were produced."""
+def decoding_record(ecfg: EvalConfig, sampling_cfg=None) -> dict:
+    """The decoding settings as written into eval.json, so a result says how its outputs were produced.
+
+    ``sampling_cfg`` (the run's SamplingConfig) supplies the token limit when ``ecfg.max_new_tokens`` is 0.
+    """
+    limit = ecfg.max_new_tokens or getattr(sampling_cfg, "max_new_tokens", None)
     return {"temperature": ecfg.temperature, "greedy": ecfg.temperature == 0,
-            "top_p": ecfg.top_p if ecfg.temperature > 0 else 1.0, "max_new_tokens": ecfg.max_new_tokens,
-            "seed": ecfg.seed}
+            "top_p": ecfg.top_p if ecfg.temperature > 0 else 1.0, "max_new_tokens": limit, "seed": ecfg.seed}
