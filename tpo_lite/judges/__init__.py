@@ -1,0 +1,174 @@
+"""Judges score *responses only* (never thoughts) against the user's original instruction.
+
+``JudgeConfig`` is the ``[judge]`` table; :func:`make_judge` builds the configured judge, wrapped in the
+persistent judgement cache (:mod:`tpo_lite.judges.cache`) when ``cache`` is on and a cache path is known.
+Kinds: ``programmatic`` (verifiable checks, :mod:`.programmatic`), ``reward_model`` (any HF
+sequence-classification RM, :mod:`.reward_model`), ``pairwise`` (an LLM asked "A or B?" in both orders,
+local or OpenAI-compatible server, Bradley-Terry scores, :mod:`.pairwise`). See docs/judging.md.
+"""
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+from typing import Literal
+
+from ..errors import TpoError
+from .base import Judge, JudgeResult, instruction_text  # noqa: F401  (re-exported)
+
+__all__ = ["JudgeConfig", "make_judge", "Judge", "JudgeResult"]
+
+
+@dataclass
+class JudgeConfig:
+    """The ``[judge]`` table."""
+
+    kind: Literal["programmatic", "reward_model", "pairwise"] = field(default="programmatic", metadata={
+        "help": "Which judge scores the responses: 'programmatic' (the instruction's verifiable checks; needs "
+                "instructions with checks, no model), 'reward_model' (an HF sequence-classification reward model, "
+                "score = its scalar logit) or 'pairwise' (an LLM judge asked which of two responses is better, "
+                "both orders, per-sample scores from a Bradley-Terry fit)."})
+    model: str = field(default="", metadata={
+        "help": "Judge model: a local directory or hub id of the reward model (kind = 'reward_model') or of the "
+                "causal LM judge (kind = 'pairwise' without base_url). Unused by the programmatic judge."})
+    batch_size: int = field(default=8, metadata={
+        "help": "Sequences per forward pass of a local reward model or local pairwise judge."})
+    device: str = field(default="auto", metadata={
+        "help": "Torch device of a local judge model: 'auto' (CUDA when available, else CPU), 'cpu', 'cuda', "
+                "'cuda:1', ..."})
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = field(default="auto", metadata={
+        "help": "Weights dtype of a local judge model; 'auto' = bfloat16 on CUDA, float32 on CPU."})
+    max_length: int = field(default=4096, metadata={
+        "help": "Reward model: longest (instruction + response) conversation in tokens; longer ones are cut at "
+                "the end and flagged 'truncated' in the judgement details."})
+    base_url: str = field(default="", metadata={
+        "help": "Pairwise judge on an OpenAI-compatible server (e.g. vLLM): the API root such as "
+                "'http://127.0.0.1:8000/v1' ('/chat/completions' is appended). Empty = use the local model."})
+    api_key_env: str = field(default="OPENAI_API_KEY", metadata={
+        "help": "Name of the environment variable holding the server's API key (sent as a Bearer token when "
+                "set; the key itself never goes into a config file)."})
+    served_model: str = field(default="", metadata={
+        "help": "Model name the judge server serves (the 'model' field of each request)."})
+    timeout_s: float = field(default=60.0, metadata={
+        "help": "Seconds to wait for one judge-server reply before the attempt counts as failed."})
+    max_retries: int = field(default=3, metadata={
+        "help": "Retries per judge-server request after a connection error, timeout, HTTP 408/429/5xx or "
+                "malformed reply, before the run stops with an error (finished judgements stay cached)."})
+    retry_backoff_s: float = field(default=1.0, metadata={
+        "help": "First retry waits this many seconds, each further retry twice as long."})
+    concurrency: int = field(default=4, metadata={
+        "help": "Judge-server requests in flight at once."})
+    server_logprobs: bool = field(default=True, metadata={
+        "help": "Ask the judge server for top log-probs of the answer token and read P(A) from them; off (or "
+                "when the server returns none) the answer text is parsed: A -> 1, B -> 0, neither -> 0.5."})
+    pair_schedule: str = field(default="all", metadata={
+        "help": "Which pairs of an instruction's valid responses the pairwise judge compares (each in both "
+                "orders): 'all' (K(K-1)/2 pairs), 'round_robin' (each with its neighbour in a cycle, K pairs) or "
+                "'random:N' (N random pairs per instruction, a random cycle first so every response is compared)."})
+    bt_l2: float = field(default=0.1, metadata={
+        "help": "Ridge on the Bradley-Terry log-strengths of the pairwise judge (a Gaussian prior of variance "
+                "1/bt_l2): keeps scores finite when one response wins every comparison."})
+    prompt_template: str = field(default="", metadata={
+        "help": "Pairwise judge prompt with the placeholders {instruction}, {response_a} and {response_b}; a "
+                "path to a text file holding it is also accepted. Empty = the built-in template "
+                "(tpo_lite.judges.pairwise.DEFAULT_JUDGE_TEMPLATE)."})
+    seed: int = field(default=0, metadata={
+        "help": "Seed of the 'random:N' pair schedule (combined with the instruction text, so reruns draw the "
+                "same pairs)."})
+    cache: bool = field(default=True, metadata={
+        "help": "Keep every judgement in a SQLite file keyed by a content hash of judge + config, instruction "
+                "and response(s), so nothing is judged twice, also across restarts."})
+    cache_path: str = field(default="", metadata={
+        "help": "Judgement cache file; empty = the run directory's judge_cache.sqlite (shared by iterations)."})
+
+    def __post_init__(self):
+        if self.kind not in ("programmatic", "reward_model", "pairwise"):
+            raise TpoError(f"unknown judge kind {self.kind!r}; use programmatic, reward_model or pairwise",
+                           field="kind")
+        for name in ("batch_size", "max_length", "concurrency"):
+            if getattr(self, name) < 1:
+                raise TpoError(f"must be >= 1, got {getattr(self, name)}", field=name)
+        if self.max_retries < 0:
+            raise TpoError(f"must be >= 0, got {self.max_retries}", field="max_retries")
+        if self.timeout_s <= 0:
+            raise TpoError(f"must be > 0, got {self.timeout_s}", field="timeout_s")
+        if self.retry_backoff_s < 0:
+            raise TpoError(f"must be >= 0, got {self.retry_backoff_s}", field="retry_backoff_s")
+        if self.bt_l2 <= 0:
+            raise TpoError(f"must be > 0 (a ridge keeps Bradley-Terry scores finite), got {self.bt_l2}",
+                           field="bt_l2")
+        if not (self.pair_schedule in ("all", "round_robin") or re.fullmatch(r"random:[1-9]\d*", self.pair_schedule)):
+            raise TpoError(f"unknown pair schedule {self.pair_schedule!r}; use all, round_robin or random:N "
+                           "(N >= 1)", field="pair_schedule")
+        if self.kind == "reward_model" and not self.model:
+            raise TpoError("the reward_model judge needs a model path", field="model")
+        if self.kind == "pairwise":
+            if not self.base_url and not self.model:
+                raise TpoError("the pairwise judge needs a local model or a server base_url", field="model")
+            if self.base_url and not self.served_model:
+                raise TpoError("a judge server needs served_model (the model name it serves)",
+                               field="served_model")
+            self.resolved_template()  # a bad template fails at config time, not mid-run
+
+    def resolved_template(self) -> str:
+        """The pairwise prompt template text (from the field, a file it names, or the built-in one)."""
+        from .pairwise import DEFAULT_JUDGE_TEMPLATE, check_template
+
+        t = self.prompt_template
+        if not t:
+            return DEFAULT_JUDGE_TEMPLATE
+        if "{" not in t and os.path.isfile(t):
+            try:
+                with open(t, encoding="utf-8") as f:
+                    text = f.read()
+            except (OSError, UnicodeDecodeError) as e:
+                raise TpoError(f"cannot read the judge template: {e}", path=t, field="prompt_template") from e
+            try:
+                check_template(text, where="prompt_template")
+            except TpoError as e:
+                raise TpoError(e.message, path=t, field="prompt_template") from None
+            return text
+        check_template(t, where="prompt_template")
+        return t
+
+
+def make_judge(cfg: JudgeConfig, cache_path: str | os.PathLike | None = None, *, model=None, tokenizer=None) -> Judge:
+    """Build the judge ``cfg`` describes.
+
+    ``cache_path`` (or ``cfg.cache_path``) is where the judgement cache lives; with ``cfg.cache`` off or no
+    path the judge is uncached. ``model``/``tokenizer`` pass an already loaded judge model (tests, or sharing
+    weights) instead of loading ``cfg.model``.
+    """
+    from .cache import CachedJudge, JudgementCache
+
+    path = cfg.cache_path or (os.fspath(cache_path) if cache_path is not None else "")
+    cache = JudgementCache(path) if (cfg.cache and path) else None
+    if cfg.kind == "programmatic":
+        from .programmatic import ProgrammaticJudge
+
+        judge = ProgrammaticJudge()
+        return CachedJudge(judge, cache) if cache is not None else judge
+    if cfg.kind == "reward_model":
+        from .reward_model import RewardModelJudge
+
+        if model is not None:
+            judge = RewardModelJudge(model, tokenizer, batch_size=cfg.batch_size, max_length=cfg.max_length)
+        else:
+            judge = RewardModelJudge.from_pretrained(cfg.model, batch_size=cfg.batch_size, device=cfg.device,
+                                                     dtype=cfg.dtype, max_length=cfg.max_length)
+        return CachedJudge(judge, cache) if cache is not None else judge
+    from .pairwise import LocalPairBackend, PairwiseJudge, ServerPairBackend
+
+    if cfg.base_url:
+        backend = ServerPairBackend(cfg.base_url, cfg.served_model, api_key_env=cfg.api_key_env,
+                                    timeout_s=cfg.timeout_s, max_retries=cfg.max_retries,
+                                    retry_backoff_s=cfg.retry_backoff_s, concurrency=cfg.concurrency,
+                                    use_logprobs=cfg.server_logprobs)
+    elif model is not None:
+        backend = LocalPairBackend(model, tokenizer, batch_size=cfg.batch_size)
+    else:
+        backend = LocalPairBackend.from_pretrained(cfg.model, batch_size=cfg.batch_size, device=cfg.device,
+                                                   dtype=cfg.dtype)
+    # The pairwise judge caches each ordered comparison itself (its scores depend on the whole group).
+    return PairwiseJudge(backend, template=cfg.resolved_template(), pair_schedule=cfg.pair_schedule,
+                         seed=cfg.seed, bt_l2=cfg.bt_l2, cache=cache)
