@@ -60,7 +60,7 @@ class LoopConfig:
         "help": "Carry forward the adapter with the best held-out score instead of the last one (as the paper "
                 "picks checkpoints); implies scoring the held-out set after every iteration."})
     seed: int = field(default=0, metadata={
-        "help": "Seed for instruction order and per-sample seeds (a resumed run re-derives the same seeds)."})
+        "help": "Seed of the training-instruction shuffle (per-sample seeds come from sampling.seed)."})
 
     def __post_init__(self):
         if not self.name or "/" in self.name or self.name in (".", ".."):
@@ -380,7 +380,7 @@ def _wrap(text: str, width: int = 110, prefix: str = "# ") -> list[str]:
 def to_toml(cfg: RunConfig, with_help: bool = True) -> str:
     """The resolved config as TOML (every option, with its help text as a comment). None values, which TOML
     cannot hold, are written commented out and read back as the field default (None)."""
-    out = [f"# Resolved tpo-lite run config (every option; help text from the code)."]
+    out = ["# Resolved tpo-lite run config (every option; help text from the code)."]
     for sec, obj in cfg.sections.items():
         out.append("")
         out.append(f"[{sec}]")

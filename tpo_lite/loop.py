@@ -29,8 +29,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import fcntl
-import hashlib
-import inspect
 import json
 import math
 import os
@@ -122,10 +120,13 @@ def prepare_run_dir(config: RunConfig, run_dir: Path, allow_config_change: bool 
 
 # --------------------------------------------------------------------------------------------- helpers
 
-def sample_seed(seed: int, iteration: int, prompt_id: str, index: int) -> int:
-    """A stable 31-bit seed per sample (independent of order, batch and resume)."""
-    h = hashlib.sha256(f"{seed}:{iteration}:{prompt_id}:{index}".encode()).digest()
-    return int.from_bytes(h[:4], "little") & 0x7FFFFFFF
+def iteration_sample_seed(config: RunConfig, t: int, prompt_id: str, index: int) -> int:
+    """Seed of sample ``index`` of ``prompt_id`` in iteration ``t``: :func:`tpo_lite.sampling.sample_seed` with
+    run seed ``sampling.seed + t - 1`` (iteration 1 uses sampling.seed itself; later iterations draw fresh
+    numbers even when they reuse an instruction). Independent of order, batching and resume."""
+    from .sampling import sample_seed
+
+    return sample_seed(config.sampling.seed + t - 1, prompt_id, index)
 
 
 def _progress(iterable, total: int, desc: str, enabled: bool):
@@ -134,15 +135,6 @@ def _progress(iterable, total: int, desc: str, enabled: bool):
     from tqdm.auto import tqdm
 
     return tqdm(iterable, total=total, desc=desc, unit="prompt", dynamic_ncols=True, file=sys.stderr)
-
-
-def _make(cls, **kwargs):
-    """Build ``cls`` from the keyword arguments it accepts (lets the loop tolerate optional fields)."""
-    try:
-        names = {f.name for f in dataclasses.fields(cls)}
-    except TypeError:
-        names = set(inspect.signature(cls).parameters)
-    return cls(**{k: v for k, v in kwargs.items() if k in names})
 
 
 def load_train_instructions(config: RunConfig):
@@ -188,11 +180,10 @@ def iteration_plan(config: RunConfig, run_dir: Path, t: int, instructions=None) 
     return plan
 
 
-def _as_instruction(rec: dict):
-    from .instructions import Instruction
-
-    return _make(Instruction, id=rec.get("id", rec.get("prompt_id")), instruction=rec["instruction"],
-                 category=rec.get("category") or "", checks=list(rec.get("checks") or []))
+def _as_instruction(rec: dict) -> dict:
+    # Judges read only .instruction/.checks (tpo_lite.judges.base.instruction_text/_checks); a dict is accepted.
+    return {"id": rec.get("id", rec.get("prompt_id")), "instruction": rec["instruction"],
+            "category": rec.get("category") or "", "checks": list(rec.get("checks") or [])}
 
 
 def adapter_for(run_dir: Path, t: int, config: RunConfig) -> str | None:
@@ -237,17 +228,13 @@ def _backend(config: RunConfig) -> str:
 
 
 def make_sampler(config: RunConfig, model, tokenizer, template, adapter: str | None = None,
-                 adapter_name: str | None = None):
-    """The sampler of ``config.sampling`` (local transformers, or an OpenAI-compatible server)."""
+                 progress: bool = True):
+    """The sampler of ``config.sampling`` (local transformers, or an OpenAI-compatible server that must serve
+    ``adapter``; :func:`tpo_lite.sampling.make_sampler` refuses loudly if it cannot)."""
     from . import sampling
 
-    if _backend(config) == "local":
-        return sampling.LocalSampler(model, tokenizer, config.sampling, template)
-    sampler = sampling.OpenAISampler(config.sampling, tokenizer, template)
-    if adapter is not None:
-        # From iteration 2 on the server must serve the current adapter; ensure_adapter refuses otherwise.
-        sampler.ensure_adapter(adapter, adapter_name)
-    return sampler
+    return sampling.make_sampler(config.sampling, tokenizer, template, model=model,
+                                 adapter=adapter if _backend(config) != "local" else None, progress=progress)
 
 
 # ----------------------------------------------------------------------------------------------- stages
@@ -279,15 +266,16 @@ def generate_stage(config: RunConfig, run_dir: Path, t: int, progress: bool = Tr
         for p in todo:
             text = build_prompt(tok, p["instruction"], template, config.prompts.prefill_thought_header,
                                 config.prompts.system_prompt)
-            ids = tok(text, add_special_tokens=False)["input_ids"]
+            ids = list(tok(text, add_special_tokens=False)["input_ids"])
+            if not ids:
+                raise TpoError("the prompt is empty after tokenisation", field=f"instruction {p['id']}")
             by_id[p["id"]] = (p, text, ids)
-            jobs.append(_make(PromptJob, prompt_id=p["id"], prompt_text=text, prompt_token_ids=ids,
-                              instruction=p["instruction"],
-                              seeds=[sample_seed(config.loop.seed, t, p["id"], i) for i in range(k)]))
+            jobs.append(PromptJob(prompt_id=p["id"], prompt_text=text, prompt_token_ids=ids,
+                                  seeds=[iteration_sample_seed(config, t, p["id"], i) for i in range(k)]))
         factory = sampler_factory or make_sampler
-        sampler = factory(config, model, tok, template, adapter=adapter,
-                          adapter_name=f"{config.loop.name}-iter{t - 1:02d}" if adapter else None)
-        for pid, samples in _progress(sampler.sample(jobs, k), len(jobs), f"iter {t} sampling", progress):
+        sampler = factory(config, model, tok, template, adapter=adapter, progress=progress)
+        # The sampler shows its own progress bar (per sample, with tokens/s).
+        for pid, samples in sampler.sample(jobs, k):
             p, text, ids = by_id[pid]
             out = []
             for s in samples:
