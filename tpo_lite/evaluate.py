@@ -554,15 +554,18 @@ def generate_outputs(items: Sequence[EvalItem], model, tokenizer, prompt_cfg, ge
     with the run's template (``prompt_cfg``) and the parser of that template decides validity.
     """
     from .parsing import parse_output
-    from .prompts import get_template
+    from .prompts import build_prompt, get_template
     from .sampling import LocalSampler, PromptJob
 
     ecfg = ecfg or EvalConfig()
     scfg = _eval_sampling_config(sampling_cfg, ecfg)
     template = get_template(prompt_cfg)
-    sampler = LocalSampler(model, tokenizer, scfg, template)
-    jobs = [PromptJob(prompt_id=it.id, instruction=it.instruction, seeds=[ecfg.seed + i])
-            for i, it in enumerate(items)]
+    sampler = LocalSampler(model, tokenizer, scfg, template, progress=progress)
+    jobs = []
+    for i, it in enumerate(items):
+        text = build_prompt(tokenizer, it.instruction, prompt_cfg)
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        jobs.append(PromptJob(prompt_id=it.id, prompt_text=text, prompt_token_ids=list(ids), seeds=[ecfg.seed + i]))
     by_id = {}
     for prompt_id, samples in sampler.sample(jobs, 1):
         by_id[prompt_id] = samples[0]
