@@ -237,6 +237,14 @@ def make_sampler(config: RunConfig, model, tokenizer, template, adapter: str | N
                                  adapter=adapter if _backend(config) != "local" else None, progress=progress)
 
 
+def make_run_judge(config: RunConfig, run_dir: Path):
+    """The configured judge, caching judgements in ``<run_dir>/judge_cache.sqlite`` (unless judge.cache_path
+    names another file or judge.cache is off)."""
+    from .judges import make_judge
+
+    return make_judge(config.judge, cache_path=Path(run_dir) / "judge_cache.sqlite")
+
+
 # ----------------------------------------------------------------------------------------------- stages
 
 def generate_stage(config: RunConfig, run_dir: Path, t: int, progress: bool = True,
@@ -311,9 +319,7 @@ def judge_stage(config: RunConfig, run_dir: Path, t: int, progress: bool = True,
     todo = [r for pid, r in samples.items() if pid not in done]
     if todo:
         if judge is None:
-            from .judges import make_judge
-
-            judge = make_judge(config.judge)
+            judge = make_run_judge(config, run_dir)
         name = str(getattr(judge, "name", type(judge).__name__))
         echo(f"[iter {t}] judge: {len(todo)} of {len(samples)} instructions to judge with {name}")
         for rec in _progress(todo, len(todo), f"iter {t} judging", progress):
@@ -381,7 +387,7 @@ def train_stage(config: RunConfig, run_dir: Path, t: int, progress: bool = True,
     return read_json(_done_path(d, "train"))
 
 
-def heldout_stage(config: RunConfig, out_dir: Path, adapter: str | None, label: str, progress: bool = True,
+def heldout_stage(config: RunConfig, run_dir: Path, out_dir: Path, adapter: str | None, label: str, progress: bool = True,
                   echo: Callable[[str], None] = print, judge=None) -> dict:
     """Absolute held-out score (mean judge score with bootstrap CI, valid-format rate) of the model with
     ``adapter``. Outputs are appended per batch to ``out_dir/outputs.jsonl`` so a killed eval resumes."""
@@ -415,9 +421,7 @@ def heldout_stage(config: RunConfig, out_dir: Path, adapter: str | None, label: 
         done = read_records(path, key="id")
     outputs = [ev.ModelOutput(**done[it.id]) for it in items]
     if judge is None:
-        from .judges import make_judge
-
-        judge = make_judge(config.judge)
+        judge = make_run_judge(config, run_dir)
     result = ev.absolute_eval(items, outputs, judge, ecfg)
     result["adapter"] = adapter
     result["decoding"] = ev.decoding_record(ecfg)
@@ -614,7 +618,7 @@ def run(config: RunConfig, run_dir: str | os.PathLike | None = None, progress: b
         echo(f"run directory: {rd}")
         before = None
         if L.eval_before:
-            before = heldout_stage(config, rd / "eval_base", None, "seed", progress, echo, judge)
+            before = heldout_stage(config, rd, rd / "eval_base", None, "seed", progress, echo, judge)
         all_metrics = []
         for t in range(1, L.iterations + 1):
             d = iter_dir(rd, t)
@@ -625,7 +629,7 @@ def run(config: RunConfig, run_dir: str | os.PathLike | None = None, progress: b
             last = t == L.iterations
             if L.eval_every_iteration or L.keep_best or (last and L.eval_after):
                 trained = adapter_for(rd, t + 1, config.replace("loop", keep_best=False))
-                heldout_stage(config, d / "heldout", trained, f"iter{t:02d}", progress, echo, judge)
+                heldout_stage(config, rd, d / "heldout", trained, f"iter{t:02d}", progress, echo, judge)
             m = iteration_metrics(rd, t)
             write_json_atomic(d / "metrics.json", m)
             all_metrics.append(m)
@@ -640,7 +644,7 @@ def run(config: RunConfig, run_dir: str | os.PathLike | None = None, progress: b
             elif final_adapter and (Path(final_adapter).parent / "heldout" / "eval.json").exists():
                 after = read_json(Path(final_adapter).parent / "heldout" / "eval.json")
             else:
-                after = heldout_stage(config, rd / "eval_final", final_adapter, "final", progress, echo, judge)
+                after = heldout_stage(config, rd, rd / "eval_final", final_adapter, "final", progress, echo, judge)
         diff = None
         if before and after:
             diff = compare_heldout(before, after, config.eval.n_boot, config.eval.alpha, config.eval.seed)
