@@ -1,0 +1,111 @@
+"""Tests for tpo_lite.report on constructed run directories (metrics, pairs, judgements and eval JSON written here)."""
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from tpo_lite import report
+from tpo_lite.errors import TpoError
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def _dump(path, obj):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(obj, f)
+
+
+def _jsonl(path, recs):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in recs)
+
+
+def _pairwise(model, wr, ci, cats):
+    return {"kind": "pairwise", "model": model, "baseline": "seed", "judge": "programmatic", "comparison": "score",
+            "n": 40, "wins": 20, "ties": 4, "losses": 16, "win_rate": wr, "win_rate_ci": ci,
+            "lc_win_rate": wr - 0.02, "lc_win_rate_ci": [ci[0] - 0.02, ci[1] - 0.02], "invalid_rate": 0.1,
+            "per_category": [{"category": c, "n": 20, "win_rate": v, "win_rate_ci": [v - 0.1, v + 0.1], "wins": 10,
+                              "ties": 0, "losses": 10} for c, v in cats.items()]}
+
+
+def _absolute(score, ci, valid):
+    return {"kind": "absolute", "model": "m", "judge": "programmatic", "n": 40, "mean_score": score,
+            "mean_score_ci": ci, "valid_rate": valid, "invalid_rate": 1 - valid,
+            "model_lengths": {"response_chars_mean": 210.0, "thought_chars_mean": 95.0},
+            "per_category": [{"category": "writing", "n": 20, "mean_score": score, "mean_score_ci": ci},
+                             {"category": "lists", "n": 20, "mean_score": score - 0.1, "mean_score_ci": ci}]}
+
+
+def _make_run(root, name, direct: bool):
+    rd = os.path.join(root, name)
+    _dump(os.path.join(rd, "eval_base", "eval.json"), _absolute(0.41, [0.35, 0.47], 0.9))
+    for t in (1, 2):
+        d = os.path.join(rd, f"iter_{t:02d}")
+        _dump(os.path.join(d, "metrics.json"), {
+            "iteration": t,
+            "generate": {"valid_rate": 0.95 if direct else 0.30 + 0.25 * t, "forced_rate": 0.0 if direct else 0.2,
+                         "thought_chars_mean": None if direct else 300.0 - 40 * t,
+                         "response_chars_mean": 250.0 + 10 * t},
+            "judge": {"mean_score": 0.5 + 0.05 * t},
+            "pairs": {"pairs_kept": 30 + t, "chosen_response_chars": 240.0, "rejected_response_chars": 280.0 + t},
+        })
+        _jsonl(os.path.join(d, "pairs.jsonl"), [
+            {"prompt_id": f"p{k}", "chosen_score": 0.8 + 0.01 * k, "rejected_score": 0.3 + 0.02 * k} for k in range(8)])
+        _jsonl(os.path.join(d, "judgements.jsonl"), [
+            {"prompt_id": f"p{k}", "judge": "programmatic", "scores": [0.3, None, 0.8]} for k in range(8)])
+        _dump(os.path.join(d, "heldout", "eval.json"), _absolute(0.45 + 0.03 * t, [0.4, 0.55 + 0.03 * t], 0.8))
+        wr = (0.52 if direct else 0.575) + 0.01 * t
+        _dump(os.path.join(d, "compare", "vs_seed", "eval.json"),
+              _pairwise(name, wr, [wr - 0.12, wr + 0.11], {"writing": wr + 0.05, "lists": wr - 0.05}))
+    return rd
+
+
+def test_report_on_constructed_experiment(tmp_path):
+    exp = str(tmp_path / "exp")
+    _make_run(exp, "tpo", direct=False)
+    _make_run(exp, "direct", direct=True)
+    _dump(os.path.join(exp, "experiment.json"), {"runs": {"tpo": "tpo", "direct": "direct"}})
+    _dump(os.path.join(exp, "compare", "tpo_vs_direct", "eval.json"),
+          {**_pairwise("tpo", 0.6, [0.5, 0.72], {"writing": 0.7, "lists": 0.55}), "baseline": "direct"})
+    out = tmp_path / "rep"
+    paths = report.make_report([exp], out)
+    for name in ("winrate.png", "lengths.png", "valid_rate.png", "scores.png", "categories.png"):
+        data = open(paths[name], "rb").read()
+        assert data[:8] == PNG_MAGIC and len(data) > 10_000, name
+    md = open(paths["report.md"]).read()
+    # the numbers behind the plots are in the Markdown
+    assert "tpo vs direct" in md and "60.0% [50.0, 72.0]" in md  # experiment comparison
+    assert "59.5% [47.5, 70.5]" in md  # tpo iteration 2 vs seed
+    assert "0.410 [0.350, 0.470]" in md  # seed held-out score
+    assert "| 2 | 80.0% | 20.0% | 220 | 270 | 0.600 | 32 | 240 / 282 |" in md  # tpo iteration 2 metrics row
+    assert "![Per category](categories.png)" in md
+    # categories: the latest pairwise eval of each run + the experiment comparison
+    metric, series = report.category_series(*report.expand_dirs([exp]))
+    assert metric == "win_rate" and [s[0] for s in series] == ["tpo vs seed (iter 2)", "direct vs seed (iter 2)",
+                                                                "tpo vs direct"]
+
+
+def test_report_on_a_plain_run_dir_without_evals(tmp_path):
+    rd = str(tmp_path / "runs" / "solo")
+    os.makedirs(os.path.join(rd, "iter_01"))
+    _dump(os.path.join(rd, "iter_01", "metrics.json"), {"iteration": 1, "generate": {"valid_rate": 0.25}})
+    paths = report.make_report([rd])
+    assert os.path.dirname(paths["report.md"]) == os.path.join(rd, "report")
+    md = open(paths["report.md"]).read()
+    assert "| 1 | 25.0% |" in md
+    for name in ("winrate.png", "scores.png", "categories.png"):  # missing data -> a labelled empty plot
+        assert open(paths[name], "rb").read()[:8] == PNG_MAGIC
+
+
+def test_report_bad_input(tmp_path):
+    with pytest.raises(TpoError, match="not a directory"):
+        report.make_report([tmp_path / "missing"])
+    rd = tmp_path / "r"
+    (rd / "iter_01").mkdir(parents=True)
+    (rd / "iter_01" / "metrics.json").write_text("{ not json")
+    with pytest.raises(TpoError, match=r"metrics.json:1: not valid JSON"):
+        report.make_report([rd])
