@@ -223,11 +223,12 @@ def plot_lengths(runs: list[RunData], path: str) -> None:
                                                                 (("pairs", "rejected_response_chars"), " rejected")])]
     for ax, title, keysets in panels:
         drawn = False
-        for r in runs:
+        for i, r in enumerate(runs):
             for keys, suffix in keysets:
                 its, ys = _series(r, *keys)
-                if its:
-                    ax.plot(its, ys, marker="o", ls="-" if "rejected" not in suffix else "--", label=r.name + suffix)
+                if its:  # one colour per run in every panel; rejected dashed
+                    ax.plot(its, ys, marker="o", ls="-" if "rejected" not in suffix else "--", color=f"C{i % 10}",
+                            label=r.name + suffix)
                     drawn = True
         if drawn:
             ax.set_xlabel("iteration")
@@ -310,9 +311,9 @@ def plot_scores(runs: list[RunData], path: str) -> None:
         ax.set_ylabel("judge score")
         from matplotlib.patches import Patch
 
-        ax.legend(handles=[Patch(color="tab:green", alpha=0.5, label="chosen"),
-                           Patch(color="tab:red", alpha=0.5, label="rejected"),
-                           Patch(color="tab:gray", alpha=0.5, label="all samples (no pairs)")], fontsize=8)
+        labels = {"tab:green": "chosen", "tab:red": "rejected", "tab:gray": "all valid samples (no pairs)"}
+        ax.legend(handles=[Patch(color=c, alpha=0.5, label=lbl) for c, lbl in labels.items() if c in colors],
+                  fontsize=8)
         ax.set_title(f"{r.name}: judge scores of chosen vs rejected")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
