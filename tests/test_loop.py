@@ -1,0 +1,320 @@
+"""The whole TPO loop on a tiny random llama built here: every stage, resume, metrics, bad input.
+
+A random model never writes the thought/response markers, so generation uses a *scripted sampler*
+(deterministic per sample seed) that writes outputs in the template's format, with real token ids from the
+tiny tokenizer; judging (programmatic), pairing, DPO training and the held-out eval (real LocalSampler,
+greedy) run for real.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from tpo_lite.errors import TpoError
+
+REPO = Path(__file__).resolve().parents[1]
+CORPUS = [
+    "Here is my thought process: I should answer briefly and follow every rule.",
+    "Here is my response: the answer is short and clear. hello world apples and pears.",
+    "List three fruits in lowercase, answer in at most ten words.",
+    "Write A Title In Capitals. Then explain, with bullets - one - two.",
+]
+CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+                 "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+WORDS = "apple pear plum fig kiwi lime lemon melon grape peach".split()
+
+
+def build_tiny_model(path: Path, seed: int = 0) -> Path:
+    """A byte-level BPE tokenizer (vocab ~300, chat template) and a random 2-layer llama, saved to ``path``."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<|pad|>", "<|im_start|>", "<|im_end|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(CORPUS, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|pad|>")
+    fast.chat_template = CHAT_TEMPLATE
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=len(fast), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                      eos_token_id=fast.eos_token_id, pad_token_id=fast.pad_token_id, bos_token_id=None,
+                      tie_word_embeddings=False)
+    model = LlamaForCausalLM(cfg)
+    path.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(path)
+    fast.save_pretrained(path)
+    return path
+
+
+def write_instructions(path: Path, n: int, prefix: str) -> Path:
+    """Instructions with checks the scripted outputs pass to different degrees (so scores differ)."""
+    with open(path, "w") as f:
+        for i in range(n):
+            f.write(json.dumps({"id": f"{prefix}-{i:03d}", "instruction": f"Name some fruits ({i}), briefly.",
+                                "category": ["food", "lists"][i % 2],
+                                "checks": [{"type": "max_words", "value": 4 + i % 3}, {"type": "lowercase"},
+                                           {"type": "include_words", "words": ["apple"]}]}) + "\n")
+    return path
+
+
+class ScriptedSampler:
+    """Writes generic-template outputs chosen by each sample's seed; some invalid (no response marker).
+
+    Deterministic in (prompt, seed), so a resumed run produces exactly the records an uninterrupted run does.
+    ``delay`` (seconds per prompt) slows it so a test can kill the process mid-stage.
+    """
+
+    def __init__(self, tokenizer, delay: float = 0.0):
+        self.tok = tokenizer
+        self.delay = delay
+
+    def _one(self, index, seed):
+        from tpo_lite.sampling import Sample
+
+        rng = random.Random(seed)
+        words = [rng.choice(WORDS) for _ in range(rng.randint(1, 9))]
+        if rng.random() < 0.5:
+            words[0] = "apple"
+        resp = " ".join(words)
+        if rng.random() < 0.3:
+            resp = resp.upper()
+        thought = " ".join(rng.choice(WORDS) for _ in range(rng.randint(2, 12)))
+        if rng.random() < 0.15:
+            text = f"Here is my thought process:\n{thought}"  # never reaches the response: invalid
+        else:
+            text = f"Here is my thought process:\n{thought}\n\nHere is my response:\n{resp}"
+        ids = self.tok(text, add_special_tokens=False)["input_ids"] + [self.tok.eos_token_id]
+        return Sample(index=index, seed=seed, text=text, token_ids=ids, finish_reason="eos", forced=False)
+
+    def sample(self, jobs, k=None):
+        import time
+
+        for job in jobs:
+            if self.delay:
+                time.sleep(self.delay)
+            yield job.prompt_id, [self._one(i, s) for i, s in enumerate(job.seeds[:k])]
+
+
+def scripted_factory(delay: float = 0.0):
+    def factory(config, model, tokenizer, template, adapter=None, progress=True):
+        return ScriptedSampler(tokenizer, delay)
+
+    return factory
+
+
+def write_config(tmp: Path, model_dir: Path, train: Path, heldout: Path, extra: str = "", iterations: int = 2,
+                 name: str = "t") -> Path:
+    text = f"""
+[model]
+path = "{model_dir}"
+{MODEL_EXTRA}
+
+[prompts]
+template = "generic"
+
+[sampling]
+k = 4
+max_new_tokens = 16
+batch_size = 4
+seed = 7
+
+[judge]
+kind = "programmatic"
+
+[pairs]
+
+[train]
+{TRAIN_EXTRA}
+
+[loop]
+name = "{name}"
+runs_root = "{tmp / 'runs'}"
+iterations = {iterations}
+prompts_per_iteration = 5
+train_instructions = "{train}"
+
+[eval]
+eval_set = "{heldout}"
+max_instructions = 3
+max_new_tokens = 8
+n_boot = 200
+{extra}
+"""
+    p = tmp / "cfg.toml"
+    p.write_text(text)
+    return p
+
+
+# Filled in once the models/train configs have landed (fp32 base, small LoRA, one epoch).
+MODEL_EXTRA = 'dtype = "float32"\nload_in_4bit = false\nlora_r = 4\nlora_alpha = 8.0\nlora_dropout = 0.0\ndevice = "cpu"'
+TRAIN_EXTRA = ""
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny")
+    model_dir = build_tiny_model(root / "model")
+    train = write_instructions(root / "train.jsonl", 14, "tr")
+    heldout = write_instructions(root / "heldout.jsonl", 4, "ho")
+    return model_dir, train, heldout
+
+
+def _load(cfg_path, *overrides):
+    from tpo_lite.config import load_config
+
+    return load_config(cfg_path, list(overrides))
+
+
+def test_full_loop_two_iterations(tiny, tmp_path):
+    from tpo_lite.jsonl import read_records
+    from tpo_lite.loop import run
+
+    model_dir, train, heldout = tiny
+    cfg = _load(write_config(tmp_path, model_dir, train, heldout))
+    logs = []
+    summary = run(cfg, progress=False, echo=logs.append, sampler_factory=scripted_factory())
+    rd = tmp_path / "runs" / "t"
+    assert (rd / "config.toml").exists() and (rd / "summary.json").exists()
+    plans = []
+    for t in (1, 2):
+        d = rd / f"iter_{t:02d}"
+        for stage in ("generate", "judge", "pairs", "train"):
+            assert (d / f"{stage}.done.json").exists(), (t, stage)
+        samples = read_records(d / "samples.jsonl", key="prompt_id")
+        judg = read_records(d / "judgements.jsonl", key="prompt_id")
+        assert len(samples) == 5 and list(samples) == list(judg)
+        plans.append(set(samples))
+        for pid, rec in samples.items():
+            assert len(rec["samples"]) == 4 and rec["prompt_token_ids"]
+            scores = judg[pid]["scores"]
+            for s, sc in zip(rec["samples"], scores):
+                assert (sc is None) == (not s["valid"])
+                if s["valid"]:
+                    assert 0.0 <= sc <= 1.0
+        pairs = read_records(d / "pairs.jsonl")
+        trl = read_records(d / "pairs.trl.jsonl")
+        assert len(pairs) == len(trl) >= 1
+        for p, q in zip(pairs, trl):
+            assert p["chosen_score"] > p["rejected_score"] or p["rejected_score"] is None
+            assert set(q) >= {"prompt", "chosen", "rejected"}
+        assert (d / "adapter").is_dir()
+        m = json.loads((d / "metrics.json").read_text())
+        assert m["generate"]["n_samples"] == 20
+        assert 0 < m["generate"]["valid_rate"] <= 1
+        assert m["pairs"]["pairs_kept"] == len(pairs)
+    assert not plans[0] & plans[1]  # fresh instructions each iteration
+    # Iteration 2 sampled with iteration 1's adapter and trained on from it.
+    assert summary["final_adapter"] == str(rd / "iter_02" / "adapter")
+    assert summary["heldout_before"]["n"] == 3 and summary["heldout_after"]["n"] == 3
+    assert summary["heldout_change"]["n"] == 3
+    table = "\n".join(logs)
+    assert "valid-format rate" in table and "held-out" in table
+    # Running again does nothing new (all DONE) and gives the same summary.
+    again = run(cfg, progress=False, echo=lambda s: None, sampler_factory=scripted_factory())
+    assert again["iterations"] == summary["iterations"]
+
+
+# ------------------------------------------------------------------------------------------------ bad input
+
+def _cli(*args):
+    from click.testing import CliRunner
+
+    from tpo_lite.cli import main
+
+    return CliRunner().invoke(main, list(args))
+
+
+def _one_error_line(res, *parts):
+    assert res.exit_code == 2, res.output
+    lines = [ln for ln in res.output.splitlines() if ln.startswith("error: ")]
+    assert len(lines) == 1, res.output
+    assert "Traceback" not in res.output
+    for p in parts:
+        assert p in lines[0], lines[0]
+    return lines[0]
+
+
+def test_bad_config_one_clear_error(tiny, tmp_path):
+    model_dir, train, heldout = tiny
+    cfg = write_config(tmp_path, model_dir, train, heldout)
+    text = cfg.read_text()
+    bad = tmp_path / "bad.toml"
+    bad.write_text(text.replace("k = 4", "k = \"four\""))
+    line = text.splitlines().index("k = 4") + 1
+    _one_error_line(_cli("run", str(bad), "--dry-run"), f"{bad}:{line}: sampling.k: expected int")
+    bad.write_text(text.replace("iterations = 2", "iteratoins = 2"))
+    _one_error_line(_cli("run", str(bad), "--dry-run"), "loop.iteratoins: unknown option")
+    _one_error_line(_cli("run", str(tmp_path / "missing.toml")), "missing.toml: config file not found")
+    _one_error_line(_cli("run", str(cfg), "--set", "sampling.temperature=hot"),
+                    "--set: sampling.temperature: expected float")
+
+
+def test_dry_run_prints_plan_and_loads_no_model(tiny, tmp_path):
+    model_dir, train, heldout = tiny
+    cfg = write_config(tmp_path, model_dir, train, heldout)
+    res = _cli("run", str(cfg), "--dry-run", "--name", "dry", "--set", "loop.iterations=3")
+    assert res.exit_code == 0, res.output
+    assert f"run directory: {tmp_path / 'runs' / 'dry'}" in res.output
+    assert "iterations: 3 x 5 instructions" in res.output and "iter 3: not started" in res.output
+    assert "[sampling]" in res.output and "k = 4" in res.output
+    assert not (tmp_path / "runs" / "dry").exists()
+
+
+def test_list_options_covers_every_table():
+    res = _cli("run", "--list-options")
+    assert res.exit_code == 0, res.output
+    for table in ("[model]", "[prompts]", "[sampling]", "[judge]", "[pairs]", "[train]", "[loop]", "[eval]"):
+        assert table in res.output
+    assert "prompts_per_iteration (int, default 32)" in res.output
+
+
+def test_bad_template_and_model_path(tiny, tmp_path):
+    model_dir, train, heldout = tiny
+    cfg = write_config(tmp_path, model_dir, train, heldout, extra="")
+    res = _cli("generate", str(cfg), "--set", f"prompts.template={tmp_path / 'nope.toml'}")
+    _one_error_line(res, "nope.toml", "template file not found")
+    res = _cli("generate", str(cfg), "--name", "m", "--set", f"model.path={tmp_path / 'no_model'}")
+    _one_error_line(res, "no_model")
+
+
+def test_corrupt_jsonl_names_file_and_line(tiny, tmp_path):
+    model_dir, train, heldout = tiny
+    cfg = write_config(tmp_path, model_dir, train, heldout, iterations=1)
+    from tpo_lite.config import load_config
+    from tpo_lite.loop import generate_stage, prepare_run_dir
+
+    c = load_config(cfg, ["loop.eval_before=false"])
+    rd = tmp_path / "runs" / "t"
+    prepare_run_dir(c, rd)
+    generate_stage(c, rd, 1, progress=False, echo=lambda s: None, sampler_factory=scripted_factory())
+    samples = rd / "iter_01" / "samples.jsonl"
+    lines = samples.read_text().splitlines(keepends=True)
+    lines[2] = lines[2][:40] + "\n"  # a damaged *complete* line is corruption, not a torn tail
+    samples.write_text("".join(lines))
+    (rd / "iter_01" / "generate.done.json").unlink()
+    res = _cli("generate", str(cfg), "--set", "loop.eval_before=false")
+    _one_error_line(res, f"{samples}:3: not valid JSON")
+
+
+def test_config_change_on_resume_is_refused(tiny, tmp_path):
+    model_dir, train, heldout = tiny
+    cfg = write_config(tmp_path, model_dir, train, heldout)
+    from tpo_lite.config import load_config
+    from tpo_lite.loop import prepare_run_dir
+
+    rd = tmp_path / "runs" / "t"
+    prepare_run_dir(load_config(cfg), rd)
+    prepare_run_dir(load_config(cfg, ["loop.iterations=5"]), rd)  # more iterations: fine
+    with pytest.raises(TpoError, match=r"sampling.k: 4 -> 8"):
+        prepare_run_dir(load_config(cfg, ["sampling.k=8"]), rd)
