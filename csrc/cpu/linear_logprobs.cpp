@@ -1,0 +1,437 @@
+// Fused linear log-probs on the CPU: per-token log p(target) straight from hidden states and the LM head,
+// without materialising the N x V logits.
+//
+// The vocabulary is walked in chunks of `chunk` rows of the weight. Per chunk one ATen matrix product (input
+// dtype; MKL / oneDNN, AVX-512 bf16 where the CPU has it) gives the N x chunk logits, and one pass over them in
+// fp32 (fp64 for fp64 input) keeps a running max `m` and running sum `S` of exp(z - m) per row (online
+// log-sum-exp). When the head is frozen and hidden needs a gradient (`need_grad`), the same pass turns the
+// chunk into p~_v * f'(a_v) (p~ relative to the running max) in place, and a second product accumulates
+// E += P~ @ W_chunk; E is rescaled by exp(m_old - m_new) whenever the running max grows (the flash-attention
+// trick). At the end J = s * (f'_t w_t - E / S) = d logp / d hidden, so the backward is a per-row scale.
+// Peak extra memory: one N x chunk buffer plus N x d for E / J, never N x V.
+// The math and the C++ contract (shared with the CUDA build) are in docs/kernels.md.
+#include "linear_logprobs.h"
+
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+namespace tpo_lite {
+namespace {
+
+// exp for float that the compiler can vectorise (glibc expf is a scalar call and would dominate the
+// elementwise pass). exp(x) = 2^k * exp(r), r = x - k ln2 in [-ln2/2, ln2/2], exp(r) by its degree-7 Taylor
+// polynomial (truncation < 6e-9 relative, i.e. within ~1 ulp of float). Inputs below -87.3 (where the
+// result would be denormal) give exactly 0, which is what the log-sum-exp wants for far-off logits.
+inline __attribute__((always_inline)) float fast_exp(float x) {
+  const float xc = std::min(std::max(x, -87.3f), 88.7f);
+  const float kf = std::floor(xc * 1.44269504088896341f + 0.5f);
+  // ln2 split in two so r = x - k ln2 keeps full precision (Cody-Waite).
+  const float r = (xc - kf * 0.693145751953125f) - kf * 1.42860682030941723212e-6f;
+  float p = 1.0f / 5040.0f;
+  p = p * r + 1.0f / 720.0f;
+  p = p * r + 1.0f / 120.0f;
+  p = p * r + 1.0f / 24.0f;
+  p = p * r + 1.0f / 6.0f;
+  p = p * r + 0.5f;
+  p = p * r + 1.0f;
+  p = p * r + 1.0f;
+  const int32_t bits = (static_cast<int32_t>(kf) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  return x < -87.3f ? 0.0f : p * scale;
+}
+inline __attribute__((always_inline)) double fast_exp(double x) { return std::exp(x); }
+
+// tanh from the exp above: tanh(|x|) = (1 - e^{-2|x|}) / (1 + e^{-2|x|}); never overflows. Absolute error is
+// ~1e-7 (relative error grows only for |x| << 1, where z = c * tanh is tiny anyway).
+inline __attribute__((always_inline)) float fast_tanh(float x) {
+  const float e = fast_exp(-2.0f * std::fabs(x));
+  const float t = (1.0f - e) / (1.0f + e);
+  return x < 0.0f ? -t : t;
+}
+inline __attribute__((always_inline)) double fast_tanh(double x) { return std::tanh(x); }
+
+template <typename acc_t>
+struct Cap {
+  acc_t scale;    // logit_scale s
+  acc_t cap;      // softcap c (> 0) or 0 for none
+  acc_t inv_cap;  // 1 / c
+  // z = f(s * raw): identity or c * tanh(s * raw / c)
+  inline __attribute__((always_inline)) acc_t z(acc_t raw) const {
+    const acc_t a = scale * raw;
+    return cap > 0 ? cap * fast_tanh(a * inv_cap) : a;
+  }
+  // f'(a) expressed through z: 1 - tanh^2 = 1 - (z / c)^2
+  inline __attribute__((always_inline)) acc_t dz(acc_t z) const {
+    if (cap > 0) {
+      const acc_t t = z * inv_cap;
+      return acc_t(1) - t * t;
+    }
+    return acc_t(1);
+  }
+};
+
+// Forward pass over one vocab chunk for rows [begin, end). `buf` holds the chunk logits (row stride `c`,
+// dtype scalar_t); it is overwritten with p~ * f' when need_grad. State per row: running max m, running sum
+// S, target logit zt and its f'_t, and the rescale factor alpha applied to E (returned in `alpha`).
+template <typename scalar_t, typename acc_t>
+inline __attribute__((always_inline)) void fwd_rows_impl(scalar_t* buf, int64_t c, int64_t v0, int64_t begin,
+                                                        int64_t end, const int64_t* tgt, acc_t* m, acc_t* S,
+                                                        acc_t* zt, acc_t* fpt, acc_t* alpha, bool need_grad,
+                                                        const Cap<acc_t>& f) {
+  std::vector<acc_t> z(c);
+  acc_t* zp = z.data();
+  for (int64_t i = begin; i < end; ++i) {
+    scalar_t* row = buf + i * c;
+    acc_t mx = -std::numeric_limits<acc_t>::infinity();
+#pragma omp simd reduction(max : mx)
+    for (int64_t j = 0; j < c; ++j) {
+      const acc_t v = f.z(static_cast<acc_t>(row[j]));
+      zp[j] = v;
+      mx = std::max(mx, v);
+    }
+    const int64_t t = tgt[i] - v0;
+    if (t >= 0 && t < c) {
+      zt[i] = zp[t];
+      fpt[i] = f.dz(zp[t]);
+    }
+    const acc_t m_old = m[i];
+    const acc_t m_new = std::max(m_old, mx);
+    // first chunk: m_old = -inf, nothing accumulated yet, so the old state is scaled by 0
+    const acc_t a = m_old == -std::numeric_limits<acc_t>::infinity() ? acc_t(0) : fast_exp(m_old - m_new);
+    acc_t sum = 0;
+    if (need_grad) {
+#pragma omp simd reduction(+ : sum)
+      for (int64_t j = 0; j < c; ++j) {
+        const acc_t p = fast_exp(zp[j] - m_new);
+        sum += p;
+        row[j] = static_cast<scalar_t>(p * f.dz(zp[j]));
+      }
+    } else {
+#pragma omp simd reduction(+ : sum)
+      for (int64_t j = 0; j < c; ++j) sum += fast_exp(zp[j] - m_new);
+    }
+    S[i] = S[i] * a + sum;
+    m[i] = m_new;
+    alpha[i] = a;
+  }
+}
+
+// Backward (recompute) over one vocab chunk: buf (logits) becomes
+// G = g * s * f' * (onehot(t) - p), p = exp(z - lse).
+template <typename scalar_t, typename acc_t>
+inline __attribute__((always_inline)) void bwd_rows_impl(scalar_t* buf, int64_t c, int64_t v0, int64_t begin,
+                                                        int64_t end, const int64_t* tgt, const acc_t* lse,
+                                                        const acc_t* g, const Cap<acc_t>& f) {
+  for (int64_t i = begin; i < end; ++i) {
+    scalar_t* row = buf + i * c;
+    const acc_t l = lse[i];
+    const acc_t gs = g[i] * f.scale;
+    const int64_t t = tgt[i] - v0;
+#pragma omp simd
+    for (int64_t j = 0; j < c; ++j) {
+      const acc_t z = f.z(static_cast<acc_t>(row[j]));
+      const acc_t p = fast_exp(z - l);
+      const acc_t onehot = j == t ? acc_t(1) : acc_t(0);
+      row[j] = static_cast<scalar_t>(gs * f.dz(z) * (onehot - p));
+    }
+  }
+}
+
+// One compiled copy per ISA level, picked at load time, so the extension runs on any x86-64 and still uses
+// AVX-512 where present (the build itself has no -march flag).
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define TPO_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define TPO_CLONES
+#endif
+
+#define TPO_DEFINE_ROWS(NAME, scalar_t, acc_t)                                                                  \
+  TPO_CLONES void fwd_rows_##NAME(scalar_t* buf, int64_t c, int64_t v0, int64_t b, int64_t e, const int64_t* tgt, \
+                                  acc_t* m, acc_t* S, acc_t* zt, acc_t* fpt, acc_t* alpha, bool need_grad,       \
+                                  const Cap<acc_t>& f) {                                                         \
+    fwd_rows_impl<scalar_t, acc_t>(buf, c, v0, b, e, tgt, m, S, zt, fpt, alpha, need_grad, f);                   \
+  }                                                                                                              \
+  TPO_CLONES void bwd_rows_##NAME(scalar_t* buf, int64_t c, int64_t v0, int64_t b, int64_t e, const int64_t* tgt, \
+                                  const acc_t* lse, const acc_t* g, const Cap<acc_t>& f) {                       \
+    bwd_rows_impl<scalar_t, acc_t>(buf, c, v0, b, e, tgt, lse, g, f);                                            \
+  }
+
+TPO_DEFINE_ROWS(f64, double, double)
+TPO_DEFINE_ROWS(f32, float, float)
+TPO_DEFINE_ROWS(bf16, c10::BFloat16, float)
+TPO_DEFINE_ROWS(f16, c10::Half, float)
+
+inline void fwd_rows(double* b, int64_t c, int64_t v0, int64_t s, int64_t e, const int64_t* t, double* m,
+                     double* S, double* zt, double* fpt, double* al, bool ng, const Cap<double>& f) {
+  fwd_rows_f64(b, c, v0, s, e, t, m, S, zt, fpt, al, ng, f);
+}
+inline void fwd_rows(float* b, int64_t c, int64_t v0, int64_t s, int64_t e, const int64_t* t, float* m, float* S,
+                     float* zt, float* fpt, float* al, bool ng, const Cap<float>& f) {
+  fwd_rows_f32(b, c, v0, s, e, t, m, S, zt, fpt, al, ng, f);
+}
+inline void fwd_rows(c10::BFloat16* b, int64_t c, int64_t v0, int64_t s, int64_t e, const int64_t* t, float* m,
+                     float* S, float* zt, float* fpt, float* al, bool ng, const Cap<float>& f) {
+  fwd_rows_bf16(b, c, v0, s, e, t, m, S, zt, fpt, al, ng, f);
+}
+inline void fwd_rows(c10::Half* b, int64_t c, int64_t v0, int64_t s, int64_t e, const int64_t* t, float* m,
+                     float* S, float* zt, float* fpt, float* al, bool ng, const Cap<float>& f) {
+  fwd_rows_f16(b, c, v0, s, e, t, m, S, zt, fpt, al, ng, f);
+}
+inline void bwd_rows(double* b, int64_t c, int64_t v0, int64_t s, int64_t e, const int64_t* t, const double* l,
+                     const double* g, const Cap<double>& f) {
+  bwd_rows_f64(b, c, v0, s, e, t, l, g, f);
+}
+inline void bwd_rows(float* b, int64_t c, int64_t v0, int64_t s, int64_t e, const int64_t* t, const float* l,
+                     const float* g, const Cap<float>& f) {
+  bwd_rows_f32(b, c, v0, s, e, t, l, g, f);
+}
+inline void bwd_rows(c10::BFloat16* b, int64_t c, int64_t v0, int64_t s, int64_t e, const int64_t* t,
+                     const float* l, const float* g, const Cap<float>& f) {
+  bwd_rows_bf16(b, c, v0, s, e, t, l, g, f);
+}
+inline void bwd_rows(c10::Half* b, int64_t c, int64_t v0, int64_t s, int64_t e, const int64_t* t, const float* l,
+                     const float* g, const Cap<float>& f) {
+  bwd_rows_f16(b, c, v0, s, e, t, l, g, f);
+}
+
+void check_common(const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& targets,
+                  int64_t ignore_index, int64_t chunk) {
+  TORCH_CHECK(hidden.device().is_cpu() && weight.device().is_cpu() && targets.device().is_cpu(),
+              "linear_logprobs (CPU): hidden, weight and targets must all be CPU tensors, got ", hidden.device(),
+              ", ", weight.device(), ", ", targets.device());
+  TORCH_CHECK(hidden.dim() == 2, "linear_logprobs: hidden must be 2-D [N, d], got shape ", hidden.sizes());
+  TORCH_CHECK(weight.dim() == 2, "linear_logprobs: weight must be 2-D [V, d], got shape ", weight.sizes());
+  TORCH_CHECK(targets.dim() == 1, "linear_logprobs: targets must be 1-D [N], got shape ", targets.sizes());
+  TORCH_CHECK(hidden.size(1) == weight.size(1), "linear_logprobs: hidden is [N, d] = ", hidden.sizes(),
+              " but weight is [V, d] = ", weight.sizes(), " (hidden size d differs)");
+  TORCH_CHECK(targets.size(0) == hidden.size(0), "linear_logprobs: targets has ", targets.size(0),
+              " entries but hidden has N = ", hidden.size(0), " rows");
+  TORCH_CHECK(weight.size(0) > 0, "linear_logprobs: weight has an empty vocabulary (V = 0)");
+  const auto dt = hidden.scalar_type();
+  TORCH_CHECK(dt == at::kDouble || dt == at::kFloat || dt == at::kBFloat16 || dt == at::kHalf,
+              "linear_logprobs: hidden dtype must be float64, float32, bfloat16 or float16, got ", dt);
+  TORCH_CHECK(weight.scalar_type() == dt, "linear_logprobs: hidden is ", dt, " but weight is ",
+              weight.scalar_type(), " (they must share a dtype)");
+  TORCH_CHECK(targets.scalar_type() == at::kLong, "linear_logprobs: targets must be int64, got ",
+              targets.scalar_type());
+  TORCH_CHECK(hidden.is_contiguous() && weight.is_contiguous() && targets.is_contiguous(),
+              "linear_logprobs: hidden, weight and targets must be contiguous (call .contiguous())");
+  TORCH_CHECK(chunk >= 0, "linear_logprobs: chunk must be >= 0 (0 = default), got ", chunk);
+  // out-of-range targets would index outside the weight in the J / gradient gather
+  const int64_t V = weight.size(0);
+  const int64_t* t = targets.data_ptr<int64_t>();
+  for (int64_t i = 0; i < targets.numel(); ++i) {
+    TORCH_CHECK(t[i] == ignore_index || (t[i] >= 0 && t[i] < V), "linear_logprobs: targets[", i, "] = ", t[i],
+                " is outside the vocabulary [0, ", V, ") and is not ignore_index (", ignore_index, ")");
+  }
+}
+
+// Default chunk: the N x chunk logits buffer stays around 4 MiB so it lives in cache between the product
+// that writes it, the elementwise pass, and the product that reads it; the chunk stays wide enough for the
+// matrix product to run near its peak. (Tuned on the dev machine; see docs/kernels.md.)
+int64_t pick_chunk(int64_t chunk, int64_t n_rows, int64_t V, int64_t elem_size) {
+  if (chunk > 0) return std::min(chunk, V);
+  const int64_t target_bytes = int64_t(4) << 20;
+  int64_t c = target_bytes / std::max<int64_t>(1, n_rows * elem_size);
+  c = std::max<int64_t>(512, std::min<int64_t>(c, 8192));
+  c = (c + 63) / 64 * 64;
+  return std::min(c, V);
+}
+
+// Rows whose target is ignore_index are dropped before the products; returns their indices, or an undefined
+// tensor when every row is kept.
+at::Tensor kept_rows(const at::Tensor& targets, int64_t ignore_index) {
+  const auto keep = targets.ne(ignore_index);
+  const int64_t n_keep = keep.sum().item<int64_t>();
+  if (n_keep == targets.numel()) return at::Tensor();
+  return keep.nonzero().squeeze(1);
+}
+
+template <typename scalar_t, typename acc_t>
+std::vector<at::Tensor> forward_impl(const at::Tensor& hidden_all, const at::Tensor& weight,
+                                     const at::Tensor& targets_all, int64_t ignore_index, double logit_scale,
+                                     double softcap, int64_t chunk, bool need_grad) {
+  const int64_t N = hidden_all.size(0), d = hidden_all.size(1), V = weight.size(0);
+  const auto acc_dtype = c10::CppTypeToScalarType<acc_t>::value;
+  const auto acc_opts = hidden_all.options().dtype(acc_dtype);
+  auto logp_all = at::zeros({N}, acc_opts);
+  auto lse_all = at::zeros({N}, acc_opts);
+  auto J_all = need_grad ? at::zeros({N, d}, acc_opts) : at::empty({0}, acc_opts);
+
+  const at::Tensor idx = kept_rows(targets_all, ignore_index);
+  const at::Tensor hidden = idx.defined() ? hidden_all.index_select(0, idx) : hidden_all;
+  const at::Tensor targets = idx.defined() ? targets_all.index_select(0, idx) : targets_all;
+  const int64_t n = hidden.size(0);
+  if (n == 0) return {logp_all, lse_all, J_all};
+
+  const Cap<acc_t> f{acc_t(logit_scale), softcap > 0 ? acc_t(softcap) : acc_t(0),
+                     softcap > 0 ? acc_t(1.0 / softcap) : acc_t(0)};
+  const int64_t C = pick_chunk(chunk, n, V, sizeof(scalar_t));
+  at::Tensor m = at::full({n}, -std::numeric_limits<double>::infinity(), acc_opts);
+  at::Tensor S = at::zeros({n}, acc_opts);
+  at::Tensor zt = at::zeros({n}, acc_opts);
+  at::Tensor fpt = at::zeros({n}, acc_opts);
+  at::Tensor alpha = at::ones({n}, acc_opts);
+  // E accumulates sum_v p~_v f'_v w_v in the accumulation dtype
+  auto E = need_grad ? at::zeros({n, d}, acc_opts) : at::Tensor();
+  auto flat = at::empty({n * C}, hidden.options());
+  const int64_t* tgt = targets.data_ptr<int64_t>();
+  acc_t* mp = m.template data_ptr<acc_t>();
+  acc_t* Sp = S.template data_ptr<acc_t>();
+  acc_t* ztp = zt.template data_ptr<acc_t>();
+  acc_t* fpp = fpt.template data_ptr<acc_t>();
+  acc_t* ap = alpha.template data_ptr<acc_t>();
+  // elementwise work per row is ~c exps; a grain of a few rows keeps the parallel overhead negligible
+  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, C));
+
+  for (int64_t v0 = 0; v0 < V; v0 += C) {
+    const int64_t c = std::min(C, V - v0);
+    auto W = weight.narrow(0, v0, c);
+    auto L = flat.narrow(0, 0, n * c).view({n, c});
+    at::mm_out(L, hidden, W.t());
+    scalar_t* Lp = L.template data_ptr<scalar_t>();
+    at::parallel_for(0, n, grain, [&](int64_t b, int64_t e) {
+      fwd_rows(Lp, c, v0, b, e, tgt, mp, Sp, ztp, fpp, ap, need_grad, f);
+    });
+    if (need_grad) {
+      if (v0 > 0) E.mul_(alpha.unsqueeze(1));
+      if constexpr (std::is_same<scalar_t, acc_t>::value) {
+        E.addmm_(L, W);
+      } else {
+        E.add_(at::mm(L, W));  // half-precision product, accumulated in fp32
+      }
+    }
+  }
+
+  auto lse = m + S.log();
+  auto logp = zt - lse;
+  logp_all = idx.defined() ? logp_all.index_copy_(0, idx, logp) : logp;
+  lse_all = idx.defined() ? lse_all.index_copy_(0, idx, lse) : lse;
+  if (need_grad) {
+    // J = s * (f'_t * w_t - E / S)
+    auto Wt = weight.index_select(0, targets).to(acc_dtype);
+    auto J = Wt.mul_((fpt * f.scale).unsqueeze(1)).sub_(E.mul_((S.reciprocal() * f.scale).unsqueeze(1)));
+    J_all = idx.defined() ? J_all.index_copy_(0, idx, J) : J;
+  }
+  return {logp_all, lse_all, J_all};
+}
+
+template <typename scalar_t, typename acc_t>
+std::vector<at::Tensor> backward_impl(const at::Tensor& grad_all, const at::Tensor& hidden_all,
+                                      const at::Tensor& weight, const at::Tensor& targets_all,
+                                      const at::Tensor& lse_all, int64_t ignore_index, double logit_scale,
+                                      double softcap, int64_t chunk, bool need_gh, bool need_gw) {
+  const int64_t N = hidden_all.size(0), d = hidden_all.size(1), V = weight.size(0);
+  const auto acc_dtype = c10::CppTypeToScalarType<acc_t>::value;
+  const auto acc_opts = hidden_all.options().dtype(acc_dtype);
+  at::Tensor gh_all = need_gh ? at::zeros({N, d}, hidden_all.options()) : at::empty({0}, hidden_all.options());
+  at::Tensor gw = need_gw ? at::zeros({V, d}, weight.options()) : at::empty({0}, weight.options());
+  if (!need_gh && !need_gw) return {gh_all, gw};
+
+  const at::Tensor idx = kept_rows(targets_all, ignore_index);
+  auto sel = [&](const at::Tensor& x) { return idx.defined() ? x.index_select(0, idx) : x; };
+  const at::Tensor hidden = sel(hidden_all), targets = sel(targets_all);
+  const at::Tensor lse = sel(lse_all).to(acc_dtype).contiguous();
+  const at::Tensor g = sel(grad_all).to(acc_dtype).contiguous();
+  const int64_t n = hidden.size(0);
+  if (n == 0) return {gh_all, gw};
+
+  const Cap<acc_t> f{acc_t(logit_scale), softcap > 0 ? acc_t(softcap) : acc_t(0),
+                     softcap > 0 ? acc_t(1.0 / softcap) : acc_t(0)};
+  const int64_t C = pick_chunk(chunk, n, V, sizeof(scalar_t));
+  auto gh = need_gh ? at::zeros({n, d}, acc_opts) : at::Tensor();
+  auto flat = at::empty({n * C}, hidden.options());
+  const int64_t* tgt = targets.data_ptr<int64_t>();
+  const acc_t* lp = lse.template data_ptr<acc_t>();
+  const acc_t* gp = g.template data_ptr<acc_t>();
+  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, C));
+
+  for (int64_t v0 = 0; v0 < V; v0 += C) {
+    const int64_t c = std::min(C, V - v0);
+    auto W = weight.narrow(0, v0, c);
+    auto G = flat.narrow(0, 0, n * c).view({n, c});
+    at::mm_out(G, hidden, W.t());
+    scalar_t* Gp = G.template data_ptr<scalar_t>();
+    at::parallel_for(0, n, grain, [&](int64_t b, int64_t e) { bwd_rows(Gp, c, v0, b, e, tgt, lp, gp, f); });
+    if (need_gw) {
+      auto out = gw.narrow(0, v0, c);  // rows v0.. of a contiguous [V, d]: contiguous
+      at::mm_out(out, G.t(), hidden);
+    }
+    if (need_gh) {
+      if constexpr (std::is_same<scalar_t, acc_t>::value) {
+        gh.addmm_(G, W);
+      } else {
+        gh.add_(at::mm(G, W));
+      }
+    }
+  }
+  if (need_gh) {
+    auto ghc = gh.to(hidden_all.scalar_type());
+    gh_all = idx.defined() ? gh_all.index_copy_(0, idx, ghc) : ghc;
+  }
+  return {gh_all, gw};
+}
+
+}  // namespace
+
+std::vector<at::Tensor> linear_logprobs_forward(const at::Tensor& hidden, const at::Tensor& weight,
+                                                const at::Tensor& targets, int64_t ignore_index,
+                                                double logit_scale, double softcap, int64_t chunk,
+                                                bool need_grad) {
+  check_common(hidden, weight, targets, ignore_index, chunk);
+  at::NoGradGuard no_grad;  // the Python autograd.Function owns differentiation; no graph of the internals
+  switch (hidden.scalar_type()) {
+    case at::kDouble:
+      return forward_impl<double, double>(hidden, weight, targets, ignore_index, logit_scale, softcap, chunk,
+                                          need_grad);
+    case at::kFloat:
+      return forward_impl<float, float>(hidden, weight, targets, ignore_index, logit_scale, softcap, chunk,
+                                        need_grad);
+    case at::kBFloat16:
+      return forward_impl<c10::BFloat16, float>(hidden, weight, targets, ignore_index, logit_scale, softcap,
+                                                chunk, need_grad);
+    default:
+      return forward_impl<c10::Half, float>(hidden, weight, targets, ignore_index, logit_scale, softcap, chunk,
+                                            need_grad);
+  }
+}
+
+std::vector<at::Tensor> linear_logprobs_backward(const at::Tensor& grad_logp, const at::Tensor& hidden,
+                                                 const at::Tensor& weight, const at::Tensor& targets,
+                                                 const at::Tensor& lse, int64_t ignore_index, double logit_scale,
+                                                 double softcap, int64_t chunk, bool need_grad_hidden,
+                                                 bool need_grad_weight) {
+  check_common(hidden, weight, targets, ignore_index, chunk);
+  TORCH_CHECK(grad_logp.device().is_cpu() && lse.device().is_cpu(),
+              "linear_logprobs_backward (CPU): grad_logp and lse must be CPU tensors");
+  TORCH_CHECK(grad_logp.dim() == 1 && grad_logp.size(0) == hidden.size(0), "linear_logprobs_backward: grad_logp ",
+              "must be [N] = [", hidden.size(0), "], got ", grad_logp.sizes());
+  TORCH_CHECK(lse.dim() == 1 && lse.size(0) == hidden.size(0), "linear_logprobs_backward: lse must be [N] = [",
+              hidden.size(0), "], got ", lse.sizes());
+  TORCH_CHECK(at::isFloatingType(grad_logp.scalar_type()) && at::isFloatingType(lse.scalar_type()),
+              "linear_logprobs_backward: grad_logp and lse must be floating point");
+  at::NoGradGuard no_grad;
+  switch (hidden.scalar_type()) {
+    case at::kDouble:
+      return backward_impl<double, double>(grad_logp, hidden, weight, targets, lse, ignore_index, logit_scale,
+                                           softcap, chunk, need_grad_hidden, need_grad_weight);
+    case at::kFloat:
+      return backward_impl<float, float>(grad_logp, hidden, weight, targets, lse, ignore_index, logit_scale,
+                                         softcap, chunk, need_grad_hidden, need_grad_weight);
+    case at::kBFloat16:
+      return backward_impl<c10::BFloat16, float>(grad_logp, hidden, weight, targets, lse, ignore_index,
+                                                 logit_scale, softcap, chunk, need_grad_hidden, need_grad_weight);
+    default:
+      return backward_impl<c10::Half, float>(grad_logp, hidden, weight, targets, lse, ignore_index, logit_scale,
+                                             softcap, chunk, need_grad_hidden, need_grad_weight);
+  }
+}
+
+}  // namespace tpo_lite
