@@ -296,6 +296,11 @@ def _c_max_sentences(r, c):
     return f"Use at most {n} sentences.", {"type": "max_sentences", "value": n}
 
 
+def _c_min_sentences(r, c):
+    n = r.choice([3, 4, 5, 6])
+    return f"Use at least {n} sentences.", {"type": "min_sentences", "value": n}
+
+
 def _c_num_sentences(r, c):
     n = r.choice([2, 3, 4])
     return f"Write exactly {n} sentences.", {"type": "num_sentences", "value": n}
@@ -388,6 +393,7 @@ CONSTRAINTS = [
     ({"length"}, 3, _c_max_words),
     ({"length"}, 1, _c_min_words),
     ({"length", "sentences"}, 1, _c_max_sentences),
+    ({"length", "sentences"}, 1, _c_min_sentences),
     ({"structure", "sentences", "length"}, 1, _c_num_sentences),
     ({"structure"}, 1, _c_num_paragraphs),
     ({"structure"}, 2, _c_num_bullets),

@@ -264,12 +264,16 @@ def _parse_number(token: str) -> float | None:
 
 def numeric_answer(response: str, value: float, tolerance: float = 1e-6):
     """The last number in the response equals ``value`` (within ``tolerance``, absolute); commas, ``$`` and a
-    sign are understood. Partial credit 0.5 if the value appears earlier but is not the last number."""
+    sign are understood. Partial credit: 0.5 if the value appears earlier but is not the last number, else
+    up to 0.4 for a last number near the value (0.4 * (1 - |last - value| / max(|value|, 1)), floored at 0)."""
     numbers = [x for x in (_parse_number(t) for t in _NUMBER.findall(response)) if x is not None]
     if not numbers:
         return False, 0.0, None
     hit = [abs(x - value) <= tolerance for x in numbers]
-    return hit[-1], 0.5 if any(hit) else 0.0, numbers[-1]
+    if hit[-1]:
+        return True, 1.0, numbers[-1]
+    near = 0.4 * max(0.0, 1.0 - abs(numbers[-1] - value) / max(abs(value), 1.0))
+    return False, 0.5 if any(hit) else near, numbers[-1]
 
 
 @dataclass(frozen=True)
