@@ -1,0 +1,584 @@
+"""Tests for tpo_lite.sampling: token selection against a float64 reference, the KV-cached loop against a
+no-cache float64 reference, seeds, EOS / length / stop / budget forcing, and the OpenAI sampler against a
+fake server on 127.0.0.1."""
+import json
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import numpy as np
+import pytest
+import torch
+
+from tpo_lite.errors import TpoError
+from tpo_lite.prompts import get_template
+from tpo_lite.sampling import (LocalSampler, OpenAISampler, PromptJob, SamplingConfig, ServerError,
+                               make_job, sample_seed, select_tokens)
+
+CORPUS = [
+    "Here is my thought process: think about the question carefully.",
+    "Here is my response: the answer is short and clear.",
+    "The quick brown fox jumps over the lazy dog. STOP now. <R> done </R>",
+    "Respond to the following user query in a comprehensive and detailed way.",
+]
+CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+                 "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def tiny_tokenizer():
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=320, special_tokens=["<|pad|>", "<|im_start|>", "<|im_end|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(CORPUS, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|pad|>")
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+def tiny_model(tokenizer, seed=0, init=0.2):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                      initializer_range=init, eos_token_id=tokenizer.eos_token_id,
+                      pad_token_id=tokenizer.pad_token_id, bos_token_id=None, tie_word_embeddings=False)
+    return LlamaForCausalLM(cfg).eval()
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return tiny_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def model(tok):
+    return tiny_model(tok)
+
+
+def job(tok, pid, text, k, run_seed=0):
+    return make_job(pid, text, tok, SamplingConfig(k=k, seed=run_seed))
+
+
+def collect(sampler, jobs, k):
+    return dict(sampler.sample(jobs, k))
+
+
+class ScriptedLogits:
+    """Forward hook on lm_head that makes token script[t] overwhelmingly likely at decoding step t (call 0 is
+    the prefill), for a single-row batch. After the script: `after` (a token id) or nothing."""
+
+    def __init__(self, model, script, after=None):
+        self.script, self.after, self.calls = list(script), after, 0
+        self.handle = model.lm_head.register_forward_hook(self)
+
+    def __call__(self, module, inputs, output):
+        t = self.calls
+        self.calls += 1
+        target = self.script[t] if t < len(self.script) else self.after
+        if target is None:
+            return output
+        out = output.clone()
+        out[..., target] += 1e4
+        return out
+
+    def remove(self):
+        self.handle.remove()
+
+
+# ------------------------------------------------------------------------------------------ select_tokens
+
+def reference_select(logits, temperature, top_p, u):
+    """float64 numpy reference of temperature + top-p inverse-CDF sampling (returns token, margin)."""
+    z = logits.astype(np.float64) / temperature
+    p = np.exp(z - z.max())
+    p /= p.sum()
+    order = np.lexsort((np.arange(len(p)), -p))  # descending prob, ties by id
+    sp = p[order]
+    before = np.concatenate([[0.0], np.cumsum(sp)[:-1]])
+    n_keep = int((before < top_p).sum())
+    kept = sp[:n_keep]
+    cum = np.cumsum(kept)
+    thr = u * cum[-1]
+    pos = int((cum <= thr).sum())
+    margin = np.min(np.abs(cum - thr))
+    return order[min(pos, n_keep - 1)], margin
+
+
+@pytest.mark.parametrize("temperature,top_p", [(1.0, 1.0), (0.8, 0.95), (0.5, 0.5), (1.3, 0.2)])
+def test_select_tokens_matches_float64_reference(temperature, top_p):
+    g = torch.Generator().manual_seed(1)
+    logits = torch.randn(64, 50, generator=g) * 2
+    u = torch.rand(64, generator=g)
+    got = select_tokens(logits, temperature, top_p, u).tolist()
+    checked = 0
+    for row in range(64):
+        want, margin = reference_select(logits[row].numpy(), temperature, top_p, float(u[row]))
+        if margin < 1e-5:  # float32 vs float64 may legitimately differ exactly at a CDF boundary
+            continue
+        assert got[row] == want, row
+        checked += 1
+    assert checked >= 60
+
+
+def test_select_tokens_greedy_and_distribution():
+    logits = torch.tensor([[0.0, 2.0, 1.0, -1.0, 0.5]])
+    assert select_tokens(logits, 0.0, 0.9, torch.zeros(1)).tolist() == [1]
+    # Empirical frequencies follow the top-p truncated distribution.
+    p = torch.softmax(logits[0].double(), -1).numpy()
+    order = np.argsort(-p)
+    keep = order[: int((np.concatenate([[0], np.cumsum(p[order])[:-1]]) < 0.8).sum())]
+    want = np.zeros(5)
+    want[keep] = p[keep] / p[keep].sum()
+    n = 40000
+    u = torch.rand(n, generator=torch.Generator().manual_seed(0))
+    got = select_tokens(logits.expand(n, 5), 1.0, 0.8, u)
+    freq = np.bincount(got.numpy(), minlength=5) / n
+    assert np.abs(freq - want).max() < 0.01, (freq, want)
+    assert all(freq[i] == 0 for i in range(5) if i not in keep)
+
+
+# ----------------------------------------------------------------------------------------- seeds, config
+
+def test_sample_seed_is_stable_and_distinct():
+    assert sample_seed(0, "train-0001", 3) == sample_seed(0, "train-0001", 3)
+    seeds = {sample_seed(s, p, i) for s in (0, 1) for p in ("a", "b") for i in range(8)}
+    assert len(seeds) == 32
+    assert all(0 <= s < 2 ** 31 for s in seeds)
+
+
+@pytest.mark.parametrize("kwargs,fieldname", [
+    ({"top_p": 0.0}, "top_p"), ({"k": 0}, "k"), ({"temperature": -1.0}, "temperature"),
+    ({"thought_budget": 512, "max_new_tokens": 512}, "thought_budget"), ({"stop": [""]}, "stop"),
+    ({"base_url": "localhost:8000"}, "base_url"), ({"max_retries": -1}, "max_retries"),
+])
+def test_bad_config_names_the_field(kwargs, fieldname):
+    with pytest.raises(TpoError) as e:
+        SamplingConfig(**kwargs)
+    assert e.value.field == fieldname
+
+
+def test_config_fields_all_have_help():
+    import dataclasses
+
+    for f in dataclasses.fields(SamplingConfig):
+        assert len(f.metadata.get("help", "")) > 20, f.name
+
+
+def test_budget_forcing_needs_a_response_marker(tok, model):
+    with pytest.raises(TpoError, match="response marker"):
+        LocalSampler(model, tok, SamplingConfig(thought_budget=4, max_new_tokens=16), get_template("direct"))
+
+
+def test_jobs_need_enough_seeds(tok, model):
+    s = LocalSampler(model, tok, SamplingConfig(k=4, max_new_tokens=4), progress=False)
+    bad = PromptJob("p", "x", [5, 6], [1, 2])
+    with pytest.raises(TpoError, match="needs 4 seeds"):
+        list(s.sample([bad], 4))
+
+
+# ------------------------------------------------------------------------------------------ local loop
+
+def no_cache_reference(model, prompt_ids, seed, temperature, top_p, n_steps, eos):
+    """Plain float64 sampling without a KV cache: full forward over prompt+output at every step."""
+    m64 = model.double()
+    try:
+        gen = torch.Generator().manual_seed(seed)
+        ids = []
+        for _ in range(n_steps):
+            x = torch.tensor([prompt_ids + ids])
+            with torch.no_grad():
+                logits = m64(input_ids=x).logits[0, -1].numpy()
+            u = float(torch.rand((), generator=gen))
+            tok_id, _ = reference_select(logits, temperature, top_p, u)
+            ids.append(int(tok_id))
+            if tok_id in eos:
+                break
+        return ids
+    finally:
+        model.float()
+
+
+def test_cached_loop_matches_no_cache_float64_reference(tok, model):
+    cfg = SamplingConfig(k=3, temperature=0.9, top_p=0.9, max_new_tokens=12, batch_size=6)
+    jobs = [job(tok, "a", "Here is my thought process:", 3), job(tok, "b", "The quick brown fox jumps", 3)]
+    model.double()  # same precision as the reference, so only the algorithm can differ
+    try:
+        got = collect(LocalSampler(model, tok, cfg, progress=False), jobs, 3)
+    finally:
+        model.float()
+    for j in jobs:
+        for s in got[j.prompt_id]:
+            want = no_cache_reference(model, j.prompt_token_ids, s.seed, 0.9, 0.9, 12, {tok.eos_token_id})
+            assert s.token_ids == want, (j.prompt_id, s.index)
+            assert s.finish_reason == ("eos" if want[-1] == tok.eos_token_id else "length")
+
+
+def test_greedy_matches_transformers_generate_with_left_padding(tok, model):
+    cfg = SamplingConfig(k=1, temperature=0.0, max_new_tokens=10, batch_size=2)
+    jobs = [job(tok, "short", "Here", 1), job(tok, "long", "Respond to the following user query in a", 1)]
+    assert len(jobs[0].prompt_token_ids) != len(jobs[1].prompt_token_ids)
+    got = collect(LocalSampler(model, tok, cfg, progress=False), jobs, 1)
+    for j in jobs:
+        out = model.generate(torch.tensor([j.prompt_token_ids]), do_sample=False, max_new_tokens=10,
+                             eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+        assert got[j.prompt_id][0].token_ids == out[0, len(j.prompt_token_ids):].tolist()
+
+
+def test_seeds_reproducible_across_batch_layouts(tok, model):
+    jobs = [job(tok, "a", "Here is my", 4), job(tok, "b", "The quick brown fox jumps over", 4)]
+    outs = []
+    for bs in (1, 3, 8):
+        cfg = SamplingConfig(k=4, max_new_tokens=10, batch_size=bs, temperature=1.0, top_p=1.0)
+        outs.append(collect(LocalSampler(model, tok, cfg, progress=False), jobs, 4))
+    for o in outs[1:]:
+        assert {p: [s.token_ids for s in v] for p, v in o.items()} == \
+               {p: [s.token_ids for s in v] for p, v in outs[0].items()}
+    # Resume: sampling only prompt b again gives the same samples as in the full run.
+    cfg = SamplingConfig(k=4, max_new_tokens=10, batch_size=4, temperature=1.0, top_p=1.0)
+    again = collect(LocalSampler(model, tok, cfg, progress=False), jobs[1:], 4)
+    assert [s.token_ids for s in again["b"]] == [s.token_ids for s in outs[0]["b"]]
+    # Different seeds give different samples.
+    texts = [s.text for s in outs[0]["a"]]
+    assert len(set(texts)) > 1
+    assert [s.seed for s in outs[0]["a"]] == jobs[0].seeds
+
+
+def test_yields_each_prompt_once_in_order_with_all_samples(tok, model):
+    jobs = [job(tok, f"p{i}", "Here is", 3) for i in range(3)]
+    cfg = SamplingConfig(k=3, max_new_tokens=3, batch_size=4)  # batches straddle prompts
+    out = list(LocalSampler(model, tok, cfg, progress=False).sample(jobs, 3))
+    assert [p for p, _ in out] == ["p0", "p1", "p2"]
+    for _, samples in out:
+        assert [s.index for s in samples] == [0, 1, 2]
+        for s in samples:  # a random model may sample EOS early
+            ended = s.token_ids[-1] == tok.eos_token_id
+            assert s.finish_reason == ("eos" if ended else "length")
+            assert len(s.token_ids) == 3 or ended
+
+
+def test_eos_is_kept_in_ids_not_in_text(tok, model):
+    a = tok.convert_tokens_to_ids("a")
+    hook = ScriptedLogits(model, [a, a, tok.eos_token_id])
+    try:
+        out = collect(LocalSampler(model, tok, SamplingConfig(k=1, max_new_tokens=10), progress=False),
+                      [job(tok, "p", "Here", 1)], 1)
+    finally:
+        hook.remove()
+    s = out["p"][0]
+    assert s.token_ids == [a, a, tok.eos_token_id]
+    assert s.text == "aa" and s.finish_reason == "eos" and not s.forced
+
+
+def test_stop_string_ends_output(tok, model):
+    ids = tok("xxSTOPyy", add_special_tokens=False)["input_ids"]
+    hook = ScriptedLogits(model, ids)
+    try:
+        cfg = SamplingConfig(k=1, max_new_tokens=20, stop=["STOP"])
+        s = collect(LocalSampler(model, tok, cfg, progress=False), [job(tok, "p", "Here", 1)], 1)["p"][0]
+    finally:
+        hook.remove()
+    assert s.finish_reason == "stop" and s.text.endswith("STOP") and s.text.startswith("xx")
+    assert "yy" not in s.text
+
+
+def test_budget_forcing_appends_marker_to_text_and_ids(tok, model):
+    template = get_template("generic")
+    forced_ids = tok(template.forced_response_text, add_special_tokens=False)["input_ids"]
+    cfg = SamplingConfig(k=2, max_new_tokens=20, thought_budget=5)
+    out = collect(LocalSampler(model, tok, cfg, template, progress=False), [job(tok, "p", "Here", 2)], 2)
+    for s in out["p"]:
+        if tok.eos_token_id in s.token_ids[:5]:
+            continue  # EOS inside the thought takes the EOS path (tested below)
+        assert s.forced
+        assert s.token_ids[5:5 + len(forced_ids)] == forced_ids
+        assert "Here is my response:" in s.text
+        assert len(s.token_ids) <= 20
+        assert s.text == tok.decode(s.token_ids, skip_special_tokens=True)
+
+
+def test_budget_forcing_on_eos_drops_it_and_forces(tok, model):
+    template = get_template("generic")
+    forced_ids = tok(template.forced_response_text, add_special_tokens=False)["input_ids"]
+    a = tok.convert_tokens_to_ids("a")
+    eos = tok.eos_token_id
+    # thought "a" then EOS; after the forced marker (fed, not sampled) the response "a" then EOS.
+    script = [a, eos] + [None] * (len(forced_ids) - 1) + [a, eos]
+    hook = ScriptedLogits(model, script)
+    try:
+        cfg = SamplingConfig(k=1, max_new_tokens=30, thought_budget=10)
+        s = collect(LocalSampler(model, tok, cfg, template, progress=False), [job(tok, "p", "Here", 1)], 1)["p"][0]
+    finally:
+        hook.remove()
+    assert s.forced and s.finish_reason == "eos"
+    assert s.token_ids == [a] + forced_ids + [a, eos]
+    assert s.text == "a\n\nHere is my response:\na"
+
+
+def test_model_writing_the_marker_itself_is_not_forced(tok, model):
+    template = get_template("generic")
+    eos = tok.eos_token_id
+    ids = tok("ok\nHere's my response: yes", add_special_tokens=False)["input_ids"]
+    hook = ScriptedLogits(model, ids + [eos])
+    try:
+        cfg = SamplingConfig(k=1, max_new_tokens=40, thought_budget=len(ids) + 3)
+        s = collect(LocalSampler(model, tok, cfg, template, progress=False), [job(tok, "p", "Here", 1)], 1)["p"][0]
+    finally:
+        hook.remove()
+    assert not s.forced and s.finish_reason == "eos"
+    assert s.token_ids == ids + [eos]
+
+
+def test_thought_stop_forces_the_marker(tok, model):
+    template = get_template("generic")
+    forced_ids = tok(template.forced_response_text, add_special_tokens=False)["input_ids"]
+    ids = tok("hmm </R>", add_special_tokens=False)["input_ids"]
+    hook = ScriptedLogits(model, ids)
+    try:
+        cfg = SamplingConfig(k=1, max_new_tokens=40, thought_budget=30, thought_stop=["</R>"])
+        s = collect(LocalSampler(model, tok, cfg, template, progress=False), [job(tok, "p", "Here", 1)], 1)["p"][0]
+    finally:
+        hook.remove()
+    assert s.forced
+    assert s.token_ids[:len(ids) + len(forced_ids)] == ids + forced_ids
+
+
+def test_training_mode_restored(tok, model):
+    model.train()
+    try:
+        list(LocalSampler(model, tok, SamplingConfig(k=1, max_new_tokens=2), progress=False)
+             .sample([job(tok, "p", "Here", 1)], 1))
+        assert model.training
+    finally:
+        model.eval()
+
+
+# ------------------------------------------------------------------------------------------ fake server
+
+class FakeVLLM:
+    """A tiny OpenAI/vLLM-like server: deterministic completions from the seed, scripted failures."""
+
+    def __init__(self):
+        self.requests = []
+        self.fail_next = 0  # answer this many completion requests with HTTP 500
+        self.fail_prompt = None  # prompt (token list) that always gets 500
+        self.delay_s = 0.0
+        self.lora_ok = True
+        self.loras = {}
+        self.finish = "stop"
+        self.send_token_ids = True
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *a):
+                pass
+
+            def _send(self, code, obj):
+                raw = json.dumps(obj).encode() if not isinstance(obj, bytes) else obj
+                self.send_response(code)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(raw)))
+                self.end_headers()
+                self.wfile.write(raw)
+
+            def do_GET(self):
+                if self.path == "/v1/models":
+                    data = [{"id": "base-model", "root": "/models/base", "parent": None}]
+                    data += [{"id": n, "root": p, "parent": "base-model"} for n, p in outer.loras.items()]
+                    return self._send(200, {"object": "list", "data": data})
+                self._send(404, {"message": "not found"})
+
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                outer.requests.append((self.path, body, self.headers.get("Authorization")))
+                if self.path == "/v1/load_lora_adapter":
+                    if not outer.lora_ok:
+                        return self._send(404, {"detail": "Not Found"})
+                    outer.loras[body["lora_name"]] = body["lora_path"]
+                    return self._send(200, b"Success: LoRA adapter added successfully.")
+                if self.path != "/v1/completions":
+                    return self._send(404, {"message": "not found"})
+                if outer.delay_s:
+                    time.sleep(outer.delay_s)
+                if outer.fail_next > 0 or body["prompt"] == outer.fail_prompt:
+                    outer.fail_next = max(outer.fail_next - 1, 0)
+                    return self._send(500, {"message": "engine overloaded"})
+                if body["model"] not in ("base-model", *outer.loras):
+                    return self._send(404, {"message": f"model {body['model']} does not exist"})
+                n = min(body["max_tokens"], 3)
+                ids = [10 + (body["seed"] + i) % 50 for i in range(n)]
+                finish = "length" if body["max_tokens"] <= 3 else outer.finish
+                if finish == "stop":
+                    ids.append(2)  # EOS, as vLLM includes it in token_ids
+                choice = {"index": 0, "text": "".join(f"<{t}>" for t in ids if t != 2),
+                          "finish_reason": finish, "stop_reason": None}
+                if outer.send_token_ids:
+                    choice["token_ids"] = ids
+                else:
+                    choice["logprobs"] = {"tokens": [f"token_id:{t}" for t in ids]}
+                self._send(200, {"id": "cmpl-1", "object": "text_completion", "model": body["model"],
+                                 "choices": [choice]})
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread.start()
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
+
+    def completions(self):
+        return [b for p, b, _ in self.requests if p == "/v1/completions"]
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture
+def server():
+    s = FakeVLLM()
+    yield s
+    s.close()
+
+
+class EosTok:
+    """Minimal tokenizer stand-in for the server tests (eos id 2; text re-tokenised by character)."""
+
+    eos_token_id = 2
+
+    def __call__(self, text, add_special_tokens=False):
+        return {"input_ids": [ord(c) % 200 + 3 for c in text]}
+
+
+def server_jobs(n, k, seed=0):
+    return [PromptJob(f"p{i}", f"prompt {i}", [1, 5 + i], [sample_seed(seed, f"p{i}", j) for j in range(k)])
+            for i in range(n)]
+
+
+def test_openai_sampler_success(server, monkeypatch):
+    monkeypatch.setenv("TPO_TEST_KEY", "sekret")
+    cfg = SamplingConfig(backend="openai", base_url=server.url, k=3, max_new_tokens=16, concurrency=4,
+                         api_key_env="TPO_TEST_KEY", temperature=0.7, top_p=0.9)
+    jobs = server_jobs(4, 3)
+    out = dict(OpenAISampler(cfg, EosTok(), progress=False).sample(jobs, 3))
+    assert sorted(out) == ["p0", "p1", "p2", "p3"]
+    for j in jobs:
+        samples = out[j.prompt_id]
+        assert [s.index for s in samples] == [0, 1, 2]
+        for s in samples:
+            assert s.seed == j.seeds[s.index]
+            assert s.token_ids == [10 + (s.seed + i) % 50 for i in range(3)] + [2]
+            assert s.finish_reason == "eos" and not s.forced
+    reqs = server.completions()
+    assert len(reqs) == 12
+    assert all(r["model"] == "base-model" and r["n"] == 1 and r["temperature"] == 0.7 and r["top_p"] == 0.9
+               and r["max_tokens"] == 16 for r in reqs)
+    assert sorted(tuple(r["prompt"]) for r in reqs) == sorted(tuple(j.prompt_token_ids) for j in jobs for _ in range(3))
+    assert sorted(r["seed"] for r in reqs) == sorted(s for j in jobs for s in j.seeds)
+    assert all(auth == "Bearer sekret" for p, _, auth in server.requests)
+
+
+def test_openai_sampler_reads_token_ids_from_logprobs(server):
+    server.send_token_ids = False
+    cfg = SamplingConfig(backend="openai", base_url=server.url, k=1, max_new_tokens=16)
+    (pid, samples), = OpenAISampler(cfg, EosTok(), progress=False).sample(server_jobs(1, 1), 1)
+    s = samples[0]
+    assert s.token_ids == [10 + (s.seed + i) % 50 for i in range(3)] + [2]
+
+
+def test_openai_sampler_retries_after_500(server):
+    server.fail_next = 2
+    cfg = SamplingConfig(backend="openai", base_url=server.url, k=1, max_new_tokens=16, concurrency=1,
+                         max_retries=3, backoff_s=0.01)
+    out = dict(OpenAISampler(cfg, EosTok(), progress=False).sample(server_jobs(1, 1), 1))
+    assert out["p0"][0].finish_reason == "eos"
+    assert len(server.completions()) == 3  # two 500s, then success
+
+
+def test_openai_sampler_gives_up_with_clear_error_keeping_partial_work(server):
+    server.fail_prompt = [1, 6]  # prompt p1 always fails
+    cfg = SamplingConfig(backend="openai", base_url=server.url, k=2, max_new_tokens=16, concurrency=1,
+                         max_retries=2, backoff_s=0.01)
+    got = []
+    with pytest.raises(ServerError) as e:
+        for pid, samples in OpenAISampler(cfg, EosTok(), progress=False).sample(server_jobs(2, 2), 2):
+            got.append(pid)
+    assert got == ["p0"]
+    msg = str(e.value)
+    assert "failed 3 time(s)" in msg and "HTTP 500" in msg and "engine overloaded" in msg
+    assert "sampling.base_url" in msg
+
+
+def test_openai_sampler_timeout(server):
+    server.delay_s = 1.0
+    cfg = SamplingConfig(backend="openai", base_url=server.url, k=1, max_new_tokens=16, timeout_s=0.2,
+                         max_retries=1, backoff_s=0.01)
+    t0 = time.monotonic()
+    with pytest.raises(ServerError, match=r"no answer within timeout_s=0.2s"):
+        list(OpenAISampler(cfg, EosTok(), progress=False).sample(server_jobs(1, 1), 1))
+    assert time.monotonic() - t0 < 5
+
+
+def test_openai_sampler_server_down():
+    cfg = SamplingConfig(backend="openai", base_url="http://127.0.0.1:9/v1", k=1, max_retries=1, backoff_s=0.01)
+    with pytest.raises(ServerError, match="failed 2 time"):
+        list(OpenAISampler(cfg, EosTok(), progress=False).sample(server_jobs(1, 1), 1))
+
+
+def test_openai_sampler_client_error_is_not_retried(server):
+    cfg = SamplingConfig(backend="openai", base_url=server.url, served_model="no-such-model", k=1,
+                         max_retries=3, backoff_s=0.01)
+    with pytest.raises(ServerError, match="HTTP 404.*no-such-model does not exist"):
+        list(OpenAISampler(cfg, EosTok(), progress=False).sample(server_jobs(1, 1), 1))
+    assert len(server.completions()) == 1
+
+
+def test_ensure_adapter_loads_and_samples_from_it(server, tmp_path):
+    cfg = SamplingConfig(backend="openai", base_url=server.url, k=1, max_new_tokens=16)
+    sampler = OpenAISampler(cfg, EosTok(), progress=False)
+    name = sampler.ensure_adapter(tmp_path / "iter_01" / "adapter")
+    assert name.startswith("tpo-") and server.loras[name] == str(tmp_path / "iter_01" / "adapter")
+    list(sampler.sample(server_jobs(1, 1), 1))
+    assert server.completions()[-1]["model"] == name
+    # Again (e.g. after a resume): already listed with the same path, not loaded twice.
+    assert sampler.ensure_adapter(tmp_path / "iter_01" / "adapter") == name
+    assert sum(p == "/v1/load_lora_adapter" for p, _, _ in server.requests) == 1
+
+
+def test_ensure_adapter_refusal_is_a_clear_error(server, tmp_path):
+    server.lora_ok = False
+    cfg = SamplingConfig(backend="openai", base_url=server.url, k=1, max_new_tokens=16)
+    sampler = OpenAISampler(cfg, EosTok(), progress=False)
+    with pytest.raises(ServerError) as e:
+        sampler.ensure_adapter(tmp_path / "adapter")
+    msg = str(e.value)
+    assert "could not load the LoRA adapter" in msg and "VLLM_ALLOW_RUNTIME_LORA_UPDATING" in msg
+    assert "refusing to sample the base model" in msg
+    assert server.completions() == []
+
+
+def test_ensure_adapter_name_clash_is_refused(server, tmp_path):
+    cfg = SamplingConfig(backend="openai", base_url=server.url, k=1)
+    sampler = OpenAISampler(cfg, EosTok(), progress=False)
+    server.loras["mine"] = "/elsewhere/adapter"
+    with pytest.raises(ServerError, match="already serves a LoRA named 'mine'"):
+        sampler.ensure_adapter(tmp_path / "adapter", name="mine")
+
+
+def test_openai_budget_forcing_two_phases(server):
+    template = get_template("generic")
+    tok = EosTok()
+    forced = tok(template.forced_response_text)["input_ids"]
+    cfg = SamplingConfig(backend="openai", base_url=server.url, k=1, max_new_tokens=64, thought_budget=3)
+    (_, (s,)), = OpenAISampler(cfg, tok, template, progress=False).sample(server_jobs(1, 1), 1)
+    first, second = server.completions()
+    assert first["max_tokens"] == 3 and "Here is my response:" in first["stop"]
+    thought = [10 + (s.seed + i) % 50 for i in range(3)]
+    assert second["prompt"] == [1, 5] + thought + forced
+    assert second["max_tokens"] == 64 - 3 - len(forced)
+    assert s.forced and s.token_ids[:3 + len(forced)] == thought + forced and s.token_ids[-1] == 2
+    assert template.forced_response_text in s.text and s.finish_reason == "eos"
