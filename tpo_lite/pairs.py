@@ -1,0 +1,201 @@
+"""Preference pairs: per instruction, the best vs the worst *whole output* (thought + response).
+
+For each instruction (one ``samples.jsonl`` record and its ``judgements.jsonl`` record, matched by
+``prompt_id``):
+
+1. A sample is *valid* when the parser found a response (``sample["valid"]``) **and** the judge gave it a
+   score (not null). Invalid samples are never chosen and rank below every valid one.
+2. Scores of the valid samples are length-controlled (:mod:`tpo_lite.scoring`):
+   ``z(score) - rho * z(response length)``; ``rho`` fixed or ``auto`` (fitted once over the iteration).
+3. chosen = highest adjusted valid sample; rejected = lowest adjusted sample among *all* samples, i.e. the
+   first invalid sample if there is one (the paper lets an invalid output be the rejected one).
+4. The group is dropped when every sample is invalid (``dropped_all_invalid``), when only one valid sample
+   exists and nothing is invalid or chosen and rejected tie on the raw score (``dropped_tie``), or when the
+   raw-score gap ``chosen - rejected`` is not above ``min_gap`` (``dropped_low_gap``; this includes the rare
+   pairs where length control would pick a chosen with a *lower* raw score, counted in ``inverted``).
+
+A pair record keeps the whole outputs and their sampled token ids (training uses those, never re-tokenised
+text); :func:`to_trl` gives the TRL preference format ``{"prompt", "chosen", "rejected"}``.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Literal, Sequence
+
+import numpy as np
+
+from .errors import TpoError
+from .scoring import LENGTH_UNITS, adjusted_scores, auto_rho, best_and_worst, response_length, rho_grid
+
+__all__ = ["PairsConfig", "select_pairs", "to_trl"]
+
+
+@dataclass
+class PairsConfig:
+    """The ``[pairs]`` table."""
+
+    rho: float | str = field(default="auto", metadata={
+        "help": "Length-control strength: per instruction score' = z(score) - rho * z(response length) over its "
+                "valid outputs. A number >= 0 (0 = no length control), or 'auto' = the smallest rho on a grid "
+                "over [0, 0.5] that makes the chosen responses on average no longer than the rejected ones over "
+                "the whole iteration (0.5 is used, and reported, if none does)."})
+    rho_grid_step: float = field(default=0.01, metadata={
+        "help": "Step of the rho = 'auto' search grid over [0, 0.5]."})
+    length_unit: Literal["words", "chars", "tokens"] = field(default="words", metadata={
+        "help": "Unit of the response length used by length control: 'words' (whitespace-separated, the "
+                "default), 'chars', or 'tokens' (the policy tokenizer, without special tokens). The thought "
+                "is never counted: only the response is judged."})
+    min_gap: float = field(default=0.0, metadata={
+        "help": "Keep an instruction's pair only when the chosen raw score exceeds the rejected raw score by "
+                "more than this (raw judge units; a rejected sample that is invalid always qualifies). 0 drops "
+                "exact ties and pairs inverted by length control."})
+
+    def __post_init__(self):
+        if isinstance(self.rho, str):
+            if self.rho != "auto":
+                try:
+                    self.rho = float(self.rho)
+                except ValueError:
+                    raise TpoError(f"must be a number >= 0 or 'auto', got {self.rho!r}", field="rho") from None
+        if not isinstance(self.rho, str) and (not math.isfinite(self.rho) or self.rho < 0):
+            raise TpoError(f"must be a number >= 0 or 'auto', got {self.rho!r}", field="rho")
+        if not (0.0 < self.rho_grid_step <= 0.5):
+            raise TpoError(f"must be in (0, 0.5], got {self.rho_grid_step}", field="rho_grid_step")
+        if self.length_unit not in LENGTH_UNITS:
+            raise TpoError(f"must be one of {', '.join(LENGTH_UNITS)}, got {self.length_unit!r}",
+                           field="length_unit")
+        if not math.isfinite(self.min_gap) or self.min_gap < 0:
+            raise TpoError(f"must be >= 0, got {self.min_gap}", field="min_gap")
+
+
+def _keep(min_gap: float):
+    def keep(scores: Sequence[float | None], c: int, r: int) -> bool:
+        if c == r:
+            return False
+        if scores[r] is None:
+            return True
+        return scores[c] - scores[r] > min_gap
+    return keep
+
+
+def _group(rec: dict, jud: dict, where: str) -> list[float | None]:
+    samples = rec.get("samples")
+    if not isinstance(samples, list):
+        raise TpoError("sample record has no 'samples' list", path="samples.jsonl", field=f"{where}.samples")
+    scores = jud.get("scores")
+    if not isinstance(scores, list) or len(scores) != len(samples):
+        n = len(scores) if isinstance(scores, list) else "no"
+        raise TpoError(f"{n} scores for {len(samples)} samples", path="judgements.jsonl", field=f"{where}.scores")
+    out: list[float | None] = []
+    for k, (s, sc) in enumerate(zip(samples, scores)):
+        if sc is not None and (isinstance(sc, bool) or not isinstance(sc, (int, float)) or not math.isfinite(sc)):
+            raise TpoError(f"score {sc!r} is not a finite number or null", path="judgements.jsonl",
+                           field=f"{where}.scores[{k}]")
+        # The judge's verdict on an unparseable output does not count: invalid is never chosen.
+        out.append(float(sc) if (sc is not None and s.get("valid", False) and s.get("response") is not None)
+                   else None)
+    return out
+
+
+def select_pairs(sample_records: Sequence[dict], judgement_records: Sequence[dict], cfg: PairsConfig | None = None,
+                 tokenizer: Any = None) -> tuple[list[dict], dict]:
+    """Best-vs-worst pairs of one iteration (see the module docstring) and their statistics.
+
+    ``sample_records`` are ``samples.jsonl`` records, ``judgement_records`` the ``judgements.jsonl`` records
+    (matched by ``prompt_id``; every sample record needs one). ``tokenizer`` is needed only for
+    ``length_unit = 'tokens'``. Returns ``(pairs, stats)``: pairs in the ``pairs.jsonl`` schema of
+    docs/ARCHITECTURE.md (plus ``rejected_valid``, ``chosen_length``, ``rejected_length``, ``length_unit``)
+    in input order, and a JSON-ready stats dict (counts of kept/dropped groups, rho, mean lengths/scores).
+    """
+    cfg = cfg or PairsConfig()
+    if cfg.length_unit == "tokens" and tokenizer is None:
+        raise TpoError("length unit 'tokens' needs the policy tokenizer; pass tokenizer= or use 'words'",
+                       field="pairs.length_unit")
+    by_id: dict[str, dict] = {}
+    for j in judgement_records:
+        pid = j.get("prompt_id")
+        if pid in by_id:
+            raise TpoError(f"duplicate judgement for prompt_id {pid!r}", path="judgements.jsonl", field="prompt_id")
+        by_id[pid] = j
+    groups = []
+    seen = set()
+    for rec in sample_records:
+        pid = rec.get("prompt_id")
+        if pid not in by_id:
+            raise TpoError(f"no judgement for prompt_id {pid!r}; judge every sampled instruction first",
+                           path="judgements.jsonl", field="prompt_id")
+        seen.add(pid)
+        scores = _group(rec, by_id[pid], f"prompt_id={pid}")
+        lengths = [response_length(s.get("response"), cfg.length_unit, tokenizer) if sc is not None else 0
+                   for s, sc in zip(rec["samples"], scores)]
+        groups.append((rec, scores, lengths))
+    extra = sorted(set(by_id) - seen, key=str)
+    if extra:
+        raise TpoError(f"judgement for prompt_id {extra[0]!r} has no sample record ({len(extra)} such)",
+                       path="judgements.jsonl", field="prompt_id")
+
+    keep = _keep(cfg.min_gap)
+    rho_auto = cfg.rho == "auto"
+    satisfied = None
+    if rho_auto:
+        rho, satisfied = auto_rho([(s, l) for _, s, l in groups], keep=keep, grid=rho_grid(cfg.rho_grid_step))
+    else:
+        rho = float(cfg.rho)
+
+    stats: dict[str, Any] = {"groups": len(groups), "pairs": 0, "dropped_all_invalid": 0, "dropped_tie": 0,
+                             "dropped_low_gap": 0, "inverted": 0, "rejected_invalid": 0,
+                             "samples": sum(len(s) for _, s, _ in groups),
+                             "valid_samples": sum(x is not None for _, s, _ in groups for x in s),
+                             "rho": rho, "rho_auto": rho_auto, "rho_auto_satisfied": satisfied,
+                             "length_unit": cfg.length_unit}
+    pairs: list[dict] = []
+    for rec, scores, lengths in groups:
+        adj = adjusted_scores(scores, lengths, rho)
+        bw = best_and_worst(adj)
+        if bw is None:
+            stats["dropped_all_invalid"] += 1
+            continue
+        c, r = bw
+        if c == r or (scores[r] is not None and scores[c] == scores[r]):
+            stats["dropped_tie"] += 1
+            continue
+        if not keep(scores, c, r):
+            stats["dropped_low_gap"] += 1
+            stats["inverted"] += int(scores[c] < scores[r])
+            continue
+        sc, sr = rec["samples"][c], rec["samples"][r]
+        pairs.append({
+            "prompt_id": rec["prompt_id"], "prompt_text": rec.get("prompt_text"),
+            "prompt_token_ids": rec.get("prompt_token_ids"),
+            "chosen_index": c, "rejected_index": r,
+            "chosen_text": sc.get("text"), "rejected_text": sr.get("text"),
+            "chosen_token_ids": sc.get("token_ids"), "rejected_token_ids": sr.get("token_ids"),
+            "chosen_score": scores[c], "rejected_score": scores[r],
+            "chosen_adjusted": adj[c], "rejected_adjusted": adj[r], "rho": rho,
+            "rejected_valid": scores[r] is not None,
+            "chosen_length": lengths[c], "rejected_length": lengths[r] if scores[r] is not None else None,
+            "length_unit": cfg.length_unit,
+        })
+        stats["rejected_invalid"] += int(scores[r] is None)
+    stats["pairs"] = len(pairs)
+    stats["valid_rate"] = stats["valid_samples"] / stats["samples"] if stats["samples"] else None
+
+    def mean(xs):
+        xs = [x for x in xs if x is not None]
+        return float(np.mean(xs)) if xs else None
+
+    both_valid = [p for p in pairs if p["rejected_valid"]]
+    stats["chosen_length_mean"] = mean(p["chosen_length"] for p in pairs)
+    # Length means over pairs with two valid responses, the set rho = auto balances.
+    stats["chosen_length_mean_both_valid"] = mean(p["chosen_length"] for p in both_valid)
+    stats["rejected_length_mean"] = mean(p["rejected_length"] for p in both_valid)
+    stats["chosen_score_mean"] = mean(p["chosen_score"] for p in pairs)
+    stats["rejected_score_mean"] = mean(p["rejected_score"] for p in pairs)
+    return pairs, stats
+
+
+def to_trl(pair: dict) -> dict:
+    """The TRL preference record of a pair: ``{"prompt", "chosen", "rejected"}`` (prompt = the chat-templated
+    prompt text; chosen/rejected = the whole outputs, thought + response)."""
+    return {"prompt": pair["prompt_text"], "chosen": pair["chosen_text"], "rejected": pair["rejected_text"]}
