@@ -621,7 +621,8 @@ def _comparison_mode(judge, requested: str) -> str:
         from .judges.pairwise import PairwiseJudge
     except ImportError:
         return "score"
-    return "pairwise" if isinstance(judge, PairwiseJudge) else "score"
+    inner = getattr(judge, "inner", judge)  # a CachedJudge wraps the real one
+    return "pairwise" if isinstance(inner, PairwiseJudge) else "score"
 
 
 def _mean(xs: Iterable[float]) -> float | None:

@@ -1,0 +1,193 @@
+"""`tpo-lite eval`, `tpo-lite report` and `tpo-lite experiment` (the direct-response experiment).
+
+Bad input raises :class:`tpo_lite.errors.TpoError`, printed as one line (``error: path:line: field: message``)
+with exit status 2.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+
+import click
+
+from .run_cmds import _SET_HELP, _fail_cleanly, _open
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", text).strip("-") or "x"
+
+
+def _resolve_model(config, run_dir: Path, iteration: str, adapter: str | None) -> tuple[str | None, str, int | None]:
+    """(adapter path or None, generator label, iteration number or None) for --iteration / --adapter."""
+    from .. import loop
+    from ..errors import TpoError
+
+    name = run_dir.name
+    if adapter:
+        if not os.path.isdir(adapter):
+            raise TpoError("adapter directory not found", path=adapter, field="--adapter")
+        return adapter, f"{name}-{_slug(Path(adapter).parent.name or 'adapter')}", None
+    if iteration == "seed":
+        return None, "seed", None
+    if iteration == "final":
+        ad = loop.adapter_for(run_dir, config.loop.iterations + 1, config)
+        if ad is None:
+            raise TpoError("the run has no trained adapter yet; use --iteration seed to evaluate the seed model",
+                           path=str(run_dir), field="--iteration")
+        t = int(Path(ad).parent.name[5:]) if Path(ad).parent.name.startswith("iter_") else None
+        return ad, f"{name}-iter{t:02d}" if t else f"{name}-final", t
+    try:
+        t = int(iteration)
+    except ValueError:
+        raise TpoError(f"expected a number, 'seed' or 'final', got {iteration!r}", field="--iteration") from None
+    ad = loop.iter_dir(run_dir, t) / "adapter"
+    if not ad.is_dir():
+        raise TpoError(f"iteration {t} has no adapter", path=str(ad), field="--iteration")
+    return str(ad), f"{name}-iter{t:02d}", t
+
+
+@click.command("eval", context_settings={"max_content_width": 100})
+@click.argument("target", metavar="CONFIG.toml|RUN_DIR")
+@click.option("--iteration", "-i", default="final", show_default=True,
+              help="Model to evaluate: 'seed' (no adapter), an iteration number, or 'final' (the adapter the run "
+                   "ended with).")
+@click.option("--adapter", type=click.Path(file_okay=False), default=None,
+              help="Evaluate this LoRA adapter directory instead (overrides --iteration).")
+@click.option("--eval-set", default=None,
+              help="Eval set (overrides eval.eval_set): 'heldout' or an AlpacaEval / Arena-Hard / instruction file.")
+@click.option("--baseline", default=None,
+              help="Baseline answers (overrides eval.baseline_outputs): AlpacaEval-style outputs or an Arena-Hard "
+                   "answer JSONL.")
+@click.option("--against", type=click.Path(exists=True), default=None,
+              help="Compare with another eval's outputs: a model_outputs.json (or the folder holding it) written "
+                   "by an earlier `tpo-lite eval`.")
+@click.option("--outputs", "outputs_path", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="Judge these AlpacaEval-style outputs instead of generating (e.g. to re-judge).")
+@click.option("--absolute", is_flag=True,
+              help="Report the mean judge score with its CI (no baseline); the default when the eval set has no "
+                   "baseline answers and no --against is given.")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None,
+              help="Output folder; default RUN_DIR/iter_XX/compare/vs_<baseline> for an iteration's pairwise "
+                   "eval (so `tpo-lite report` plots it), else RUN_DIR/eval/<model>_<what>.")
+@click.option("--set", "overrides", multiple=True, metavar="TABLE.KEY=VALUE", help=_SET_HELP)
+@click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
+@_fail_cleanly
+def eval_command(target, iteration, adapter, eval_set, baseline, against, outputs_path, absolute, out_dir,
+                 overrides, no_progress):
+    """Evaluate a model's responses (thoughts stripped) like the paper: win rate against a baseline with 95%
+    bootstrap CIs, length-controlled win rate, per-category table, lengths and invalid-format rate.
+
+    TARGET is a run directory (its config.toml gives the model, template, judge and [eval] settings) or a run
+    config. Outputs are generated with the run's thought template and the eval decoding settings (greedy by
+    default; see `eval.*` in `tpo-lite run --list-options`) and written as AlpacaEval-style model_outputs.json
+    (+ model_thoughts.jsonl). An output with no parseable response counts as a loss (score 0 in --absolute).
+    The judge sees the original instruction and the responses only. Results: eval.json and eval.md.
+    """
+    from .. import evaluate as ev
+    from ..errors import TpoError
+
+    overrides = list(overrides)
+    if eval_set:
+        overrides.append(f"eval.eval_set={json.dumps(eval_set)}")  # a JSON string is a valid TOML string
+    if baseline:
+        overrides.append(f"eval.baseline_outputs={json.dumps(baseline)}")
+    config, run_dir = _open(target, overrides, None, None)
+    ecfg = config.eval
+    items = ev.load_eval_set(ecfg.eval_set, ecfg.eval_format, baseline=ecfg.baseline_outputs or None,
+                             max_instructions=ecfg.max_instructions)
+    if against and os.path.isdir(against):
+        against = os.path.join(against, ev.MODEL_OUTPUTS)
+        if not os.path.exists(against):
+            raise TpoError(f"no {ev.MODEL_OUTPUTS} in this folder", path=os.path.dirname(against), field="--against")
+    has_baseline = all(it.baseline is not None for it in items)
+    mode = "absolute" if absolute or (not against and not has_baseline) else "pairwise"
+    other = ev.read_outputs(against) if against else (ev.baseline_outputs(items) if mode == "pairwise" else None)
+
+    if outputs_path:
+        outputs = ev.read_outputs(outputs_path)
+        gen, t = outputs[0].generator if outputs else "model", None
+    else:
+        ad, gen, t = _resolve_model(config, Path(run_dir), str(iteration), adapter)
+    if out_dir is None:
+        set_name = _slug(Path(ecfg.eval_set).stem)
+        if mode == "pairwise" and t is not None:
+            out_dir = Path(run_dir) / f"iter_{t:02d}" / "compare" / f"vs_{_slug(other[0].generator)}"
+        elif mode == "pairwise":
+            out_dir = Path(run_dir) / "eval" / f"{_slug(gen)}_vs_{_slug(other[0].generator)}"
+        else:
+            out_dir = Path(run_dir) / "eval" / f"{_slug(gen)}_{set_name}_absolute"
+    out_dir = Path(out_dir)
+    if not outputs_path:
+        from ..models import load_model
+
+        click.echo(f"generating {len(items)} outputs with {gen} ({'greedy' if ecfg.temperature == 0 else 'sampled'}"
+                   f" decoding, template {config.prompts.template})", err=True)
+        model, tok = load_model(config.model, adapter=ad)
+        outputs = ev.generate_outputs(items, model, tok, config.prompts, gen, ecfg, config.sampling,
+                                      progress=not no_progress)
+        del model
+    ev.write_model_outputs(out_dir, outputs)
+
+    from ..judges import make_judge
+
+    judge = make_judge(config.judge)
+    if mode == "absolute":
+        result = ev.absolute_eval(items, outputs, judge, ecfg)
+    else:
+        result = ev.compare_outputs(items, outputs, other, judge, ecfg)
+    result["eval_set"] = ecfg.eval_set
+    result["adapter"] = None if outputs_path else ad
+    jp, mp = ev.write_result(out_dir, result, ev.decoding_record(ecfg, config.sampling))
+    click.echo(open(mp, encoding="utf-8").read())
+    click.echo(f"written: {jp}, {mp}, {out_dir / ev.MODEL_OUTPUTS}", err=True)
+
+
+@click.command("report", context_settings={"max_content_width": 100})
+@click.argument("run_dirs", nargs=-1, required=True, metavar="RUN_DIR [RUN_DIR...]")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None,
+              help="Output folder (default: FIRST_RUN_DIR/report).")
+@_fail_cleanly
+def report_command(run_dirs, out_dir):
+    """PNG plots and a Markdown summary of one or more runs (or an experiment directory).
+
+    Plots: win rate per iteration with CI bars (TPO vs direct) and held-out score, thought and response length
+    per iteration, valid-format rate per iteration, judge scores of chosen vs rejected, per-category bars.
+    """
+    from ..report import make_report
+
+    paths = make_report(list(run_dirs), out_dir)
+    for p in paths.values():
+        click.echo(p)
+
+
+@click.command("experiment", context_settings={"max_content_width": 100})
+@click.argument("config", metavar="CONFIG.toml")
+@click.option("--name", default=None, help="Experiment name (overrides loop.name): runs/<name>/{tpo,direct}.")
+@click.option("--run-dir", type=click.Path(file_okay=False), default=None,
+              help="Experiment directory to use instead of <loop.runs_root>/<loop.name>.")
+@click.option("--set", "overrides", multiple=True, metavar="TABLE.KEY=VALUE", help=_SET_HELP)
+@click.option("--allow-config-change", is_flag=True,
+              help="Resume although the saved configs differ (see `tpo-lite run --help`).")
+@click.option("--no-progress", is_flag=True, help="Hide the progress bars.")
+@click.option("--no-report", is_flag=True, help="Do not write the report (plots + Markdown) at the end.")
+@_fail_cleanly
+def experiment_command(config, name, run_dir, overrides, allow_config_change, no_progress, no_report):
+    """The direct-response experiment: run TPO and the same training with the 'direct' template (no thoughts)
+    from one config, then compare both with the seed model and with each other (the paper's Table 1).
+
+    Resumable like `tpo-lite run`. Writes experiment.json, table1.md and (unless --no-report) report/.
+    """
+    from ..config import load_config
+    from ..experiment import run_experiment
+    from ..loop import resolve_run_dir
+
+    cfg = load_config(config, list(overrides), name=name)
+    exp = resolve_run_dir(cfg, run_dir)
+    run_experiment(cfg, exp, progress=not no_progress, echo=click.echo, allow_config_change=allow_config_change)
+    if not no_report:
+        from ..report import make_report
+
+        paths = make_report([str(exp)])
+        click.echo(f"report: {paths['report.md']}")

@@ -1,0 +1,191 @@
+"""The direct-response experiment: TPO vs the same training without thoughts (the paper's Table 1, your setting).
+
+One run config drives two runs of :func:`tpo_lite.loop.run` with the same seed model, training instructions,
+judge, sampling budget (K, temperature, token limit), pairs and training settings and number of iterations:
+
+* ``tpo``    -- the config's thought template (``prompts.template``; ``generic`` by default);
+* ``direct`` -- the ``direct`` template: no thoughts, the whole output is the response (the paper's
+  "direct response baseline"). Options that only make sense with a thought are turned off for it
+  (``prompts.prefill_thought_header``, ``sampling.thought_budget`` / ``thought_stop``); everything else is equal.
+
+Both runs score the held-out eval set (the ``[eval]`` table, judged by ``[judge]``) before training and after every
+iteration (``loop.eval_before`` and ``loop.eval_every_iteration`` are forced on), with the eval's decoding
+settings (greedy by default). Those held-out outputs are then compared -- responses only, thoughts stripped --
+
+* each iteration of each run against the **seed model answering directly** (the ``direct`` run's iteration-0
+  outputs): ``<run>/iter_XX/compare/vs_seed/eval.json``;
+* the final TPO model against the final direct model: ``compare/tpo_vs_direct/eval.json``.
+
+Directory (``<loop.runs_root>/<loop.name>/``)::
+
+    experiment.json          the two run directories and the Table-1 numbers (what `tpo-lite report` reads)
+    table1.md                the comparison table
+    tpo/  direct/            ordinary run directories (resumable like any run)
+    compare/tpo_vs_direct/   eval.json, eval.md
+
+Everything is resumable: finished runs resume as no-ops and finished comparisons are reused.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+from typing import Callable
+
+from .errors import TpoError
+from .jsonl import read_json, read_records, write_json_atomic, write_text_atomic
+
+RUN_LABELS = ("tpo", "direct")
+
+
+def experiment_configs(config) -> dict:
+    """The two run configs (``{"tpo": RunConfig, "direct": RunConfig}``) derived from one run config."""
+    template = config.prompts.template
+    if template == "direct":
+        raise TpoError("the experiment compares a thought template with 'direct'; set prompts.template to "
+                       "'generic', 'specific' or a template file", field="prompts.template")
+    base = config.replace("loop", eval_before=True, eval_every_iteration=True)
+    tpo = base.replace("loop", name="tpo")
+    direct = base.replace("loop", name="direct").replace("prompts", template="direct", prefill_thought_header=False)
+    scfg = direct.sampling
+    changes = {k: v for k, v in (("thought_budget", None), ("thought_stop", [])) if hasattr(scfg, k)}
+    if changes:
+        direct = direct.replace("sampling", **changes)
+    return {"tpo": tpo, "direct": direct}
+
+
+def _heldout_outputs(path: Path, generator: str):
+    from . import evaluate as ev
+
+    if not path.exists():
+        return None
+    outs = []
+    for rec in read_records(path):
+        fields = {f.name for f in dataclasses.fields(ev.ModelOutput)}
+        o = ev.ModelOutput(**{k: v for k, v in rec.items() if k in fields})
+        o.generator = generator
+        outs.append(o)
+    return outs
+
+
+def _final_iteration(run_dir: Path, summary: dict | None, iterations: int) -> int:
+    """The iteration whose adapter the run ended with (keep_best may pick an earlier one)."""
+    final = (summary or {}).get("final_adapter")
+    if final:
+        name = Path(final).parent.name
+        if name.startswith("iter_"):
+            return int(name[5:])
+    return iterations
+
+
+def _compare(items, model, baseline, judge, ecfg, out_dir: Path, echo) -> dict:
+    from . import evaluate as ev
+
+    res_path = out_dir / ev.EVAL_JSON
+    if res_path.exists():
+        return read_json(res_path)
+    result = ev.compare_outputs(items, model, baseline, judge, ecfg)
+    ev.write_model_outputs(out_dir, model)
+    ev.write_result(out_dir, result, ev.decoding_record(ecfg))
+    echo(f"{result['model']} vs {result['baseline']}: win rate {100 * result['win_rate']:.1f}% "
+         f"[{100 * result['win_rate_ci'][0]:.1f}, {100 * result['win_rate_ci'][1]:.1f}]")
+    return result
+
+
+def _row(label: str, res: dict) -> dict:
+    keep = ("model", "baseline", "n", "win_rate", "win_rate_ci", "lc_win_rate", "lc_win_rate_ci", "wins", "ties",
+            "losses", "invalid_rate")
+    return {"comparison": label, **{k: res.get(k) for k in keep},
+            "response_chars_mean": res.get("model_lengths", {}).get("response_chars_mean"),
+            "thought_chars_mean": res.get("model_lengths", {}).get("thought_chars_mean")}
+
+
+def render_table(rows: list[dict], heldout: dict, judge: str, confidence: float) -> str:
+    """Table 1 as Markdown."""
+    conf = int(round(100 * confidence))
+
+    def pct(v, ci):
+        return "–" if v is None else f"{100 * v:.1f}% [{100 * ci[0]:.1f}, {100 * ci[1]:.1f}]"
+
+    L = ["# Direct-response experiment (Table 1, your setting)", "",
+         f"Judge: `{judge}`; win rates count ties as half; {conf}% bootstrap CIs resampling instructions. Invalid "
+         "outputs (no parseable response or cut off) count as losses. Lengths in characters.", "",
+         "| comparison | n | win rate [CI] | LC win rate [CI] | W / T / L | invalid | response chars | thought chars |",
+         "|---|---:|---|---|---|---:|---:|---:|"]
+    for r in rows:
+        L.append(f"| {r['comparison']} | {r['n']} | {pct(r['win_rate'], r['win_rate_ci'])} | "
+                 f"{pct(r['lc_win_rate'], r['lc_win_rate_ci'])} | {r['wins']} / {r['ties']} / {r['losses']} | "
+                 f"{100 * r['invalid_rate']:.1f}% | "
+                 + " | ".join("–" if r[k] is None else f"{r[k]:.0f}" for k in ("response_chars_mean",
+                                                                             "thought_chars_mean")) + " |")
+    if heldout:
+        L += ["", "Held-out score (absolute, mean judge score [CI]):", "",
+              "| run | seed model | final model |", "|---|---|---|"]
+        for label, (before, after) in heldout.items():
+            def s(r):
+                return "–" if not r else f"{r['mean_score']:.3f} [{r['mean_score_ci'][0]:.3f}, {r['mean_score_ci'][1]:.3f}]"
+            L.append(f"| {label} | {s(before)} | {s(after)} |")
+    return "\n".join(L) + "\n"
+
+
+def run_experiment(config, exp_dir: str | os.PathLike | None = None, progress: bool = True,
+                   echo: Callable[[str], None] = print, allow_config_change: bool = False, sampler_factory=None,
+                   judge=None) -> dict:
+    """Run (or resume) both runs, compare them, write ``experiment.json`` and ``table1.md``; returns the record.
+
+    ``sampler_factory`` and ``judge`` are passed to :func:`tpo_lite.loop.run` (tests use scripted ones).
+    """
+    from . import evaluate as ev
+    from . import loop
+
+    exp = Path(loop.resolve_run_dir(config, exp_dir))
+    exp.mkdir(parents=True, exist_ok=True)
+    cfgs = experiment_configs(config)
+    summaries = {}
+    for label in RUN_LABELS:
+        echo(f"== experiment {exp.name}: run '{label}' (template {cfgs[label].prompts.template}) ==")
+        summaries[label] = loop.run(cfgs[label], exp / label, progress=progress, echo=echo,
+                                    allow_config_change=allow_config_change, sampler_factory=sampler_factory,
+                                    judge=judge)
+    ecfg = config.eval
+    items = ev.load_eval_set(ecfg.eval_set, ecfg.eval_format, max_instructions=ecfg.max_instructions)
+    if judge is None:
+        from .judges import make_judge
+
+        judge = make_judge(config.judge)
+    seed = _heldout_outputs(exp / "direct" / "eval_base" / "outputs.jsonl", "seed")
+    if seed is None:
+        raise TpoError("the direct run has no held-out outputs of the seed model (eval_base/outputs.jsonl)",
+                       path=str(exp / "direct"))
+    iterations = config.loop.iterations
+    finals, per_iter = {}, {}
+    for label in RUN_LABELS:
+        rd = exp / label
+        for t in range(1, iterations + 1):
+            d = loop.iter_dir(rd, t)
+            outs = _heldout_outputs(d / "heldout" / "outputs.jsonl", f"{label}-iter{t:02d}")
+            if outs is None:
+                raise TpoError(f"no held-out outputs for iteration {t}", path=str(d / "heldout"))
+            per_iter[(label, t)] = _compare(items, outs, seed, judge, ecfg, d / "compare" / "vs_seed", echo)
+            if t == _final_iteration(rd, summaries[label], iterations):
+                finals[label] = outs
+    tvd = _compare(items, finals["tpo"], finals["direct"], judge, ecfg, exp / "compare" / "tpo_vs_direct", echo)
+    rows = [_row(f"TPO (iter {_final_iteration(exp / 'tpo', summaries['tpo'], iterations)}) vs seed",
+                 per_iter[("tpo", _final_iteration(exp / "tpo", summaries["tpo"], iterations))]),
+            _row(f"direct (iter {_final_iteration(exp / 'direct', summaries['direct'], iterations)}) vs seed",
+                 per_iter[("direct", _final_iteration(exp / "direct", summaries["direct"], iterations))]),
+            _row("TPO vs direct", tvd)]
+    heldout = {label: (summaries[label].get("heldout_before"), summaries[label].get("heldout_after"))
+               for label in RUN_LABELS}
+    record = {"runs": {label: label for label in RUN_LABELS}, "judge": tvd["judge"], "table": rows,
+              "per_iteration": {f"{label}/iter_{t:02d}": _row(f"{label} iter {t} vs seed", r)
+                                for (label, t), r in sorted(per_iter.items())},
+              "heldout": {k: {"before": v[0] and v[0].get("mean_score"), "after": v[1] and v[1].get("mean_score")}
+                          for k, v in heldout.items()},
+              "decoding": ev.decoding_record(ecfg, config.sampling)}
+    write_json_atomic(exp / "experiment.json", record)
+    table = render_table(rows, heldout, tvd["judge"], 1.0 - ecfg.alpha)
+    write_text_atomic(exp / "table1.md", table)
+    echo("")
+    echo(table)
+    return record
