@@ -486,3 +486,26 @@ def test_reward_model_from_pretrained_roundtrip(rm, tok, tmp_path):
                                                           abs=1e-5)
     with pytest.raises(TpoError, match="cannot load"):
         make_judge(JudgeConfig(kind="reward_model", model=str(tmp_path / "missing"), cache=False))
+
+
+def test_make_judge_programmatic_cached(tmp_path):
+    cfg = JudgeConfig(kind="programmatic", tie_weight=0.0)
+    judge = make_judge(cfg, cache_path=tmp_path / "p.sqlite")
+    inst = Inst("Answer in at most 3 words.", checks=[{"type": "max_words", "value": 3}])
+    res = judge.score(inst, ["one two", None, "one two three four five"])
+    assert res.scores == [1.0, None, 0.0]
+    assert len(judge.cache) == 2
+    uncached = make_judge(JudgeConfig(kind="programmatic", cache=False))
+    assert uncached.score(inst, ["a b c d"]).scores[0] == pytest.approx(0.25 * 3 / 4)  # near-miss credit
+    with pytest.raises(TpoError, match="tie_weight"):
+        JudgeConfig(tie_weight=1.0)
+
+
+def test_cached_judge_exposes_compare_only_when_inner_can(rm, tok, tmp_path):
+    cache = JudgementCache(tmp_path / "x.sqlite")
+    assert not hasattr(CachedJudge(CountingJudge(), cache), "compare")
+    cj = CachedJudge(RewardModelJudge(rm, tok), cache)
+    assert cj.kind == "reward_model"
+    p = cj.compare("Q", "a", "bb")
+    assert p == pytest.approx(RewardModelJudge(rm, tok).compare("Q", "a", "bb"), abs=1e-6)
+    assert cj.compare("Q", "a", "bb") == p  # from the cache now

@@ -28,6 +28,9 @@ class JudgeConfig:
                 "instructions with checks, no model), 'reward_model' (an HF sequence-classification reward model, "
                 "score = its scalar logit) or 'pairwise' (an LLM judge asked which of two responses is better, "
                 "both orders, per-sample scores from a Bradley-Terry fit)."})
+    tie_weight: float = field(default=0.25, metadata={
+        "help": "Programmatic judge: weight in [0, 1) of the near-miss credit of failed checks (score = (passed + "
+                "tie_weight * mean closeness of the failed) / n_checks); 0 = the bare fraction of checks passed."})
     model: str = field(default="", metadata={
         "help": "Judge model: a local directory or hub id of the reward model (kind = 'reward_model') or of the "
                 "causal LM judge (kind = 'pairwise' without base_url). Unused by the programmatic judge."})
@@ -88,6 +91,8 @@ class JudgeConfig:
         for name in ("batch_size", "max_length", "concurrency"):
             if getattr(self, name) < 1:
                 raise TpoError(f"must be >= 1, got {getattr(self, name)}", field=name)
+        if not 0.0 <= self.tie_weight < 1.0:
+            raise TpoError(f"must be in [0, 1), got {self.tie_weight}", field="tie_weight")
         if self.max_retries < 0:
             raise TpoError(f"must be >= 0, got {self.max_retries}", field="max_retries")
         if self.timeout_s <= 0:
@@ -146,7 +151,7 @@ def make_judge(cfg: JudgeConfig, cache_path: str | os.PathLike | None = None, *,
     if cfg.kind == "programmatic":
         from .programmatic import ProgrammaticJudge
 
-        judge = ProgrammaticJudge()
+        judge = ProgrammaticJudge(tie_weight=cfg.tie_weight)
         return CachedJudge(judge, cache) if cache is not None else judge
     if cfg.kind == "reward_model":
         from .reward_model import RewardModelJudge

@@ -97,6 +97,12 @@ class CachedJudge:
     sent to the inner judge, in one call, and stored as soon as it returns.
     """
 
+    def __new__(cls, inner: Any, cache: JudgementCache, identity: str | None = None):
+        # Only a judge that can compare gets a (cached) compare(): hasattr(judge, "compare") stays truthful.
+        if cls is CachedJudge and callable(getattr(inner, "compare", None)):
+            cls = _CachedComparingJudge
+        return super().__new__(cls)
+
     def __init__(self, inner: Any, cache: JudgementCache, identity: str | None = None):
         self.inner = inner
         self.cache = cache
@@ -126,6 +132,16 @@ class CachedJudge:
                 details.append(found[k]["details"])
         return JudgeResult(scores, details)
 
+    def __getattr__(self, item):
+        # Anything else (e.g. a judge's kind or config) is the inner judge's; never its compare().
+        if item in ("inner", "compare"):
+            raise AttributeError(item)
+        return getattr(self.inner, item)
+
+
+class _CachedComparingJudge(CachedJudge):
+    """A :class:`CachedJudge` whose inner judge can also compare two responses."""
+
     def compare(self, instruction: Any, response_a: str, response_b: str) -> float:
         key = cache_key(self.identity + ":compare", instruction, response_a, response_b)
         hit = self.cache.get(key)
@@ -135,6 +151,3 @@ class CachedJudge:
         self.cache.put(key, p)
         return p
 
-    def __getattr__(self, item):
-        # Anything else (e.g. a judge's config) is the inner judge's.
-        return getattr(self.inner, item)
