@@ -206,7 +206,7 @@ def test_full_loop_two_iterations(tiny, tmp_path):
         trl = read_records(d / "pairs.trl.jsonl")
         assert len(pairs) == len(trl) >= 1
         for p, q in zip(pairs, trl):
-            assert p["chosen_score"] > p["rejected_score"] or p["rejected_score"] is None
+            assert p["rejected_score"] is None or p["chosen_score"] > p["rejected_score"]
             assert set(q) >= {"prompt", "chosen", "rejected"}
         assert (d / "adapter").is_dir()
         m = json.loads((d / "metrics.json").read_text())

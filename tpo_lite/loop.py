@@ -353,7 +353,10 @@ def pairs_stage(config: RunConfig, run_dir: Path, t: int, echo: Callable[[str], 
     _require(d, "judge", "pairs")
     samples = list(read_records(d / "samples.jsonl", key="prompt_id").values())
     judgements = list(read_records(d / "judgements.jsonl", key="prompt_id").values())
-    pairs, stats = select_pairs(samples, judgements, config.pairs)
+    tok = None
+    if getattr(config.pairs, "length_unit", None) == "tokens":
+        tok = _load(config, None, tokenizer_only=True)[1]
+    pairs, stats = select_pairs(samples, judgements, config.pairs, tokenizer=tok)
     stats = dict(stats)
     write_text_atomic(d / "pairs.jsonl", "".join(json.dumps(p, ensure_ascii=False) + "\n" for p in pairs))
     write_text_atomic(d / "pairs.trl.jsonl",
@@ -471,9 +474,7 @@ def pair_length_stats(pairs: list[dict], samples: list[dict]) -> dict:
         rt.append(len(p.get("rejected_token_ids") or r["token_ids"]))
         th.append(len(c["thought"] or ""))
     return {"chosen_response_chars": _mean(ch), "rejected_response_chars": _mean(rj),
-            "chosen_tokens": _mean(ct), "rejected_tokens": _mean(rt), "chosen_thought_chars": _mean(th),
-            "rejected_invalid": sum(1 for p in pairs
-                                    if not by_id[p["prompt_id"]]["samples"][p["rejected_index"]]["valid"])}
+            "chosen_tokens": _mean(ct), "rejected_tokens": _mean(rt), "chosen_thought_chars": _mean(th)}
 
 
 def iteration_metrics(run_dir: Path, t: int) -> dict:
@@ -504,6 +505,8 @@ _TABLE_ROWS = [
     ("response chars", ("generate", "response_chars_mean"), "{:.0f}"),
     ("mean score", ("judge", "mean_score"), "{:.3f}"),
     ("pairs kept", ("pairs", "pairs_kept"), "{:.0f}"),
+    ("rejected invalid", ("pairs", "rejected_invalid"), "{:.0f}"),
+    ("length rho", ("pairs", "rho"), "{:.2f}"),
     ("chosen resp chars", ("pairs", "chosen_response_chars"), "{:.0f}"),
     ("rejected resp chars", ("pairs", "rejected_response_chars"), "{:.0f}"),
     ("chosen tokens", ("pairs", "chosen_tokens"), "{:.0f}"),
