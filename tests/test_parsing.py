@@ -76,6 +76,11 @@ def test_echoed_instruction_with_quoted_markers_is_not_a_split():
     # Single quotes and the whole wrapper echoed back.
     r = parse_output(GENERIC_WRAPPER.replace('"', "'").format(instruction="hi"), G)
     assert r.invalid_reason == "no_response_marker"
+    # A quote on one side only is not a mention: the response may itself start with a quote.
+    r = parse_output('Here is my thought process: x\nHere is my response:"Hi," she said.', G)
+    assert r.valid and r.response == '"Hi," she said.'
+    r = parse_output('Here is my response:\n"All quoted."', G)
+    assert r.valid and r.response == '"All quoted."'
 
 
 def test_only_thought_marker_is_invalid():

@@ -167,6 +167,19 @@ def test_user_template_file_errors_name_file_and_line(tmp_path, body, line, msg)
     assert str(ei.value).startswith(f"{p}:{line}: ")
 
 
+def test_prompt_config_validates_template_at_load(tmp_path):
+    with pytest.raises(TpoError, match="unknown template 'fancy'") as ei:
+        PromptConfig(template="fancy")
+    assert ei.value.field == "template"
+    with pytest.raises(TpoError, match=r"template file not found \(/no/such\.toml\)"):
+        PromptConfig(template="/no/such.toml")
+    bad = _write(tmp_path, 'wrapper = "{instruction}"\nresponse_marker = 3\n')
+    with pytest.raises(TpoError) as ei:
+        PromptConfig(template=str(bad))
+    assert ei.value.field == "template" and f"{bad}:2: response_marker: expected a string" in str(ei.value)
+    assert PromptConfig(template="specific").template == "specific"
+
+
 def test_user_template_missing_wrapper(tmp_path):
     p = _write(tmp_path, 'response_marker = "A:"\n')
     with pytest.raises(TpoError, match="missing required key 'wrapper'") as ei:

@@ -12,7 +12,8 @@ Marker matching: case-insensitive; "Here is" or "Here's"/"Here’s"; any whitesp
 the marker (stripped from thought and response); optional markdown around it (``**Here is my response:**``,
 ``### Here's my response``: without the colon only when the marker ends its line).
 
-A marker inside quotes (``after "Here is my response:"``) is a *mention*, not a use: weak models often echo
+A marker directly inside quotes (a quote right before *and* right after it: ``after "Here is my
+response:"``) is a *mention*, not a use: weak models often echo
 the instruction's wording, and the echo must not split the output. This is the one place we differ from
 vLLM's granite parser, which would split at the echo.
 
@@ -68,7 +69,8 @@ def _is_quoted(text: str, start: int, end: int) -> bool:
     """True if text[start:end] is directly wrapped in quotes (a mention of the marker, not a use)."""
     before = text[start - 1] if start > 0 else ""
     after = text[end] if end < len(text) else ""
-    return before in _OPEN_QUOTES and before != "" or after in _CLOSE_QUOTES and after != ""
+    # Both sides: a response that merely starts with a quote ('Here is my response:"Hi"') is still a use.
+    return bool(before) and before in _OPEN_QUOTES and bool(after) and after in _CLOSE_QUOTES
 
 
 def _uses(regex: re.Pattern | None, text: str) -> list[re.Match]:

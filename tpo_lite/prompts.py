@@ -85,6 +85,18 @@ class PromptConfig:
                           "chat template applies its own default (SmolLM2's adds one)."},
     )
 
+    def __post_init__(self):
+        # Fail when the config is loaded, not mid-run: a built-in name or a readable, valid template file.
+        if self.template in BUILTIN:
+            return
+        try:
+            get_template(self.template)
+        except TpoError as e:
+            if e.line is not None:  # an error inside the template file: keep its own file:line
+                raise TpoError(f"bad template file: {e}", field="template") from None
+            where = f" ({e.path})" if e.path is not None else ""
+            raise TpoError(e.message + where, field="template") from None
+
 
 @dataclass(frozen=True)
 class Template:
