@@ -463,13 +463,15 @@ def score_stats(judgements: list[dict]) -> dict:
 
 
 def pair_length_stats(pairs: list[dict], samples: list[dict]) -> dict:
-    """Chosen/rejected response length (characters) and output length (tokens), and chosen thought length."""
+    """Response lengths (characters) of chosen and rejected -- over pairs whose rejected output is valid, the
+    ones length control balances --, output lengths (tokens) of both, and the chosen thought length."""
     by_id = {r["prompt_id"]: r for r in samples}
     ch, rj, ct, rt, th = [], [], [], [], []
     for p in pairs:
         ss = by_id[p["prompt_id"]]["samples"]
         c, r = ss[p["chosen_index"]], ss[p["rejected_index"]]
-        ch.append(len(c["response"] or "")), rj.append(len(r["response"] or ""))
+        if r["valid"]:
+            ch.append(len(c["response"] or "")), rj.append(len(r["response"] or ""))
         ct.append(len(p.get("chosen_token_ids") or c["token_ids"]))
         rt.append(len(p.get("rejected_token_ids") or r["token_ids"]))
         th.append(len(c["thought"] or ""))
@@ -507,8 +509,8 @@ _TABLE_ROWS = [
     ("pairs kept", ("pairs", "pairs_kept"), "{:.0f}"),
     ("rejected invalid", ("pairs", "rejected_invalid"), "{:.0f}"),
     ("length rho", ("pairs", "rho"), "{:.2f}"),
-    ("chosen resp chars", ("pairs", "chosen_response_chars"), "{:.0f}"),
-    ("rejected resp chars", ("pairs", "rejected_response_chars"), "{:.0f}"),
+    ("chosen resp chars*", ("pairs", "chosen_response_chars"), "{:.0f}"),
+    ("rejected resp chars*", ("pairs", "rejected_response_chars"), "{:.0f}"),
     ("chosen tokens", ("pairs", "chosen_tokens"), "{:.0f}"),
     ("rejected tokens", ("pairs", "rejected_tokens"), "{:.0f}"),
     ("held-out score", ("heldout", "mean_score"), "{:.3f}"),
@@ -544,6 +546,7 @@ def format_table(metrics: list[dict]) -> str:
     lines.append("-" * len(lines[0]))
     for label, vals in rows:
         lines.append(label.ljust(w0) + "  " + "  ".join(v.rjust(w) for v, w in zip(vals, ws)))
+    lines.append("* over pairs whose rejected output is valid")
     return "\n".join(lines)
 
 
@@ -567,7 +570,9 @@ def format_before_after(before: dict | None, after: dict | None, diff: dict | No
         lo, hi = r["mean_score_ci"]
         return f"{r['mean_score']:.3f} [{lo:.3f}, {hi:.3f}]"
 
-    lines = ["held-out (programmatic judge: mean fraction of checks passed; invalid output = 0)"]
+    judge = (before or after or {}).get("judge", "?")
+    what = "mean fraction of checks passed" if judge == "programmatic" else "mean judge score"
+    lines = [f"held-out ({judge} judge: {what}; an invalid output scores 0)"]
     conf = (before or after or {}).get("confidence", 0.95)
     lines.append(f"{'':8}{'score (' + format(conf, '.0%') + ' CI)':>26}  {'valid-format':>12}  {'n':>4}")
     for name, r in (("before", before), ("after", after)):
