@@ -351,3 +351,72 @@ def test_eval_tiny_random_model_real_path(tmp_path):
     assert cmp["win_rate"] == pytest.approx(np.mean([row["outcome"] for row in cmp["items"]]))
     ev.write_result(tmp_path / "cmp", cmp)
     assert json.loads((tmp_path / "cmp" / "eval.json").read_text())["n"] == 4
+
+
+# ------------------------------------------------------------------------------------------------ CLI
+
+
+def _tiny_run_config(tmp_path):
+    """A saved tiny model dir + an instruction file with checks + a run config TOML pointing at both."""
+    model, tok = _tiny_model_and_tokenizer(tmp_path)
+    mdir = tmp_path / "tiny-model"
+    model.save_pretrained(mdir)
+    tok.save_pretrained(mdir)
+    recs = [{"id": f"h{k}", "instruction": f"w{k} w{k + 2} answer", "category": ["lists", "writing"][k % 2],
+             "checks": [{"type": "max_words", "value": 3 + k}]} for k in range(5)]
+    del recs[4]["category"]  # missing category -> "uncategorised"
+    ins = _jsonl(tmp_path / "heldout.jsonl", recs)
+    cfg = _write(tmp_path / "run.toml", f"""
+[model]
+path = "{mdir}"
+dtype = "float32"
+load_in_4bit = false
+device = "cpu"
+
+[sampling]
+max_new_tokens = 10
+
+[loop]
+name = "tiny"
+runs_root = "{tmp_path / 'runs'}"
+
+[eval]
+eval_set = "{ins}"
+n_boot = 100
+batch_size = 5
+""")
+    return cfg
+
+
+def test_cli_eval_seed_absolute_then_against(tmp_path):
+    pytest.importorskip("tpo_lite.models")
+    from click.testing import CliRunner
+
+    from tpo_lite.cli import main
+
+    cfg = _tiny_run_config(tmp_path)
+    runner = CliRunner()
+    r = runner.invoke(main, ["eval", cfg, "--iteration", "seed", "--no-progress", "--out", str(tmp_path / "abs")])
+    assert r.exit_code == 0, r.output
+    res = json.loads((tmp_path / "abs" / "eval.json").read_text())
+    assert res["kind"] == "absolute" and res["n"] == 5 and 0 <= res["mean_score"] <= 1
+    assert res["decoding"] == {"temperature": 0.0, "greedy": True, "top_p": 1.0, "max_new_tokens": 10, "seed": 0}
+    from tpo_lite.instructions import Instruction  # its loader decides the default of our own format
+
+    default_cat = Instruction.__dataclass_fields__["category"].default
+    assert {c["category"] for c in res["per_category"]} == {"lists", "writing", default_cat}
+    alpaca = json.loads((tmp_path / "abs" / "model_outputs.json").read_text())
+    assert [a["generator"] for a in alpaca] == ["seed"] * 5
+    # the same model with the direct template, judged against the first outputs
+    r = runner.invoke(main, ["eval", cfg, "-i", "seed", "--no-progress", "--set", "prompts.template=direct",
+                             "--against", str(tmp_path / "abs"), "--out", str(tmp_path / "cmp")])
+    assert r.exit_code == 0, r.output
+    res = json.loads((tmp_path / "cmp" / "eval.json").read_text())
+    assert res["kind"] == "pairwise" and res["n"] == 5 and res["wins"] + res["ties"] + res["losses"] == 5
+    assert "Win rate (ties count half)" in (tmp_path / "cmp" / "eval.md").read_text()
+    # outputs of a different eval set are refused with a clear message, exit status 2
+    other = _jsonl(tmp_path / "other.jsonl", [{"id": "z", "instruction": "w1", "checks": [{"type": "max_words",
+                                                                                          "value": 2}]}])
+    r = runner.invoke(main, ["eval", cfg, "--eval-set", other, "--outputs", str(tmp_path / "abs" / "model_outputs.json"),
+                             "--out", str(tmp_path / "bad")])
+    assert r.exit_code == 2 and "do not line up with the eval set" in r.output
