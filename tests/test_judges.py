@@ -509,3 +509,19 @@ def test_cached_judge_exposes_compare_only_when_inner_can(rm, tok, tmp_path):
     p = cj.compare("Q", "a", "bb")
     assert p == pytest.approx(RewardModelJudge(rm, tok).compare("Q", "a", "bb"), abs=1e-6)
     assert cj.compare("Q", "a", "bb") == p  # from the cache now
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_judges_on_cuda_match_cpu(rm, lm, tok):
+    import copy
+
+    inst = Inst("Pick one.")
+    responses = ["short", "a longer answer", None]
+    cpu_rm = RewardModelJudge(rm, tok, batch_size=2).score(inst, responses).scores
+    gpu_rm = RewardModelJudge(copy.deepcopy(rm).cuda(), tok, batch_size=2).score(inst, responses).scores
+    assert gpu_rm[2] is None
+    np.testing.assert_allclose(gpu_rm[:2], cpu_rm[:2], atol=1e-3)
+    cpu_pw = PairwiseJudge(LocalPairBackend(lm, tok)).score(inst, responses).scores
+    gpu_pw = PairwiseJudge(LocalPairBackend(copy.deepcopy(lm).cuda(), tok)).score(inst, responses).scores
+    np.testing.assert_allclose(gpu_pw[:2], cpu_pw[:2], atol=1e-3)

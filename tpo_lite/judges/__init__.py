@@ -16,7 +16,7 @@ from typing import Literal
 from ..errors import TpoError
 from .base import Judge, JudgeResult, instruction_text  # noqa: F401  (re-exported)
 
-__all__ = ["JudgeConfig", "make_judge", "Judge", "JudgeResult"]
+__all__ = ["JudgeConfig", "make_judge", "Judge", "JudgeResult", "instruction_text"]
 
 
 @dataclass
