@@ -158,7 +158,7 @@ n_boot = 200
 
 # Filled in once the models/train configs have landed (fp32 base, small LoRA, one epoch).
 MODEL_EXTRA = 'dtype = "float32"\nload_in_4bit = false\nlora_r = 4\nlora_alpha = 8.0\nlora_dropout = 0.0\ndevice = "cpu"'
-TRAIN_EXTRA = ""
+TRAIN_EXTRA = 'learning_rate = 1e-3\nbatch_size = 2\ngrad_accum = 1\nepochs = 1'
 
 
 @pytest.fixture(scope="module")
@@ -213,6 +213,10 @@ def test_full_loop_two_iterations(tiny, tmp_path):
         assert m["generate"]["n_samples"] == 20
         assert 0 < m["generate"]["valid_rate"] <= 1
         assert m["pairs"]["pairs_kept"] == len(pairs)
+        dpo = m["train"]["metrics"]
+        # The reference is the model that sampled (cached log-probs, same op): DPO margins start at ~0.
+        assert abs(dpo["initial_margin"]) < 1e-3 and dpo["initial_loss"] == pytest.approx(0.6931, abs=1e-3)
+        assert dpo["pairs"] == len(pairs) and dpo["steps"] >= 1
     assert not plans[0] & plans[1]  # fresh instructions each iteration
     # Iteration 2 sampled with iteration 1's adapter and trained on from it.
     assert summary["final_adapter"] == str(rd / "iter_02" / "adapter")
