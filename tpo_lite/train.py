@@ -1,0 +1,417 @@
+"""DPO training of one TPO iteration on a (Q)LoRA adapter, from cached reference log-probs.
+
+:func:`train_iteration` does, in order:
+
+1. load the model with the adapter the iteration's data was sampled with (``init_adapter``; a new LoRA in
+   iteration 1, whose B matrices are zero, so it equals the base);
+2. compute the reference log-probs of every chosen / rejected completion ONCE with that model as loaded
+   (eval mode, adapters off when there was no ``init_adapter``), with the same dtype and the same op as the
+   training pass, and cache them in ``out_dir/ref_logps.pt`` keyed by ``prompt_id`` (a resumed run reuses
+   them);
+3. train DPO with :func:`tpo_lite.ops.fused_dpo_loss`: the model body gives final hidden states and only
+   the completion positions go through the LM head (the prompt is masked; the sampled token ids are used as
+   they are, EOS included when the sample ended with one -- never re-tokenised text). The mean margin of the
+   first optimizer step, before any update, is the *initial margin*; it must be ~0 since policy = reference;
+4. save ``out_dir/adapter`` (peft ``save_pretrained``) and, last, ``out_dir/adapter/DONE`` holding the
+   returned metrics. When that marker exists, :func:`train_iteration` returns its metrics without training.
+
+A training run killed midway restarts from the beginning of the iteration (only the reference cache is
+reused): the adapter directory is written under a temporary name and renamed into place.
+
+Sequences longer than ``max_length`` are cut: the completion keeps at least ``max_length // 2`` tokens (its
+end is dropped) and the prompt keeps its last tokens.
+"""
+from __future__ import annotations
+
+import math
+import os
+import random
+import shutil
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from tpo_lite.errors import TpoError
+from tpo_lite.jsonl import read_json, write_json_atomic
+
+LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust")
+SCHEDULES = ("cosine", "linear", "constant")
+REF_CACHE_VERSION = 1
+# |initial margin| above this (reward units, i.e. beta * log-ratio) means policy and reference disagree
+# before training: a different model, adapter or precision was used for the reference.
+INITIAL_MARGIN_TOLERANCE = 0.05
+
+
+@dataclass
+class TrainConfig:
+    """The ``[train]`` table of a run config."""
+
+    beta: float = field(default=0.1, metadata={
+        "help": "DPO beta: strength of the pull towards the reference (larger = stay closer)."})
+    loss_type: str = field(default="sigmoid", metadata={
+        "choices": LOSS_TYPES,
+        "help": "'sigmoid' (DPO; with label_smoothing = conservative DPO), 'ipo' (IPO on length-averaged "
+                "log-probs), 'hinge' (SLiC hinge), 'robust' (rDPO, unbiased under label noise with flip rate "
+                "label_smoothing)."})
+    label_smoothing: float = field(default=0.0, metadata={
+        "help": "Assumed probability that a preference label is flipped, in [0, 0.5): smooths 'sigmoid' "
+                "(cDPO) and is the noise rate of 'robust'; must be 0 for 'ipo' and 'hinge'."})
+    nll_weight: float = field(default=0.0, metadata={
+        "help": "Weight of an extra per-token NLL loss on the chosen outputs (RPO / iterative RPO); 0 = off."})
+    average_log_prob: bool = field(default=False, metadata={
+        "help": "Use per-token averaged instead of summed sequence log-probs in the loss (always on for ipo)."})
+    learning_rate: float = field(default=5e-5, metadata={"help": "Peak AdamW learning rate of the LoRA weights."})
+    epochs: int = field(default=1, metadata={"help": "Passes over this iteration's pairs."})
+    batch_size: int = field(default=2, metadata={
+        "help": "Pairs per forward/backward (each pair = 2 sequences); lower it if memory runs out."})
+    grad_accum: int = field(default=4, metadata={
+        "help": "Micro-batches accumulated per optimizer step (pairs per step = batch_size * grad_accum)."})
+    grad_checkpointing: bool = field(default=False, metadata={
+        "help": "Recompute decoder layers in the backward: less activation memory, ~30% more compute. Turn "
+                "it on for large models / long sequences on a GPU."})
+    lr_schedule: str = field(default="cosine", metadata={
+        "choices": SCHEDULES,
+        "help": "Learning-rate decay after warmup: 'cosine' (to 0), 'linear' (to 0) or 'constant'."})
+    warmup_ratio: float = field(default=0.1, metadata={
+        "help": "Fraction of the optimizer steps with a linear warmup from 0 to learning_rate."})
+    max_length: int = field(default=1024, metadata={
+        "help": "Longest prompt + completion in tokens; longer ones are cut (completion end first, keeping at "
+                "least half of max_length for it, then the prompt's beginning)."})
+    seed: int = field(default=0, metadata={
+        "help": "Seed of the LoRA initialisation, dropout and the order of the pairs in each epoch."})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay of the LoRA weights."})
+    max_grad_norm: float = field(default=1.0, metadata={
+        "help": "Clip the global gradient norm to this before each step; 0 = no clipping."})
+
+    def __post_init__(self):
+        checks = [
+            ("beta", self.beta > 0, "must be > 0"),
+            ("loss_type", self.loss_type in LOSS_TYPES, f"must be one of {', '.join(LOSS_TYPES)}"),
+            ("label_smoothing", 0 <= self.label_smoothing < 0.5, "must be in [0, 0.5)"),
+            ("label_smoothing", self.label_smoothing == 0 or self.loss_type in ("sigmoid", "robust"),
+             f"must be 0 for loss_type {self.loss_type!r}"),
+            ("nll_weight", self.nll_weight >= 0, "must be >= 0"),
+            ("learning_rate", self.learning_rate > 0, "must be > 0"),
+            ("epochs", self.epochs >= 1, "must be >= 1"),
+            ("batch_size", self.batch_size >= 1, "must be >= 1"),
+            ("grad_accum", self.grad_accum >= 1, "must be >= 1"),
+            ("lr_schedule", self.lr_schedule in SCHEDULES, f"must be one of {', '.join(SCHEDULES)}"),
+            ("warmup_ratio", 0 <= self.warmup_ratio < 1, "must be in [0, 1)"),
+            ("max_length", self.max_length >= 8, "must be >= 8"),
+            ("weight_decay", self.weight_decay >= 0, "must be >= 0"),
+            ("max_grad_norm", self.max_grad_norm >= 0, "must be >= 0"),
+        ]
+        for name, ok, msg in checks:
+            if not ok:
+                raise TpoError(f"{msg}, got {getattr(self, name)!r}", field=name)
+
+
+# ------------------------------------------------------------------------------------------------ the data
+
+@dataclass
+class _Pair:
+    pid: str
+    chosen: tuple[list[int], list[int]]  # (prompt ids, completion ids) after truncation
+    rejected: tuple[list[int], list[int]]
+
+
+def truncate(prompt: list[int], completion: list[int], max_length: int) -> tuple[list[int], list[int]]:
+    """Cut ``prompt + completion`` to ``max_length`` tokens (see the module doc for the rule)."""
+    if len(prompt) + len(completion) <= max_length:
+        return prompt, completion
+    keep_c = min(len(completion), max(max_length - len(prompt), max_length // 2))
+    return prompt[len(prompt) - (max_length - keep_c):], completion[:keep_c]
+
+
+def _token_list(rec: dict, key: str, i: int, source: Optional[str], vocab: int) -> list[int]:
+    ids = rec.get(key)
+    where = {"path": source, "field": f"pairs[{i}].{key}"}
+    if not isinstance(ids, list) or not ids:
+        raise TpoError(f"expected a non-empty list of token ids, got {ids!r:.40}", **where)
+    for t in ids:
+        if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab:
+            raise TpoError(f"token id {t!r} is not an integer in [0, {vocab}) (the model's vocabulary)", **where)
+    return ids
+
+
+def prepare_pairs(pairs: list[dict], max_length: int, vocab: int, source: Optional[str] = None) -> list[_Pair]:
+    """Validate pair records (schema in docs/ARCHITECTURE.md) and truncate them.
+
+    Errors name ``source`` and the field as ``pairs[i].key`` (i = 0-based index of the record in ``pairs``).
+    """
+    out, seen = [], set()
+    for i, rec in enumerate(pairs):
+        if not isinstance(rec, dict):
+            raise TpoError(f"expected a JSON object, got {type(rec).__name__}", path=source, field=f"pairs[{i}]")
+        pid = rec.get("prompt_id")
+        if not isinstance(pid, str) or not pid:
+            raise TpoError(f"missing or empty, got {pid!r}", path=source, field=f"pairs[{i}].prompt_id")
+        if pid in seen:
+            raise TpoError(f"duplicate pair {pid!r}", path=source, field=f"pairs[{i}].prompt_id")
+        seen.add(pid)
+        prompt = _token_list(rec, "prompt_token_ids", i, source, vocab)
+        chosen = _token_list(rec, "chosen_token_ids", i, source, vocab)
+        rejected = _token_list(rec, "rejected_token_ids", i, source, vocab)
+        out.append(_Pair(pid, truncate(prompt, chosen, max_length), truncate(prompt, rejected, max_length)))
+    return out
+
+
+def collate(seqs: list[tuple[list[int], list[int]]], pad_id: int, device) -> dict:
+    """Right-padded batch of (prompt, completion) sequences plus the flat rows that score the completions.
+
+    ``rows[M]`` index the flattened [S*T] hidden states at the positions that predict completion tokens
+    (position p predicts token p+1, so a completion starting at P is scored from P-1), ``targets[M]`` are
+    those tokens and ``segments[M]`` the sequence index of each.
+    """
+    width = max(len(p) + len(c) for p, c in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    rows, targets, segments = [], [], []
+    for s, (p, c) in enumerate(seqs):
+        full = p + c
+        ids[s, :len(full)] = torch.tensor(full)
+        mask[s, :len(full)] = 1
+        start = s * width + len(p) - 1
+        rows.append(torch.arange(start, start + len(c)))
+        targets.append(torch.tensor(c))
+        segments.append(torch.full((len(c),), s))
+    return {"input_ids": ids.to(device), "attention_mask": mask.to(device), "rows": torch.cat(rows).to(device),
+            "targets": torch.cat(targets).to(device), "segments": torch.cat(segments).to(device)}
+
+
+def _scored_hidden(model, batch):
+    from tpo_lite.models import final_hidden_states
+
+    hidden = final_hidden_states(model, batch["input_ids"], batch["attention_mask"])
+    return hidden.reshape(-1, hidden.shape[-1])[batch["rows"]]
+
+
+def sequence_logps(model, seqs, pad_id: int, head: dict) -> torch.Tensor:
+    """Summed completion log-probs (float32) of each (prompt, completion) in ``seqs``, through the fused op."""
+    from tpo_lite.ops import fused_linear_logprobs
+    from tpo_lite.ops.dpo import sequence_logps as segment_sums
+
+    batch = collate(seqs, pad_id, head["weight"].device)
+    h = _scored_hidden(model, batch)
+    logp = fused_linear_logprobs(h, head["weight"], batch["targets"], logit_scale=head["logit_scale"],
+                                 softcap=head["softcap"])
+    sums, _ = segment_sums(logp.float(), batch["segments"], len(seqs))
+    return sums
+
+
+# ---------------------------------------------------------------------------------------- reference cache
+
+def _ref_key(model_cfg, train_cfg: TrainConfig, init_adapter) -> dict:
+    return {"version": REF_CACHE_VERSION, "model": str(model_cfg.path), "dtype": str(model_cfg.dtype),
+            "load_in_4bit": str(model_cfg.load_in_4bit),
+            "init_adapter": str(Path(init_adapter).resolve()) if init_adapter else None,
+            "max_length": train_cfg.max_length}
+
+
+def _load_ref_cache(path: Path, key: dict) -> dict:
+    if not path.is_file():
+        return {}
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - a torn or foreign file: recompute rather than fail
+        warnings.warn(f"{path}: unreadable reference cache ({type(e).__name__}); recomputing it")
+        return {}
+    if not isinstance(data, dict) or data.get("key") != key:
+        warnings.warn(f"{path}: reference cache was made with other settings; recomputing it")
+        return {}
+    return {pid: (float(c), float(r)) for pid, (c, r) in data.get("logps", {}).items()}
+
+
+def _save_ref_cache(path: Path, key: dict, logps: dict) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    torch.save({"key": key, "logps": {pid: [c, r] for pid, (c, r) in logps.items()}}, tmp)
+    os.replace(tmp, path)
+
+
+def reference_logps(model, items: list[_Pair], batch_size: int, pad_id: int, head: dict, base_only: bool,
+                    progress: bool = True) -> dict:
+    """{prompt_id: (chosen, rejected)} summed log-probs of the model as loaded, in eval mode, no grad.
+
+    ``base_only``: run with the peft adapters disabled (the first iteration's reference is the base model).
+    """
+    from contextlib import nullcontext
+
+    from tqdm.auto import tqdm
+
+    was_training = model.training
+    model.eval()
+    out = {}
+    ctx = model.disable_adapter() if base_only and hasattr(model, "disable_adapter") else nullcontext()
+    with torch.no_grad(), ctx:
+        bar = tqdm(total=len(items), desc="reference log-probs", unit="pair", disable=not progress)
+        for i in range(0, len(items), batch_size):
+            chunk = items[i:i + batch_size]
+            sums = sequence_logps(model, [p.chosen for p in chunk] + [p.rejected for p in chunk], pad_id, head)
+            b = len(chunk)
+            for j, p in enumerate(chunk):
+                out[p.pid] = (float(sums[j]), float(sums[b + j]))
+            bar.update(b)
+        bar.close()
+    model.train(was_training)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------- training
+
+def lr_lambda(schedule: str, warmup: int, total: int):
+    """Multiplier of the peak LR at optimizer step ``s`` (0-based): linear warmup, then the decay."""
+
+    def f(s: int) -> float:
+        if s < warmup:
+            return (s + 1) / (warmup + 1)
+        if schedule == "constant":
+            return 1.0
+        frac = (s - warmup) / max(1, total - warmup)
+        return 0.5 * (1 + math.cos(math.pi * frac)) if schedule == "cosine" else max(0.0, 1 - frac)
+
+    return f
+
+
+def _seed_all(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def train_iteration(model_cfg, train_cfg: TrainConfig, pairs: list[dict], out_dir, init_adapter=None,
+                    progress: bool = True) -> dict:
+    """Train one DPO iteration on ``pairs`` (pairs.jsonl records) and save ``out_dir/adapter``.
+
+    ``init_adapter``: the adapter that sampled these pairs (None in iteration 1: a new LoRA). Returns the
+    metrics (also stored in ``out_dir/adapter/DONE``): ``loss``, ``margins``, ``accuracy``,
+    ``rewards_chosen``, ``rewards_rejected`` (means over the last epoch), ``final_*`` (the last step),
+    ``initial_margin`` / ``initial_loss`` (first step, before any update), ``steps``, ``seconds``,
+    ``seconds_per_step``, ``pairs``, ``tokens``, ``ref_seconds``, ``ref_cached``.
+    """
+    from tqdm.auto import tqdm
+
+    from tpo_lite.models import (
+        describe, enable_gradient_checkpointing, lm_head_options, lm_head_weight, load_model)
+    from tpo_lite.ops import fused_dpo_loss
+
+    out_dir = Path(out_dir)
+    adapter_dir = out_dir / "adapter"
+    done = adapter_dir / "DONE"
+    if done.is_file():
+        return read_json(done)
+    if not pairs:
+        raise TpoError("no pairs to train on", path=str(out_dir / "pairs.jsonl"))
+    if init_adapter is not None and not Path(init_adapter, "adapter_config.json").is_file():
+        raise TpoError("not a peft adapter directory (no adapter_config.json)", path=str(init_adapter),
+                       field="init_adapter")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    cfg = train_cfg
+    t_start = time.time()
+    _seed_all(cfg.seed)
+
+    model, tokenizer = load_model(model_cfg, adapter=init_adapter, trainable=True)
+    weight = lm_head_weight(model)
+    head = {"weight": weight, **lm_head_options(model)}
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    items = prepare_pairs(pairs, cfg.max_length, weight.shape[0], source=str(out_dir / "pairs.jsonl"))
+
+    # 1. reference log-probs, once, cached
+    t_ref = time.time()
+    cache_path = out_dir / "ref_logps.pt"
+    key = _ref_key(model_cfg, cfg, init_adapter)
+    ref = _load_ref_cache(cache_path, key)
+    missing = [p for p in items if p.pid not in ref]
+    if missing:
+        ref.update(reference_logps(model, missing, cfg.batch_size, pad_id, head, base_only=init_adapter is None,
+                                   progress=progress))
+        _save_ref_cache(cache_path, key, ref)
+    ref_seconds = time.time() - t_ref
+
+    # 2. DPO
+    model.train()
+    if cfg.grad_checkpointing:
+        enable_gradient_checkpointing(model)
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise TpoError("the model has no trainable parameters (is the adapter frozen?)", field="model")
+    opt = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    per_step = cfg.batch_size * cfg.grad_accum
+    steps_per_epoch = math.ceil(len(items) / per_step)
+    total = steps_per_epoch * cfg.epochs
+    warmup = int(cfg.warmup_ratio * total)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg.lr_schedule, warmup, total))
+    loss_kw = dict(beta=cfg.beta, loss_type=cfg.loss_type, label_smoothing=cfg.label_smoothing,
+                   nll_weight=cfg.nll_weight, average_log_prob=cfg.average_log_prob,
+                   logit_scale=head["logit_scale"], softcap=head["softcap"])
+
+    history, tokens, step = [], 0, 0
+    t_train = time.time()
+    bar = tqdm(total=total, desc="DPO", unit="step", disable=not progress)
+    for epoch in range(cfg.epochs):
+        order = torch.randperm(len(items), generator=torch.Generator().manual_seed(cfg.seed + epoch)).tolist()
+        for s in range(steps_per_epoch):
+            group = [items[i] for i in order[s * per_step:(s + 1) * per_step]]
+            sums: dict[str, float] = {}
+            for m in range(0, len(group), cfg.batch_size):
+                chunk = group[m:m + cfg.batch_size]
+                b = len(chunk)
+                batch = collate([p.chosen for p in chunk] + [p.rejected for p in chunk], pad_id, weight.device)
+                ref_t = torch.tensor([ref[p.pid][0] for p in chunk] + [ref[p.pid][1] for p in chunk],
+                                     dtype=torch.float32, device=weight.device)
+                out = fused_dpo_loss(_scored_hidden(model, batch), weight, batch["targets"], batch["segments"],
+                                     ref_t, **loss_kw)
+                # weight each micro-batch by its share of the step's pairs: the step's gradient is the mean
+                # over its pairs whatever the split
+                (out.loss * (b / len(group))).backward()
+                sums["loss"] = sums.get("loss", 0.0) + float(out.loss.detach()) * b
+                for k, v in out.metrics.items():
+                    sums[k] = sums.get(k, 0.0) + float(v) * (b if k != "tokens" else 1)
+            grad_norm = None
+            if cfg.max_grad_norm > 0:
+                grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm))
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+            step += 1
+            tokens += int(sums.pop("tokens", 0))
+            rec = {k: v / len(group) for k, v in sums.items()}
+            rec.update(step=step, epoch=epoch, lr=sched.get_last_lr()[0], grad_norm=grad_norm)
+            history.append(rec)
+            bar.set_postfix(loss=f"{rec['loss']:.4f}", margin=f"{rec['margins']:.3f}",
+                            acc=f"{rec['accuracy']:.2f}")
+            bar.update(1)
+    bar.close()
+    train_seconds = time.time() - t_train
+
+    first, last = history[0], history[-1]
+    if abs(first["margins"]) > INITIAL_MARGIN_TOLERANCE:
+        warnings.warn(f"initial DPO margin {first['margins']:.4f} is not ~0: the reference log-probs do not "
+                      f"match the policy before training (cache {cache_path} from another model?)")
+    last_epoch = [h for h in history if h["epoch"] == cfg.epochs - 1]
+
+    def mean(k):
+        return sum(h[k] for h in last_epoch) / len(last_epoch)
+
+    metrics = {
+        "loss": mean("loss"), "margins": mean("margins"), "accuracy": mean("accuracy"),
+        "rewards_chosen": mean("rewards/chosen"), "rewards_rejected": mean("rewards/rejected"),
+        "final_loss": last["loss"], "final_margins": last["margins"], "final_accuracy": last["accuracy"],
+        "initial_margin": first["margins"], "initial_loss": first["loss"],
+        "steps": step, "epochs": cfg.epochs, "pairs": len(items), "tokens": tokens,
+        "seconds": time.time() - t_start, "train_seconds": train_seconds,
+        "seconds_per_step": train_seconds / max(1, step), "ref_seconds": ref_seconds,
+        "ref_cached": not missing, "model": describe(model),
+    }
+
+    # 3. save: adapter under a temporary name, renamed into place, then the DONE marker
+    tmp = out_dir / ".adapter.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(str(tmp))
+    write_json_atomic(tmp / "history.json", history)
+    shutil.rmtree(adapter_dir, ignore_errors=True)
+    os.replace(tmp, adapter_dir)
+    write_json_atomic(done, metrics)
+    return metrics
