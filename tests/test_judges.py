@@ -525,3 +525,32 @@ def test_judges_on_cuda_match_cpu(rm, lm, tok):
     cpu_pw = PairwiseJudge(LocalPairBackend(lm, tok)).score(inst, responses).scores
     gpu_pw = PairwiseJudge(LocalPairBackend(copy.deepcopy(lm).cuda(), tok)).score(inst, responses).scores
     np.testing.assert_allclose(gpu_pw[:2], cpu_pw[:2], atol=1e-3)
+
+
+class _CustomRM(torch.nn.Module):
+    """A reward model with its own pooling (no ``score`` head attribute): the judge must call it whole."""
+
+    def __init__(self, backbone, head, out_dim=1):
+        super().__init__()
+        self.backbone = backbone
+        self.head = head
+        self.out_dim = out_dim
+        self.config = backbone.config
+
+    def forward(self, input_ids, attention_mask, position_ids):
+        from types import SimpleNamespace
+
+        h = self.backbone(input_ids=input_ids, attention_mask=attention_mask,
+                          position_ids=position_ids).last_hidden_state[:, -1]
+        return SimpleNamespace(logits=self.head(h).repeat(1, self.out_dim))
+
+
+def test_reward_model_custom_pooling_path_and_shape_check(rm, tok):
+    custom = _CustomRM(rm.model, rm.score)
+    responses = ["x", "a longer one", None]
+    got = RewardModelJudge(custom, tok, batch_size=3).score("Q", responses).scores
+    ref = RewardModelJudge(rm, tok, batch_size=1).score("Q", responses).scores
+    assert got[2] is None
+    np.testing.assert_allclose(got[:2], ref[:2], atol=1e-5)
+    with pytest.raises(TpoError, match=r"logits of shape \(2, 2\)"):
+        RewardModelJudge(_CustomRM(rm.model, rm.score, out_dim=2), tok).score("Q", ["a", "b"])

@@ -51,7 +51,8 @@ class RewardModelJudge:
         self.max_length = int(max_length)
         model_id = getattr(getattr(model, "config", None), "_name_or_path", "") or "model"
         self.name = name or f"reward_model:{model_id}"
-        self.identity = fingerprint("reward_model", self.name, self.max_length, str(model.dtype), identity_extra)
+        self.identity = fingerprint("reward_model", self.name, self.max_length, str(next(model.parameters()).dtype),
+                                    identity_extra)
         self._pad_id = tokenizer.pad_token_id
         if self._pad_id is None:
             self._pad_id = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
