@@ -22,7 +22,7 @@ import tomllib
 import types
 import typing
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from .errors import TpoError
 
@@ -56,6 +56,11 @@ class LoopConfig:
     eval_every_iteration: bool = field(default=False, metadata={
         "help": "Score the held-out set after every iteration (needed by keep_best; otherwise only after the "
                 "last one)."})
+    heldout_judge: Literal["auto", "programmatic", "judge"] = field(default="auto", metadata={
+        "choices": ("auto", "programmatic", "judge"),
+        "help": "Judge of the held-out before/after score: 'programmatic' (verifiable checks; mean fraction "
+                "passed, an invalid output scores 0), 'judge' (the [judge] table's judge), or 'auto' = "
+                "programmatic when every held-out instruction has checks, else the [judge] judge."})
     keep_best: bool = field(default=False, metadata={
         "help": "Carry forward the adapter with the best held-out score instead of the last one (as the paper "
                 "picks checkpoints); implies scoring the held-out set after every iteration."})

@@ -245,6 +245,19 @@ def make_run_judge(config: RunConfig, run_dir: Path):
     return make_judge(config.judge, cache_path=Path(run_dir) / "judge_cache.sqlite")
 
 
+def make_heldout_judge(config: RunConfig, run_dir: Path, items):
+    """The judge of the held-out score (see loop.heldout_judge)."""
+    choice = config.loop.heldout_judge
+    if choice == "auto":
+        choice = "programmatic" if all(getattr(it, "checks", None) for it in items) else "judge"
+    if choice == "judge":
+        return make_run_judge(config, run_dir)
+    from .judges.programmatic import ProgrammaticJudge
+
+    # tie_weight 0: the held-out score is the plain fraction of checks passed (no near-miss credit).
+    return ProgrammaticJudge(tie_weight=0.0)
+
+
 # ----------------------------------------------------------------------------------------------- stages
 
 def generate_stage(config: RunConfig, run_dir: Path, t: int, progress: bool = True,
@@ -424,7 +437,7 @@ def heldout_stage(config: RunConfig, run_dir: Path, out_dir: Path, adapter: str 
         done = read_records(path, key="id")
     outputs = [ev.ModelOutput(**done[it.id]) for it in items]
     if judge is None:
-        judge = make_run_judge(config, run_dir)
+        judge = make_heldout_judge(config, run_dir, items)
     result = ev.absolute_eval(items, outputs, judge, ecfg)
     result["adapter"] = adapter
     result["decoding"] = ev.decoding_record(ecfg)
