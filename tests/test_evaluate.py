@@ -423,3 +423,42 @@ def test_cli_eval_seed_absolute_then_against(tmp_path):
     r = runner.invoke(main, ["eval", cfg, "--eval-set", other, "--outputs", str(tmp_path / "abs" / "model_outputs.json"),
                              "--out", str(tmp_path / "bad")])
     assert r.exit_code == 2 and "do not line up with the eval set" in r.output
+
+
+@pytest.mark.slow
+def test_experiment_end_to_end_tiny(tmp_path):
+    """The direct-response experiment through the real loop (sample, judge, pairs, DPO, held-out evals) on a tiny
+    random model: both run dirs, per-iteration comparisons with the seed, TPO vs direct, Table 1 and the report."""
+    pytest.importorskip("tpo_lite.train")
+    from tpo_lite.config import load_config
+    from tpo_lite.experiment import run_experiment
+    from tpo_lite.report import make_report
+
+    cfg = _tiny_run_config(tmp_path)
+    train = _jsonl(tmp_path / "train.jsonl", [
+        {"id": f"t{k}", "instruction": f"w{k} w{k + 3} yes", "category": "lists",
+         "checks": [{"type": "max_words", "value": 4 + k % 5}]} for k in range(4)])
+    text = open(cfg).read().replace("[sampling]\nmax_new_tokens = 10",
+                                    "[sampling]\nmax_new_tokens = 10\nk = 2\nbatch_size = 2\ntemperature = 1.0")
+    text = text.replace("[loop]\n", f'[loop]\niterations = 1\nprompts_per_iteration = 2\ntrain_instructions = "{train}"\n')
+    text += "\n[train]\nbatch_size = 2\ngrad_accum = 1\nmax_length = 64\n"
+    _write(tmp_path / "run.toml", text)
+    config = load_config(tmp_path / "run.toml")
+    record = run_experiment(config, tmp_path / "exp", progress=False, echo=lambda s: None)
+    exp = tmp_path / "exp"
+    assert [r["comparison"] for r in record["table"]] == ["TPO (iter 1) vs seed", "direct (iter 1) vs seed",
+                                                          "TPO vs direct"]
+    for r in record["table"]:
+        assert r["n"] == 5 and r["wins"] + r["ties"] + r["losses"] == 5 and 0.0 <= r["win_rate"] <= 1.0
+    tvd = json.loads((exp / "compare" / "tpo_vs_direct" / "eval.json").read_text())
+    assert tvd["model"] == "tpo-iter01" and tvd["baseline"] == "direct-iter01"
+    for label, template in (("tpo", "generic"), ("direct", "direct")):
+        assert f'template = "{template}"' in (exp / label / "config.toml").read_text()
+        res = json.loads((exp / label / "iter_01" / "compare" / "vs_seed" / "eval.json").read_text())
+        assert res["baseline"] == "seed" and res["n"] == 5
+    assert (exp / "table1.md").read_text().count("| TPO vs direct | 5 |") == 1
+    # a second call resumes: nothing is recomputed and the record is the same
+    again = run_experiment(config, tmp_path / "exp", progress=False, echo=lambda s: None)
+    assert again["table"] == record["table"]
+    paths = make_report([str(exp)])
+    assert "tpo-iter01 vs direct-iter01" in open(paths["report.md"]).read()
