@@ -1,0 +1,139 @@
+"""The kernel benchmark on tiny shapes: JSON structure, medians and ratios computed from the measured times."""
+import json
+import math
+import statistics
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from tpo_lite.bench import kernels
+from tpo_lite.bench.kernels import (
+    KernelBenchConfig,
+    build_step,
+    eager_logprobs,
+    format_table,
+    make_inputs,
+    parse_shapes,
+    run_kernel_benchmark,
+)
+from tpo_lite.cli.bench_cmds import bench_command
+from tpo_lite.ops import linear_logprobs_reference
+
+TINY = [(16, 8, 300)]
+
+
+def _check_result(result, cfg):
+    assert set(result) == {"meta", "cases"}
+    meta = result["meta"]
+    assert meta["device"] == "cpu" and meta["repeats"] == cfg.repeats
+    assert isinstance(meta["fused_impl"], str) and meta["fused_impl"]
+    assert len(result["cases"]) == len(cfg.shapes) * len(cfg.dtypes)
+    for case in result["cases"]:
+        assert (case["N"], case["d"], case["V"]) in cfg.shapes and case["dtype"] in cfg.dtypes
+        assert set(case["methods"]) == set(cfg.methods)
+        ok = {m: v for m, v in case["methods"].items() if v["status"] == "ok"}
+        assert {"fused", "eager", "floor"} <= set(ok)
+        for m, v in ok.items():
+            assert len(v["times_ms"]) == cfg.repeats
+            assert all(t > 0 and math.isfinite(t) for t in v["times_ms"])
+            assert v["median_ms"] == statistics.median(v["times_ms"])
+        # Every ratio is a positive finite quotient of the measured medians / peaks.
+        assert "fused/eager" in case["ratios"] and "fused/floor" in case["ratios"]
+        for key, value in case["ratios"].items():
+            assert isinstance(value, float) and value > 0 and math.isfinite(value), (key, value)
+            if key.startswith("mem "):
+                a, b = key[4:].split("/")
+                expected = ok[a]["peak_extra_bytes"] / ok[b]["peak_extra_bytes"]
+            else:
+                a, b = key.split("/")
+                expected = ok[a]["median_ms"] / ok[b]["median_ms"]
+            assert value == pytest.approx(expected, rel=1e-12)
+        for m in set(ok) & set(k.split("/")[1] for k in case["ratios"] if not k.startswith("mem")):
+            assert f"fused/{m}" in case["ratios"]
+        assert case["max_abs_diff_fused_vs_eager"] is not None
+        assert case["max_abs_diff_fused_vs_eager"] < (1e-4 if case["dtype"] == "float32" else 5e-2)
+
+
+def test_benchmark_tiny_with_memory():
+    cfg = KernelBenchConfig(device="cpu", shapes=TINY, dtypes=["float32"], methods=["fused", "eager", "floor", "liger"],
+                            repeats=5, warmup=1, memory=True, threads=1)
+    result = run_kernel_benchmark(cfg, log=lambda line: None)
+    _check_result(result, cfg)
+    case = result["cases"][0]
+    # Liger-Kernel needs a GPU: reported, not silently dropped.
+    assert case["methods"]["liger"]["status"].startswith("n/a (")
+    assert "fused/liger" not in case["ratios"]
+    assert "clear_refs" in result["meta"]["memory_method"] or "ru_maxrss" in result["meta"]["memory_method"]
+    for m in ("fused", "eager", "floor"):
+        v = case["methods"][m]
+        assert "memory_error" not in v and isinstance(v["peak_extra_bytes"], int) and v["peak_extra_bytes"] >= 0, v
+    # Eager holds [N, V] logits and their gradient; it cannot peak below the fused op's O(N d) extra memory
+    # by more than the page granularity of the measurement.
+    assert case["methods"]["eager"]["peak_extra_bytes"] >= case["methods"]["fused"]["peak_extra_bytes"] - 2**16
+    table = format_table(result)
+    assert "fused/eager" in table and "liger: n/a (" in table
+
+
+def test_cli_writes_json_and_table(tmp_path):
+    out = tmp_path / "bench.json"
+    res = CliRunner().invoke(bench_command, [
+        "kernels", "--device", "cpu", "--shapes", "16,8,300;3,5,70", "--dtype", "float32,bfloat16",
+        "--methods", "fused,eager", "--methods", "floor", "--repeats", "5", "--no-memory", "--threads", "1",
+        "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    result = json.loads(out.read_text())
+    cfg = KernelBenchConfig(device="cpu", shapes=[(16, 8, 300), (3, 5, 70)], dtypes=["float32", "bfloat16"],
+                            methods=["fused", "eager", "floor"], repeats=5, memory=False)
+    _check_result(result, cfg)
+    assert result["meta"]["memory_method"] is None
+    assert all("peak_extra_bytes" not in v for c in result["cases"] for v in c["methods"].values())
+    assert "fused ms" in res.output and "fused/floor" in res.output
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--shapes", "16,8"], "three"),
+    (["--shapes", "16,8,-3"], "positive"),
+    (["--dtype", "int8"], "unknown dtype"),
+    (["--methods", "eager"], "must include fused"),
+    (["--methods", "fused,magic"], "unknown method"),
+    (["--repeats", "0"], "repeats"),
+])
+def test_cli_rejects_bad_options(args, message):
+    res = CliRunner().invoke(bench_command, ["kernels", "--device", "cpu", "--no-memory", *args])
+    assert res.exit_code == 2, res.output
+    assert message in res.output
+
+
+def test_parse_shapes():
+    assert parse_shapes("2048,896,151936; 1024x576x49152") == [(2048, 896, 151936), (1024, 576, 49152)]
+
+
+def test_eager_and_floor_steps_compute_what_they_claim(monkeypatch):
+    hidden, weight, targets = make_inputs(7, 5, 50, torch.float64, "cpu", seed=3)
+    ref = linear_logprobs_reference(hidden.detach(), weight, targets)
+    assert torch.allclose(eager_logprobs(hidden.detach(), weight, targets).double(), ref, atol=1e-6)
+    # The eager step's gradient is d(sum logp)/dh = W_t - softmax @ W, per row.
+    build_step("eager", hidden, weight, targets, KernelBenchConfig())()
+    p = torch.softmax(hidden.detach() @ weight.t(), dim=-1)
+    assert torch.allclose(hidden.grad.double(), (weight[targets] - p @ weight), atol=1e-5)
+    # The floor is (h W^T) W; chunked over the vocab (V=50 in chunks of 16) it gives the same product.
+    expected = (hidden.detach() @ weight.t()) @ weight
+    assert torch.allclose(build_step("floor", hidden, weight, targets, KernelBenchConfig())(), expected)
+    monkeypatch.setattr(kernels, "FLOOR_CHUNK", 16)
+    assert kernels._floor_chunk(7, 50, 8, max_bytes=1) == 16
+    chunked = build_step("floor", hidden, weight, targets, KernelBenchConfig(floor_max_bytes=1))()
+    assert torch.allclose(chunked, expected)
+
+
+@pytest.mark.slow
+def test_benchmark_tiny_with_compile():
+    cfg = KernelBenchConfig(device="cpu", shapes=[(8, 16, 64)], dtypes=["float32"],
+                            methods=["fused", "eager", "compiled", "floor"], repeats=5, memory=False, threads=1)
+    result = run_kernel_benchmark(cfg, log=lambda line: None)
+    case = result["cases"][0]
+    status = case["methods"]["compiled"]["status"]
+    assert status == "ok" or status.startswith("n/a ("), status
+    if status == "ok":
+        assert case["ratios"]["fused/compiled"] == pytest.approx(
+            case["methods"]["fused"]["median_ms"] / case["methods"]["compiled"]["median_ms"])
