@@ -94,6 +94,7 @@ def test_kill9_at_several_points_then_resume_equals_uninterrupted(tmp_path):
         proc.wait()
         proc.stdout.close()
         _check_files(rd)
+    print("killed at:", killed_at)
     assert len(killed_at) >= 4, killed_at  # the run really was killed repeatedly
     proc = _start(cfg, 0.0)
     out, _ = proc.communicate(timeout=600)
@@ -109,7 +110,7 @@ def test_kill9_at_several_points_then_resume_equals_uninterrupted(tmp_path):
             assert {k: v for k, v in ma[sec].items()} == {k: v for k, v in mb[sec].items()}, (t, sec)
         da, db = ma["train"]["metrics"], mb["train"]["metrics"]
         for k, v in da.items():
-            if isinstance(v, float):
+            if isinstance(v, float) and "seconds" not in k:  # wall times differ, the numbers must not
                 assert db[k] == pytest.approx(v, rel=1e-3, abs=1e-4), (t, k)
     ref_base = json.loads((ref_dir / "eval_base" / "eval.json").read_text())
     base = json.loads((rd / "eval_base" / "eval.json").read_text())
