@@ -415,3 +415,71 @@ def train_iteration(model_cfg, train_cfg: TrainConfig, pairs: list[dict], out_di
     os.replace(tmp, adapter_dir)
     write_json_atomic(done, metrics)
     return metrics
+
+
+# ---------------------------------------------------------------------------------------------- timing
+
+def time_training_step(model_cfg, tokens_per_sequence: int = 256, pairs: int = 1, repeats: int = 3,
+                       grad_checkpointing: bool = False, seed: int = 0) -> dict:
+    """Seconds per DPO forward+backward+AdamW step of ``pairs`` pairs, each sequence ``tokens_per_sequence``
+    long (a quarter prompt), on random token ids; the median of ``repeats`` runs after one warm-up step.
+
+    This is how the CPU default of ``ModelConfig.load_in_4bit`` was chosen (``python -m tpo_lite.train``).
+    """
+    from tpo_lite.models import describe, enable_gradient_checkpointing, lm_head_options, lm_head_weight, load_model
+    from tpo_lite.ops import fused_dpo_loss
+
+    _seed_all(seed)
+    t0 = time.time()
+    model, _ = load_model(model_cfg, trainable=True)
+    load_s = time.time() - t0
+    if grad_checkpointing:
+        enable_gradient_checkpointing(model)
+    weight = lm_head_weight(model)
+    opts = lm_head_options(model)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-5)
+    g = torch.Generator().manual_seed(seed)
+    n_prompt = tokens_per_sequence // 4
+    seqs = [(torch.randint(0, weight.shape[0], (n_prompt,), generator=g).tolist(),
+             torch.randint(0, weight.shape[0], (tokens_per_sequence - n_prompt,), generator=g).tolist())
+            for _ in range(2 * pairs)]
+    batch = collate(seqs, 0, weight.device)
+    ref = torch.full((2 * pairs,), -1000.0, device=weight.device)
+    times = []
+    for i in range(repeats + 1):
+        t = time.perf_counter()
+        out = fused_dpo_loss(_scored_hidden(model, batch), weight, batch["targets"], batch["segments"], ref,
+                             **opts)
+        out.loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if weight.device.type == "cuda":
+            torch.cuda.synchronize()
+        if i:
+            times.append(time.perf_counter() - t)
+    times.sort()
+    return {"model": describe(model), "tokens_per_step": 2 * pairs * tokens_per_sequence,
+            "seconds_per_step": times[len(times) // 2], "all": times, "load_seconds": load_s,
+            "threads": torch.get_num_threads()}
+
+
+if __name__ == "__main__":
+    import argparse
+    import json
+
+    from tpo_lite.models import ModelConfig
+
+    ap = argparse.ArgumentParser(description="Time one DPO training step per base precision (bf16 vs NF4 ...).")
+    ap.add_argument("--model", default="smollm2")
+    ap.add_argument("--tokens", type=int, default=256, help="tokens per sequence (a pair is 2 sequences)")
+    ap.add_argument("--pairs", type=int, default=1)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--variants", default="bf16,nf4", help="comma list of bf16, fp32, nf4 (bf16 compute)")
+    args = ap.parse_args()
+    variants = {"bf16": dict(dtype="bfloat16", load_in_4bit=False), "fp32": dict(dtype="float32", load_in_4bit=False),
+                "nf4": dict(dtype="bfloat16", load_in_4bit=True)}
+    for name in args.variants.split(","):
+        res = time_training_step(ModelConfig(path=args.model, **variants[name]), args.tokens, args.pairs,
+                                 args.repeats)
+        print(json.dumps({"variant": name, **res}), flush=True)
