@@ -322,3 +322,39 @@ def test_config_change_on_resume_is_refused(tiny, tmp_path):
     prepare_run_dir(load_config(cfg, ["loop.iterations=5"]), rd)  # more iterations: fine
     with pytest.raises(TpoError, match=r"sampling.k: 4 -> 8"):
         prepare_run_dir(load_config(cfg, ["sampling.k=8"]), rd)
+
+
+def test_judge_failure_keeps_partial_work_and_resumes(tiny, tmp_path):
+    """A judge that gives up (e.g. its server stays down after the retries) stops the run with the judgements
+    already made kept on disk; the resumed run judges only the rest."""
+    from tpo_lite.judges.base import JudgeResult
+    from tpo_lite.jsonl import read_records
+    from tpo_lite.loop import run
+
+    class FlakyJudge:
+        name = "flaky"
+
+        def __init__(self, fail_after):
+            self.calls, self.fail_after, self.seen = 0, fail_after, []
+
+        def score(self, instruction, responses):
+            if self.calls == self.fail_after:
+                raise TpoError("judge server http://127.0.0.1:9/v1 unreachable after 3 retries", field="judge")
+            self.calls += 1
+            self.seen.append(instruction["id"])
+            return JudgeResult([None if r is None else float(len(r)) for r in responses])
+
+    model_dir, train, heldout = tiny
+    cfg = _load(write_config(tmp_path, model_dir, train, heldout, iterations=1), "loop.eval_before=false",
+                "loop.eval_after=false")
+    j1 = FlakyJudge(fail_after=2)
+    with pytest.raises(TpoError, match="unreachable"):
+        run(cfg, progress=False, echo=lambda s: None, sampler_factory=scripted_factory(), judge=j1)
+    d = tmp_path / "runs" / "t" / "iter_01"
+    kept = read_records(d / "judgements.jsonl", key="prompt_id")
+    assert list(kept) == j1.seen and len(kept) == 2
+    assert not (d / "judge.done.json").exists()
+    j2 = FlakyJudge(fail_after=-1)
+    run(cfg, progress=False, echo=lambda s: None, sampler_factory=scripted_factory(), judge=j2)
+    assert not set(j2.seen) & set(j1.seen) and len(j1.seen) + len(j2.seen) == 5  # nothing judged twice
+    assert len(read_records(d / "judgements.jsonl", key="prompt_id")) == 5
