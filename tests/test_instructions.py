@@ -181,6 +181,8 @@ def test_embedded_scores_spread(embedded):
 def test_generator_is_deterministic_and_matches_committed(tmp_path):
     # Rebuilding the sets gives exactly the committed files.
     script = os.path.join(os.path.dirname(embedded_path("train")), "build_sets.py")
+    if not os.path.isfile(script):
+        pytest.skip("build_sets.py is a source-tree script (not installed with the package)")
     code = ("import importlib.util, json, sys; s = importlib.util.spec_from_file_location('b', sys.argv[1]); "
             "m = importlib.util.module_from_spec(s); s.loader.exec_module(m); print(json.dumps(m.build()))")
     out = subprocess.run([sys.executable, "-c", code, script], capture_output=True, text=True, check=True).stdout

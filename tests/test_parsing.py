@@ -83,6 +83,24 @@ def test_echoed_instruction_with_quoted_markers_is_not_a_split():
     assert r.valid and r.response == '"All quoted."'
 
 
+def test_observed_smollm2_outputs():
+    # Excerpts of real SmolLM2-135M-Instruct samples (generic template, prefilled thought header, T=0.8).
+    mid_sentence = (" I started with 10 apples and gave away 11 apples. This means Tom now has 10 + 11 = 21 apples."
+                    "\n\nSo, here is my response: 21.\n\nHere is the process of my thought process: I started "
+                    "with 10 apples.")
+    r = parse_output(mid_sentence, G)
+    assert r.valid and r.response.startswith("21.\n\nHere is the process") and r.thought.endswith("apples.\n\nSo,")
+    # "the response" is not the Granite marker: not split (training must not reward a non-Granite marker).
+    near = ("\nIt's essential to follow a standard routine in your new job.\nHere's the response:\nWhen starting "
+            "a new job, it's crucial to establish a routine.")
+    assert parse_output(near, G).invalid_reason == "no_response_marker"
+    quoted_start = ("I would suggest stretching before and after a workout.\n\nHere's my response:\n\n"
+                    "\"Here is my response: Here's my answer: In this response, I will provide tips.\"")
+    r = parse_output(quoted_start, G)
+    assert r.valid and r.response.startswith("\"Here is my response: Here's my answer:")
+    assert parse_output(" So, my response is:\n\nYes.", G).invalid_reason == "no_response_marker"
+
+
 def test_only_thought_marker_is_invalid():
     r = parse_output("Here is my thought process: I will greet them warmly and", G)
     assert r == Parsed("I will greet them warmly and", "", False, "no_response_marker")
