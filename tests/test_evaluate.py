@@ -241,6 +241,14 @@ def test_pairwise_both_orders_and_position_bias():
     assert pb["first_position_preferred"] == pytest.approx(0.6)
     assert pb["order_consistency"] == pytest.approx(3 / 4)  # the tie item disagrees (0.6 vs 0.6)
     assert r["win_rate"] == pytest.approx(0.6)
+    # a judge that always says "tie" is unbiased and consistent
+    class _Coin(_BiasedPairwise):
+        def compare(self, instruction, a, b):
+            return 0.5
+
+    r = ev.compare_outputs(items, model, base, _Coin(), ev.EvalConfig(n_boot=50))
+    assert r["position_bias"] == {"first_position_preferred": 0.5, "order_consistency": 1.0, "n_judged": 4}
+    assert r["win_rate"] == 0.5 and r["ties"] == 4
 
 
 class _LengthLovingPairwise:

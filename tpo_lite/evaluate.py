@@ -680,7 +680,8 @@ def compare_outputs(items: Sequence[EvalItem], model: Sequence[ModelOutput], bas
                     raise TpoError(f"judge {_judge_name(judge)} returned p={p} outside [0, 1] for {it.id}")
             outcome = (p_ab + (1.0 - p_ba)) / 2.0
             first_pos.append((p_ab + p_ba) / 2.0)
-            consistent.append(float((p_ab > 0.5) == (p_ba < 0.5) and p_ab != 0.5))
+            # Same winner from the model's side in both orders (a tie in both counts as consistent).
+            consistent.append(float(np.sign(p_ab - 0.5) == np.sign(0.5 - p_ba)))
             row.update(p_model_first=p_ab, p_baseline_first=p_ba, judged=True)
         row["outcome"] = outcome
         rows.append(row)
