@@ -110,10 +110,12 @@ struct Cap {
 // One block per (compacted) row i. raw: [n, c] logits of vocab rows [v0, v0 + c). m, S: running max and sum
 // (m starts at -inf, S at 0). zt: capped target logit, written by the one thread whose column is the target.
 // P (nullable): P~ = exp(z - m_new) f'(a) in the input dtype; alpha (nullable): exp(m_old - m_new).
+// P may alias raw (fp32 / fp64 inputs write P~ over the logits): element j is read and then written by the
+// same thread, after the max pass has finished reading, so raw and P are deliberately not __restrict__.
 template <typename scalar_t, typename acc_t>
 __global__ void __launch_bounds__(kThreads) chunk_forward_kernel(
-    const acc_t* __restrict__ raw, int64_t c, int64_t v0, const int64_t* __restrict__ targets, Cap<acc_t> f,
-    acc_t* __restrict__ m, acc_t* __restrict__ S, acc_t* __restrict__ zt, scalar_t* __restrict__ P,
+    const acc_t* raw, int64_t c, int64_t v0, const int64_t* __restrict__ targets, Cap<acc_t> f,
+    acc_t* __restrict__ m, acc_t* __restrict__ S, acc_t* __restrict__ zt, scalar_t* P,
     acc_t* __restrict__ alpha) {
   __shared__ acc_t smem[kWarps];
   const int64_t i = blockIdx.x;
@@ -170,10 +172,11 @@ __global__ void __launch_bounds__(kThreads) finalize_kernel(
 }
 
 // One block per compacted row: G[i, j] = g_i s f'(a_ij) (1[v0 + j == t_i] - exp(z_ij - lse_i)), input dtype.
+// G may alias raw (fp32 / fp64), element by element within one thread, hence no __restrict__ on either.
 template <typename scalar_t, typename acc_t>
 __global__ void __launch_bounds__(kThreads) chunk_grad_kernel(
-    const acc_t* __restrict__ raw, int64_t c, int64_t v0, const int64_t* __restrict__ targets, Cap<acc_t> f,
-    const acc_t* __restrict__ lse, const acc_t* __restrict__ grad, scalar_t* __restrict__ G) {
+    const acc_t* raw, int64_t c, int64_t v0, const int64_t* __restrict__ targets, Cap<acc_t> f,
+    const acc_t* __restrict__ lse, const acc_t* __restrict__ grad, scalar_t* G) {
   const int64_t i = blockIdx.x;
   const acc_t* row = raw + i * c;
   scalar_t* grow = G + i * c;
@@ -197,11 +200,13 @@ at::Tensor mm_acc(const at::Tensor& a, const at::Tensor& b, at::ScalarType acc) 
   return at::mm(a, b, acc);
 }
 
-// Vocab chunk: the caller's value, else ~32M logits per chunk (128 MiB fp32), 2048..16384 columns.
+// Vocab chunk: the caller's value, else at most 16M logits per chunk (64 MiB in fp32), 2048..16384 columns:
+// wide enough that each product keeps the GPU busy, small enough that the chunk buffers stay far below the
+// N x V logits (at N = 2048: 8192 columns, 1/18 of V = 151936).
 int64_t pick_chunk(int64_t chunk, int64_t n, int64_t V) {
   if (chunk <= 0) {
     chunk = 16384;
-    while (chunk > 2048 && chunk * std::max<int64_t>(n, 1) > (int64_t(1) << 25)) chunk /= 2;
+    while (chunk > 2048 && chunk * std::max<int64_t>(n, 1) > (int64_t(1) << 24)) chunk /= 2;
   }
   return std::max<int64_t>(1, std::min(chunk, V));
 }
@@ -215,7 +220,8 @@ Cap<acc_t> cast_cap(const Cap<double>& c) {
   return Cap<acc_t>{static_cast<acc_t>(c.scale), static_cast<acc_t>(c.cap), static_cast<acc_t>(c.inv_cap)};
 }
 
-void check_inputs(const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& targets, const char* fn) {
+void check_inputs(const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& targets, int64_t chunk,
+                  const char* fn) {
   TORCH_CHECK(hidden.is_cuda() && weight.is_cuda() && targets.is_cuda(), fn,
               ": hidden, weight and targets must be CUDA tensors (got ", hidden.device(), ", ", weight.device(),
               ", ", targets.device(), ")");
@@ -236,6 +242,7 @@ void check_inputs(const at::Tensor& hidden, const at::Tensor& weight, const at::
   TORCH_CHECK(st == at::kFloat || st == at::kDouble || st == at::kHalf || st == at::kBFloat16, fn,
               ": dtype must be float64, float32, bfloat16 or float16, got ", st);
   TORCH_CHECK(targets.scalar_type() == at::kLong, fn, ": targets must be int64, got ", targets.scalar_type());
+  TORCH_CHECK(chunk >= 0, fn, ": chunk must be >= 0 (0 = default), got ", chunk);
 }
 
 // Valid (non-ignored) rows: index tensor (undefined when every row is valid) and the compacted inputs.
@@ -284,7 +291,7 @@ std::vector<at::Tensor> linear_logprobs_forward(const at::Tensor& hidden_in, con
                                                 double logit_scale, double softcap, int64_t chunk,
                                                 bool need_grad) {
   const char* fn = "linear_logprobs_forward (CUDA)";
-  check_inputs(hidden_in, weight_in, targets_in, fn);
+  check_inputs(hidden_in, weight_in, targets_in, chunk, fn);
   c10::cuda::CUDAGuard guard(hidden_in.device());
   const at::Tensor hidden = hidden_in.contiguous(), weight = weight_in.contiguous(),
                    targets = targets_in.contiguous();
@@ -318,7 +325,8 @@ std::vector<at::Tensor> linear_logprobs_forward(const at::Tensor& hidden_in, con
       const int64_t cc = std::min(c, V - v0);
       const at::Tensor Wc = weight.narrow(0, v0, cc);
       const at::Tensor raw = mm_acc(rows.hidden, Wc.t(), acc);  // [n, cc]
-      at::Tensor P = need_grad ? at::empty({n, cc}, hidden.options()) : at::Tensor();
+      // P~ overwrites the logits when the dtypes agree (fp32 / fp64): one N x chunk buffer instead of two.
+      at::Tensor P = !need_grad ? at::Tensor() : (hidden.scalar_type() == acc ? raw : at::empty({n, cc}, hidden.options()));
       chunk_forward_kernel<scalar_t, acc_t><<<n, kThreads, 0, stream>>>(
           raw.data_ptr<acc_t>(), cc, v0, rows.targets.data_ptr<int64_t>(), f, m.data_ptr<acc_t>(),
           S.data_ptr<acc_t>(), zt.data_ptr<acc_t>(), need_grad ? P.data_ptr<scalar_t>() : nullptr,
@@ -346,7 +354,7 @@ std::vector<at::Tensor> linear_logprobs_backward(const at::Tensor& grad_logp_in,
                                                  double softcap, int64_t chunk, bool need_grad_hidden,
                                                  bool need_grad_weight) {
   const char* fn = "linear_logprobs_backward (CUDA)";
-  check_inputs(hidden_in, weight_in, targets_in, fn);
+  check_inputs(hidden_in, weight_in, targets_in, chunk, fn);
   const int64_t N = hidden_in.size(0), d = hidden_in.size(1), V = weight_in.size(0);
   TORCH_CHECK(grad_logp_in.dim() == 1 && grad_logp_in.size(0) == N, fn, ": grad_logp must be [", N, "], got ",
               grad_logp_in.sizes());
@@ -385,7 +393,7 @@ std::vector<at::Tensor> linear_logprobs_backward(const at::Tensor& grad_logp_in,
       const int64_t cc = std::min(c, V - v0);
       const at::Tensor Wc = weight.narrow(0, v0, cc);
       const at::Tensor raw = mm_acc(rows.hidden, Wc.t(), acc);
-      at::Tensor G = at::empty({n, cc}, hidden.options());
+      at::Tensor G = hidden.scalar_type() == acc ? raw : at::empty({n, cc}, hidden.options());  // in place when fp32/64
       chunk_grad_kernel<scalar_t, acc_t><<<n, kThreads, 0, stream>>>(
           raw.data_ptr<acc_t>(), cc, v0, rows.targets.data_ptr<int64_t>(), f, lse.data_ptr<acc_t>(),
           grad.data_ptr<acc_t>(), G.data_ptr<scalar_t>());

@@ -379,7 +379,16 @@ def run_case(shape, dtype_name: str, device: str, cfg: KernelBenchConfig, log: C
     for r in range(cfg.repeats):
         rot = order[r % len(order):] + order[: r % len(order)] if order else []
         for m in rot:
-            methods[m]["times_ms"].append(_time_once(steps[m], device))
+            try:
+                methods[m]["times_ms"].append(_time_once(steps[m], device))
+            except Exception as e:  # e.g. out of memory on a later, larger allocation
+                methods[m] = {"status": f"n/a (failed: {type(e).__name__}: {str(e).splitlines()[0][:150]})"}
+                order.remove(m)
+                del steps[m]
+                hidden.grad = None
+                gc.collect()
+                if device == "cuda":
+                    torch.cuda.empty_cache()
     for m in order:
         methods[m]["median_ms"] = statistics.median(methods[m]["times_ms"])
     if "floor" in steps:
