@@ -1,0 +1,197 @@
+"""`tpo-lite chat` and `tpo-lite export`: use the trained model.
+
+A TPO model only thinks when its prompt is wrapped in the thought template, so ``chat`` wraps every prompt
+(and shows only the response unless asked), and ``export`` writes merged weights whose chat template does the
+wrapping by itself. Bad input is printed as one ``error: ...`` line with exit status 2.
+"""
+from __future__ import annotations
+
+import json
+import sys
+
+import click
+
+from .run_cmds import _fail_cleanly
+
+_4BIT = click.Choice(["auto", "true", "false"])
+
+
+def _model_cfg(model, dtype, load_in_4bit, device):
+    from ..models import ModelConfig
+
+    four = {"auto": "auto", "true": True, "false": False}[load_in_4bit]
+    return ModelConfig(path=model, dtype=dtype, load_in_4bit=four, device=device)
+
+
+def _exported_template(info):
+    """The thought template recorded in an exported model directory."""
+    from ..prompts import BUILTIN, Template
+
+    if info["template"] in BUILTIN and BUILTIN[info["template"]].wrapper == info["wrapper"]:
+        return BUILTIN[info["template"]]
+    return Template(name=info["template"], wrapper=info["wrapper"], thought_header=info.get("thought_header"),
+                    response_marker=info.get("response_marker"), marker_wins=info.get("marker_wins", "first"))
+
+
+def _prompts(argv_prompts):
+    """Prompts from the command line, else stdin: line by line when piped, interactively on a terminal."""
+    if argv_prompts:
+        yield from argv_prompts
+        return
+    if sys.stdin.isatty():
+        click.echo("Type a prompt and press Enter (Ctrl-D or 'exit' to quit).", err=True)
+        while True:
+            try:
+                line = input("> ")
+            except EOFError:
+                click.echo(err=True)
+                return
+            if line.strip() in ("exit", "quit"):
+                return
+            if line.strip():
+                yield line
+    else:
+        for line in sys.stdin:
+            line = line.rstrip("\n")
+            if line.strip():
+                yield line
+
+
+@click.command("chat", context_settings={"max_content_width": 100})
+@click.argument("prompt", nargs=-1)
+@click.option("--model", default="smollm2", show_default=True,
+              help="Base model: 'smollm2' (embedded default), an HF model directory (also one written by "
+                   "`tpo-lite export`, whose chat template already wraps prompts) or a .gguf file.")
+@click.option("--adapter", type=click.Path(exists=True, file_okay=False), default=None,
+              help="LoRA adapter directory to put on the base (e.g. runs/NAME/iter_02/adapter).")
+@click.option("--template", default=None,
+              help="Thought template the model was trained with: generic, specific, direct or a .toml file "
+                   "[default: generic; for an exported model, the template it was exported with].")
+@click.option("--prefill-thought-header/--no-prefill-thought-header", default=False, show_default=True,
+              help="Start the assistant turn with the template's thought header (use it if the run did).")
+@click.option("--system-prompt", default=None, help="System message before the user turn (as in the run).")
+@click.option("--show-thoughts", is_flag=True, help="Print the thought before the response.")
+@click.option("--jsonl", is_flag=True,
+              help="Print one JSON object per prompt (prompt, thought, response, valid, invalid_reason, "
+                   "finish_reason, forced, text) instead of plain text.")
+@click.option("--max-new-tokens", type=click.IntRange(min=1), default=512, show_default=True,
+              help="Token limit of one whole output (thought + response).")
+@click.option("--temperature", type=click.FloatRange(min=0), default=0.7, show_default=True,
+              help="Sampling temperature; 0 = greedy.")
+@click.option("--top-p", type=click.FloatRange(min=0, max=1, min_open=True), default=0.95, show_default=True,
+              help="Nucleus sampling mass.")
+@click.option("--seed", type=int, default=0, show_default=True,
+              help="Seed; prompt n of the session uses a seed derived from it, so a session is reproducible.")
+@click.option("--thought-budget", type=click.IntRange(min=1), default=None,
+              help="Budget forcing: after this many thought tokens (or EOS) append the response marker and "
+                   "sample the response.")
+@click.option("--dtype", type=click.Choice(["auto", "bfloat16", "float32", "float16"]), default="auto",
+              show_default=True, help="Weight/compute dtype.")
+@click.option("--load-in-4bit", type=_4BIT, default="false", show_default=True,
+              help="Load the base in NF4 (bitsandbytes); 'auto' = on CUDA only.")
+@click.option("--device", default="auto", show_default=True, help="Torch device (auto, cpu, cuda, cuda:1, ...).")
+@_fail_cleanly
+def chat_command(prompt, model, adapter, template, prefill_thought_header, system_prompt, show_thoughts, jsonl,
+                 max_new_tokens, temperature, top_p, seed, thought_budget, dtype, load_in_4bit, device):
+    """Talk to a TPO model: each PROMPT (or each line of stdin) is wrapped in the thought template, the model
+    writes its thought and response, and the response is printed (the thought too with --show-thoughts).
+
+    With no PROMPT arguments, prompts are read from stdin: line by line when it is a pipe or file
+    (`echo "Name three colours" | tpo-lite chat --adapter runs/x/iter_02/adapter`), interactively on a
+    terminal. Outputs without a parseable response are printed whole, with a note on stderr.
+    """
+    from ..errors import TpoError
+    from ..export import read_export_info
+    from ..models import load_model
+    from ..parsing import parse_output
+    from ..prompts import build_prompt, get_template
+    from ..sampling import LocalSampler, SamplingConfig, make_job
+
+    info = read_export_info(model) if model and not model.endswith(".gguf") else None
+    if info is not None:
+        tpl = _exported_template(info)
+        if template is not None and template != tpl.name:
+            raise TpoError(f"this model was exported with the {tpl.name!r} template, its chat template "
+                           "applies it already", path=model, field="--template")
+    else:
+        tpl = get_template(template or "generic")
+    if max_new_tokens <= (thought_budget or 0):
+        raise TpoError(f"must be below --max-new-tokens ({max_new_tokens})", field="--thought-budget")
+    scfg = SamplingConfig(k=1, batch_size=1, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
+                          thought_budget=thought_budget, seed=seed)
+    lm, tokenizer = load_model(_model_cfg(model, dtype, load_in_4bit, device), adapter=adapter)
+    sampler = LocalSampler(lm, tokenizer, scfg, tpl if tpl.response_marker else None, progress=False)
+    for n, text in enumerate(_prompts(prompt)):
+        if info is not None:  # the exported chat template wraps, pre-fills and adds the system prompt itself
+            messages = [{"role": "user", "content": text}]
+            prompt_text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        else:
+            prompt_text = build_prompt(tokenizer, text, tpl, prefill_thought_header=prefill_thought_header,
+                                       system_prompt=system_prompt)
+        job = make_job(f"chat-{n}", prompt_text, tokenizer, scfg)
+        (_, (sample,)), = sampler.sample([job], 1)
+        parsed = parse_output(sample.text, tpl, finish_reason=sample.finish_reason)
+        if jsonl:
+            click.echo(json.dumps({"prompt": text, "thought": parsed.thought, "response": parsed.response,
+                                   "valid": parsed.valid, "invalid_reason": parsed.invalid_reason,
+                                   "finish_reason": sample.finish_reason, "forced": sample.forced,
+                                   "text": sample.text}, ensure_ascii=False))
+            continue
+        response = parsed.response
+        if not parsed.valid:
+            note = {"truncated": f"cut at --max-new-tokens={max_new_tokens}",
+                    "no_response_marker": "no response marker; printing the whole output",
+                    "empty_response": "empty response"}.get(parsed.invalid_reason, parsed.invalid_reason)
+            click.echo(f"[{note}]", err=True)
+            if parsed.invalid_reason == "no_response_marker":
+                response = sample.text.strip()
+        if show_thoughts and tpl.response_marker and parsed.thought:
+            click.echo("Thought:\n" + parsed.thought + "\n\nResponse:")
+        click.echo(response)
+        click.echo()
+        sys.stdout.flush()
+
+
+@click.command("export", context_settings={"max_content_width": 100})
+@click.argument("out_dir", type=click.Path(file_okay=False))
+@click.option("--model", default="smollm2", show_default=True,
+              help="Base model the adapter was trained on: 'smollm2', an HF model directory or a .gguf file.")
+@click.option("--adapter", type=click.Path(exists=True, file_okay=False), required=True,
+              help="LoRA adapter directory to merge (e.g. runs/NAME/iter_02/adapter).")
+@click.option("--template", default="generic", show_default=True,
+              help="Thought template the model was trained with (generic, specific, direct or a .toml file); the "
+                   "exported chat template applies it.")
+@click.option("--prefill-thought-header/--no-prefill-thought-header", default=False, show_default=True,
+              help="Make the chat template start the assistant turn with the thought header (as the run did).")
+@click.option("--system-prompt", default=None,
+              help="System message the chat template inserts when a conversation has none (as in the run).")
+@click.option("--load-in-4bit", type=_4BIT, default="auto", show_default=True,
+              help="How the base was loaded for training. With NF4 the base is loaded in 4-bit and dequantised "
+                   "before merging, so the merged weights are exactly what the adapter was trained on. 'auto' "
+                   "= as training decides (NF4 on CUDA, bf16/fp32 on the CPU).")
+@click.option("--dtype", type=click.Choice(["auto", "bfloat16", "float32", "float16"]), default="auto",
+              show_default=True, help="Dtype the base is loaded in for merging.")
+@click.option("--save-dtype", type=click.Choice(["bfloat16", "float32", "float16"]), default=None,
+              help="Dtype of the saved weights [default: the loading dtype].")
+@click.option("--device", default="auto", show_default=True, help="Torch device used for merging.")
+@click.option("--overwrite", is_flag=True, help="Replace OUT_DIR if it exists and is not empty.")
+@_fail_cleanly
+def export_command(out_dir, model, adapter, template, prefill_thought_header, system_prompt, load_in_4bit, dtype,
+                   save_dtype, device, overwrite):
+    """Write a standalone model to OUT_DIR: the LoRA adapter merged into the base weights (peft
+    merge_and_unload; dequantised first if the base was trained in 4-bit), the tokenizer with a chat template
+    that wraps the last user message in the thought prompt by itself (`enable_thinking=False` turns it off),
+    and a README model card explaining the output format and how to strip the thought.
+
+    The result loads with plain transformers (AutoModelForCausalLM / AutoTokenizer) or vLLM, and
+    `tpo-lite chat --model OUT_DIR` uses it directly.
+    """
+    from ..export import export_model
+    from ..prompts import PromptConfig, get_template
+
+    get_template(template)  # fail early on a bad template, before loading anything
+    pcfg = PromptConfig(template=template, prefill_thought_header=prefill_thought_header,
+                        system_prompt=system_prompt)
+    out = export_model(_model_cfg(model, dtype, load_in_4bit, device), adapter, out_dir, pcfg, dtype=save_dtype,
+                       overwrite=overwrite)
+    click.echo(f"exported to {out}")
