@@ -13,7 +13,9 @@ ext_modules, cmdclass = [], {}
 if not os.environ.get("TPO_LITE_NO_EXT"):
     from torch.utils import cpp_extension
 
-    cxx_flags = ["-O3", "-std=c++17", "-fopenmp"]
+    # no -std flag: torch passes its own standard (C++20 for torch 2.13) and a later -std=c++17 would override
+    # it; no -march flag: csrc/cpu uses target_clones to pick AVX-512 / AVX2 at load time
+    cxx_flags = ["-O3", "-fopenmp"]
     cpu_sources = sorted(os.path.join("csrc", "cpu", f) for f in os.listdir("csrc/cpu") if f.endswith(".cpp"))
     if cpu_sources:
         ext_modules.append(
