@@ -155,6 +155,14 @@ def _empty(ax, msg: str):
     ax.set_yticks([])
 
 
+def _iter_axis(ax, its) -> None:
+    """Integer iteration ticks with half a step of room, also when there is a single iteration."""
+    its = sorted(set(its))
+    if its:
+        ax.set_xticks(its)
+        ax.set_xlim(its[0] - 0.5, its[-1] + 0.5)
+
+
 def _errbar(ax, xs, ys, cis, label, offset=0.0, **kw):
     lo = [y - c[0] if c else 0.0 for y, c in zip(ys, cis)]
     hi = [c[1] - y if c else 0.0 for y, c in zip(ys, cis)]
@@ -181,7 +189,7 @@ def plot_winrate(runs: list[RunData], path: str) -> None:
         a1.set_ylabel("win rate (ties = 1/2)")
         a1.set_title("Win rate vs baseline (95% bootstrap CI)")
         a1.legend(fontsize=8)
-        a1.xaxis.get_major_locator().set_params(integer=True)
+        _iter_axis(a1, [t for r in runs for per in r.pairwise.values() for t in per])
     else:
         _empty(a1, "no pairwise evals found\n(RUN/iter_XX/compare/<label>/eval.json)")
         a1.set_title("Win rate vs baseline")
@@ -199,7 +207,7 @@ def plot_winrate(runs: list[RunData], path: str) -> None:
         a2.set_ylabel("mean held-out judge score")
         a2.set_title("Held-out score (95% bootstrap CI)")
         a2.legend(fontsize=8)
-        a2.xaxis.get_major_locator().set_params(integer=True)
+        _iter_axis(a2, [t for r in runs for t in r.heldout])
     else:
         _empty(a2, "no held-out evals found\n(RUN/eval_base, RUN/iter_XX/heldout)")
         a2.set_title("Held-out score")
@@ -222,7 +230,7 @@ def plot_lengths(runs: list[RunData], path: str) -> None:
               (axes[2], "Response length: chosen vs rejected", [(("pairs", "chosen_response_chars"), " chosen"),
                                                                 (("pairs", "rejected_response_chars"), " rejected")])]
     for ax, title, keysets in panels:
-        drawn = False
+        drawn, xs = False, []
         for i, r in enumerate(runs):
             for keys, suffix in keysets:
                 its, ys = _series(r, *keys)
@@ -230,11 +238,12 @@ def plot_lengths(runs: list[RunData], path: str) -> None:
                     ax.plot(its, ys, marker="o", ls="-" if "rejected" not in suffix else "--", color=f"C{i % 10}",
                             label=r.name + suffix)
                     drawn = True
+                    xs += its
         if drawn:
             ax.set_xlabel("iteration")
             ax.set_ylabel("characters (mean)")
             ax.legend(fontsize=8)
-            ax.xaxis.get_major_locator().set_params(integer=True)
+            _iter_axis(ax, xs)
             ax.set_ylim(bottom=0)
         else:
             _empty(ax, "no metrics.json with these fields")
@@ -270,7 +279,7 @@ def plot_valid_rate(runs: list[RunData], path: str) -> None:
         ax.set_xlabel("iteration (0 = seed model, held-out only)")
         ax.set_ylabel("fraction of outputs")
         ax.legend(fontsize=8)
-        ax.xaxis.get_major_locator().set_params(integer=True)
+        _iter_axis(ax, [t for r in runs for t in list(r.metrics) + list(r.heldout)])
     else:
         _empty(ax, "no valid-rate data found")
     ax.set_title("Valid-format rate per iteration")
@@ -300,6 +309,10 @@ def plot_scores(runs: list[RunData], path: str) -> None:
             elif r.sample_scores.get(t):
                 pos.append(x), data.append(r.sample_scores[t]), colors.append("tab:gray")
             ticks.append(x)
+        if not data:
+            _empty(ax, "no scored pairs or valid samples\n(every sample invalid?)")
+            ax.set_title(f"{r.name}: judge scores of chosen vs rejected")
+            continue
         if data:
             bp = ax.boxplot(data, positions=pos, widths=0.8, patch_artist=True, showmeans=True)
             for patch, c in zip(bp["boxes"], colors):
