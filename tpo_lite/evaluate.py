@@ -531,7 +531,7 @@ def baseline_outputs(items: Sequence[EvalItem], generator: str | None = None) ->
                         generator=generator or it.baseline_generator or "baseline") for it in items]
 
 
-def _eval_sampling_config(base, ecfg: EvalConfig):
+def eval_sampling_config(base, ecfg: EvalConfig):
     """The run's SamplingConfig with the eval decoding settings put in (fields the sampler does not have are
     skipped, so prompt-side options such as thought prefill / budget forcing carry over from the run)."""
     from .sampling import SamplingConfig
@@ -546,8 +546,12 @@ def _eval_sampling_config(base, ecfg: EvalConfig):
 
 
 def generate_outputs(items: Sequence[EvalItem], model, tokenizer, prompt_cfg, generator: str,
-                     ecfg: EvalConfig | None = None, sampling_cfg=None, progress: bool = False) -> list[ModelOutput]:
-    """Generate one output per item with the local sampler and parse it into thought and response.
+                     ecfg: EvalConfig | None = None, sampling_cfg=None, progress: bool = False,
+                     sampler=None) -> list[ModelOutput]:
+    """Generate one output per item and parse it into thought and response.
+
+    The local sampler runs ``model`` unless ``sampler`` is given (e.g. an OpenAI-compatible server sampler built
+    by :func:`tpo_lite.sampling.make_sampler` from :func:`eval_sampling_config`; ``model`` may then be None).
 
     Decoding: ``ecfg.temperature`` (default 0 = greedy), ``ecfg.top_p``, ``ecfg.max_new_tokens``; output ``i``
     uses seed ``ecfg.seed + i``, so a sampled eval (temperature > 0) is reproducible too. The prompt is built
@@ -558,9 +562,10 @@ def generate_outputs(items: Sequence[EvalItem], model, tokenizer, prompt_cfg, ge
     from .sampling import LocalSampler, PromptJob
 
     ecfg = ecfg or EvalConfig()
-    scfg = _eval_sampling_config(sampling_cfg, ecfg)
+    scfg = eval_sampling_config(sampling_cfg, ecfg)
     template = get_template(prompt_cfg)
-    sampler = LocalSampler(model, tokenizer, scfg, template, progress=progress)
+    if sampler is None:
+        sampler = LocalSampler(model, tokenizer, scfg, template, progress=progress)
     jobs = []
     for i, it in enumerate(items):
         text = build_prompt(tokenizer, it.instruction, prompt_cfg)

@@ -120,13 +120,22 @@ def eval_command(target, iteration, adapter, eval_set, baseline, against, output
             out_dir = Path(run_dir) / "eval" / f"{_slug(gen)}_{set_name}_absolute"
     out_dir = Path(out_dir)
     if not outputs_path:
-        from ..models import load_model
+        from .. import models
 
         click.echo(f"generating {len(items)} outputs with {gen} ({'greedy' if ecfg.temperature == 0 else 'sampled'}"
-                   f" decoding, template {config.prompts.template})", err=True)
-        model, tok = load_model(config.model, adapter=ad)
+                   f" decoding, template {config.prompts.template}, {config.sampling.backend} backend)", err=True)
+        if config.sampling.backend == "local":
+            model, tok = models.load_model(config.model, adapter=ad)
+            sampler = None
+        else:  # an OpenAI-compatible server (vLLM) serves the adapter; only the tokenizer is needed here
+            from ..prompts import get_template
+            from ..sampling import make_sampler
+
+            model, tok = None, models.load_tokenizer(config.model)
+            sampler = make_sampler(ev.eval_sampling_config(config.sampling, ecfg), tok,
+                                   get_template(config.prompts), adapter=ad, progress=not no_progress)
         outputs = ev.generate_outputs(items, model, tok, config.prompts, gen, ecfg, config.sampling,
-                                      progress=not no_progress)
+                                      progress=not no_progress, sampler=sampler)
         del model
     ev.write_model_outputs(out_dir, outputs)
 
