@@ -74,6 +74,7 @@ def test_write_json_atomic(tmp_path):
     write_json_atomic(p, {"a": [1, 2]})
     assert read_json(p) == {"a": [1, 2]}
     assert os.listdir(p.parent) == ["m.json"]  # no temp files left
+    assert (os.stat(p).st_mode & 0o777) == 0o644
     p.write_text('{\n "a": 1,\n}\n')
     with pytest.raises(TpoError, match=r"m.json:3: not valid JSON"):
         read_json(p)
