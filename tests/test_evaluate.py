@@ -226,7 +226,7 @@ def test_tie_margin():
 def test_pairwise_both_orders_and_position_bias():
     items = _items(4)
     model = _outs(items, ["longer one", "s", "same", "longest of all"], "m")
-    base = _outs(items, ["short", "longer", "same", "x"], "b")
+    base = _outs(items, ["short", "longer", "sane", "x"], "b")  # item 2: equal length, different text
     judge = _BiasedPairwise(bias=0.1)
     r = ev.compare_outputs(items, model, base, judge, ev.EvalConfig(n_boot=100))
     assert r["comparison"] == "pairwise"
@@ -312,7 +312,7 @@ def _tiny_model_and_tokenizer(tmp_path):
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
     words = ["<pad>", "<s>", "</s>", "<unk>", "<|im_start|>", "<|im_end|>", "user", "assistant", "system", "\n"]
-    words += ["here", "is", "my", "thought", "process:", "response:", "the", "a", "answer", "yes", "no", "word"]
+    words += ["here", "is", "my", "thought", "process:", "response:", "the", "a", "answer", "yes", "no", "word", "A", "B"]
     words += [f"w{k}" for k in range(100)]
     vocab = {w: i for i, w in enumerate(dict.fromkeys(words))}
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
@@ -362,6 +362,46 @@ def test_eval_tiny_random_model_real_path(tmp_path):
     assert cmp["win_rate"] == pytest.approx(np.mean([row["outcome"] for row in cmp["items"]]))
     ev.write_result(tmp_path / "cmp", cmp)
     assert json.loads((tmp_path / "cmp" / "eval.json").read_text())["n"] == 4
+
+
+def test_compare_with_real_reward_model_and_pairwise_judges(tmp_path):
+    """compare_outputs through the real judge classes on tiny random models: the outcomes must equal what the
+    judges' own score()/compare() give for the two responses (a score difference; the mean over both orders)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    from tpo_lite.judges.pairwise import LocalPairBackend, PairwiseJudge
+    from tpo_lite.judges.reward_model import RewardModelJudge
+
+    model, tok = _tiny_model_and_tokenizer(tmp_path)
+    torch.manual_seed(1)
+    rm = LlamaForSequenceClassification(LlamaConfig(
+        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=1, num_labels=1, pad_token_id=tok.pad_token_id)).eval()
+    items = [ev.EvalItem(id=f"q{k}", instruction=f"w{k} answer", category="c") for k in range(4)]
+    mo = _outs(items, ["yes w1 w2", "no", "the answer w3", "w4 w5 w6 w7"], "m")
+    bo = _outs(items, ["no w9", "yes yes", "a word", "w4 w5 w6 w7"], "b")
+
+    rmj = RewardModelJudge(rm, tok)
+    r = ev.compare_outputs(items, mo, bo, rmj, ev.EvalConfig(n_boot=50))
+    assert r["comparison"] == "score"
+    for it, m, b, row in list(zip(items, mo, bo, r["items"]))[:3]:
+        sm, sb = rmj.score(it, [m.response, b.response]).scores
+        assert row["model_score"] == pytest.approx(sm) and row["baseline_score"] == pytest.approx(sb)
+        assert abs(sm - sb) > 1e-4 and row["outcome"] == (1.0 if sm > sb else 0.0)
+    # identical responses tie without being judged (a batched RM forward gives them scores that differ by ~1e-8)
+    assert r["items"][3]["outcome"] == 0.5 and r["items"][3]["identical"] and not r["items"][3]["judged"]
+
+    pj = PairwiseJudge(LocalPairBackend(model, tok))
+    r = ev.compare_outputs(items, mo, bo, pj, ev.EvalConfig(n_boot=50))
+    assert r["comparison"] == "pairwise"
+    firsts = []
+    for it, m, b, row in list(zip(items, mo, bo, r["items"]))[:3]:
+        p_ab, p_ba = pj.compare(it, m.response, b.response), pj.compare(it, b.response, m.response)
+        assert row["outcome"] == pytest.approx((p_ab + 1 - p_ba) / 2)
+        firsts.append((p_ab + p_ba) / 2)
+    assert r["position_bias"]["first_position_preferred"] == pytest.approx(np.mean(firsts))
+    assert r["position_bias"]["n_judged"] == 3 and r["items"][3]["outcome"] == 0.5
 
 
 # ------------------------------------------------------------------------------------------------ CLI

@@ -64,6 +64,8 @@ UNCATEGORISED = "uncategorised"
 FORMATS = ("auto", "alpaca_eval", "arena_hard", "instructions")
 COMPARISONS = ("auto", "score", "pairwise")
 
+_FLOAT_TIE = 1e-6  # relative score difference below which a 'score' comparison is a tie (float rounding)
+
 MODEL_OUTPUTS = "model_outputs.json"
 MODEL_THOUGHTS = "model_thoughts.jsonl"
 EVAL_JSON = "eval.json"
@@ -125,7 +127,8 @@ class EvalConfig:
     tie_margin: float = field(
         default=0.0,
         metadata={"help": "In 'score' comparisons, a score difference with |diff| <= tie_margin is a tie (half a "
-                          "win). 0 = only exactly equal scores tie (the programmatic judge's usual case)."},
+                          "win). 0 = only equal scores tie (up to float rounding, 1e-6 relative); identical "
+                          "responses always tie."},
     )
     n_boot: int = field(
         default=2000,
@@ -669,14 +672,20 @@ def compare_outputs(items: Sequence[EvalItem], model: Sequence[ModelOutput], bas
         if not m.valid or not b.valid:
             outcome = 0.5 if (not m.valid and not b.valid) else (0.0 if not m.valid else 1.0)
             row["judged"] = False
+        elif m.response == b.response:  # the same answer is a tie by definition; no judge noise can break it
+            outcome = 0.5
+            row.update(judged=False, identical=True)
         elif mode == "score":
             sm, sb = _score(judge, it, [m.response, b.response])
             row.update(model_score=sm, baseline_score=sb, judged=True)
             if sm is None or sb is None:  # the judge itself rejected a response: treat like an invalid output
                 outcome = 0.5 if sm is None and sb is None else (0.0 if sm is None else 1.0)
             else:
+                # Float noise (batched reward-model forwards differ in the last bits) must not decide a winner:
+                # differences within 1e-6 relative to the scores count as equal.
                 d = sm - sb
-                outcome = 1.0 if d > ecfg.tie_margin else (0.0 if d < -ecfg.tie_margin else 0.5)
+                margin = ecfg.tie_margin + _FLOAT_TIE * max(1.0, abs(sm), abs(sb))
+                outcome = 1.0 if d > margin else (0.0 if d < -margin else 0.5)
         else:
             p_ab = float(judge.compare(it, m.response, b.response))
             p_ba = float(judge.compare(it, b.response, m.response))
