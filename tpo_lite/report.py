@@ -10,7 +10,8 @@ What is read (all optional; a plot whose data is missing says so instead of fail
 * absolute held-out evals: ``RUN/eval_base/eval.json`` (iteration 0 = the seed model) and
   ``RUN/iter_XX/heldout/eval.json``;
 * pairwise evals (from ``tpo-lite eval`` or the direct-response experiment): ``RUN/iter_XX/compare/<label>/eval.json``
-  for the per-iteration win rate, and any ``RUN/compare/<label>/eval.json`` for final comparisons.
+  for the per-iteration win rate, and ``RUN/compare/<label>/eval.json`` / ``RUN/eval/<label>/eval.json`` (pairwise
+  ones) as final comparisons.
 
 An *experiment* directory (with ``experiment.json``, see :mod:`tpo_lite.experiment`) expands to its runs plus its
 own ``compare/`` results.
@@ -103,8 +104,12 @@ def load_run(run_dir: str | os.PathLike, name: str | None = None) -> RunData:
         if os.path.exists(jp):
             data.sample_scores[t] = [float(s) for rec in read_records(jp) for s in rec.get("scores", [])
                                      if s is not None]
-    for ep in sorted(glob.glob(os.path.join(run_dir, "compare", "*", "eval.json"))):
-        data.finals[os.path.basename(os.path.dirname(ep))] = _read_json_checked(ep)
+    # final comparisons: the experiment's compare/ and `tpo-lite eval` results outside an iteration (eval/)
+    for ep in sorted(glob.glob(os.path.join(run_dir, "compare", "*", "eval.json"))
+                     + glob.glob(os.path.join(run_dir, "eval", "*", "eval.json"))):
+        res = _read_json_checked(ep)
+        if res.get("kind") == "pairwise":
+            data.finals[os.path.basename(os.path.dirname(ep))] = res
     return data
 
 
