@@ -109,3 +109,15 @@ def test_report_bad_input(tmp_path):
     (rd / "iter_01" / "metrics.json").write_text("{ not json")
     with pytest.raises(TpoError, match=r"metrics.json:1: not valid JSON"):
         report.make_report([rd])
+
+
+def test_report_reads_final_comparisons_of_tpo_lite_eval(tmp_path):
+    rd = str(tmp_path / "run")
+    _dump(os.path.join(rd, "iter_01", "metrics.json"), {"iteration": 1, "generate": {"valid_rate": 0.5}})
+    _dump(os.path.join(rd, "eval", "run-iter01_vs_gpt4", "eval.json"),
+          {**_pairwise("run-iter01", 0.25, [0.1, 0.4], {"writing": 0.25}), "baseline": "gpt4"})
+    _dump(os.path.join(rd, "eval", "seed_heldout_absolute", "eval.json"), _absolute(0.3, [0.2, 0.4], 0.5))
+    run = report.load_run(rd)
+    assert list(run.finals) == ["run-iter01_vs_gpt4"]  # absolute results are not comparisons
+    md = open(report.make_report([rd])["report.md"]).read()
+    assert "| run-iter01 vs gpt4 | final | 40 | 25.0% [10.0, 40.0] |" in md
