@@ -128,12 +128,13 @@ def test_lc_equals_plain_win_rate_when_lengths_equal():
 
 def test_lc_equals_win_rate_when_length_is_uninformative_and_symmetric():
     # Length differences symmetric around zero and outcomes independent of them: the slope is 0 and
-    # sigmoid(a) is exactly the mean.
-    out = np.array([1, 0, 1, 0, 1, 1, 0.5, 0.5])
-    d = np.array([3, 3, -3, -3, 5, -5, 1, -1]) * 1.0
+    # sigmoid(a) is the mean (Firth's penalty shrinks it toward 0.5 by O(1/n): 0.600 vs 0.625 at n = 8).
+    out = np.tile([1, 0, 1, 0, 1, 1, 0.5, 0.5], 50)
+    d = np.tile([3, 3, -3, -3, 5, -5, 1, -1], 50) * 1.0
     # Outcomes paired so that sum((y - mean) * z) == 0: the slope's score equation holds at b = 0.
-    lc = length_controlled_win_rate(out, 100 + d, np.full(8, 100.0))
-    assert lc == pytest.approx(win_rate(out), abs=1e-6)
+    lc = length_controlled_win_rate(out, 100 + d, np.full(out.size, 100.0))
+    assert lc == pytest.approx(win_rate(out), abs=2e-3)
+    assert lc <= win_rate(out)
 
 
 def test_lc_removes_pure_length_bias():
@@ -182,3 +183,13 @@ def test_summarize_outcomes():
     assert s["win_rate"] == pytest.approx(0.625)
     assert s["win_rate_ci"][0] <= 0.625 <= s["win_rate_ci"][1]
     assert "lc_win_rate" in s and len(s["lc_win_rate_ci"]) == 2
+
+
+def test_lc_win_rate_under_perfect_separation_stays_below_raw():
+    # The judge prefers exactly the longer response and the model is longer 3 times in 4: the raw win rate
+    # (0.75) is all length. The controlled rate must move toward 0.5, not overshoot the raw rate.
+    d = np.concatenate([np.arange(1, 21)[np.arange(90) % 20], -np.arange(1, 21)[np.arange(30) % 20]]).astype(float)
+    out = (d > 0).astype(float)
+    lc = length_controlled_win_rate(out, 100 + d, np.full(d.size, 100.0))
+    assert win_rate(out) == pytest.approx(0.75)
+    assert 0.5 <= lc < 0.65

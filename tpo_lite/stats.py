@@ -10,10 +10,10 @@ We fit a logistic regression of the judge's preference on the standardised lengt
 
     P(model preferred | d) = sigmoid(a + b * z),   z = d / sd(d),   d = len_model - len_baseline,
 
-by maximum likelihood with fractional outcomes (a tie counts as half a win), and report ``sigmoid(a)``:
+by Firth-penalised maximum likelihood with fractional outcomes (a tie counts as half a win), and report ``sigmoid(a)``:
 the predicted win rate of a model whose responses are exactly as long as the baseline's. ``z`` is scaled
-but *not* centred, so ``z = 0`` still means "equal length". A small ridge on the slope ``b`` keeps the fit
-finite when wins and losses are perfectly separated by length; the intercept is not penalised.
+but *not* centred, so ``z = 0`` still means "equal length". Firth's penalty keeps the fit finite, and the
+intercept sensible, when wins and losses are perfectly separated by length.
 
 How this differs from AlpacaEval 2.0's length-controlled win rate: AlpacaEval fits a GLM per model with
 three terms -- the model-vs-baseline identity, ``tanh`` of the standardised length difference and an
@@ -179,28 +179,35 @@ def bradley_terry(
     return theta
 
 
-def _logistic_fit(y: np.ndarray, z: np.ndarray, slope_l2: float, max_iter: int = 100) -> tuple[float, float]:
-    """Newton fit of ``y ~ sigmoid(a + b z)`` with fractional ``y`` and a ridge on ``b`` only."""
-    a = float(np.log(np.mean(y) / (1.0 - np.mean(y))))  # the intercept-only optimum: a good start
-    b = 0.0
+def _logistic_fit(y: np.ndarray, z: np.ndarray, max_iter: int = 200) -> tuple[float, float]:
+    """Firth-penalised Newton fit of ``y ~ sigmoid(a + b z)`` with fractional ``y``.
+
+    Firth's penalty (a Jeffreys prior, ``+ 1/2 log det I``) keeps both coefficients finite under perfect
+    separation (e.g. the judge prefers exactly the longer response). A ridge on the slope alone does not:
+    the intercept then absorbs the class imbalance and the "length-controlled" rate overshoots the raw one.
+    The modified score is ``X^T (y - p + h (1/2 - p))`` with ``h`` the hat-matrix diagonal.
+    """
+    x = np.column_stack([np.ones_like(z), z])
+    theta = np.zeros(2)
     for _ in range(max_iter):
-        s = _sigmoid(a + b * z)
-        r = y - s
-        g = np.array([r.sum(), (r * z).sum() - slope_l2 * b])
-        w = s * (1.0 - s)
-        h = np.array([[w.sum(), (w * z).sum()], [(w * z).sum(), (w * z * z).sum() + slope_l2]])
-        step = np.linalg.solve(h + 1e-12 * np.eye(2), g)
-        a, b = a + step[0], b + step[1]
-        if np.max(np.abs(step)) < 1e-10:
+        p = _sigmoid(x @ theta)
+        w = p * (1.0 - p)
+        info_inv = np.linalg.inv(x.T @ (x * w[:, None]) + 1e-12 * np.eye(2))
+        h = w * np.einsum("ij,jk,ik->i", x, info_inv, x)
+        step = info_inv @ (x.T @ (y - p + h * (0.5 - p)))
+        biggest = float(np.max(np.abs(step)))
+        if biggest > 5.0:  # damp early steps: the penalised likelihood is far from quadratic there
+            step *= 5.0 / biggest
+        theta += step
+        if biggest < 1e-10:
             break
-    return a, b
+    return float(theta[0]), float(theta[1])
 
 
 def length_controlled_win_rate(
     outcomes: Sequence[float],
     len_model: Sequence[float],
     len_baseline: Sequence[float],
-    slope_l2: float = 0.01,
 ) -> float:
     """Win rate at zero length difference from a one-covariate logistic fit (see the module docstring).
 
@@ -225,7 +232,7 @@ def length_controlled_win_rate(
     sd = float(np.std(d))
     if mean <= 0.0 or mean >= 1.0 or sd == 0.0:
         return mean
-    a, _ = _logistic_fit(y, d / sd, slope_l2)
+    a, _ = _logistic_fit(y, d / sd)
     return float(_sigmoid(np.array([a]))[0])
 
 
