@@ -152,7 +152,7 @@ def run_experiment(config, exp_dir: str | os.PathLike | None = None, progress: b
     if judge is None:
         from .judges import make_judge
 
-        judge = make_judge(config.judge)
+        judge = make_judge(config.judge, cache_path=exp / "judge_cache.sqlite")
     seed = _heldout_outputs(exp / "direct" / "eval_base" / "outputs.jsonl", "seed")
     if seed is None:
         raise TpoError("the direct run has no held-out outputs of the seed model (eval_base/outputs.jsonl)",

@@ -4,7 +4,7 @@ A record is ``{"id": "train-0007", "instruction": "...", "category": "writing", 
 
 * ``id`` (string, required, unique within the file) -- the key of every per-instruction record of a run;
 * ``instruction`` (string, required, not blank) -- the user's request, exactly as the judge sees it;
-* ``category`` (string, optional, default ``"general"``) -- for per-category reporting;
+* ``category`` (string, optional, default ``"uncategorised"``) -- for per-category reporting;
 * ``checks`` (list, optional) -- verifiable checks for the programmatic judge, each ``{"type": ..., params}``
   of a type in :data:`tpo_lite.judges.checks.CHECKS`; unknown types and bad parameters fail at load time.
 
@@ -35,7 +35,7 @@ class Instruction:
 
     id: str
     instruction: str
-    category: str = "general"
+    category: str = "uncategorised"
     checks: list[dict] = field(default_factory=list)
 
     def to_dict(self) -> dict:
@@ -129,7 +129,7 @@ def load_instructions(path: str | os.PathLike) -> list[Instruction]:
         for key in ("id", "instruction"):
             if key not in rec:
                 raise TpoError("missing required field", path=path, line=lineno, field=key)
-        iid, text_, cat = rec["id"], rec["instruction"], rec.get("category", "general")
+        iid, text_, cat = rec["id"], rec["instruction"], rec.get("category", "uncategorised")
         if not isinstance(iid, str) or not iid.strip():
             raise TpoError(f"expected a non-empty string, got {iid!r}", path=path, line=lineno, field="id")
         if not isinstance(text_, str) or not text_.strip():

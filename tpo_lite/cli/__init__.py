@@ -7,7 +7,7 @@ import click
 # dependency only breaks its own command.
 _COMMANDS = {
     "tpo_lite.cli.run_cmds": ["run", "generate", "judge", "pairs", "train"],
-    "tpo_lite.cli.eval_cmds": ["eval", "report"],
+    "tpo_lite.cli.eval_cmds": ["eval", "report", "experiment"],
     "tpo_lite.cli.model_cmds": ["chat", "export"],
     "tpo_lite.cli.bench_cmds": ["bench"],
 }

@@ -141,7 +141,8 @@ def eval_command(target, iteration, adapter, eval_set, baseline, against, output
 
     from ..judges import make_judge
 
-    judge = make_judge(config.judge)
+    # Cache beside the outputs: a re-run (or an interrupted one) never asks the judge twice.
+    judge = make_judge(config.judge, cache_path=out_dir / "judge_cache.sqlite")
     if mode == "absolute":
         result = ev.absolute_eval(items, outputs, judge, ecfg)
     else:
