@@ -26,7 +26,7 @@ def test_load_jsonl_and_defaults(tmp_path):
     p = _jsonl(tmp_path, [GOOD, "", {"id": "b", "instruction": "Count.", "extra": 1}])
     got = load_instructions(p)
     assert got == [Instruction("a", "Say hi.", "writing", [{"type": "max_words", "value": 5}]),
-                   Instruction("b", "Count.", "general", [])]
+                   Instruction("b", "Count.", "uncategorised", [])]
     assert got[0].to_dict() == GOOD
 
 
