@@ -71,7 +71,7 @@ class KernelBenchConfig:
                           "(Liger-Kernel, GPU only), floor (the two bare matrix products)."},
     )
     repeats: int = field(default=5, metadata={"help": "Timed fwd+bwd runs per method (interleaved); the median "
-                                                      "is reported. At least 1 (the issue asks for >= 5)."})
+                                                      "is reported. At least 1; use >= 5 for numbers you report."})
     warmup: int = field(default=1, metadata={"help": "Untimed runs per method before timing (torch.compile "
                                                      "compiles in the first)."})
     memory: bool = field(default=True, metadata={"help": "Measure peak extra memory per method (CPU: one fresh "
@@ -186,6 +186,9 @@ def build_step(method: str, hidden, weight, targets, cfg: KernelBenchConfig) -> 
         return step
     if method == "compiled":
         try:
+            # Fresh dynamo state per case: the compiled-code cache lives on eager_logprobs' code object, and
+            # after torch._dynamo.config.cache_size_limit shapes dynamo would silently run eager instead.
+            torch._dynamo.reset()
             compiled = torch.compile(eager_logprobs, dynamic=False)
         except Exception as e:  # e.g. no C++ compiler for inductor
             raise Unavailable(f"torch.compile failed: {type(e).__name__}: {str(e).splitlines()[0][:120]}")
