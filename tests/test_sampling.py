@@ -371,7 +371,8 @@ class FakeVLLM:
         self.lora_ok = True
         self.loras = {}
         self.finish = "stop"
-        self.send_token_ids = True
+        self.send_token_ids = True  # True: choices[].token_ids; False: logprobs.tokens; None: neither
+        self.stop_reason = None
         outer = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -417,9 +418,11 @@ class FakeVLLM:
                     ids.append(2)  # EOS, as vLLM includes it in token_ids
                 choice = {"index": 0, "text": "".join(f"<{t}>" for t in ids if t != 2),
                           "finish_reason": finish, "stop_reason": None}
+                if outer.stop_reason is not None:
+                    choice["stop_reason"] = outer.stop_reason
                 if outer.send_token_ids:
                     choice["token_ids"] = ids
-                else:
+                elif outer.send_token_ids is False:
                     choice["logprobs"] = {"tokens": [f"token_id:{t}" for t in ids]}
                 self._send(200, {"id": "cmpl-1", "object": "text_completion", "model": body["model"],
                                  "choices": [choice]})
@@ -488,6 +491,23 @@ def test_openai_sampler_reads_token_ids_from_logprobs(server):
     (pid, samples), = OpenAISampler(cfg, EosTok(), progress=False).sample(server_jobs(1, 1), 1)
     s = samples[0]
     assert s.token_ids == [10 + (s.seed + i) % 50 for i in range(3)] + [2]
+
+
+def test_openai_sampler_retokenises_as_a_counted_fallback(server):
+    server.send_token_ids = None
+    cfg = SamplingConfig(backend="openai", base_url=server.url, k=1, max_new_tokens=16)
+    sampler = OpenAISampler(cfg, EosTok(), progress=False)
+    (pid, (s,)), = sampler.sample(server_jobs(1, 1), 1)
+    assert sampler.retokenised == 1
+    assert s.token_ids == EosTok()(s.text)["input_ids"] + [2]
+
+
+def test_openai_sampler_stop_string(server):
+    server.stop_reason = "<12>"
+    cfg = SamplingConfig(backend="openai", base_url=server.url, k=1, max_new_tokens=16, stop=["<12>"])
+    (pid, (s,)), = OpenAISampler(cfg, EosTok(), progress=False).sample(server_jobs(1, 1), 1)
+    assert s.finish_reason == "stop"
+    assert server.completions()[0]["stop"] == ["<12>"] and server.completions()[0]["include_stop_str_in_output"]
 
 
 def test_openai_sampler_retries_after_500(server):

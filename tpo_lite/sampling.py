@@ -259,7 +259,10 @@ def select_tokens(logits, temperature: float, top_p: float, uniforms):
     probs = torch.softmax(logits.float() / temperature, dim=-1)
     sorted_p, order = probs.sort(dim=-1, descending=True, stable=True)
     cum = sorted_p.cumsum(dim=-1)
-    keep = (cum - sorted_p) < top_p  # mass before this token is still short of top_p; keeps the first
+    if top_p >= 1.0:  # everything (float round-off in the cumsum must not drop the tail)
+        keep = torch.ones_like(sorted_p, dtype=torch.bool)
+    else:
+        keep = (cum - sorted_p) < top_p  # mass before this token is still short of top_p; keeps the first
     kept = sorted_p * keep
     cum = kept.cumsum(dim=-1)
     threshold = uniforms.to(cum.device, cum.dtype).unsqueeze(-1) * cum[:, -1:]
@@ -630,8 +633,8 @@ class OpenAISampler:
                                                              for t in tokens):
                 ids = [int(t.split(":", 1)[1]) for t in tokens]
             else:
-                ids = list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
-                with self._lock:
+                with self._lock:  # a fast tokenizer must not be used from several threads at once
+                    ids = list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
                     self.retokenised += 1
         ids = [int(t) for t in ids]
         if finish == "eos" and self.eos_ids and (not ids or ids[-1] not in self.eos_ids):
