@@ -136,23 +136,43 @@ __global__ void __launch_bounds__(kThreads) chunk_forward_kernel(
   const acc_t* row = raw + i * c;
   const int64_t t_local = targets[i] - v0;
 
-  acc_t local_max = neg_inf(acc_t(0));
-  for (int64_t j = threadIdx.x; j < c; j += kThreads) local_max = max(local_max, f.z(row[j]));
   const acc_t m_old = m[i];
-  const acc_t m_new = max(m_old, block_max(local_max, smem));
-
-  // Second read of the chunk row: it was just read by this block and sits in L2; recomputing tanh is
-  // cheaper than holding c / kThreads values per thread in registers for arbitrary c.
-  acc_t local_sum = 0;
-  scalar_t* prow = P ? P + i * c : nullptr;
-  for (int64_t j = threadIdx.x; j < c; j += kThreads) {
-    const acc_t z = f.z(row[j]);
-    const acc_t e = dexp(z - m_new);
-    local_sum += e;
-    if (prow) prow[j] = static_cast<scalar_t>(e * f.dz(z));
-    if (j == t_local) zt[i] = z;
+  acc_t m_new, chunk_sum;
+  if (P == nullptr) {
+    // No gradient wanted: a single read of the chunk row, each thread keeping its own online (max, sum),
+    // merged across the block at the end.
+    acc_t tm = neg_inf(acc_t(0)), ts = 0;
+    for (int64_t j = threadIdx.x; j < c; j += kThreads) {
+      const acc_t z = f.z(row[j]);
+      if (j == t_local) zt[i] = z;
+      if (z > tm) {
+        ts = ts * dexp(tm - z) + acc_t(1);  // first element: 0 * exp(-inf) + 1
+        tm = z;
+      } else {
+        ts += dexp(z - tm);
+      }
+    }
+    m_new = max(m_old, block_max(tm, smem));
+    // A thread that saw no element has tm = -inf, ts = 0 and adds exp(-inf) * 0 = 0.
+    chunk_sum = block_sum(ts * dexp(tm - m_new), smem);
+  } else {
+    // P~ needs the chunk's final max before the first write: a max pass, then a second read of the row
+    // (just read by this block, so it comes from L2; recomputing tanh is cheaper than holding c / kThreads
+    // values per thread in registers for arbitrary c).
+    acc_t local_max = neg_inf(acc_t(0));
+    for (int64_t j = threadIdx.x; j < c; j += kThreads) local_max = max(local_max, f.z(row[j]));
+    m_new = max(m_old, block_max(local_max, smem));
+    acc_t local_sum = 0;
+    scalar_t* prow = P + i * c;
+    for (int64_t j = threadIdx.x; j < c; j += kThreads) {
+      const acc_t z = f.z(row[j]);
+      const acc_t e = dexp(z - m_new);
+      local_sum += e;
+      prow[j] = static_cast<scalar_t>(e * f.dz(z));
+      if (j == t_local) zt[i] = z;
+    }
+    chunk_sum = block_sum(local_sum, smem);
   }
-  const acc_t chunk_sum = block_sum(local_sum, smem);
   if (threadIdx.x == 0) {
     // m_old == -inf on the first chunk: exp(-inf) = 0 wipes the (zero) history, as it should.
     const acc_t a = dexp(m_old - m_new);
