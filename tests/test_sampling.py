@@ -602,3 +602,17 @@ def test_openai_budget_forcing_two_phases(server):
     assert second["max_tokens"] == 64 - 3 - len(forced)
     assert s.forced and s.token_ids[:3 + len(forced)] == thought + forced and s.token_ids[-1] == 2
     assert template.forced_response_text in s.text and s.finish_reason == "eos"
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_local_sampler_on_cuda_matches_cpu(tok):
+    """Same seeds on the GPU: the uniforms come from the per-sample CPU generators, so with a float32 model the
+    sampled ids match the CPU run (a rare boundary case aside, hence >= 7 of 8)."""
+    cpu_model = tiny_model(tok)
+    gpu_model = tiny_model(tok).cuda()
+    cfg = SamplingConfig(k=8, max_new_tokens=12, temperature=1.0, top_p=0.9)
+    jobs = [job(tok, "a", "Here is my thought process:", 8)]
+    a = collect(LocalSampler(cpu_model, tok, cfg, progress=False), jobs, 8)["a"]
+    b = collect(LocalSampler(gpu_model, tok, cfg, progress=False), jobs, 8)["a"]
+    assert sum(x.token_ids == y.token_ids for x, y in zip(a, b)) >= 7
