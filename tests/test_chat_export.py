@@ -258,3 +258,53 @@ def test_chat_bad_input(tiny_dirs):
     assert r.exit_code == 2 and "unknown template" in r.output
     r = run_chat(["--model", str(base_dir), "--thought-budget", "20", "--max-new-tokens", "10", "x"])
     assert r.exit_code == 2 and "--thought-budget" in r.output
+
+
+def fake_run(tmp_path, base_dir, adapter_dir):
+    """A run directory with a config and one finished iteration whose adapter is the tiny LoRA."""
+    import shutil
+
+    rd = tmp_path / "runs" / "tiny"
+    (rd / "iter_01").mkdir(parents=True)
+    shutil.copytree(adapter_dir, rd / "iter_01" / "adapter")
+    (rd / "iter_01" / "train.done.json").write_text("{}")
+    (rd / "config.toml").write_text(
+        f'[model]\npath = "{base_dir}"\ndtype = "float32"\nload_in_4bit = false\ndevice = "cpu"\n'
+        '[prompts]\ntemplate = "generic"\nprefill_thought_header = true\n'
+        '[sampling]\nmax_new_tokens = 30\nthought_budget = 5\n'
+        f'[loop]\niterations = 1\nname = "tiny"\nruns_root = "{tmp_path / "runs"}"\n')
+    return rd
+
+
+def test_run_option_takes_model_template_and_final_adapter(tiny_dirs, tmp_path):
+    base_dir, adapter_dir = tiny_dirs
+    rd = fake_run(tmp_path, base_dir, adapter_dir)
+    out = tmp_path / "from_run"
+    r = run_export([str(out), "--run", str(rd)])
+    assert r.exit_code == 0, r.output
+    info = json.loads((out / "tpo_lite_export.json").read_text())
+    assert info["adapter"] == str((rd / "iter_01" / "adapter").resolve())
+    assert info["prefill_thought_header"] is True and info["dtype"] == "float32"
+    # chat --run: the run's prompt (pre-filled), adapter, max_new_tokens and thought budget.
+    common = ["--temperature", "0", "--jsonl"]
+    a = run_chat(["--run", str(rd)] + common, "Name a colour.\n")
+    b = run_chat(["--model", str(base_dir), "--adapter", str(rd / "iter_01" / "adapter"), "--dtype", "float32",
+                  "--prefill-thought-header", "--max-new-tokens", "30", "--thought-budget", "5"] + common,
+                 "Name a colour.\n")
+    assert a.exit_code == 0 and b.exit_code == 0, (a.output, b.output)
+    assert json.loads(a.stdout) == json.loads(b.stdout)
+    assert json.loads(a.stdout)["forced"] is True
+    # Typed options override the run.
+    c = run_chat(["--run", str(rd), "--max-new-tokens", "7", "--thought-budget", "3"] + common, "Name a colour.\n")
+    assert c.exit_code == 0, c.output
+    assert json.loads(c.stdout)["finish_reason"] == "length"
+
+
+def test_run_without_trained_adapter_is_an_error(tiny_dirs, tmp_path):
+    base_dir, adapter_dir = tiny_dirs
+    rd = fake_run(tmp_path, base_dir, adapter_dir)
+    (rd / "iter_01" / "train.done.json").unlink()
+    r = run_export([str(tmp_path / "o"), "--run", str(rd)])
+    assert r.exit_code == 2 and "no trained adapter" in r.output
+    r = run_export([str(tmp_path / "o"), "--model", str(base_dir)])
+    assert r.exit_code == 2 and "--adapter" in r.output

@@ -7,6 +7,7 @@ wrapping by itself. Bad input is printed as one ``error: ...`` line with exit st
 from __future__ import annotations
 
 import json
+import os
 import sys
 
 import click
@@ -21,6 +22,42 @@ def _model_cfg(model, dtype, load_in_4bit, device):
 
     four = {"auto": "auto", "true": True, "false": False}[load_in_4bit]
     return ModelConfig(path=model, dtype=dtype, load_in_4bit=four, device=device)
+
+
+def _from_run(ctx, run, model, dtype, load_in_4bit, device, template, prefill, system_prompt, adapter):
+    """Resolve the model config, prompt config and adapter, from ``--run`` where given; options the user typed
+    override the run's values. Returns (ModelConfig, PromptConfig, adapter path or None, RunConfig or None)."""
+    import dataclasses
+
+    from click.core import ParameterSource
+
+    from ..prompts import PromptConfig
+
+    def typed(name):
+        return ctx.get_parameter_source(name) not in (ParameterSource.DEFAULT, ParameterSource.DEFAULT_MAP)
+
+    mcfg = _model_cfg(model, dtype, load_in_4bit, device)
+    pcfg = PromptConfig(template=template or "generic", prefill_thought_header=prefill, system_prompt=system_prompt)
+    if run is None:
+        return mcfg, pcfg, adapter, None
+    from .. import loop
+    from ..errors import TpoError
+    from .run_cmds import _open
+
+    config, run_dir = _open(run, (), None, None)
+    mchanges = {f: getattr(mcfg, f) for f, opt in (("path", "model"), ("dtype", "dtype"),
+                                                   ("load_in_4bit", "load_in_4bit"), ("device", "device"))
+                if typed(opt)}
+    mcfg = dataclasses.replace(config.model, **mchanges)
+    pchanges = {f: getattr(pcfg, f) for f, opt in (("template", "template"),
+                                                   ("prefill_thought_header", "prefill_thought_header"),
+                                                   ("system_prompt", "system_prompt")) if typed(opt)}
+    pcfg = dataclasses.replace(config.prompts, **pchanges)
+    if adapter is None:
+        adapter = loop.adapter_for(run_dir, config.loop.iterations + 1, config)
+        if adapter is None:
+            raise TpoError("the run has no trained adapter yet", path=str(run_dir), field="--run")
+    return mcfg, pcfg, adapter, config
 
 
 def _exported_template(info):
@@ -59,6 +96,9 @@ def _prompts(argv_prompts):
 
 @click.command("chat", context_settings={"max_content_width": 100})
 @click.argument("prompt", nargs=-1)
+@click.option("--run", "run", default=None, metavar="RUN_DIR|CONFIG.toml",
+              help="Take the model, template, pre-fill, system prompt and the final adapter from this run "
+                   "(options typed on the command line override them).")
 @click.option("--model", default="smollm2", show_default=True,
               help="Base model: 'smollm2' (embedded default), an HF model directory (also one written by "
                    "`tpo-lite export`, whose chat template already wraps prompts) or a .gguf file.")
@@ -90,8 +130,9 @@ def _prompts(argv_prompts):
 @click.option("--load-in-4bit", type=_4BIT, default="false", show_default=True,
               help="Load the base in NF4 (bitsandbytes); 'auto' = on CUDA only.")
 @click.option("--device", default="auto", show_default=True, help="Torch device (auto, cpu, cuda, cuda:1, ...).")
+@click.pass_context
 @_fail_cleanly
-def chat_command(prompt, model, adapter, template, prefill_thought_header, system_prompt, show_thoughts, jsonl,
+def chat_command(ctx, prompt, run, model, adapter, template, prefill_thought_header, system_prompt, show_thoughts, jsonl,
                  max_new_tokens, temperature, top_p, seed, thought_budget, dtype, load_in_4bit, device):
     """Talk to a TPO model: each PROMPT (or each line of stdin) is wrapped in the thought template, the model
     writes its thought and response, and the response is printed (the thought too with --show-thoughts).
@@ -107,27 +148,37 @@ def chat_command(prompt, model, adapter, template, prefill_thought_header, syste
     from ..prompts import build_prompt, get_template
     from ..sampling import LocalSampler, SamplingConfig, make_job
 
-    info = read_export_info(model) if model and not model.endswith(".gguf") else None
+    mcfg, pcfg, adapter, config = _from_run(ctx, run, model, dtype, load_in_4bit, device, template,
+                                            prefill_thought_header, system_prompt, adapter)
+    if config is not None:  # the run's decoding limits unless typed
+        from click.core import ParameterSource
+
+        if ctx.get_parameter_source("max_new_tokens") == ParameterSource.DEFAULT:
+            max_new_tokens = config.sampling.max_new_tokens
+        if ctx.get_parameter_source("thought_budget") == ParameterSource.DEFAULT:
+            thought_budget = config.sampling.thought_budget
+    model = mcfg.path
+    info = read_export_info(model) if os.path.isdir(model) else None
     if info is not None:
         tpl = _exported_template(info)
         if template is not None and template != tpl.name:
             raise TpoError(f"this model was exported with the {tpl.name!r} template, its chat template "
                            "applies it already", path=model, field="--template")
     else:
-        tpl = get_template(template or "generic")
+        tpl = get_template(pcfg)
     if max_new_tokens <= (thought_budget or 0):
         raise TpoError(f"must be below --max-new-tokens ({max_new_tokens})", field="--thought-budget")
     scfg = SamplingConfig(k=1, batch_size=1, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
                           thought_budget=thought_budget, seed=seed)
-    lm, tokenizer = load_model(_model_cfg(model, dtype, load_in_4bit, device), adapter=adapter)
+    lm, tokenizer = load_model(mcfg, adapter=adapter)
     sampler = LocalSampler(lm, tokenizer, scfg, tpl if tpl.response_marker else None, progress=False)
     for n, text in enumerate(_prompts(prompt)):
         if info is not None:  # the exported chat template wraps, pre-fills and adds the system prompt itself
             messages = [{"role": "user", "content": text}]
             prompt_text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         else:
-            prompt_text = build_prompt(tokenizer, text, tpl, prefill_thought_header=prefill_thought_header,
-                                       system_prompt=system_prompt)
+            prompt_text = build_prompt(tokenizer, text, tpl, prefill_thought_header=pcfg.prefill_thought_header,
+                                       system_prompt=pcfg.system_prompt)
         job = make_job(f"chat-{n}", prompt_text, tokenizer, scfg)
         (_, (sample,)), = sampler.sample([job], 1)
         parsed = parse_output(sample.text, tpl, finish_reason=sample.finish_reason)
@@ -154,10 +205,13 @@ def chat_command(prompt, model, adapter, template, prefill_thought_header, syste
 
 @click.command("export", context_settings={"max_content_width": 100})
 @click.argument("out_dir", type=click.Path(file_okay=False))
+@click.option("--run", "run", default=None, metavar="RUN_DIR|CONFIG.toml",
+              help="Take the model, template, pre-fill, system prompt and the final adapter from this run "
+                   "(options typed on the command line override them).")
 @click.option("--model", default="smollm2", show_default=True,
               help="Base model the adapter was trained on: 'smollm2', an HF model directory or a .gguf file.")
-@click.option("--adapter", type=click.Path(exists=True, file_okay=False), required=True,
-              help="LoRA adapter directory to merge (e.g. runs/NAME/iter_02/adapter).")
+@click.option("--adapter", type=click.Path(exists=True, file_okay=False), default=None,
+              help="LoRA adapter directory to merge (e.g. runs/NAME/iter_02/adapter); required without --run.")
 @click.option("--template", default="generic", show_default=True,
               help="Thought template the model was trained with (generic, specific, direct or a .toml file); the "
                    "exported chat template applies it.")
@@ -175,8 +229,9 @@ def chat_command(prompt, model, adapter, template, prefill_thought_header, syste
               help="Dtype of the saved weights [default: the loading dtype].")
 @click.option("--device", default="auto", show_default=True, help="Torch device used for merging.")
 @click.option("--overwrite", is_flag=True, help="Replace OUT_DIR if it exists and is not empty.")
+@click.pass_context
 @_fail_cleanly
-def export_command(out_dir, model, adapter, template, prefill_thought_header, system_prompt, load_in_4bit, dtype,
+def export_command(ctx, out_dir, run, model, adapter, template, prefill_thought_header, system_prompt, load_in_4bit, dtype,
                    save_dtype, device, overwrite):
     """Write a standalone model to OUT_DIR: the LoRA adapter merged into the base weights (peft
     merge_and_unload; dequantised first if the base was trained in 4-bit), the tokenizer with a chat template
@@ -187,11 +242,13 @@ def export_command(out_dir, model, adapter, template, prefill_thought_header, sy
     `tpo-lite chat --model OUT_DIR` uses it directly.
     """
     from ..export import export_model
-    from ..prompts import PromptConfig, get_template
+    from ..errors import TpoError
+    from ..prompts import get_template
 
-    get_template(template)  # fail early on a bad template, before loading anything
-    pcfg = PromptConfig(template=template, prefill_thought_header=prefill_thought_header,
-                        system_prompt=system_prompt)
-    out = export_model(_model_cfg(model, dtype, load_in_4bit, device), adapter, out_dir, pcfg, dtype=save_dtype,
-                       overwrite=overwrite)
+    mcfg, pcfg, adapter, _ = _from_run(ctx, run, model, dtype, load_in_4bit, device, template,
+                                       prefill_thought_header, system_prompt, adapter)
+    if adapter is None:
+        raise TpoError("give --adapter (or --run to export a run's final adapter)", field="--adapter")
+    get_template(pcfg)  # fail early on a bad template, before loading anything
+    out = export_model(mcfg, adapter, out_dir, pcfg, dtype=save_dtype, overwrite=overwrite)
     click.echo(f"exported to {out}")
