@@ -129,12 +129,12 @@ def iteration_sample_seed(config: RunConfig, t: int, prompt_id: str, index: int)
     return sample_seed(config.sampling.seed + t - 1, prompt_id, index)
 
 
-def _progress(iterable, total: int, desc: str, enabled: bool):
+def _progress(iterable, total: int, desc: str, enabled: bool, unit: str = "prompt"):
     if not enabled:
         return iterable
     from tqdm.auto import tqdm
 
-    return tqdm(iterable, total=total, desc=desc, unit="prompt", dynamic_ncols=True, file=sys.stderr)
+    return tqdm(iterable, total=total, desc=desc, unit=unit, dynamic_ncols=True, file=sys.stderr)
 
 
 def load_train_instructions(config: RunConfig):
@@ -425,7 +425,7 @@ def heldout_stage(config: RunConfig, run_dir: Path, out_dir: Path, adapter: str 
         # eval draws what an uninterrupted one would.
         step = ecfg.batch_size if ecfg.temperature == 0 else 1
         chunks = [todo_idx[i:i + step] for i in range(0, len(todo_idx), step)]
-        bar = _progress(chunks, len(chunks), f"eval {label}", progress)
+        bar = _progress(chunks, len(chunks), f"eval {label}", progress, unit="batch")
         for chunk in bar:
             sub = [items[i] for i in chunk]
             outs = ev.generate_outputs(sub, model, tok, config.prompts, generator=label,
