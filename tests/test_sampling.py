@@ -163,6 +163,19 @@ def test_bad_config_names_the_field(kwargs, fieldname):
     assert e.value.field == fieldname
 
 
+def test_bad_sampling_table_in_a_run_config_names_file_line_field(tmp_path):
+    from tpo_lite.config import load_config
+
+    p = tmp_path / "run.toml"
+    p.write_text("[sampling]\nk = 4\nmax_new_tokens = 64\nthought_budget = 64\n")
+    with pytest.raises(TpoError) as e:
+        load_config(p)
+    assert str(e.value).startswith(f"{p}:4: sampling.thought_budget: must be >= 1 and below max_new_tokens")
+    p.write_text('[sampling]\nbackend = "vllm"\n')
+    with pytest.raises(TpoError, match=r":2: sampling.backend: must be one of 'local', 'openai'"):
+        load_config(p)
+
+
 def test_config_fields_all_have_help():
     import dataclasses
 

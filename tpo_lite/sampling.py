@@ -321,6 +321,8 @@ class LocalSampler:
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
         params = inspect.signature(base.forward).parameters
         self._cache_arg = "cache" if "cache" in params else "past_key_values"
+        # Only the last prompt position's logits are needed; older models lack the argument.
+        self._prefill_kw = {"logits_to_keep": 1} if "logits_to_keep" in params else {}
 
     def sample(self, jobs: list[PromptJob], k: int | None = None) -> Iterator[tuple[str, list[Sample]]]:
         """Yield ``(prompt_id, samples)`` for each job (in job order) once its ``k`` samples are done."""
@@ -384,7 +386,7 @@ class LocalSampler:
             mask[p, width - len(ids):] = 1
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         out = model(input_ids=input_ids.to(device), attention_mask=mask.to(device),
-                    position_ids=positions.to(device), use_cache=True, logits_to_keep=1)
+                    position_ids=positions.to(device), use_cache=True, **self._prefill_kw)
         cache = _out_cache(out)
         select = torch.tensor(row_prompt, dtype=torch.long, device=device)
         cache.batch_select_indices(select)
