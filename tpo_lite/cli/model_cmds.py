@@ -97,8 +97,8 @@ def _prompts(argv_prompts):
 @click.command("chat", context_settings={"max_content_width": 100})
 @click.argument("prompt", nargs=-1)
 @click.option("--run", "run", default=None, metavar="RUN_DIR|CONFIG.toml",
-              help="Take the model, template, pre-fill, system prompt and the final adapter from this run "
-                   "(options typed on the command line override them).")
+              help="Take the model, template, pre-fill, system prompt, max_new_tokens, thought_budget and the "
+                   "final adapter from this run (options typed on the command line override them).")
 @click.option("--model", default="smollm2", show_default=True,
               help="Base model: 'smollm2' (embedded default), an HF model directory (also one written by "
                    "`tpo-lite export`, whose chat template already wraps prompts) or a .gguf file.")
