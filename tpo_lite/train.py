@@ -323,7 +323,9 @@ def train_iteration(model_cfg, train_cfg: TrainConfig, pairs: list[dict], out_di
     cache_path = out_dir / "ref_logps.pt"
     key = _ref_key(model_cfg, cfg, init_adapter)
     ref = _load_ref_cache(cache_path, key)
-    missing = [p for p in items if p.pid not in ref]
+    # in the order and batches of epoch 0, so the first step's policy pass sees the very same batch shapes
+    first_order = torch.randperm(len(items), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
+    missing = [items[i] for i in first_order if items[i].pid not in ref]
     if missing:
         ref.update(reference_logps(model, missing, cfg.batch_size, pad_id, head, base_only=init_adapter is None,
                                    progress=progress))
@@ -351,7 +353,8 @@ def train_iteration(model_cfg, train_cfg: TrainConfig, pairs: list[dict], out_di
     t_train = time.time()
     bar = tqdm(total=total, desc="DPO", unit="step", disable=not progress)
     for epoch in range(cfg.epochs):
-        order = torch.randperm(len(items), generator=torch.Generator().manual_seed(cfg.seed + epoch)).tolist()
+        order = first_order if epoch == 0 else torch.randperm(
+            len(items), generator=torch.Generator().manual_seed(cfg.seed + epoch)).tolist()
         for s in range(steps_per_epoch):
             group = [items[i] for i in order[s * per_step:(s + 1) * per_step]]
             sums: dict[str, float] = {}
@@ -419,49 +422,63 @@ def train_iteration(model_cfg, train_cfg: TrainConfig, pairs: list[dict], out_di
 
 # ---------------------------------------------------------------------------------------------- timing
 
-def time_training_step(model_cfg, tokens_per_sequence: int = 256, pairs: int = 1, repeats: int = 3,
-                       grad_checkpointing: bool = False, seed: int = 0) -> dict:
-    """Seconds per DPO forward+backward+AdamW step of ``pairs`` pairs, each sequence ``tokens_per_sequence``
-    long (a quarter prompt), on random token ids; the median of ``repeats`` runs after one warm-up step.
+def time_training_steps(model_cfgs: dict, tokens_per_sequence: int = 256, pairs: int = 1, repeats: int = 5,
+                        grad_checkpointing: bool = False, seed: int = 0) -> dict:
+    """Seconds per DPO step (forward + backward + AdamW) for each named ``ModelConfig`` in ``model_cfgs``.
 
+    A step is ``pairs`` pairs of random-token sequences of ``tokens_per_sequence`` tokens (a quarter of them
+    prompt). All models are loaded first and their steps interleaved (one warm-up step each, then
+    ``repeats`` rounds), so a shared, noisy CPU slows every variant alike; returns the median per variant.
     This is how the CPU default of ``ModelConfig.load_in_4bit`` was chosen (``python -m tpo_lite.train``).
     """
     from tpo_lite.models import describe, enable_gradient_checkpointing, lm_head_options, lm_head_weight, load_model
     from tpo_lite.ops import fused_dpo_loss
 
-    _seed_all(seed)
-    t0 = time.time()
-    model, _ = load_model(model_cfg, trainable=True)
-    load_s = time.time() - t0
-    if grad_checkpointing:
-        enable_gradient_checkpointing(model)
-    weight = lm_head_weight(model)
-    opts = lm_head_options(model)
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-5)
-    g = torch.Generator().manual_seed(seed)
-    n_prompt = tokens_per_sequence // 4
-    seqs = [(torch.randint(0, weight.shape[0], (n_prompt,), generator=g).tolist(),
-             torch.randint(0, weight.shape[0], (tokens_per_sequence - n_prompt,), generator=g).tolist())
-            for _ in range(2 * pairs)]
-    batch = collate(seqs, 0, weight.device)
-    ref = torch.full((2 * pairs,), -1000.0, device=weight.device)
-    times = []
-    for i in range(repeats + 1):
+    runners = {}
+    for name, mcfg in model_cfgs.items():
+        _seed_all(seed)
+        t0 = time.time()
+        model, _ = load_model(mcfg, trainable=True)
+        load_s = time.time() - t0
+        if grad_checkpointing:
+            enable_gradient_checkpointing(model)
+        weight = lm_head_weight(model)
+        params = [p for p in model.parameters() if p.requires_grad]
+        g = torch.Generator().manual_seed(seed)
+        n_prompt = tokens_per_sequence // 4
+        seqs = [(torch.randint(0, weight.shape[0], (n_prompt,), generator=g).tolist(),
+                 torch.randint(0, weight.shape[0], (tokens_per_sequence - n_prompt,), generator=g).tolist())
+                for _ in range(2 * pairs)]
+        runners[name] = {"model": model, "weight": weight, "opts": lm_head_options(model),
+                         "opt": torch.optim.AdamW(params, lr=1e-5), "batch": collate(seqs, 0, weight.device),
+                         "ref": torch.full((2 * pairs,), -1000.0, device=weight.device), "times": [],
+                         "load_seconds": load_s}
+
+    def step(r):
         t = time.perf_counter()
-        out = fused_dpo_loss(_scored_hidden(model, batch), weight, batch["targets"], batch["segments"], ref,
-                             **opts)
+        b = r["batch"]
+        out = fused_dpo_loss(_scored_hidden(r["model"], b), r["weight"], b["targets"], b["segments"], r["ref"],
+                             **r["opts"])
         out.loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        if weight.device.type == "cuda":
+        r["opt"].step()
+        r["opt"].zero_grad(set_to_none=True)
+        if r["weight"].device.type == "cuda":
             torch.cuda.synchronize()
-        if i:
-            times.append(time.perf_counter() - t)
-    times.sort()
-    return {"model": describe(model), "tokens_per_step": 2 * pairs * tokens_per_sequence,
-            "seconds_per_step": times[len(times) // 2], "all": times, "load_seconds": load_s,
-            "threads": torch.get_num_threads()}
+        return time.perf_counter() - t
+
+    for r in runners.values():
+        step(r)  # warm-up
+    for _ in range(repeats):
+        for r in runners.values():
+            r["times"].append(step(r))
+    result = {}
+    for name, r in runners.items():
+        times = sorted(r["times"])
+        result[name] = {"seconds_per_step": times[len(times) // 2], "min": times[0], "max": times[-1],
+                        "load_seconds": r["load_seconds"], "model": describe(r["model"])}
+    result["_setup"] = {"tokens_per_step": 2 * pairs * tokens_per_sequence, "repeats": repeats,
+                        "threads": torch.get_num_threads(), "grad_checkpointing": grad_checkpointing}
+    return result
 
 
 if __name__ == "__main__":
@@ -470,16 +487,16 @@ if __name__ == "__main__":
 
     from tpo_lite.models import ModelConfig
 
-    ap = argparse.ArgumentParser(description="Time one DPO training step per base precision (bf16 vs NF4 ...).")
+    ap = argparse.ArgumentParser(description="Time DPO training steps per base precision (bf16 vs NF4 ...).")
     ap.add_argument("--model", default="smollm2")
+    ap.add_argument("--device", default="auto")
     ap.add_argument("--tokens", type=int, default=256, help="tokens per sequence (a pair is 2 sequences)")
     ap.add_argument("--pairs", type=int, default=1)
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--variants", default="bf16,nf4", help="comma list of bf16, fp32, nf4 (bf16 compute)")
     args = ap.parse_args()
-    variants = {"bf16": dict(dtype="bfloat16", load_in_4bit=False), "fp32": dict(dtype="float32", load_in_4bit=False),
+    variants = {"bf16": dict(dtype="bfloat16", load_in_4bit=False),
+                "fp32": dict(dtype="float32", load_in_4bit=False),
                 "nf4": dict(dtype="bfloat16", load_in_4bit=True)}
-    for name in args.variants.split(","):
-        res = time_training_step(ModelConfig(path=args.model, **variants[name]), args.tokens, args.pairs,
-                                 args.repeats)
-        print(json.dumps({"variant": name, **res}), flush=True)
+    cfgs = {v: ModelConfig(path=args.model, device=args.device, **variants[v]) for v in args.variants.split(",")}
+    print(json.dumps(time_training_steps(cfgs, args.tokens, args.pairs, args.repeats), indent=1), flush=True)
