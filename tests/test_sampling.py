@@ -496,6 +496,8 @@ def test_openai_sampler_success(server, monkeypatch):
     assert sorted(tuple(r["prompt"]) for r in reqs) == sorted(tuple(j.prompt_token_ids) for j in jobs for _ in range(3))
     assert sorted(r["seed"] for r in reqs) == sorted(s for j in jobs for s in j.seeds)
     assert all(auth == "Bearer sekret" for p, _, auth in server.requests)
+    # Once the server has returned token_ids, logprobs are no longer requested.
+    assert "logprobs" in reqs[0] and "logprobs" not in reqs[-1]
 
 
 def test_openai_sampler_reads_token_ids_from_logprobs(server):

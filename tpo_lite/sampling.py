@@ -492,6 +492,7 @@ class OpenAISampler:
         self.model_name: str | None = cfg.served_model
         self.adapter: str | None = None  # path of the adapter being served, once ensure_adapter succeeded
         self.retokenised = 0
+        self._server_returns_ids = False
         self._lock = threading.Lock()
 
     # -- HTTP -------------------------------------------------------------------------------------------
@@ -605,9 +606,9 @@ class OpenAISampler:
             "include_stop_str_in_output": True,
             "skip_special_tokens": True,
             "return_token_ids": True,
-            "return_tokens_as_token_ids": True,
-            "logprobs": 0,
         }
+        if not self._server_returns_ids:  # older vLLM: token ids only through the logprobs tokens
+            body.update(return_tokens_as_token_ids=True, logprobs=0)
         answer = self._json("POST", "/completions", body)
         choices = answer.get("choices")
         if not isinstance(choices, list) or not choices:
@@ -629,7 +630,9 @@ class OpenAISampler:
         else:
             finish, hit = "eos", None
         ids = choice.get("token_ids")
-        if not isinstance(ids, list):
+        if isinstance(ids, list):
+            self._server_returns_ids = True  # no need to ask for logprobs any more
+        else:
             tokens = (choice.get("logprobs") or {}).get("tokens")
             if isinstance(tokens, list) and tokens and all(isinstance(t, str) and t.startswith("token_id:")
                                                              for t in tokens):
