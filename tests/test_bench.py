@@ -137,3 +137,38 @@ def test_benchmark_tiny_with_compile():
     if status == "ok":
         assert case["ratios"]["fused/compiled"] == pytest.approx(
             case["methods"]["fused"]["median_ms"] / case["methods"]["compiled"]["median_ms"])
+
+
+@pytest.mark.slow
+def test_cmake_standalone_build_and_cpp_benchmark(tmp_path):
+    """CMakeLists.txt configures, builds the CPU kernels + C++ benchmark, and the benchmark runs (CUDA off here;
+    tests/test_cuda_compile.py covers the .cu sources)."""
+    import os
+    import shutil
+    import subprocess
+
+    cmake = shutil.which("cmake")
+    if cmake is None:
+        pytest.skip("cmake not found")
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    build = tmp_path / "build"
+    gen = ["-G", "Ninja"] if shutil.which("ninja") else []
+    cfg = subprocess.run([cmake, "-S", repo, "-B", str(build), *gen, "-DTPO_LITE_ENABLE_CUDA=OFF",
+                          f"-DCMAKE_PREFIX_PATH={torch.utils.cmake_prefix_path}"],
+                         capture_output=True, text=True, timeout=300)
+    assert cfg.returncode == 0, cfg.stdout[-3000:] + cfg.stderr[-3000:]
+    bld = subprocess.run([cmake, "--build", str(build), "--target", "tpo_lite_bench"], capture_output=True,
+                         text=True, timeout=900)
+    assert bld.returncode == 0, (bld.stdout + bld.stderr)[-5000:]
+    run = subprocess.run([str(build / "tpo_lite_bench"), "--N", "16", "--d", "8", "--V", "300", "--repeats", "3",
+                          "--chunk", "64"], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stdout + run.stderr
+    lines = run.stdout.splitlines()
+    assert lines[0].startswith("device=cpu dtype=float32 N=16 d=8 V=300")
+    medians = {ln.split()[0]: float(ln.split()[2]) for ln in lines if " median " in ln}
+    assert set(medians) == {"fused", "eager", "floor"} and all(v > 0 for v in medians.values())
+    ratios = lines[-1].split()
+    assert float(ratios[1]) == pytest.approx(medians["fused"] / medians["eager"], rel=1e-2, abs=2e-3)
+    assert float(ratios[-1]) < 1e-4  # max |fused - eager| log-prob in fp32
+    bad = subprocess.run([str(build / "tpo_lite_bench"), "--N", "x"], capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "--N needs an integer" in bad.stderr

@@ -166,7 +166,7 @@ int main(int argc, char** argv) {
   std::map<std::string, double> med;
   for (const auto& m : order) {
     med[m] = median(times[m]);
-    std::printf("%-6s median %10.2f ms\n", m.c_str(), med[m]);
+    std::printf("%-6s median %12.4f ms\n", m.c_str(), med[m]);
   }
   std::printf("fused/eager %.3f  fused/floor %.3f  max|fused-eager| logp %.3g\n", med["fused"] / med["eager"],
               med["fused"] / med["floor"], max_diff);
