@@ -126,6 +126,20 @@ def test_select_tokens_matches_float64_reference(temperature, top_p):
     assert checked >= 60
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_select_tokens_candidate_path_equals_full_sort(dtype):
+    """The top-k shortcut must pick exactly what sorting the whole vocabulary picks, including rows whose
+    top-p set is larger than the candidates (fallback) and bf16 logits full of ties."""
+    g = torch.Generator().manual_seed(3)
+    scale = torch.tensor([0.5, 1.0, 4.0, 8.0] * 16).unsqueeze(-1)  # flat rows need the fallback
+    logits = (torch.randn(64, 2000, generator=g) * scale).to(dtype)
+    u = torch.rand(64, generator=g)
+    for top_p in (0.5, 0.9, 0.95):
+        fast = select_tokens(logits, 0.8, top_p, u, candidates=64)
+        full = select_tokens(logits, 0.8, top_p, u, candidates=10 ** 6)
+        assert torch.equal(fast, full), top_p
+
+
 def test_select_tokens_greedy_and_distribution():
     logits = torch.tensor([[0.0, 2.0, 1.0, -1.0, 0.5]])
     assert select_tokens(logits, 0.0, 0.9, torch.zeros(1)).tolist() == [1]

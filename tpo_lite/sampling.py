@@ -245,19 +245,52 @@ def _quoted(text: str, start: int, end: int) -> bool:
 
 # ----------------------------------------------------------------------------------------- local sampling
 
-def select_tokens(logits, temperature: float, top_p: float, uniforms):
+def select_tokens(logits, temperature: float, top_p: float, uniforms, candidates: int = 256):
     """Pick one token per row of ``logits`` [B, V] by inverse CDF with the given uniforms [B] in [0, 1).
 
     Temperature 0 is greedy. Otherwise the distribution is softmax(logits / T) truncated to the smallest
     set of most probable tokens whose mass reaches ``top_p`` (ties broken by token id), renormalised; the
     token is the first whose cumulative mass (in that order) exceeds ``u`` times the kept mass.
+
+    Sorting the whole vocabulary every step is slow on a CPU (~50k entries per row), so the ``candidates``
+    most probable tokens are tried first; a row falls back to the full sort only when they cannot prove
+    that they contain its whole top-p set (mass not reached, or a probability tie at the candidates' edge).
+    Both paths select the same token.
     """
     import torch
 
     if temperature == 0:
         return logits.argmax(dim=-1)
     probs = torch.softmax(logits.float() / temperature, dim=-1)
-    sorted_p, order = probs.sort(dim=-1, descending=True, stable=True)
+    u = uniforms.to(probs.device, probs.dtype)
+    if top_p >= 1.0 or probs.shape[-1] <= candidates:
+        return _inverse_cdf(*_sorted_desc(probs), top_p, u)
+    vals, idx = probs.topk(candidates, dim=-1)
+    # Canonical order (probability descending, token id ascending among ties), as the full stable sort.
+    idx, perm = idx.sort(dim=-1)
+    vals = vals.gather(-1, perm)
+    vals, perm = vals.sort(dim=-1, descending=True, stable=True)
+    idx = idx.gather(-1, perm)
+    n_keep = ((vals.cumsum(dim=-1) - vals) < top_p).sum(dim=-1)
+    last_kept = vals.gather(-1, (n_keep - 1).unsqueeze(-1)).squeeze(-1)
+    ok = (n_keep < candidates) & (last_kept > vals[:, -1])
+    out = torch.empty(probs.shape[0], dtype=torch.long, device=probs.device)
+    if ok.any():
+        out[ok] = _inverse_cdf(vals[ok], idx[ok], top_p, u[ok])
+    if not ok.all():
+        bad = ~ok
+        out[bad] = _inverse_cdf(*_sorted_desc(probs[bad]), top_p, u[bad])
+    return out
+
+
+def _sorted_desc(probs):
+    return probs.sort(dim=-1, descending=True, stable=True)
+
+
+def _inverse_cdf(sorted_p, order, top_p: float, u):
+    """Token per row from probabilities sorted descending (``order`` = their token ids), see select_tokens."""
+    import torch
+
     cum = sorted_p.cumsum(dim=-1)
     if top_p >= 1.0:  # everything (float round-off in the cumsum must not drop the tail)
         keep = torch.ones_like(sorted_p, dtype=torch.bool)
@@ -265,7 +298,7 @@ def select_tokens(logits, temperature: float, top_p: float, uniforms):
         keep = (cum - sorted_p) < top_p  # mass before this token is still short of top_p; keeps the first
     kept = sorted_p * keep
     cum = kept.cumsum(dim=-1)
-    threshold = uniforms.to(cum.device, cum.dtype).unsqueeze(-1) * cum[:, -1:]
+    threshold = u.unsqueeze(-1) * cum[:, -1:]
     pos = (cum <= threshold).sum(dim=-1)
     pos = torch.minimum(pos, keep.sum(dim=-1) - 1)  # guard against round-off past the kept set
     return order.gather(1, pos.unsqueeze(-1)).squeeze(-1)
