@@ -171,6 +171,30 @@ def test_extreme_logits_are_finite_and_correct(ext, dtype):
             close(gw, gw_r, 1e-9 if dtype == torch.float64 else 0.05, 1e-6)
 
 
+@pytest.mark.parametrize("step", [0.05, 0.5, 3.0, 20.0])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_running_max_growth(ext, step, dtype):
+    """Logits rising along the vocabulary by `step` per row: the running max moves by 8*step per chunk of 8,
+    below and above the lazy-rescale threshold (8) and past exp underflow (> 87) - the folded gradient must
+    stay exact in every regime."""
+    N, d, V = 6, 3, 80
+    hidden = torch.zeros(N, d, dtype=torch.float64)
+    hidden[:, 0] = 1.0
+    hidden[:, 1] = torch.linspace(-1, 1, N, dtype=torch.float64)
+    weight = torch.zeros(V, d, dtype=torch.float64)
+    weight[:, 0] = step * torch.arange(V, dtype=torch.float64)
+    weight[:, 1] = torch.randn(V, dtype=torch.float64)
+    weight[:, 2] = torch.randn(V, dtype=torch.float64)
+    targets = torch.tensor([0, 10, 40, 79, 78, 3])
+    hidden, weight = hidden.to(dtype), weight.to(dtype)
+    gout = torch.randn(N, dtype=torch.float64)
+    lp_r, gh_r, _ = ref_grads(hidden, weight, targets, gout, need_w=False)
+    lp, gh, _ = fused_grads(hidden, weight, targets, gout, need_w=False, chunk=8)
+    tol = 1e-10 if dtype == torch.float64 else 1e-4
+    close(lp, lp_r, tol * max(1.0, step * V / 10), 1e-6)
+    close(gh, gh_r, tol * max(1.0, step * V / 10), 1e-5)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("softcap", [None, 4.0])
 def test_half_precision_matches_eager_accuracy(ext, dtype, softcap):

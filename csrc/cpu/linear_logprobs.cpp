@@ -6,8 +6,8 @@
 // fp32 (fp64 for fp64 input) keeps a running max `m` and running sum `S` of exp(z - m) per row (online
 // log-sum-exp). When the head is frozen and hidden needs a gradient (`need_grad`), the same pass turns the
 // chunk into p~_v * f'(a_v) (p~ relative to the running max) in place, and a second product accumulates
-// E += P~ @ W_chunk; E is rescaled by exp(m_old - m_new) whenever the running max grows (the flash-attention
-// trick). At the end J = s * (f'_t w_t - E / S) = d logp / d hidden, so the backward is a per-row scale.
+// E += P~ @ W_chunk; rows of E are rescaled by exp(m_old - m_new) when their reference max moves (the
+// flash-attention trick, done lazily: only when a chunk's max exceeds the reference by more than 8). At the end J = s * (f'_t w_t - E / S) = d logp / d hidden, so the backward is a per-row scale.
 // Peak extra memory: one N x chunk buffer plus N x d for E / J, never N x V.
 // The math and the C++ contract (shared with the CUDA build) are in docs/kernels.md.
 #include "linear_logprobs.h"
@@ -79,12 +79,12 @@ struct Cap {
 
 // Forward pass over one vocab chunk for rows [begin, end). `buf` holds the chunk logits (row stride `c`,
 // dtype scalar_t); it is overwritten with p~ * f' when need_grad. State per row: running max m, running sum
-// S, target logit zt and its f'_t, and the rescale factor alpha applied to E (returned in `alpha`).
+// S, target logit zt and its f'_t; rows of E (n x d) are rescaled here when their reference max moves.
 template <typename scalar_t, typename acc_t>
 inline __attribute__((always_inline)) void fwd_rows_impl(scalar_t* buf, int64_t c, int64_t v0, int64_t begin,
                                                         int64_t end, const int64_t* tgt, acc_t* m, acc_t* S,
-                                                        acc_t* zt, acc_t* fpt, acc_t* alpha, bool need_grad,
-                                                        const Cap<acc_t>& f) {
+                                                        acc_t* zt, acc_t* fpt, acc_t* E, int64_t d, acc_t lazy,
+                                                        bool need_grad, const Cap<acc_t>& f) {
   std::vector<acc_t> z(c);
   acc_t* zp = z.data();
   for (int64_t i = begin; i < end; ++i) {
@@ -101,10 +101,19 @@ inline __attribute__((always_inline)) void fwd_rows_impl(scalar_t* buf, int64_t 
       zt[i] = zp[t];
       fpt[i] = f.dz(zp[t]);
     }
+    // Lazy rescaling: the reference m only moves when the chunk max exceeds it by more than `lazy` (so
+    // p~ <= e^lazy), which after the first chunks is rare; that keeps E (n x d) from being rescaled on
+    // every chunk. On the first chunk m_old = -inf and nothing has been accumulated, so the old state gets 0.
     const acc_t m_old = m[i];
-    const acc_t m_new = std::max(m_old, mx);
-    // first chunk: m_old = -inf, nothing accumulated yet, so the old state is scaled by 0
-    const acc_t a = m_old == -std::numeric_limits<acc_t>::infinity() ? acc_t(0) : fast_exp(m_old - m_new);
+    const bool move = mx > m_old + lazy;
+    const acc_t m_new = move ? mx : m_old;
+    const acc_t a = !move ? acc_t(1)
+                          : (m_old == -std::numeric_limits<acc_t>::infinity() ? acc_t(0) : fast_exp(m_old - m_new));
+    if (need_grad && move) {  // a may underflow to 0 for a jump > 87: then the old E must be zeroed too
+      acc_t* Er = E + i * d;
+#pragma omp simd
+      for (int64_t k = 0; k < d; ++k) Er[k] *= a;
+    }
     acc_t sum = 0;
     if (need_grad) {
 #pragma omp simd reduction(+ : sum)
@@ -119,7 +128,6 @@ inline __attribute__((always_inline)) void fwd_rows_impl(scalar_t* buf, int64_t 
     }
     S[i] = S[i] * a + sum;
     m[i] = m_new;
-    alpha[i] = a;
   }
 }
 
@@ -154,9 +162,9 @@ inline __attribute__((always_inline)) void bwd_rows_impl(scalar_t* buf, int64_t 
 
 #define TPO_DEFINE_ROWS(NAME, scalar_t, acc_t)                                                                  \
   TPO_CLONES void fwd_rows_##NAME(scalar_t* buf, int64_t c, int64_t v0, int64_t b, int64_t e, const int64_t* tgt, \
-                                  acc_t* m, acc_t* S, acc_t* zt, acc_t* fpt, acc_t* alpha, bool need_grad,       \
-                                  const Cap<acc_t>& f) {                                                         \
-    fwd_rows_impl<scalar_t, acc_t>(buf, c, v0, b, e, tgt, m, S, zt, fpt, alpha, need_grad, f);                   \
+                                  acc_t* m, acc_t* S, acc_t* zt, acc_t* fpt, acc_t* E, int64_t d, acc_t lazy,    \
+                                  bool need_grad, const Cap<acc_t>& f) {                                         \
+    fwd_rows_impl<scalar_t, acc_t>(buf, c, v0, b, e, tgt, m, S, zt, fpt, E, d, lazy, need_grad, f);              \
   }                                                                                                              \
   TPO_CLONES void bwd_rows_##NAME(scalar_t* buf, int64_t c, int64_t v0, int64_t b, int64_t e, const int64_t* tgt, \
                                   const acc_t* lse, const acc_t* g, const Cap<acc_t>& f) {                       \
@@ -169,20 +177,20 @@ TPO_DEFINE_ROWS(bf16, c10::BFloat16, float)
 TPO_DEFINE_ROWS(f16, c10::Half, float)
 
 inline void fwd_rows(double* b, int64_t c, int64_t v0, int64_t s, int64_t e, const int64_t* t, double* m,
-                     double* S, double* zt, double* fpt, double* al, bool ng, const Cap<double>& f) {
-  fwd_rows_f64(b, c, v0, s, e, t, m, S, zt, fpt, al, ng, f);
+                     double* S, double* zt, double* fpt, double* E, int64_t d, double lz, bool ng, const Cap<double>& f) {
+  fwd_rows_f64(b, c, v0, s, e, t, m, S, zt, fpt, E, d, lz, ng, f);
 }
-inline void fwd_rows(float* b, int64_t c, int64_t v0, int64_t s, int64_t e, const int64_t* t, float* m, float* S,
-                     float* zt, float* fpt, float* al, bool ng, const Cap<float>& f) {
-  fwd_rows_f32(b, c, v0, s, e, t, m, S, zt, fpt, al, ng, f);
+inline void fwd_rows(float* b, int64_t c, int64_t v0, int64_t s, int64_t e, const int64_t* t, float* m,
+                     float* S, float* zt, float* fpt, float* E, int64_t d, float lz, bool ng, const Cap<float>& f) {
+  fwd_rows_f32(b, c, v0, s, e, t, m, S, zt, fpt, E, d, lz, ng, f);
 }
 inline void fwd_rows(c10::BFloat16* b, int64_t c, int64_t v0, int64_t s, int64_t e, const int64_t* t, float* m,
-                     float* S, float* zt, float* fpt, float* al, bool ng, const Cap<float>& f) {
-  fwd_rows_bf16(b, c, v0, s, e, t, m, S, zt, fpt, al, ng, f);
+                     float* S, float* zt, float* fpt, float* E, int64_t d, float lz, bool ng, const Cap<float>& f) {
+  fwd_rows_bf16(b, c, v0, s, e, t, m, S, zt, fpt, E, d, lz, ng, f);
 }
 inline void fwd_rows(c10::Half* b, int64_t c, int64_t v0, int64_t s, int64_t e, const int64_t* t, float* m,
-                     float* S, float* zt, float* fpt, float* al, bool ng, const Cap<float>& f) {
-  fwd_rows_f16(b, c, v0, s, e, t, m, S, zt, fpt, al, ng, f);
+                     float* S, float* zt, float* fpt, float* E, int64_t d, float lz, bool ng, const Cap<float>& f) {
+  fwd_rows_f16(b, c, v0, s, e, t, m, S, zt, fpt, E, d, lz, ng, f);
 }
 inline void bwd_rows(double* b, int64_t c, int64_t v0, int64_t s, int64_t e, const int64_t* t, const double* l,
                      const double* g, const Cap<double>& f) {
@@ -233,14 +241,15 @@ void check_common(const at::Tensor& hidden, const at::Tensor& weight, const at::
   }
 }
 
-// Default chunk: the N x chunk logits buffer stays around 4 MiB so it lives in cache between the product
-// that writes it, the elementwise pass, and the product that reads it; the chunk stays wide enough for the
-// matrix product to run near its peak. (Tuned on the dev machine; see docs/kernels.md.)
+// Default chunk: an N x chunk logits buffer of about 32 MiB, clamped to [1024, 8192] vocab rows. Few chunks
+// mean few synchronisation points (product / parallel pass / product) and few read-modify-writes of E; on
+// one thread the chunk size barely mattered (512..8192 within noise), on two contended threads fewer,
+// larger chunks won. Memory stays far below the N x V logits. (Measurements: docs/kernels.md.)
 int64_t pick_chunk(int64_t chunk, int64_t n_rows, int64_t V, int64_t elem_size) {
   if (chunk > 0) return std::min(chunk, V);
-  const int64_t target_bytes = int64_t(4) << 20;
+  const int64_t target_bytes = int64_t(32) << 20;
   int64_t c = target_bytes / std::max<int64_t>(1, n_rows * elem_size);
-  c = std::max<int64_t>(512, std::min<int64_t>(c, 8192));
+  c = std::max<int64_t>(1024, std::min<int64_t>(c, 8192));
   c = (c + 63) / 64 * 64;
   return std::min(c, V);
 }
@@ -278,16 +287,18 @@ std::vector<at::Tensor> forward_impl(const at::Tensor& hidden_all, const at::Ten
   at::Tensor S = at::zeros({n}, acc_opts);
   at::Tensor zt = at::zeros({n}, acc_opts);
   at::Tensor fpt = at::zeros({n}, acc_opts);
-  at::Tensor alpha = at::ones({n}, acc_opts);
   // E accumulates sum_v p~_v f'_v w_v in the accumulation dtype
-  auto E = need_grad ? at::zeros({n, d}, acc_opts) : at::Tensor();
+  at::Tensor E = need_grad ? at::zeros({n, d}, acc_opts) : at::Tensor();
+  acc_t* Ep = need_grad ? E.template data_ptr<acc_t>() : nullptr;
+  // p~ may reach e^lazy (lazy rescaling above); fp16 products could overflow at 65504, so fp16 rescales
+  // exactly (p~ <= 1) instead.
+  const acc_t lazy = std::is_same<scalar_t, c10::Half>::value ? acc_t(0) : acc_t(8);
   auto flat = at::empty({n * C}, hidden.options());
   const int64_t* tgt = targets.data_ptr<int64_t>();
   acc_t* mp = m.template data_ptr<acc_t>();
   acc_t* Sp = S.template data_ptr<acc_t>();
   acc_t* ztp = zt.template data_ptr<acc_t>();
   acc_t* fpp = fpt.template data_ptr<acc_t>();
-  acc_t* ap = alpha.template data_ptr<acc_t>();
   // elementwise work per row is ~c exps; a grain of a few rows keeps the parallel overhead negligible
   const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, C));
 
@@ -298,10 +309,9 @@ std::vector<at::Tensor> forward_impl(const at::Tensor& hidden_all, const at::Ten
     at::mm_out(L, hidden, W.t());
     scalar_t* Lp = L.template data_ptr<scalar_t>();
     at::parallel_for(0, n, grain, [&](int64_t b, int64_t e) {
-      fwd_rows(Lp, c, v0, b, e, tgt, mp, Sp, ztp, fpp, ap, need_grad, f);
+      fwd_rows(Lp, c, v0, b, e, tgt, mp, Sp, ztp, fpp, Ep, d, lazy, need_grad, f);
     });
     if (need_grad) {
-      if (v0 > 0) E.mul_(alpha.unsqueeze(1));
       if constexpr (std::is_same<scalar_t, acc_t>::value) {
         E.addmm_(L, W);
       } else {
