@@ -28,6 +28,10 @@
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
+#include <torch/version.h>
+#ifndef TORCH_VERSION_MINOR
+#error "torch/version.h did not define TORCH_VERSION_MAJOR/MINOR (needed to pick the mm overload)"
+#endif
 
 #include <cuda_runtime.h>
 
@@ -231,7 +235,12 @@ at::ScalarType acc_type_of(at::ScalarType t) { return t == at::kDouble ? at::kDo
 // cuBLAS write its fp32 accumulator directly instead of rounding to the input dtype.
 at::Tensor mm_acc(const at::Tensor& a, const at::Tensor& b, at::ScalarType acc) {
   if (a.scalar_type() == acc) return at::mm(a, b);
+#if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 8)
   return at::mm(a, b, acc);
+#else
+  // torch < 2.8 has no mm.dtype overload: up-cast the operands instead (exact; one extra copy per chunk).
+  return at::mm(a.to(acc), b.to(acc));
+#endif
 }
 
 // Vocab chunk: the caller's value, else at most 16M logits per chunk (64 MiB in fp32), 2048..16384 columns:
