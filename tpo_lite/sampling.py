@@ -26,7 +26,7 @@ the response is sampled after it. ``Sample.forced`` records it. ``max_new_tokens
 
 Token ids. ``Sample.token_ids`` are exactly the tokens the model conditioned on after the prompt: sampled
 tokens, forced-marker tokens, and the final EOS when the output ended with one (no padding). ``Sample.text``
-is their decoding without special tokens.
+is their decoding without special tokens (OpenAI backend: the server's text, plus the forced marker text).
 
 finish_reason: ``"eos"`` (the model ended the output), ``"stop"`` (a ``stop`` string was produced; it is kept
 in the text), ``"length"`` (cut by ``max_new_tokens``; such outputs are invalid).
@@ -506,7 +506,7 @@ class OpenAISampler:
     exactly the recorded prompt.
 
     Token ids of the outputs are taken from the response, in this order of preference: ``choices[].token_ids``
-    (vLLM >= 0.10 with ``return_token_ids``), ``logprobs.tokens`` entries ``"token_id:N"`` (vLLM's
+    (recent vLLM, asked with ``return_token_ids``), ``logprobs.tokens`` entries ``"token_id:N"`` (vLLM's
     ``return_tokens_as_token_ids``), else the text is re-tokenised with ``tokenizer`` (a fallback that may not
     match the sampled tokenisation; counted in ``self.retokenised``). An EOS that the server leaves out is
     appended when the output ended at EOS.
