@@ -68,9 +68,9 @@ def test_benchmark_tiny_with_memory():
     for m in ("fused", "eager", "floor"):
         v = case["methods"][m]
         assert "memory_error" not in v and isinstance(v["peak_extra_bytes"], int) and v["peak_extra_bytes"] >= 0, v
-    # Eager holds [N, V] logits and their gradient; it cannot peak below the fused op's O(N d) extra memory
-    # by more than the page granularity of the measurement.
-    assert case["methods"]["eager"]["peak_extra_bytes"] >= case["methods"]["fused"]["peak_extra_bytes"] - 2**16
+    # Eager holds [N, V] logits and their gradient; at this tiny size both peaks are heap noise, so only a
+    # gross inversion (fused over 1 MiB above eager) would point at a measurement bug.
+    assert case["methods"]["eager"]["peak_extra_bytes"] >= case["methods"]["fused"]["peak_extra_bytes"] - 2**20
     table = format_table(result)
     assert "fused/eager" in table and "liger: n/a (" in table
 
