@@ -75,6 +75,20 @@ def test_benchmark_tiny_with_memory():
     assert "fused/eager" in table and "liger: n/a (" in table
 
 
+def test_memory_measurement_sees_the_logits():
+    # N x V = 256 x 65536 fp32 logits are 64 MiB; eager materialises them (and their softmax / gradient), the
+    # floor holds them once, the fused op only a vocab chunk. The subprocess measurement must see that order.
+    n, d, v = 256, 64, 65536
+    cfg = KernelBenchConfig(device="cpu", shapes=[(n, d, v)], dtypes=["float32"], methods=["fused", "eager", "floor"],
+                            repeats=1, warmup=0, memory=True, threads=1)
+    ms = run_kernel_benchmark(cfg, log=lambda line: None)["cases"][0]["methods"]
+    logits = n * v * 4
+    # 0.9: pages the process already had resident (heap, allocator caches) are reused without raising VmHWM.
+    assert ms["eager"]["peak_extra_bytes"] >= 0.9 * 2 * logits
+    assert ms["floor"]["peak_extra_bytes"] >= 0.9 * logits
+    assert ms["fused"]["peak_extra_bytes"] < logits / 4
+
+
 def test_cli_writes_json_and_table(tmp_path):
     out = tmp_path / "bench.json"
     res = CliRunner().invoke(bench_command, [
