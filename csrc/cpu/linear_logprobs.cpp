@@ -87,34 +87,59 @@ inline __attribute__((always_inline)) void fwd_rows_impl(scalar_t* buf, int64_t 
                                                         bool need_grad, const Cap<acc_t>& f) {
   std::vector<acc_t> z(c);
   acc_t* zp = z.data();
+  constexpr acc_t kNegInf = -std::numeric_limits<acc_t>::infinity();
   for (int64_t i = begin; i < end; ++i) {
     scalar_t* row = buf + i * c;
-    acc_t mx = -std::numeric_limits<acc_t>::infinity();
+    // Lazy rescaling: a row's reference max m only moves when a chunk's max exceeds it by more than `lazy`
+    // (so p~ <= e^lazy). Then the common case is ONE pass over the chunk, optimistically relative to the
+    // current m; only when the chunk overshoots (first chunk, or a new max > m + lazy: a few times per row)
+    // is the row redone relative to the new max from the fp32 copy in `z`, and its E row rescaled.
+    const acc_t m_old = m[i];
+    acc_t mx = kNegInf, sum = 0;
+    if (m_old == kNegInf) {
 #pragma omp simd reduction(max : mx)
-    for (int64_t j = 0; j < c; ++j) {
-      const acc_t v = f.z(static_cast<acc_t>(row[j]));
-      zp[j] = v;
-      mx = std::max(mx, v);
+      for (int64_t j = 0; j < c; ++j) {
+        const acc_t v = f.z(static_cast<acc_t>(row[j]));
+        zp[j] = v;
+        mx = std::max(mx, v);
+      }
+    } else if (need_grad) {
+#pragma omp simd reduction(max : mx) reduction(+ : sum)
+      for (int64_t j = 0; j < c; ++j) {
+        const acc_t v = f.z(static_cast<acc_t>(row[j]));
+        zp[j] = v;
+        mx = std::max(mx, v);
+        const acc_t p = fast_exp(v - m_old);  // clamped inside fast_exp: finite even when it overshoots
+        sum += p;
+        row[j] = static_cast<scalar_t>(p * f.dz(v));
+      }
+    } else {
+#pragma omp simd reduction(max : mx) reduction(+ : sum)
+      for (int64_t j = 0; j < c; ++j) {
+        const acc_t v = f.z(static_cast<acc_t>(row[j]));
+        zp[j] = v;
+        mx = std::max(mx, v);
+        sum += fast_exp(v - m_old);
+      }
     }
     const int64_t t = tgt[i] - v0;
     if (t >= 0 && t < c) {
       zt[i] = zp[t];
       fpt[i] = f.dz(zp[t]);
     }
-    // Lazy rescaling: the reference m only moves when the chunk max exceeds it by more than `lazy` (so
-    // p~ <= e^lazy), which after the first chunks is rare; that keeps E (n x d) from being rescaled on
-    // every chunk. On the first chunk m_old = -inf and nothing has been accumulated, so the old state gets 0.
-    const acc_t m_old = m[i];
-    const bool move = mx > m_old + lazy;
-    const acc_t m_new = move ? mx : m_old;
-    const acc_t a = !move ? acc_t(1)
-                          : (m_old == -std::numeric_limits<acc_t>::infinity() ? acc_t(0) : fast_exp(m_old - m_new));
-    if (need_grad && move) {  // a may underflow to 0 for a jump > 87: then the old E must be zeroed too
+    if (!(mx > m_old + lazy)) {  // the optimistic pass stands
+      S[i] += sum;
+      continue;
+    }
+    const acc_t m_new = mx;
+    // first chunk: nothing accumulated yet, the old state gets 0
+    const acc_t a = m_old == kNegInf ? acc_t(0) : fast_exp(m_old - m_new);
+    if (need_grad) {  // a may underflow to 0 for a jump > 87: then the old E must be zeroed too
       acc_t* Er = E + i * d;
 #pragma omp simd
       for (int64_t k = 0; k < d; ++k) Er[k] *= a;
     }
-    acc_t sum = 0;
+    sum = 0;
     if (need_grad) {
 #pragma omp simd reduction(+ : sum)
       for (int64_t j = 0; j < c; ++j) {
