@@ -354,3 +354,22 @@ def test_judge_failure_keeps_partial_work_and_resumes(tiny, tmp_path):
     run(cfg, progress=False, echo=lambda s: None, sampler_factory=scripted_factory(), judge=j2)
     assert not set(j2.seen) & set(j1.seen) and len(j1.seen) + len(j2.seen) == 5  # nothing judged twice
     assert len(read_records(d / "judgements.jsonl", key="prompt_id")) == 5
+
+
+def test_heldout_of_the_same_model_is_reused(tiny, tmp_path):
+    """An iteration that trained nothing evaluates the same weights as before: no second generation."""
+    from tpo_lite.jsonl import write_json_atomic
+    from tpo_lite.loop import heldout_stage
+
+    model_dir, train, heldout = tiny
+    cfg = _load(write_config(tmp_path, model_dir, train, heldout), f"model.path={tmp_path / 'absent_model'}")
+    rd = tmp_path / "runs" / "t"
+    base = {"kind": "absolute", "adapter": None, "mean_score": 0.25, "mean_score_ci": [0.0, 0.5], "n": 3,
+            "valid_rate": 1.0, "items": []}
+    write_json_atomic(rd / "eval_base" / "eval.json", base)
+    # The model path does not exist: loading it would raise, so reuse must not load anything.
+    got = heldout_stage(cfg, rd, rd / "iter_01" / "heldout", None, "iter01", progress=False, echo=lambda s: None)
+    assert got == base and json.loads((rd / "iter_01" / "heldout" / "eval.json").read_text()) == base
+    with pytest.raises(TpoError, match="absent_model"):
+        heldout_stage(cfg, rd, rd / "iter_02" / "heldout", str(tmp_path / "some_adapter"), "iter02",
+                      progress=False, echo=lambda s: None)

@@ -403,6 +403,16 @@ def train_stage(config: RunConfig, run_dir: Path, t: int, progress: bool = True,
     return read_json(_done_path(d, "train"))
 
 
+def _existing_heldout(run_dir: Path, adapter: str | None) -> Path | None:
+    """A finished held-out result of the same model (same adapter, or both none) in this run, if any."""
+    run_dir = Path(run_dir)
+    for p in [run_dir / "eval_base" / "eval.json", *sorted(run_dir.glob("iter_*/heldout/eval.json")),
+              run_dir / "eval_final" / "eval.json"]:
+        if p.exists() and read_json(p).get("adapter") == adapter:
+            return p
+    return None
+
+
 def heldout_stage(config: RunConfig, run_dir: Path, out_dir: Path, adapter: str | None, label: str, progress: bool = True,
                   echo: Callable[[str], None] = print, judge=None) -> dict:
     """Absolute held-out score (mean judge score with bootstrap CI, valid-format rate) of the model with
@@ -412,6 +422,13 @@ def heldout_stage(config: RunConfig, run_dir: Path, out_dir: Path, adapter: str 
     res_path = out_dir / "eval.json"
     if res_path.exists():
         return read_json(res_path)
+    same = _existing_heldout(run_dir, adapter)
+    if same is not None:
+        # Same weights, same (locked) config: greedy outputs and scores would be identical, so reuse them.
+        echo(f"held-out eval ({label}): same model as {same.parent.name}, reusing its result")
+        result = read_json(same)
+        write_json_atomic(res_path, result)
+        return result
     ecfg = config.eval
     items = ev.load_eval_set(ecfg.eval_set, ecfg.eval_format, max_instructions=ecfg.max_instructions)
     out_dir.mkdir(parents=True, exist_ok=True)
