@@ -62,14 +62,18 @@ struct Cap {
   acc_t scale;    // logit_scale s
   acc_t cap;      // softcap c (> 0) or 0 for none
   acc_t inv_cap;  // 1 / c
-  // z = f(s * raw): identity or c * tanh(s * raw / c)
+  // z = f(s * raw): identity or c * tanh(s * raw / c). kCap is a template parameter so that the uncapped
+  // loops carry no tanh: inside an `omp simd` loop a runtime branch would be if-converted, i.e. computed.
+  template <bool kCap>
   inline __attribute__((always_inline)) acc_t z(acc_t raw) const {
     const acc_t a = scale * raw;
-    return cap > 0 ? cap * fast_tanh(a * inv_cap) : a;
+    if constexpr (kCap) return cap * fast_tanh(a * inv_cap);
+    return a;
   }
   // f'(a) expressed through z: 1 - tanh^2 = 1 - (z / c)^2
+  template <bool kCap>
   inline __attribute__((always_inline)) acc_t dz(acc_t z) const {
-    if (cap > 0) {
+    if constexpr (kCap) {
       const acc_t t = z * inv_cap;
       return acc_t(1) - t * t;
     }
@@ -80,7 +84,7 @@ struct Cap {
 // Forward pass over one vocab chunk for rows [begin, end). `buf` holds the chunk logits (row stride `c`,
 // dtype scalar_t); it is overwritten with p~ * f' when need_grad. State per row: running max m, running sum
 // S, target logit zt and its f'_t; rows of E (n x d) are rescaled here when their reference max moves.
-template <typename scalar_t, typename acc_t>
+template <typename scalar_t, typename acc_t, bool kCap>
 inline __attribute__((always_inline)) void fwd_rows_impl(scalar_t* buf, int64_t c, int64_t v0, int64_t begin,
                                                         int64_t end, const int64_t* tgt, acc_t* m, acc_t* S,
                                                         acc_t* zt, acc_t* fpt, acc_t* E, int64_t d, acc_t lazy,
@@ -99,24 +103,24 @@ inline __attribute__((always_inline)) void fwd_rows_impl(scalar_t* buf, int64_t 
     if (m_old == kNegInf) {
 #pragma omp simd reduction(max : mx)
       for (int64_t j = 0; j < c; ++j) {
-        const acc_t v = f.z(static_cast<acc_t>(row[j]));
+        const acc_t v = f.template z<kCap>(static_cast<acc_t>(row[j]));
         zp[j] = v;
         mx = std::max(mx, v);
       }
     } else if (need_grad) {
 #pragma omp simd reduction(max : mx) reduction(+ : sum)
       for (int64_t j = 0; j < c; ++j) {
-        const acc_t v = f.z(static_cast<acc_t>(row[j]));
+        const acc_t v = f.template z<kCap>(static_cast<acc_t>(row[j]));
         zp[j] = v;
         mx = std::max(mx, v);
         const acc_t p = fast_exp(v - m_old);  // clamped inside fast_exp: finite even when it overshoots
         sum += p;
-        row[j] = static_cast<scalar_t>(p * f.dz(v));
+        row[j] = static_cast<scalar_t>(p * f.template dz<kCap>(v));
       }
     } else {
 #pragma omp simd reduction(max : mx) reduction(+ : sum)
       for (int64_t j = 0; j < c; ++j) {
-        const acc_t v = f.z(static_cast<acc_t>(row[j]));
+        const acc_t v = f.template z<kCap>(static_cast<acc_t>(row[j]));
         zp[j] = v;
         mx = std::max(mx, v);
         sum += fast_exp(v - m_old);
@@ -125,7 +129,7 @@ inline __attribute__((always_inline)) void fwd_rows_impl(scalar_t* buf, int64_t 
     const int64_t t = tgt[i] - v0;
     if (t >= 0 && t < c) {
       zt[i] = zp[t];
-      fpt[i] = f.dz(zp[t]);
+      fpt[i] = f.template dz<kCap>(zp[t]);
     }
     if (!(mx > m_old + lazy)) {  // the optimistic pass stands
       S[i] += sum;
@@ -145,7 +149,7 @@ inline __attribute__((always_inline)) void fwd_rows_impl(scalar_t* buf, int64_t 
       for (int64_t j = 0; j < c; ++j) {
         const acc_t p = fast_exp(zp[j] - m_new);
         sum += p;
-        row[j] = static_cast<scalar_t>(p * f.dz(zp[j]));
+        row[j] = static_cast<scalar_t>(p * f.template dz<kCap>(zp[j]));
       }
     } else {
 #pragma omp simd reduction(+ : sum)
@@ -158,7 +162,7 @@ inline __attribute__((always_inline)) void fwd_rows_impl(scalar_t* buf, int64_t 
 
 // Backward (recompute) over one vocab chunk: buf (logits) becomes
 // G = g * s * f' * (onehot(t) - p), p = exp(z - lse).
-template <typename scalar_t, typename acc_t>
+template <typename scalar_t, typename acc_t, bool kCap>
 inline __attribute__((always_inline)) void bwd_rows_impl(scalar_t* buf, int64_t c, int64_t v0, int64_t begin,
                                                         int64_t end, const int64_t* tgt, const acc_t* lse,
                                                         const acc_t* g, const Cap<acc_t>& f) {
@@ -169,10 +173,10 @@ inline __attribute__((always_inline)) void bwd_rows_impl(scalar_t* buf, int64_t 
     const int64_t t = tgt[i] - v0;
 #pragma omp simd
     for (int64_t j = 0; j < c; ++j) {
-      const acc_t z = f.z(static_cast<acc_t>(row[j]));
+      const acc_t z = f.template z<kCap>(static_cast<acc_t>(row[j]));
       const acc_t p = fast_exp(z - l);
       const acc_t onehot = j == t ? acc_t(1) : acc_t(0);
-      row[j] = static_cast<scalar_t>(gs * f.dz(z) * (onehot - p));
+      row[j] = static_cast<scalar_t>(gs * f.template dz<kCap>(z) * (onehot - p));
     }
   }
 }
@@ -189,11 +193,17 @@ inline __attribute__((always_inline)) void bwd_rows_impl(scalar_t* buf, int64_t 
   TPO_CLONES void fwd_rows_##NAME(scalar_t* buf, int64_t c, int64_t v0, int64_t b, int64_t e, const int64_t* tgt, \
                                   acc_t* m, acc_t* S, acc_t* zt, acc_t* fpt, acc_t* E, int64_t d, acc_t lazy,    \
                                   bool need_grad, const Cap<acc_t>& f) {                                         \
-    fwd_rows_impl<scalar_t, acc_t>(buf, c, v0, b, e, tgt, m, S, zt, fpt, E, d, lazy, need_grad, f);              \
+    if (f.cap > 0)                                                                                               \
+      fwd_rows_impl<scalar_t, acc_t, true>(buf, c, v0, b, e, tgt, m, S, zt, fpt, E, d, lazy, need_grad, f);      \
+    else                                                                                                         \
+      fwd_rows_impl<scalar_t, acc_t, false>(buf, c, v0, b, e, tgt, m, S, zt, fpt, E, d, lazy, need_grad, f);     \
   }                                                                                                              \
   TPO_CLONES void bwd_rows_##NAME(scalar_t* buf, int64_t c, int64_t v0, int64_t b, int64_t e, const int64_t* tgt, \
                                   const acc_t* lse, const acc_t* g, const Cap<acc_t>& f) {                       \
-    bwd_rows_impl<scalar_t, acc_t>(buf, c, v0, b, e, tgt, lse, g, f);                                            \
+    if (f.cap > 0)                                                                                               \
+      bwd_rows_impl<scalar_t, acc_t, true>(buf, c, v0, b, e, tgt, lse, g, f);                                    \
+    else                                                                                                         \
+      bwd_rows_impl<scalar_t, acc_t, false>(buf, c, v0, b, e, tgt, lse, g, f);                                   \
   }
 
 TPO_DEFINE_ROWS(f64, double, double)
