@@ -30,11 +30,27 @@ def test_one_real_iteration_on_smollm2(tmp_path):
     from tpo_lite.config import load_config
     from tpo_lite.loop import run
 
+    # Short-answer instructions, so that some outputs of a tiny token budget end with EOS (valid) and the run
+    # reaches pairing and DPO.
+    short = [("What is 2 + 3? Answer with just the number.", [{"type": "numeric_answer", "value": 5},
+                                                              {"type": "max_words", "value": 3}]),
+             ("What is the capital of France? Answer in one word.", [{"type": "include_words", "words": ["paris"]},
+                                                                    {"type": "max_words", "value": 2}]),
+             ("Say hello in one word.", [{"type": "max_words", "value": 1}]),
+             ("What color is a clear daytime sky? One word.", [{"type": "include_words", "words": ["blue"]},
+                                                               {"type": "max_words", "value": 2}]),
+             ("Write one short sentence about cats, all in lowercase.", [{"type": "lowercase"},
+                                                                         {"type": "max_sentences", "value": 1}]),
+             ("Is water wet? Answer yes or no.", [{"type": "max_words", "value": 2}])]
+    inst = tmp_path / "short.jsonl"
+    inst.write_text("".join(json.dumps({"id": f"s{i}", "instruction": q, "category": "short", "checks": c}) + "\n"
+                            for i, (q, c) in enumerate(short)))
     example = Path(__file__).resolve().parents[1] / "examples" / "smollm2_cpu.toml"
     cfg = load_config(example, [
-        f"loop.runs_root={json.dumps(str(tmp_path))}", "loop.prompts_per_iteration=6", "sampling.k=3",
-        "sampling.max_new_tokens=64", "sampling.thought_budget=24", "sampling.batch_size=3",
-        "train.epochs=1", "train.grad_accum=1", "eval.max_instructions=4",
+        f"loop.runs_root={json.dumps(str(tmp_path))}", f"loop.train_instructions={json.dumps(str(inst))}",
+        "loop.prompts_per_iteration=6", "sampling.k=4", "sampling.max_new_tokens=96",
+        "sampling.thought_budget=32", "sampling.batch_size=4", "train.epochs=1", "train.grad_accum=1",
+        f"eval.eval_set={json.dumps(str(inst))}", "eval.max_instructions=4",
     ], name="e2e")
     logs: list[str] = []
     summary = run(cfg, progress=False, echo=logs.append)
@@ -46,10 +62,10 @@ def test_one_real_iteration_on_smollm2(tmp_path):
     assert len(samples) == 6 and set(samples) == set(judg)
     for pid, rec in samples.items():
         assert rec["prompt_text"].rstrip().endswith("Here is my thought process:")  # pre-filled header
-        assert len(rec["samples"]) == 3
-        assert len({s["seed"] for s in rec["samples"]}) == 3
+        assert len(rec["samples"]) == 4
+        assert len({s["seed"] for s in rec["samples"]}) == 4
         for s, score in zip(rec["samples"], judg[pid]["scores"]):
-            assert 0 < len(s["token_ids"]) <= 64
+            assert 0 < len(s["token_ids"]) <= 96
             assert s["finish_reason"] in ("eos", "length", "stop")
             if s["finish_reason"] == "length":
                 assert not s["valid"]
@@ -58,9 +74,9 @@ def test_one_real_iteration_on_smollm2(tmp_path):
                 assert "Here is my response:" in s["text"]
     m = json.loads((d / "metrics.json").read_text())
     g = m["generate"]
-    assert g["n_samples"] == 18
+    assert g["n_samples"] == 24
     assert 0.0 <= g["valid_rate"] <= 1.0 and 0.0 <= g["forced_rate"] <= 1.0
-    # A 24-token thought budget forces the marker in most samples of this weak seed.
+    # A 32-token thought budget forces the marker in most samples of this weak seed.
     assert g["forced_rate"] > 0.5
     pairs = read_records(d / "pairs.jsonl")
     assert m["pairs"]["pairs_kept"] == len(pairs)
