@@ -423,13 +423,15 @@ def train_iteration(model_cfg, train_cfg: TrainConfig, pairs: list[dict], out_di
 # ---------------------------------------------------------------------------------------------- timing
 
 def time_training_steps(model_cfgs: dict, tokens_per_sequence: int = 256, pairs: int = 1, repeats: int = 5,
-                        grad_checkpointing: bool = False, seed: int = 0) -> dict:
+                        grad_checkpointing: bool = False, seed: int = 0, log=None) -> dict:
     """Seconds per DPO step (forward + backward + AdamW) for each named ``ModelConfig`` in ``model_cfgs``.
 
     A step is ``pairs`` pairs of random-token sequences of ``tokens_per_sequence`` tokens (a quarter of them
     prompt). All models are loaded first and their steps interleaved (one warm-up step each, then
-    ``repeats`` rounds), so a shared, noisy CPU slows every variant alike; returns the median per variant.
+    ``repeats`` rounds), so a shared, noisy CPU slows every variant alike; returns the median per variant of
+    the wall time and of the process CPU time (all threads; on a busy machine the better measure of work).
     This is how the CPU default of ``ModelConfig.load_in_4bit`` was chosen (``python -m tpo_lite.train``).
+    ``log``: optional callable that gets one line per step.
     """
     from tpo_lite.models import describe, enable_gradient_checkpointing, lm_head_options, lm_head_weight, load_model
     from tpo_lite.ops import fused_dpo_loss
@@ -451,10 +453,11 @@ def time_training_steps(model_cfgs: dict, tokens_per_sequence: int = 256, pairs:
                 for _ in range(2 * pairs)]
         runners[name] = {"model": model, "weight": weight, "opts": lm_head_options(model),
                          "opt": torch.optim.AdamW(params, lr=1e-5), "batch": collate(seqs, 0, weight.device),
-                         "ref": torch.full((2 * pairs,), -1000.0, device=weight.device), "times": [],
+                         "ref": torch.full((2 * pairs,), -1000.0, device=weight.device), "times": [], "cpu": [],
                          "load_seconds": load_s}
 
     def step(r):
+        c = time.process_time()
         t = time.perf_counter()
         b = r["batch"]
         out = fused_dpo_loss(_scored_hidden(r["model"], b), r["weight"], b["targets"], b["segments"], r["ref"],
@@ -464,17 +467,25 @@ def time_training_steps(model_cfgs: dict, tokens_per_sequence: int = 256, pairs:
         r["opt"].zero_grad(set_to_none=True)
         if r["weight"].device.type == "cuda":
             torch.cuda.synchronize()
+        r["cpu"].append(time.process_time() - c)
         return time.perf_counter() - t
 
-    for r in runners.values():
-        step(r)  # warm-up
-    for _ in range(repeats):
-        for r in runners.values():
+    for name, r in runners.items():
+        if log:
+            log(f"{name}: warm-up step {step(r):.2f} s")
+        else:
+            step(r)
+    for i in range(repeats):
+        for name, r in runners.items():
             r["times"].append(step(r))
+            if log:
+                log(f"{name}: step {i + 1}/{repeats} {r['times'][-1]:.2f} s wall, {r['cpu'][-1]:.2f} s CPU")
     result = {}
     for name, r in runners.items():
         times = sorted(r["times"])
+        cpu = sorted(r["cpu"][1:])  # without the warm-up
         result[name] = {"seconds_per_step": times[len(times) // 2], "min": times[0], "max": times[-1],
+                        "cpu_seconds_per_step": cpu[len(cpu) // 2],
                         "load_seconds": r["load_seconds"], "model": describe(r["model"])}
     result["_setup"] = {"tokens_per_step": 2 * pairs * tokens_per_sequence, "repeats": repeats,
                         "threads": torch.get_num_threads(), "grad_checkpointing": grad_checkpointing}
@@ -499,4 +510,8 @@ if __name__ == "__main__":
                 "fp32": dict(dtype="float32", load_in_4bit=False),
                 "nf4": dict(dtype="bfloat16", load_in_4bit=True)}
     cfgs = {v: ModelConfig(path=args.model, device=args.device, **variants[v]) for v in args.variants.split(",")}
-    print(json.dumps(time_training_steps(cfgs, args.tokens, args.pairs, args.repeats), indent=1), flush=True)
+    import sys
+
+    res = time_training_steps(cfgs, args.tokens, args.pairs, args.repeats,
+                              log=lambda m: print(m, file=sys.stderr, flush=True))
+    print(json.dumps(res, indent=1), flush=True)
