@@ -428,8 +428,8 @@ def time_training_steps(model_cfgs: dict, tokens_per_sequence: int = 256, pairs:
 
     A step is ``pairs`` pairs of random-token sequences of ``tokens_per_sequence`` tokens (a quarter of them
     prompt). All models are loaded first and their steps interleaved (one warm-up step each, then
-    ``repeats`` rounds), so a shared, noisy CPU slows every variant alike; returns the median per variant of
-    the wall time and of the process CPU time (all threads; on a busy machine the better measure of work).
+    ``repeats`` rounds in alternating order), so a shared, noisy CPU slows every variant alike; returns the
+    median per variant of the wall time and of the process CPU time (all threads).
     This is how the CPU default of ``ModelConfig.load_in_4bit`` was chosen (``python -m tpo_lite.train``).
     ``log``: optional callable that gets one line per step.
     """
@@ -476,7 +476,8 @@ def time_training_steps(model_cfgs: dict, tokens_per_sequence: int = 256, pairs:
         else:
             step(r)
     for i in range(repeats):
-        for name, r in runners.items():
+        # ABBA order: whichever runs second in a round measured faster on the shared CPU, so alternate
+        for name, r in (list(runners.items()) if i % 2 == 0 else list(runners.items())[::-1]):
             r["times"].append(step(r))
             if log:
                 log(f"{name}: step {i + 1}/{repeats} {r['times'][-1]:.2f} s wall, {r['cpu'][-1]:.2f} s CPU")
