@@ -245,7 +245,7 @@ inline void bwd_rows(c10::Half* b, int64_t c, int64_t v0, int64_t s, int64_t e, 
 }
 
 void check_common(const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& targets,
-                  int64_t ignore_index, int64_t chunk) {
+                  int64_t ignore_index) {
   TORCH_CHECK(hidden.device().is_cpu() && weight.device().is_cpu() && targets.device().is_cpu(),
               "linear_logprobs (CPU): hidden, weight and targets must all be CPU tensors, got ", hidden.device(),
               ", ", weight.device(), ", ", targets.device());
@@ -266,7 +266,6 @@ void check_common(const at::Tensor& hidden, const at::Tensor& weight, const at::
               targets.scalar_type());
   TORCH_CHECK(hidden.is_contiguous() && weight.is_contiguous() && targets.is_contiguous(),
               "linear_logprobs: hidden, weight and targets must be contiguous (call .contiguous())");
-  TORCH_CHECK(chunk >= 0, "linear_logprobs: chunk must be >= 0 (0 = default), got ", chunk);
   // out-of-range targets would index outside the weight in the J / gradient gather
   const int64_t V = weight.size(0);
   const int64_t* t = targets.data_ptr<int64_t>();
@@ -430,7 +429,7 @@ std::vector<at::Tensor> linear_logprobs_forward(const at::Tensor& hidden, const 
                                                 const at::Tensor& targets, int64_t ignore_index,
                                                 double logit_scale, double softcap, int64_t chunk,
                                                 bool need_grad) {
-  check_common(hidden, weight, targets, ignore_index, chunk);
+  check_common(hidden, weight, targets, ignore_index);  // chunk <= 0: default
   at::NoGradGuard no_grad;  // the Python autograd.Function owns differentiation; no graph of the internals
   switch (hidden.scalar_type()) {
     case at::kDouble:
@@ -453,7 +452,7 @@ std::vector<at::Tensor> linear_logprobs_backward(const at::Tensor& grad_logp, co
                                                  const at::Tensor& lse, int64_t ignore_index, double logit_scale,
                                                  double softcap, int64_t chunk, bool need_grad_hidden,
                                                  bool need_grad_weight) {
-  check_common(hidden, weight, targets, ignore_index, chunk);
+  check_common(hidden, weight, targets, ignore_index);  // chunk <= 0: default
   TORCH_CHECK(grad_logp.device().is_cpu() && lse.device().is_cpu(),
               "linear_logprobs_backward (CPU): grad_logp and lse must be CPU tensors");
   TORCH_CHECK(grad_logp.dim() == 1 && grad_logp.size(0) == hidden.size(0), "linear_logprobs_backward: grad_logp ",
