@@ -13,6 +13,7 @@
 #include "linear_logprobs.h"
 
 #include <ATen/Parallel.h>
+#include <ATen/core/grad_mode.h>
 
 #include <algorithm>
 #include <cmath>

@@ -1,7 +1,7 @@
 // Fused linear log-probs (CPU). Contract shared with the CUDA build: docs/kernels.md.
 #pragma once
 
-#include <torch/extension.h>
+#include <ATen/ATen.h>  // bindings.cpp alone pulls in torch/extension.h (Python)
 
 #include <vector>
 
