@@ -427,6 +427,11 @@ def heldout_stage(config: RunConfig, run_dir: Path, out_dir: Path, adapter: str 
         # Same weights, same (locked) config: greedy outputs and scores would be identical, so reuse them.
         echo(f"held-out eval ({label}): same model as {same.parent.name}, reusing its result")
         result = read_json(same)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        # Copy the outputs too: each held-out folder stays self-contained for eval/experiment/report.
+        src = same.parent / "outputs.jsonl"
+        if src.exists():
+            write_text_atomic(out_dir / "outputs.jsonl", src.read_text(encoding="utf-8"))
         write_json_atomic(res_path, result)
         return result
     ecfg = config.eval
@@ -457,7 +462,7 @@ def heldout_stage(config: RunConfig, run_dir: Path, out_dir: Path, adapter: str 
         judge = make_heldout_judge(config, run_dir, items)
     result = ev.absolute_eval(items, outputs, judge, ecfg)
     result["adapter"] = adapter
-    result["decoding"] = ev.decoding_record(ecfg)
+    result["decoding"] = ev.decoding_record(ecfg, config.sampling)
     write_json_atomic(res_path, result)
     return result
 
