@@ -1,7 +1,7 @@
 """The one user-facing error type.
 
 Bad input (config, JSONL, template, model path, ...) raises :class:`TpoError` naming where the problem is, so
-the CLI can print a single line like ``runs/x/config.toml:12: train.lr: expected a float, got "fast"`` and exit
+the CLI can print a single line like ``runs/x/config.toml:12: train.learning_rate: expected a float, got "fast"`` and exit
 with status 2 instead of showing a traceback.
 """
 from __future__ import annotations

@@ -13,7 +13,7 @@ import click
 
 from ..errors import TpoError
 
-_SET_HELP = ("Override one config option, e.g. --set sampling.k=4 --set train.lr=1e-5 (repeatable). VALUE is "
+_SET_HELP = ("Override one config option, e.g. --set sampling.k=4 --set train.learning_rate=1e-5 (repeatable). VALUE is "
              "TOML (numbers, true/false, [lists], \"strings\"); a bare word is taken as a string.")
 
 
