@@ -10,24 +10,7 @@ from tpo_lite.errors import TpoError
 from tpo_lite.models import ModelConfig
 from tpo_lite.train import (TrainConfig, collate, lr_lambda, prepare_pairs, train_iteration, truncate)
 
-VOCAB = 300
-
-
-def make_tiny_model(path, seed=0, tie=True):
-    """A 2-layer Llama (hidden 64, vocab 300) with a word-level tokenizer, saved as an HF directory."""
-    from tokenizers import Tokenizer, models
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, vocab_size=VOCAB, tie_word_embeddings=tie, max_position_embeddings=256,
-                      eos_token_id=2, pad_token_id=0, bos_token_id=1)
-    LlamaForCausalLM(cfg).save_pretrained(path)
-    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, **{f"w{i}": i for i in range(3, VOCAB)}}
-    tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(vocab=vocab, unk_token="<pad>")),
-                                  pad_token="<pad>", eos_token="</s>", bos_token="<s>")
-    tok.save_pretrained(path)
-    return path
+from tiny_models import VOCAB, make_tiny_model  # noqa: E402  (tests/ is on sys.path under pytest)
 
 
 def synthetic_pairs(n, seed=0, prompt_len=(3, 8), comp_len=(2, 10)):
