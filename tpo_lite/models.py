@@ -329,6 +329,22 @@ def load_model(cfg: ModelConfig, adapter: str | os.PathLike | None = None, train
 
 # ------------------------------------------------------------------------------------------ body and LM head
 
+def left_pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Left-pad token id lists into (input_ids, attention_mask, position_ids), all [B, max_len] long, on the CPU.
+
+    Left padding keeps every sequence's last token in the last column (where generation continues and where
+    judges read their answer); positions count real tokens only, so a padded row sees the positions it would
+    see alone.
+    """
+    width = max(len(x) for x in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for r, x in enumerate(seqs):
+        ids[r, width - len(x):] = torch.tensor(x, dtype=torch.long)
+        mask[r, width - len(x):] = 1
+    return ids, mask, (mask.cumsum(-1) - 1).clamp(min=0)
+
+
 def unwrap(model):
     """The transformers ``PreTrainedModel`` under any peft wrapper (LoRA layers stay injected in it)."""
     get_base = getattr(model, "get_base_model", None)

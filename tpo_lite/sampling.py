@@ -411,13 +411,9 @@ class LocalSampler:
                 index_of[job.prompt_id] = len(prompts)
                 prompts.append(job.prompt_token_ids)
             row_prompt.append(index_of[job.prompt_id])
-        width = max(len(p) for p in prompts)
-        input_ids = torch.full((len(prompts), width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(prompts), width), dtype=torch.long)
-        for p, ids in enumerate(prompts):
-            input_ids[p, width - len(ids):] = torch.tensor(ids, dtype=torch.long)
-            mask[p, width - len(ids):] = 1
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        from tpo_lite.models import left_pad
+
+        input_ids, mask, positions = left_pad(prompts, self.pad_id)
         out = model(input_ids=input_ids.to(device), attention_mask=mask.to(device),
                     position_ids=positions.to(device), use_cache=True, **self._prefill_kw)
         cache = _out_cache(out)

@@ -181,17 +181,12 @@ class LocalPairBackend:
         order = sorted(range(len(prompts)), key=lambda k: len(encoded[k]))
         a_ids = torch.tensor(self.a_ids)
         b_ids = torch.tensor(self.b_ids)
+        from ..models import left_pad
+
         with torch.inference_mode():
             for start in range(0, len(order), self.batch_size):
                 idx = order[start:start + self.batch_size]
-                width = max(len(encoded[k]) for k in idx)
-                ids = torch.full((len(idx), width), self.pad_id, dtype=torch.long)
-                mask = torch.zeros((len(idx), width), dtype=torch.long)
-                for r, k in enumerate(idx):
-                    x = encoded[k]
-                    ids[r, width - len(x):] = torch.tensor(x, dtype=torch.long)
-                    mask[r, width - len(x):] = 1
-                pos = (mask.cumsum(-1) - 1).clamp(min=0)
+                ids, mask, pos = left_pad([encoded[k] for k in idx], self.pad_id)
                 out = self.model(input_ids=ids.to(device), attention_mask=mask.to(device),
                                  position_ids=pos.to(device), logits_to_keep=1)
                 logp = torch.log_softmax(out.logits[:, -1, :].float(), dim=-1).cpu()

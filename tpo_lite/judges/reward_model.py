@@ -91,13 +91,9 @@ class RewardModelJudge:
         import torch
 
         device = next(self.model.parameters()).device
-        width = max(len(x) for x in batch)
-        ids = torch.full((len(batch), width), self._pad_id, dtype=torch.long)
-        mask = torch.zeros((len(batch), width), dtype=torch.long)
-        for r, x in enumerate(batch):
-            ids[r, width - len(x):] = torch.tensor(x, dtype=torch.long)
-            mask[r, width - len(x):] = 1
-        pos = (mask.cumsum(-1) - 1).clamp(min=0)
+        from ..models import left_pad
+
+        ids, mask, pos = left_pad(batch, self._pad_id)
         ids, mask, pos = ids.to(device), mask.to(device), pos.to(device)
         m = self.model
         base = getattr(m, getattr(m, "base_model_prefix", ""), None)
