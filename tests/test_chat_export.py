@@ -28,18 +28,9 @@ SMOL_TEMPLATE = ("{% for message in messages %}{% if loop.first and messages[0][
 
 
 def tiny_tokenizer(chat_template=SIMPLE_TEMPLATE):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
+    from tiny_models import byte_bpe_tokenizer
 
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=320, special_tokens=["<|pad|>", "<|im_start|>", "<|im_end|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tok.train_from_iterator(CORPUS, trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|pad|>")
-    fast.chat_template = chat_template
-    return fast
+    return byte_bpe_tokenizer(CORPUS, chat_template)
 
 
 @pytest.fixture(scope="module")

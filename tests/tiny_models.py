@@ -19,3 +19,19 @@ def make_tiny_model(path, seed=0, tie=True):
                                   pad_token="<pad>", eos_token="</s>", bos_token="<s>")
     tok.save_pretrained(path)
     return path
+
+
+def byte_bpe_tokenizer(corpus, chat_template, vocab_size=320):
+    """A byte-level BPE tokenizer trained on ``corpus`` with ChatML-style special tokens and a chat template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|pad|>", "<|im_start|>", "<|im_end|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(corpus, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|pad|>")
+    fast.chat_template = chat_template
+    return fast
