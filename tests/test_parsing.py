@@ -167,3 +167,55 @@ def test_direct():
     assert parse_output(" \n ", D) == Parsed("", "", False, "empty_response")
     assert parse_output("Paris", D, finish_reason="length") == Parsed("", "Paris", False, "truncated")
     assert parse_output(None, D).invalid_reason == "empty_response"
+
+
+# One rule for "is the response marker used": the parser (final text) and the samplers (text still growing).
+# (finished text, used in it, counted while streaming when the text ends there)
+TRICKY = [
+    ("Okay. Here is my response to the question: 4.", False, False),  # a partial marker grows into a near miss
+    ("ok\nHere is my response", True, False),  # ends its line only because the text ends
+    ("ok\nHere is my response\n", True, True),  # marker then newline
+    ("ok\n## Here is my response\nYes.", True, True),
+    ("ok\nHere is my response\r\nYes", True, True),
+    ("ok\nHere is my responses are", False, False),
+    ('Write it after "Here is my response:" as told.', False, False),  # quoted on both sides: a mention
+    ("He said 'here is my response' twice.", False, False),
+    ("“Here is my response:” is what I write.", False, False),  # curly quotes (several bytes each)
+    ('He wrote "Here is my response: yes', True, True),  # a quote on one side only: a use
+    ('ok "Here is my response:', True, False),  # quote before and the text ends: not decided yet
+    ("ok\n**Here is my response:**\nYes.", True, True),  # markdown-wrapped
+    ("ok\n**Here is my response**:\nYes.", True, True),
+    ("ok\n**Here is my response**", True, False),
+    ("Fine. Here's my response: yes", True, True),
+    ("fine, here is my response: yes", True, True),
+    ("Here’s my response:\nyes", True, True),
+    ("ok Here is my response:", True, True),  # colon marker at the very end, no quote before: decided
+    ("ok Here is my" + " \n" * 30 + "response: yes", True, True),  # any whitespace between the words
+]
+
+
+def _prefixes(text):
+    """Every prefix as a streaming decoder sees it: per byte, a split UTF-8 character decoded as U+FFFD."""
+    raw = text.encode()
+    return [raw[:n].decode("utf-8", errors="replace") for n in range(1, len(raw) + 1)]
+
+
+@pytest.mark.parametrize("text,used,streamed", TRICKY)
+def test_streaming_marker_rule_agrees_with_the_parser(text, used, streamed):
+    from tpo_lite.parsing import response_marker_uses
+
+    final = response_marker_uses(text, G)
+    assert bool(final) == used
+    r = parse_output(text, G)
+    assert (r.invalid_reason != "no_response_marker") == used
+    if used:
+        assert r.thought == text[:final[0].start()].strip()
+    assert bool(response_marker_uses(text, G, final=False)) == streamed
+    starts = {m.start() for m in final}
+    seen = False
+    for prefix in _prefixes(text):
+        counted = response_marker_uses(prefix, G, final=False)
+        # Counted while streaming => used in the finished text (same place); once counted, always counted.
+        assert {m.start() for m in counted} <= starts, prefix
+        assert bool(counted) or not seen, prefix
+        seen = bool(counted)

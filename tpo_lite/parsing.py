@@ -5,6 +5,8 @@ Grammar (per template; the marker regexes come from :func:`tpo_lite.prompts.mark
     generic   output   := [preamble] [THOUGHT_MARKER] thought RESPONSE_MARKER response
               THOUGHT_MARKER  := "Here is my thought process:"     RESPONSE_MARKER := "Here is my response:"
     specific  output   := thought "<R>" response ["</R>"]
+    specific_tags output := [preamble] ["<internal thought>"] thought ["</internal thought>"] "<response>" response
+                            ["</response>"]      (closing tags: the template's thought_close / response_close)
     direct    output   := response
     file      as generic, with the file's thought_header / response_marker (no response_marker = direct)
 
@@ -16,6 +18,11 @@ A marker directly inside quotes (a quote right before *and* right after it: ``af
 response:"``) is a *mention*, not a use: weak models often echo
 the instruction's wording, and the echo must not split the output. This is the one place we differ from
 vLLM's granite parser, which would split at the echo.
+
+:func:`response_marker_uses` is the one rule for "is the response marker used in this text": the parser
+calls it on the finished output (``final=True``), the samplers' budget forcing and response budget on the
+output so far (``final=False``, see there), so whatever the sampler counted as the model's own marker is a
+marker for the parser too.
 
 Which marker wins when the response marker appears more than once: ``template.marker_wins``. ``generic``
 uses the **first** (the thought is the shortest span ending at a response marker, exactly as vLLM's granite
@@ -73,15 +80,41 @@ def _is_quoted(text: str, start: int, end: int) -> bool:
     return bool(before) and before in _OPEN_QUOTES and bool(after) and after in _CLOSE_QUOTES
 
 
-def _uses(regex: re.Pattern | None, text: str) -> list[re.Match]:
+def _settled(regex: re.Pattern, text: str, m: re.Match) -> bool:
+    """For a match that ends where ``text`` (still being generated) ends: True if no continuation can undo it."""
+    if m.start() > 0 and text[m.start() - 1] in _OPEN_QUOTES:
+        return False  # the next character may close the quote and make it a mention
+    # A match that needs the end of the text (a colon-less marker "ending its line" at \Z) fails once
+    # anything follows; NUL continues no marker pattern, so surviving it means surviving any continuation.
+    return regex.match(text + "\0", m.start()) is not None
+
+
+def _uses(regex: re.Pattern | None, text: str, final: bool = True) -> list[re.Match]:
     if regex is None:
         return []
-    return [m for m in regex.finditer(text) if not _is_quoted(text, m.start(), m.end())]
+    if not final:
+        text = text.rstrip("\ufffd")  # a character whose bytes are not all generated yet is not written yet
+    return [m for m in regex.finditer(text) if not _is_quoted(text, m.start(), m.end())
+            and (final or m.end() < len(text) or _settled(regex, text, m))]
+
+
+def response_marker_uses(text: str, template: Template, final: bool = True) -> list[re.Match]:
+    """The uses (unquoted matches) of ``template``'s response marker in ``text``, in order; empty = not used.
+
+    ``final=True``: ``text`` is a finished output, as :func:`parse_output` sees it. ``final=False``: ``text``
+    is an output still being generated (a sampler deciding whether the model wrote the marker itself); a
+    match counts only once no continuation can undo it, so every use counted while streaming is a use in
+    the finished output too. Not yet counted: a match at the very end of the text that either needs the
+    end of the text (``...Here is my response`` may go on ``to you``) or has a quote right before it (the
+    next character may close the quote); trailing U+FFFD (a character decoded from part of its bytes) are
+    ignored. A template without a response marker has no uses.
+    """
+    return _uses(template.response_regex, text, final)
 
 
 def find_markers(text: str, template: Template) -> tuple[re.Match | None, re.Match | None]:
     """(thought-marker match or None, response-marker match or None) per the grammar above."""
-    responses = _uses(template.response_regex, text)
+    responses = response_marker_uses(text, template)
     if not responses:
         thoughts = _uses(template.thought_regex, text)
         return (thoughts[0] if thoughts else None), None
@@ -92,9 +125,9 @@ def find_markers(text: str, template: Template) -> tuple[re.Match | None, re.Mat
 
 def _clean_response(text: str, template: Template) -> str:
     text = text.strip()
-    if template.response_marker == "<R>":
+    if template.response_close_regex is not None:
         # Some outputs close the tag the prompt opened: "<R> answer </R>".
-        text = re.sub(r"\s*</\s*R\s*>\s*$", "", text, flags=re.IGNORECASE).strip()
+        text = template.response_close_regex.sub("", text).strip()
     return "" if _ONLY_DEBRIS.match(text) else text
 
 
