@@ -1,6 +1,7 @@
 """Tests for tpo_lite.evaluate: eval-set readers, alignment, comparisons, absolute eval, the real generation path."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 
@@ -451,7 +452,9 @@ def test_cli_eval_seed_absolute_then_against(tmp_path):
     assert r.exit_code == 0, r.output
     res = json.loads((tmp_path / "abs" / "eval.json").read_text())
     assert res["kind"] == "absolute" and res["n"] == 5 and 0 <= res["mean_score"] <= 1
-    assert res["decoding"] == {"temperature": 0.0, "greedy": True, "top_p": 1.0, "max_new_tokens": 10, "seed": 0}
+    assert res["decoding"] == {"temperature": 0.0, "greedy": True, "top_p": 1.0, "max_new_tokens": 10,
+                               "response_budget": None, "seed": 0, "format_retries": 2, "retry_temperature": 0.8,
+                               "retry_top_p": 0.95}
     from tpo_lite.instructions import Instruction  # its loader decides the default of our own format
 
     default_cat = Instruction.__dataclass_fields__["category"].default
@@ -510,3 +513,240 @@ def test_experiment_end_to_end_tiny(tmp_path):
     assert again["table"] == record["table"]
     paths = make_report([str(exp)])
     assert "tpo-iter01 vs direct-iter01" in open(paths["report.md"]).read()
+
+
+# ------------------------------------------------------------------------------------------------ LC and invalid outputs
+
+
+class _FixedPairwise:
+    """p(model wins) fixed per instruction (both orders agree, no position bias)."""
+
+    name = "fixed-pairwise"
+    kind = "pairwise"
+
+    def __init__(self, p_model, model_responses):
+        self.p = p_model
+        self.model_responses = model_responses
+
+    def compare(self, instruction, a, b):
+        p = self.p[instruction.instruction]
+        return p if a in self.model_responses else 1.0 - p
+
+
+def test_lc_win_rate_does_not_blame_format_failures_on_length():
+    # The issue's constructed case: 6 valid comparisons where length says nothing (win rate 0.5, LC 0.5) and two
+    # invalid model outputs (empty responses), losses by rule. Fitting them too gave LC 0.474 for a raw 0.375.
+    items = _items(8)
+    lengths = [130, 70, 130, 70, 110, 90, 0, 0]
+    model = _outs(items, [chr(ord("a") + k) * n for k, n in enumerate(lengths)], "m", valid=[True] * 6 + [False] * 2)
+    base = _outs(items, ["z" * 100] * 8, "b")
+    p = dict(zip([it.instruction for it in items], [1.0, 1.0, 0.0, 0.0, 0.5, 0.5, 0.5, 0.5]))
+    r = ev.compare_outputs(items, model, base, _FixedPairwise(p, {o.response for o in model}), ev.EvalConfig(n_boot=200))
+    assert [row["outcome"] for row in r["items"]] == [1.0, 1.0, 0.0, 0.0, 0.5, 0.5, 0.0, 0.0]
+    assert r["win_rate"] == pytest.approx(0.375)
+    assert r["lc_win_rate"] == pytest.approx(0.375) and r["lc_fit_n"] == 6
+    assert [row["length_fit"] for row in r["items"]] == [True] * 6 + [False] * 2
+    lo, hi = r["lc_win_rate_ci"]
+    assert lo <= 0.375 <= hi
+
+
+# ------------------------------------------------------------------------------------------------ format retries
+
+
+_VALID_TEXT = "Here is my thought process:\nthink\n\nHere is my response:\nthe answer"
+_INVALID_TEXT = "Here is my thought process:\nthink but never answer"
+
+
+class _ScriptedEvalSampler:
+    """Invalid for the first ``fails[prompt_id]`` calls of each prompt, then valid; logs every sample drawn."""
+
+    def __init__(self, cfg, log, fails, stop_after=None):
+        self.cfg, self.log, self.fails, self.stop_after = cfg, log, fails, stop_after
+
+    def sample(self, jobs, k=None):
+        from tpo_lite.sampling import Sample
+
+        for job in jobs:
+            if self.stop_after is not None and len(self.log) >= self.stop_after:
+                raise KeyboardInterrupt  # a kill mid-eval
+            n = sum(1 for e in self.log if e[0] == job.prompt_id)
+            self.log.append((job.prompt_id, job.seeds[0], self.cfg.temperature, self.cfg.top_p))
+            text = _INVALID_TEXT if n < self.fails.get(job.prompt_id, 0) else _VALID_TEXT
+            yield job.prompt_id, [Sample(index=0, seed=job.seeds[0], text=f"{text} {job.seeds[0]}", token_ids=[],
+                                         finish_reason="eos")]
+
+
+def _scripted_factory(log, fails, stop_after=None):
+    def factory(cfg, tokenizer, template, model=None, adapter=None, progress=True):
+        return _ScriptedEvalSampler(cfg, log, fails, stop_after)
+
+    return factory
+
+
+def test_format_errors_are_resampled_with_fresh_seeds(tmp_path):
+    from tpo_lite.prompts import PromptConfig
+
+    _, tok = _tiny_model_and_tokenizer(tmp_path)
+    items = [ev.EvalItem(id=f"q{k}", instruction=f"w{k} answer") for k in range(4)]
+    fails = {"q1": 1, "q2": 5}  # q1: one format error; q2: never valid
+    runs = {}
+    for bs in (4, 1):
+        log = []
+        outs = ev.generate_outputs(items, None, tok, PromptConfig(template="generic"), "m",
+                                   ev.EvalConfig(batch_size=bs, seed=3), sampler_factory=_scripted_factory(log, fails))
+        runs[bs] = (outs, log)
+    outs, log = runs[4]
+    assert [(o.tries, o.valid) for o in outs] == [(1, True), (2, True), (3, False), (1, True)]
+    assert outs[2].invalid_reason and outs[2].text.startswith(_INVALID_TEXT)  # the last try counts
+    first = [e for e in log if e[2] == 0.0]
+    assert [e[:2] for e in first] == [(f"q{k}", 3 + k) for k in range(4)] and all(e[3] == 1.0 for e in first)
+    retries = [e for e in log if e[2] != 0.0]  # greedy first tries, retries sampled at 0.8 / 0.95
+    assert [e[0] for e in retries] == ["q1", "q2", "q2"] and all(e[2:] == (0.8, 0.95) for e in retries)
+    q2 = [e[1] for e in log if e[0] == "q2"]
+    assert len(set(q2)) == 3  # every try of an item has its own seed
+    # The seeds depend on (seed, item, try) only: the same with another batch size.
+    assert sorted(runs[1][1]) == sorted(log)
+    # 0 retries = off
+    log0 = []
+    outs0 = ev.generate_outputs(items, None, tok, PromptConfig(template="generic"), "m",
+                                ev.EvalConfig(format_retries=0), sampler_factory=_scripted_factory(log0, fails))
+    assert [o.tries for o in outs0] == [1] * 4 and len(log0) == 4 and not outs0[1].valid
+    with pytest.raises(TpoError, match="retry_temperature: must be > 0"):
+        ev.EvalConfig(retry_temperature=0.0)
+
+
+def test_retries_reported_in_result_and_markdown(tmp_path):
+    items = _items(4)
+    outs = _outs(items, ["a b", "a b c", "", "a"], "m", valid=[True, True, False, True])
+    outs[1].tries, outs[2].tries = 2, 3
+    r = ev.absolute_eval(items, outs, _LengthJudge(), ev.EvalConfig(n_boot=50))
+    assert (r["model_lengths"]["n_retried"], r["model_lengths"]["n_invalid"]) == (2, 1)
+    ev.write_model_outputs(tmp_path / "o", outs)
+    assert [o.tries for o in ev.read_outputs(tmp_path / "o" / ev.MODEL_OUTPUTS)] == [1, 2, 3, 1]
+    jp, mp = ev.write_result(tmp_path / "o", r, ev.decoding_record(ev.EvalConfig()))
+    assert "Format retries: 2 of 4 outputs had a format error and were re-sampled; 1 stayed invalid" in open(mp).read()
+    assert json.loads(open(jp).read())["decoding"]["format_retries"] == 2
+    cmp = ev.compare_outputs(items, outs, _outs(items, ["x"] * 4, "b"), _LengthJudge(), ev.EvalConfig(n_boot=50))
+    assert "2 of 4 outputs had a format error" in ev.render_markdown(cmp)
+
+
+def _server_config(tmp_path, *overrides):
+    """A run config whose sampling backend is a server (groups of 2 items): only the tokenizer is loaded, the
+    sampler is scripted."""
+    from tpo_lite.config import load_config
+
+    return load_config(_tiny_run_config(tmp_path), ["sampling.backend=openai", "sampling.concurrency=2",
+                                                    "eval.batch_size=2", *overrides])
+
+
+def test_model_outputs_resume_after_kill_is_exact(tmp_path):
+    pytest.importorskip("tpo_lite.models")
+    config = _server_config(tmp_path)
+    items = ev.load_eval_set(config.eval.eval_set)
+    fails = {"h1": 1, "h3": 5}
+    full_log = []
+    full = ev.model_outputs(config, items, tmp_path / "full" / "outputs.jsonl", generator="m", progress=False,
+                            echo=lambda s: None, sampler_factory=_scripted_factory(full_log, fails))
+    assert [o.tries for o in full] == [1, 2, 1, 3, 1]
+    # Killed in the second group (items h2, h3) after h2's first try: group 1 is on disk, group 2 is not.
+    log = []
+    path = tmp_path / "killed" / "outputs.jsonl"
+    with pytest.raises(KeyboardInterrupt):
+        ev.model_outputs(config, items, path, generator="m", progress=False, echo=lambda s: None,
+                         sampler_factory=_scripted_factory(log, fails, stop_after=4))
+    from tpo_lite.jsonl import read_records
+
+    assert list(read_records(path, key="id")) == ["h0", "h1"]
+    log2 = []
+    resumed = ev.model_outputs(config, items, path, generator="m", progress=False, echo=lambda s: None,
+                               sampler_factory=_scripted_factory(log2, fails))
+    assert [dataclasses.asdict(o) for o in resumed] == [dataclasses.asdict(o) for o in full]
+    assert {e[0] for e in log2} == {"h2", "h3", "h4"}  # finished groups are not generated again
+    # Everything on disk: nothing is loaded or sampled.
+    log3 = []
+    again = ev.model_outputs(config, items, path, generator="other", progress=False, echo=lambda s: None,
+                             sampler_factory=_scripted_factory(log3, fails))
+    assert log3 == [] and [o.generator for o in again] == ["other"] * 5
+    # Outputs of other settings are never mixed in.
+    with pytest.raises(TpoError, match="other settings"):
+        ev.model_outputs(_server_config(tmp_path, "eval.seed=9"), items, path, progress=False, echo=lambda s: None,
+                         sampler_factory=_scripted_factory([], fails))
+
+
+# ------------------------------------------------------------------------------------------------ evaluation judge
+
+
+def test_eval_judge_table_and_reward_hacking_warning(tmp_path, monkeypatch):
+    """`tpo-lite eval` judges with [eval_judge] when the config has one; with the learned [judge] the run optimised
+    it warns on stderr (one line); the programmatic judge (the task's own checks) never warns."""
+    pytest.importorskip("tpo_lite.models")
+    from click.testing import CliRunner
+
+    from tpo_lite import judges
+    from tpo_lite.cli import main
+
+    used = []
+
+    def fake_make_judge(cfg, cache_path=None, **kw):
+        used.append((cfg.kind, cfg.model))
+        return _LengthJudge()
+
+    monkeypatch.setattr(judges, "make_judge", fake_make_judge)
+    cfg = _tiny_run_config(tmp_path)
+    base = open(cfg).read() + '\n[judge]\nkind = "reward_model"\nmodel = "/rm"\n'
+    runs = {"same": base, "other": base + '\n[eval_judge]\nkind = "programmatic"\n',
+            "programmatic": open(cfg).read()}
+    out = str(tmp_path / "abs")
+    for k, (name, text) in enumerate(runs.items()):
+        _write(tmp_path / f"{name}.toml", text)
+        r = CliRunner().invoke(main, ["eval", str(tmp_path / f"{name}.toml"), "-i", "seed", "--no-progress",
+                                      "--absolute", "--out", out])
+        assert r.exit_code == 0, r.output
+        warnings = [ln for ln in r.stderr.splitlines() if "reward hacking" in ln]
+        assert len(warnings) == (1 if name == "same" else 0), r.stderr
+        if name == "same":
+            assert warnings[0] == ("warning: evaluating with the reward_model judge the run optimised (/rm): this "
+                                   "measures reward hacking, not quality; set [eval_judge]")
+        # The outputs of the first call are reused (same generation settings): generated once only.
+        assert ("generating" in r.stderr) == (k == 0)
+    assert used == [("reward_model", "/rm"), ("programmatic", ""), ("programmatic", "")]
+
+
+def test_reward_hacking_warning_rules():
+    from tpo_lite.config import RunConfig
+    from tpo_lite.judges import JudgeConfig
+
+    rm = JudgeConfig(kind="reward_model", model="/rm")
+    pw = JudgeConfig(kind="pairwise", base_url="http://127.0.0.1:1/v1", served_model="judge")
+
+    def cfg(judge, eval_judge=None):
+        return RunConfig({"judge": judge, "eval_judge": eval_judge})
+
+    assert "reward hacking" in ev.reward_hacking_warning(cfg(rm))
+    assert "judge at http://127.0.0.1:1/v1" in ev.reward_hacking_warning(cfg(pw))
+    assert "reward hacking" in ev.reward_hacking_warning(cfg(rm, JudgeConfig(kind="reward_model", model="/rm",
+                                                                             batch_size=2)))
+    assert ev.reward_hacking_warning(cfg(rm, JudgeConfig(kind="reward_model", model="/other-rm"))) is None
+    assert ev.reward_hacking_warning(cfg(rm, JudgeConfig(kind="programmatic"))) is None
+    assert ev.reward_hacking_warning(cfg(JudgeConfig(kind="programmatic"))) is None
+    assert ev.eval_judge_config(cfg(rm)) is rm and ev.eval_judge_config(cfg(rm, pw)) is pw
+
+
+def test_eval_passes_the_response_budget_through():
+    from tpo_lite.config import RunConfig
+    from tpo_lite.experiment import experiment_configs
+    from tpo_lite.sampling import SamplingConfig
+
+    run = SamplingConfig(response_budget=30, thought_budget=40, max_new_tokens=64)
+    assert ev.eval_sampling_config(run, ev.EvalConfig()).response_budget == 30  # 0 = the [sampling] value
+    scfg = ev.eval_sampling_config(run, ev.EvalConfig(response_budget=50, max_new_tokens=100))
+    assert (scfg.response_budget, scfg.thought_budget, scfg.max_new_tokens) == (50, 40, 100)
+    assert ev.retry_sampling_config(scfg, ev.EvalConfig()).response_budget == 50
+    assert ev.decoding_record(ev.EvalConfig(), run)["response_budget"] == 30
+    # The experiment: TPO and direct outputs get the same response budget; only TPO's thought has a budget.
+    cfgs = experiment_configs(RunConfig.default().replace("sampling", response_budget=30, thought_budget=40))
+    tpo, direct = (ev.eval_sampling_config(cfgs[k].sampling, cfgs[k].eval) for k in ("tpo", "direct"))
+    assert tpo.response_budget == direct.response_budget == 30
+    assert (tpo.thought_budget, direct.thought_budget) == (40, None)
+    with pytest.raises(TpoError, match="response_budget: must be >= 0"):
+        ev.EvalConfig(response_budget=-1)

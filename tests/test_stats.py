@@ -193,3 +193,42 @@ def test_lc_win_rate_under_perfect_separation_stays_below_raw():
     lc = length_controlled_win_rate(out, 100 + d, np.full(d.size, 100.0))
     assert win_rate(out) == pytest.approx(0.75)
     assert 0.5 <= lc < 0.65
+
+
+# The constructed case of the issue: 6 valid-vs-valid comparisons where length says nothing (wins and losses at
+# +-30 chars, ties at +-10: win rate 0.5, LC 0.5) and 2 invalid model outputs (empty response: 0 chars vs 100),
+# which lose by rule. Raw win rate 0.375; fitting the length model on all 8 blamed the two format failures on
+# shortness and reported LC 0.474.
+_Y = [1, 1, 0, 0, 0.5, 0.5, 0, 0]
+_LM = [130, 70, 130, 70, 110, 90, 0, 0]
+_LB = [100] * 8
+_VALID = [True] * 6 + [False] * 2
+
+
+def test_lc_keeps_invalid_losses_and_fits_length_on_valid_pairs_only():
+    assert win_rate(_Y) == pytest.approx(0.375)
+    assert length_controlled_win_rate(_Y[:6], _LM[:6], _LB[:6]) == pytest.approx(0.5)
+    # LC = (sum of the fixed outcomes + n_valid * LC of the valid-vs-valid fit) / n = (0 + 0 + 6 * 0.5) / 8
+    assert length_controlled_win_rate(_Y, _LM, _LB, valid=_VALID) == pytest.approx(0.375)
+    # An invalid *baseline* output is a win by rule and stays one; both invalid is a tie.
+    y = _Y + [1, 0.5]
+    lm, lb = _LM + [40, 0], _LB + [0, 0]
+    assert length_controlled_win_rate(y, lm, lb, valid=_VALID + [False, False]) == pytest.approx((3 + 1 + 0.5) / 10)
+    # No valid-vs-valid comparison: nothing to adjust, the plain win rate.
+    assert length_controlled_win_rate([0, 1, 0.5], [0, 5, 0], [5, 0, 0], valid=[False] * 3) == pytest.approx(0.5)
+    with pytest.raises(ValueError, match="3 outcomes but 2 validity flags"):
+        length_controlled_win_rate([1, 0, 1], [1, 2, 3], [1, 2, 3], valid=[True, False])
+
+
+def test_lc_ci_resamples_the_same_estimator():
+    y, lm, lb, valid = (np.array(a, dtype=float) for a in (_Y, _LM, _LB, _VALID))
+    lo, hi = length_controlled_win_rate_ci(y, lm, lb, valid=valid, n_boot=300, alpha=0.1, seed=4)
+    rng = np.random.default_rng(4)
+    reps = []
+    for _ in range(300):
+        idx = rng.integers(0, 8, size=8)
+        reps.append(length_controlled_win_rate(y[idx], lm[idx], lb[idx], valid=valid[idx].astype(bool)))
+    assert (lo, hi) == pytest.approx(tuple(np.quantile(reps, [0.05, 0.95])))
+    s = summarize_outcomes(_Y, _LM, _LB, valid=_VALID, n_boot=300, alpha=0.1, seed=4)
+    assert s["lc_win_rate"] == pytest.approx(0.375) and s["lc_win_rate_ci"] == pytest.approx([lo, hi])
+    assert s["lc_fit_n"] == 6

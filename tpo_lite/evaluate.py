@@ -17,17 +17,21 @@ as in the paper's AlpacaEval / Arena-Hard tables. This module:
    A missing or empty category becomes ``"uncategorised"``. A bad record raises :class:`TpoError` naming the
    file, the line (1-based; for a JSON list, the list index is given instead) and the field.
 
-2. generates the model's outputs (:func:`generate_outputs`) through the run's own prompt template and sampler,
-   with the eval decoding settings of :class:`EvalConfig` (default greedy: ``temperature = 0``), and strips
-   the thoughts with :func:`tpo_lite.parsing.parse_output`. An output with no parseable response is *invalid*
-   and counts as a loss against any baseline (and as score 0 in an absolute evaluation).
+2. generates the model's outputs (:func:`model_outputs`, the one generation path of ``tpo-lite eval``, the
+   loop's held-out score and the experiment) through the run's own prompt template and sampling backend, with
+   the eval decoding settings of :class:`EvalConfig` (default greedy: ``temperature = 0``), appending them to a
+   resumable ``outputs.jsonl``, and strips the thoughts with :func:`tpo_lite.parsing.parse_output`. An output
+   with a format error is re-sampled up to ``eval.format_retries`` times (seeds from :func:`try_seed`); one
+   still without a parseable response is *invalid* and counts as a loss against any baseline (and as score 0
+   in an absolute evaluation).
 
 3. writes AlpacaEval-style ``model_outputs.json`` (``instruction``, ``output`` = response only, ``generator``,
    ``dataset``), so the official tools can be run on it, and ``model_thoughts.jsonl`` beside it with the
    thoughts, validity and finish reasons (:func:`write_model_outputs`).
 
-4. compares with a judge (:func:`compare_outputs`); the judge sees the original instruction and the two
-   responses only, never a thought:
+4. compares with a judge (:func:`compare_outputs`; the evaluation judge is ``[eval_judge]``, else ``[judge]``,
+   see :func:`make_eval_judge`); the judge sees the original instruction and the two responses only, never a
+   thought:
 
    * ``score`` -- any judge with ``score()`` (reward model, programmatic): the two responses are scored and
      the difference gives win (> ``tie_margin``), tie (within it) or loss;
@@ -36,8 +40,9 @@ as in the paper's AlpacaEval / Arena-Hard tables. This module:
      preferred; 0.5 = no bias) and the order-consistency rate are reported.
 
    The summary holds the win rate (ties as half), the length-controlled win rate
-   (:func:`tpo_lite.stats.length_controlled_win_rate`), 95% bootstrap CIs resampling instructions, a
-   per-category table, mean response and thought lengths and the invalid-format rate.
+   (:func:`tpo_lite.stats.length_controlled_win_rate`, fitted on valid-vs-valid instructions only), 95%
+   bootstrap CIs resampling instructions, a per-category table, mean response and thought lengths, the
+   invalid-format rate and the format-retry counts.
 
 5. or evaluates *absolutely* (:func:`absolute_eval`): the mean programmatic-judge score on the held-out set
    with its bootstrap CI -- what ``tpo-lite run`` prints before vs after.
@@ -57,8 +62,8 @@ from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 
-from .errors import TpoError
-from .jsonl import read_records, write_json_atomic, write_text_atomic
+from .errors import TpoError, require_finite
+from .jsonl import append_record, read_json, read_records, write_json_atomic, write_text_atomic
 
 UNCATEGORISED = "uncategorised"
 FORMATS = ("auto", "alpaca_eval", "arena_hard", "instructions")
@@ -99,8 +104,9 @@ class EvalConfig:
     )
     max_new_tokens: int = field(
         default=0,
-        metadata={"help": "Token limit of each eval output (thought + response); 0 = the [sampling] table's limit. "
-                          "An output cut off by it before EOS is invalid and counts as a loss."},
+        metadata={"help": "Token limit of each eval output (thought + response; with a response budget only the part "
+                          "up to the response marker); 0 = the [sampling] table's limit. An output cut off before "
+                          "EOS is invalid (re-sampled while format_retries allow, then a loss)."},
     )
     temperature: float = field(
         default=0.0,
@@ -116,7 +122,31 @@ class EvalConfig:
     )
     batch_size: int = field(
         default=8,
-        metadata={"help": "Prompts generated together by the local sampler during eval."},
+        metadata={"help": "Prompts generated together by the local sampler during eval (fixed groups in eval-set "
+                          "order, so a resumed eval regenerates a group in the same batch layout)."},
+    )
+    format_retries: int = field(
+        default=2,
+        metadata={"help": "Re-sample an eval output with a format error (no response marker, empty response, or cut "
+                          "off by the token limit) up to this many times, as the paper does: the first valid try is "
+                          "kept, else the last try counts (a loss). Retry r of item i uses a seed hashed from "
+                          "(eval.seed, i, r) and retry_temperature / retry_top_p. 0 = off. Each output records its "
+                          "number of tries."},
+    )
+    retry_temperature: float = field(
+        default=0.8,
+        metadata={"help": "Decoding temperature of the format retries; must be > 0 (a greedy retry would repeat the "
+                          "failed output)."},
+    )
+    retry_top_p: float = field(
+        default=0.95,
+        metadata={"help": "Nucleus sampling mass of the format retries."},
+    )
+    response_budget: int = field(
+        default=0,
+        metadata={"help": "Tokens the response of an eval output may use after its response marker (sets "
+                          "sampling.response_budget for eval generation); 0 = the [sampling] table's value. One "
+                          "value for TPO and direct outputs, so only the thought has a budget of its own."},
     )
     comparison: str = field(
         default="auto",
@@ -141,18 +171,24 @@ class EvalConfig:
 
     def __post_init__(self):
         # Field names only (no "eval." prefix): tpo_lite.config adds the table name, file and line.
+        require_finite(self)
         if self.eval_format not in FORMATS:
             raise TpoError(f"must be one of {', '.join(FORMATS)}, got {self.eval_format!r}", field="eval_format")
         if self.comparison not in COMPARISONS:
             raise TpoError(f"must be one of {', '.join(COMPARISONS)}, got {self.comparison!r}", field="comparison")
-        for name, lo in (("max_instructions", 0), ("max_new_tokens", 0), ("batch_size", 1), ("n_boot", 1)):
+        for name, lo in (("max_instructions", 0), ("max_new_tokens", 0), ("batch_size", 1), ("n_boot", 1),
+                         ("format_retries", 0), ("response_budget", 0)):
             if getattr(self, name) < lo:
                 raise TpoError(f"must be >= {lo}, got {getattr(self, name)}", field=name)
         for name in ("temperature", "tie_margin"):
             if not getattr(self, name) >= 0:
                 raise TpoError(f"must be >= 0, got {getattr(self, name)}", field=name)
-        if not (0.0 < self.top_p <= 1.0):
-            raise TpoError(f"must be in (0, 1], got {self.top_p}", field="top_p")
+        for name in ("top_p", "retry_top_p"):
+            if not (0.0 < getattr(self, name) <= 1.0):
+                raise TpoError(f"must be in (0, 1], got {getattr(self, name)}", field=name)
+        if not (self.retry_temperature > 0 and math.isfinite(self.retry_temperature)):
+            raise TpoError(f"must be > 0 (a greedy retry repeats the failed output), got {self.retry_temperature}",
+                           field="retry_temperature")
         if not (0.0 < self.alpha < 1.0):
             raise TpoError(f"must be in (0, 1), got {self.alpha}", field="alpha")
 
@@ -185,8 +221,13 @@ def _read_json_or_jsonl(path: str) -> list[tuple[int | None, Any]]:
     """Records of a JSON list or a JSONL file as ``(line, record)``; line is None for a JSON list."""
     if not os.path.exists(path):
         raise TpoError("file not found", path=path)
-    with open(path, encoding="utf-8") as f:
-        text = f.read()
+    with open(path, "rb") as f:
+        raw = f.read()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise TpoError(f"not valid UTF-8 (byte 0x{raw[e.start]:02x})", path=path,
+                       line=raw.count(b"\n", 0, e.start) + 1) from None
     stripped = text.lstrip()
     if not stripped:
         raise TpoError("file is empty", path=path)
@@ -434,6 +475,7 @@ class ModelOutput:
     finish_reason: str | None = None
     forced: bool = False
     text: str | None = None  # the whole output (thought + markers + response), when generated here
+    tries: int = 1  # 1 + the format retries it took (see EvalConfig.format_retries)
 
 
 def read_outputs(path: str | os.PathLike) -> list[ModelOutput]:
@@ -454,7 +496,7 @@ def read_outputs(path: str | os.PathLike) -> list[ModelOutput]:
                                 category=_category(rec.get("dataset")), id=rec.get("id")))
     side = os.path.join(os.path.dirname(path), MODEL_THOUGHTS)
     if os.path.exists(side):
-        recs = read_records(side)
+        recs = read_records(side, allow_symlink=True)  # the user's own file, not a run record
         if len(recs) != len(outs):
             raise TpoError(f"{len(recs)} records but {path} has {len(outs)} outputs; the two files must come from "
                            "the same eval", path=side)
@@ -467,6 +509,7 @@ def read_outputs(path: str | os.PathLike) -> list[ModelOutput]:
             o.invalid_reason = r.get("invalid_reason")
             o.finish_reason = r.get("finish_reason")
             o.forced = bool(r.get("forced", False))
+            o.tries = int(r.get("tries", 1))
             o.id = r.get("id", o.id)
     return outs
 
@@ -518,7 +561,8 @@ def write_model_outputs(out_dir: str | os.PathLike, outputs: Sequence[ModelOutpu
     write_json_atomic(path, alpaca)
     side = "".join(json.dumps({"id": o.id, "instruction": o.instruction, "thought": o.thought,
                                "response": o.response, "valid": o.valid, "invalid_reason": o.invalid_reason,
-                               "finish_reason": o.finish_reason, "forced": o.forced, "text": o.text},
+                               "finish_reason": o.finish_reason, "forced": o.forced, "tries": o.tries,
+                               "text": o.text},
                               ensure_ascii=False) + "\n" for o in outputs)
     write_text_atomic(os.path.join(out_dir, MODEL_THOUGHTS), side)
     return path
@@ -536,7 +580,8 @@ def baseline_outputs(items: Sequence[EvalItem], generator: str | None = None) ->
 
 def eval_sampling_config(base, ecfg: EvalConfig):
     """The run's SamplingConfig with the eval decoding settings put in (fields the sampler does not have are
-    skipped, so prompt-side options such as thought prefill / budget forcing carry over from the run)."""
+    skipped, so prompt-side options such as thought prefill / budget forcing / the response budget carry over
+    from the run; ``ecfg.response_budget`` > 0 replaces the run's response budget)."""
     from .sampling import SamplingConfig
 
     base = base if base is not None else SamplingConfig()
@@ -545,49 +590,213 @@ def eval_sampling_config(base, ecfg: EvalConfig):
               "seed": ecfg.seed, "batch_size": ecfg.batch_size}
     if ecfg.max_new_tokens:
         wanted["max_new_tokens"] = ecfg.max_new_tokens
+    if ecfg.response_budget:
+        wanted["response_budget"] = ecfg.response_budget
     return dataclasses.replace(base, **{k: v for k, v in wanted.items() if k in names})
+
+
+def retry_sampling_config(scfg, ecfg: EvalConfig):
+    """The sampling config of the format retries: ``scfg`` (from :func:`eval_sampling_config`) at
+    ``ecfg.retry_temperature`` / ``ecfg.retry_top_p``."""
+    return dataclasses.replace(scfg, temperature=ecfg.retry_temperature, top_p=ecfg.retry_top_p)
+
+
+def try_seed(seed: int, index: int, attempt: int) -> int:
+    """Seed of try ``attempt`` of the eval item at position ``index`` of the eval set: ``seed + index`` for the
+    first try (0), a hash of ``(seed, index, attempt)`` for format retry ``attempt`` >= 1. Independent of
+    batching and resume."""
+    if attempt == 0:
+        return seed + index
+    from .sampling import sample_seed
+
+    return sample_seed(seed, f"eval-retry:{index}", attempt)
+
+
+def _groups(n: int, size: int) -> list[list[int]]:
+    return [list(range(s, min(s + size, n))) for s in range(0, n, size)]
+
+
+def _sample_group(group: Sequence[tuple[int, EvalItem]], tokenizer, prompt_cfg, template, generator: str,
+                  ecfg: EvalConfig, sampler_for: Callable[[bool], Any]) -> list[ModelOutput]:
+    """One output per ``(index, item)`` of ``group``: sampled, parsed, and while invalid re-sampled up to
+    ``ecfg.format_retries`` times. All still-invalid items of the group are re-sampled together, so the batch
+    layout depends on the group alone and a resumed eval reproduces it. ``sampler_for(retry)`` gives the
+    sampler of first tries (False) or of retries (True)."""
+    from .parsing import parse_output
+    from .prompts import build_prompt
+    from .sampling import PromptJob
+
+    prompts = {}
+    for _, it in group:
+        text = build_prompt(tokenizer, it.instruction, prompt_cfg)
+        ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
+        if not ids:
+            raise TpoError("the prompt is empty after tokenisation", field=f"instruction {it.id}")
+        prompts[it.id] = (text, ids)
+    outs: dict[str, ModelOutput] = {}
+    pending = list(group)
+    for attempt in range(ecfg.format_retries + 1):
+        jobs = [PromptJob(prompt_id=it.id, prompt_text=prompts[it.id][0], prompt_token_ids=prompts[it.id][1],
+                          seeds=[try_seed(ecfg.seed, i, attempt)]) for i, it in pending]
+        got = {pid: samples[0] for pid, samples in sampler_for(attempt > 0).sample(jobs, 1)}
+        for _, it in pending:
+            if it.id not in got:
+                raise TpoError(f"the sampler returned no output for {it.id}")
+            s = got[it.id]
+            parsed = parse_output(s.text, template, s.finish_reason)
+            outs[it.id] = ModelOutput(instruction=it.instruction, response=parsed.response or "", generator=generator,
+                                      category=it.category, id=it.id, thought=parsed.thought or "",
+                                      valid=bool(parsed.valid), invalid_reason=parsed.invalid_reason,
+                                      finish_reason=s.finish_reason, forced=bool(getattr(s, "forced", False)),
+                                      text=s.text, tries=attempt + 1)
+        pending = [(i, it) for i, it in pending if not outs[it.id].valid]
+        if not pending:
+            break
+    return [outs[it.id] for _, it in group]
+
+
+def _sampler_cache(make: Callable[[Any], Any], scfg, ecfg: EvalConfig) -> Callable[[bool], Any]:
+    samplers: dict[bool, Any] = {}
+
+    def sampler_for(retry: bool):
+        if retry not in samplers:  # the retry sampler is built only when an output needs one
+            samplers[retry] = make(retry_sampling_config(scfg, ecfg) if retry else scfg)
+        return samplers[retry]
+
+    return sampler_for
 
 
 def generate_outputs(items: Sequence[EvalItem], model, tokenizer, prompt_cfg, generator: str,
                      ecfg: EvalConfig | None = None, sampling_cfg=None, progress: bool = False,
-                     sampler=None) -> list[ModelOutput]:
-    """Generate one output per item and parse it into thought and response.
+                     sampler_factory=None) -> list[ModelOutput]:
+    """Generate one output per item in memory and parse it into thought and response (no file, no resume; the
+    commands use :func:`model_outputs`).
 
-    The local sampler runs ``model`` unless ``sampler`` is given (e.g. an OpenAI-compatible server sampler built
-    by :func:`tpo_lite.sampling.make_sampler` from :func:`eval_sampling_config`; ``model`` may then be None).
-
-    Decoding: ``ecfg.temperature`` (default 0 = greedy), ``ecfg.top_p``, ``ecfg.max_new_tokens``; output ``i``
-    uses seed ``ecfg.seed + i``, so a sampled eval (temperature > 0) is reproducible too. The prompt is built
-    with the run's template (``prompt_cfg``) and the parser of that template decides validity.
+    The local sampler runs ``model`` unless ``sampler_factory`` is given (the signature of
+    :func:`tpo_lite.sampling.make_sampler`; ``model`` may then be None). Decoding: ``ecfg.temperature`` (default
+    0 = greedy), ``ecfg.top_p``, ``ecfg.max_new_tokens``; output ``i`` uses seed ``ecfg.seed + i``; an output
+    with a format error is re-sampled (:attr:`EvalConfig.format_retries`, seeds from :func:`try_seed`). The
+    prompt is built with the run's template (``prompt_cfg``) and the parser of that template decides validity.
     """
-    from .parsing import parse_output
-    from .prompts import build_prompt, get_template
-    from .sampling import LocalSampler, PromptJob
+    from .prompts import get_template
+    from .sampling import make_sampler
 
     ecfg = ecfg or EvalConfig()
     scfg = eval_sampling_config(sampling_cfg, ecfg)
     template = get_template(prompt_cfg)
-    if sampler is None:
-        sampler = LocalSampler(model, tokenizer, scfg, template, progress=progress)
-    jobs = []
-    for i, it in enumerate(items):
-        text = build_prompt(tokenizer, it.instruction, prompt_cfg)
-        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-        jobs.append(PromptJob(prompt_id=it.id, prompt_text=text, prompt_token_ids=list(ids), seeds=[ecfg.seed + i]))
-    by_id = {}
-    for prompt_id, samples in sampler.sample(jobs, 1):
-        by_id[prompt_id] = samples[0]
+    factory = sampler_factory or make_sampler
+    sampler_for = _sampler_cache(lambda c: factory(c, tokenizer, template, model=model, progress=progress),
+                                 scfg, ecfg)
     outs = []
-    for it in items:
-        if it.id not in by_id:
-            raise TpoError(f"the sampler returned no output for {it.id}")
-        s = by_id[it.id]
-        parsed = parse_output(s.text, template, s.finish_reason)
-        outs.append(ModelOutput(instruction=it.instruction, response=parsed.response or "", generator=generator,
-                                category=it.category, id=it.id, thought=parsed.thought or "", valid=bool(parsed.valid),
-                                invalid_reason=parsed.invalid_reason,
-                                finish_reason=s.finish_reason, forced=bool(getattr(s, "forced", False)), text=s.text))
+    for g in _groups(len(items), ecfg.batch_size):
+        outs += _sample_group([(i, items[i]) for i in g], tokenizer, prompt_cfg, template, generator, ecfg,
+                              sampler_for)
     return outs
+
+
+_OUTPUT_FIELDS = {f.name for f in dataclasses.fields(ModelOutput)}
+# Sampler options that do not change what is generated (a resumed eval may change them).
+_OPERATIONAL = {"timeout_s", "max_retries", "backoff_s", "concurrency", "api_key_env"}
+
+
+def output_from_record(rec: dict, generator: str | None = None) -> ModelOutput:
+    """A :class:`ModelOutput` from an ``outputs.jsonl`` record (unknown keys ignored, ``generator`` replaced)."""
+    o = ModelOutput(**{k: v for k, v in rec.items() if k in _OUTPUT_FIELDS})
+    if generator is not None:
+        o.generator = generator
+    return o
+
+
+def read_output_records(path: str | os.PathLike, generator: str | None = None) -> list[ModelOutput] | None:
+    """The outputs of an ``outputs.jsonl`` written by :func:`model_outputs`, in file order; None if absent."""
+    if not os.path.exists(path):
+        return None
+    return [output_from_record(r, generator) for r in read_records(path)]
+
+
+def _generation_settings(config, adapter: str | None, scfg, ecfg: EvalConfig) -> dict:
+    settings = {"adapter": adapter, "model": dataclasses.asdict(config.model),
+                "prompts": dataclasses.asdict(config.prompts),
+                "sampling": {k: v for k, v in dataclasses.asdict(scfg).items() if k not in _OPERATIONAL},
+                "format_retries": ecfg.format_retries, "retry_temperature": ecfg.retry_temperature,
+                "retry_top_p": ecfg.retry_top_p}
+    return json.loads(json.dumps(settings))  # the form it has when read back
+
+
+def model_outputs(config, items: Sequence[EvalItem], path: str | os.PathLike, adapter: str | None = None,
+                  generator: str = "model", progress: bool = True, echo: Callable[[str], None] = print,
+                  desc: str = "eval", sampler_factory=None) -> list[ModelOutput]:
+    """The outputs of the run's model (with ``adapter``) on ``items``: the one generation path of ``tpo-lite
+    eval``, the loop's held-out score and the experiment.
+
+    ``config`` is the run config: ``[sampling] backend`` picks the sampler (:func:`tpo_lite.sampling.make_sampler`:
+    the model loaded in this process, or an OpenAI-compatible server that must serve ``adapter``), ``[prompts]``
+    builds the prompts, ``[eval]`` sets decoding and format retries (:func:`generate_outputs`). Outputs are
+    appended to ``path`` (``outputs.jsonl``, one record per item keyed by ``id``) as each group of
+    ``eval.batch_size`` items finishes, so a killed eval resumes where it stopped; groups are fixed in eval-set
+    order, and a partly written group is generated again whole (same batch layout, same outputs) and only its
+    missing records appended. The generation settings are kept in ``outputs.meta.json`` beside it; a resume
+    with different settings, or a record for another instruction under the same id, is refused. Nothing is
+    loaded when every item already has its output. ``sampler_factory`` replaces
+    :func:`tpo_lite.sampling.make_sampler` (tests). Returns the outputs aligned with ``items``, labelled
+    ``generator``.
+    """
+    from . import sampling
+    from .prompts import get_template
+
+    ecfg = config.eval
+    path = os.fspath(path)
+    scfg = eval_sampling_config(config.sampling, ecfg)
+    settings = _generation_settings(config, adapter, scfg, ecfg)
+    meta = os.path.splitext(path)[0] + ".meta.json"
+    done = read_records(path, key="id") if os.path.exists(path) else {}
+    if done and os.path.exists(meta):
+        old = read_json(meta).get("settings")
+        if old != settings:
+            diff = sorted(k for k in set(old or {}) | set(settings) if (old or {}).get(k) != settings.get(k))
+            raise TpoError(f"these outputs were generated with other settings ({', '.join(diff)} differ); delete "
+                           "the folder or write to another one", path=path)
+    for it in items:
+        rec = done.get(it.id)
+        if rec is not None and rec.get("instruction") != it.instruction:
+            raise TpoError(f"the output recorded for id {it.id!r} answers another instruction (another eval set?); "
+                           "delete the folder or write to another one", path=path)
+    backend = getattr(config.sampling, "backend", "local")
+    size = ecfg.batch_size if backend == "local" else max(ecfg.batch_size, getattr(scfg, "concurrency", 1))
+    todo = [g for g in _groups(len(items), size) if any(items[i].id not in done for i in g)]
+    if todo:
+        from . import models
+
+        n_todo = sum(items[i].id not in done for g in todo for i in g)
+        echo(f"{desc}: generating {n_todo} of {len(items)} outputs with {generator} "
+             f"({'greedy' if ecfg.temperature == 0 else 'sampled'} decoding, template {config.prompts.template}, "
+             f"{backend} backend, up to {ecfg.format_retries} format retries)")
+        if backend == "local":
+            model, tok = models.load_model(config.model, adapter=adapter)
+        else:  # the server serves the adapter; only the tokenizer is needed here
+            model, tok = None, models.load_tokenizer(config.model)
+        template = get_template(config.prompts)
+        factory = sampler_factory or sampling.make_sampler
+        sampler_for = _sampler_cache(
+            lambda c: factory(c, tok, template, model=model, adapter=None if backend == "local" else adapter,
+                              progress=False), scfg, ecfg)
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        if not done or not os.path.exists(meta):
+            write_json_atomic(meta, {"settings": settings})
+        groups = todo
+        if progress:
+            from tqdm.auto import tqdm
+
+            groups = tqdm(todo, desc=desc, unit="batch", dynamic_ncols=True)
+        for g in groups:
+            for o in _sample_group([(i, items[i]) for i in g], tok, config.prompts, template, generator, ecfg,
+                                   sampler_for):
+                if o.id not in done:
+                    append_record(path, dataclasses.asdict(o))
+                    done[o.id] = dataclasses.asdict(o)
+        del model
+        done = read_records(path, key="id")
+    return [output_from_record(done[it.id], generator) for it in items]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -597,6 +806,56 @@ def generate_outputs(items: Sequence[EvalItem], model, tokenizer, prompt_cfg, ge
 
 def _judge_name(judge) -> str:
     return str(getattr(judge, "name", type(judge).__name__))
+
+
+LEARNED_JUDGES = ("reward_model", "pairwise")
+
+
+def eval_judge_config(config):
+    """The judge config of evaluations: the run's ``[eval_judge]`` table when it has one, else ``[judge]``."""
+    ej = getattr(config, "eval_judge", None)
+    return ej if ej is not None else config.judge
+
+
+def _same_judge(a, b) -> bool:
+    # The same learned proxy: same kind and the same weights (local model, or the same served model).
+    return (a.kind, a.model, a.base_url, a.served_model) == (b.kind, b.model, b.base_url, b.served_model)
+
+
+def reward_hacking_warning(config) -> str | None:
+    """One warning line when evaluations would be judged by the learned judge (reward model or pairwise LLM)
+    the run optimised, else None. The programmatic judge checks the instruction's own verifiable constraints --
+    the task's ground truth, not a learned proxy -- and never warns."""
+    cfg = eval_judge_config(config)
+    if cfg.kind not in LEARNED_JUDGES or not _same_judge(cfg, config.judge):
+        return None
+    what = cfg.model or f"{cfg.served_model} at {cfg.base_url}"
+    return (f"warning: evaluating with the {cfg.kind} judge the run optimised ({what}): this measures reward "
+            "hacking, not quality; set [eval_judge]")
+
+
+def warn(echo: Callable[..., Any], line: str) -> None:
+    """Write one warning line through ``echo`` on stderr (``print`` and ``click.echo`` are sent there; any other
+    callable, e.g. a test's list.append, just receives the line)."""
+    import sys
+
+    if echo is print:
+        print(line, file=sys.stderr)
+    elif (getattr(echo, "__module__", None) or "").startswith("click"):
+        echo(line, err=True)
+    else:
+        echo(line)
+
+
+def make_eval_judge(config, cache_path: str | os.PathLike | None = None, echo: Callable[..., Any] | None = None):
+    """The evaluation judge (:func:`eval_judge_config`), cached in ``cache_path`` unless its config names
+    another cache; warns through ``echo`` when it is the learned judge the run optimised."""
+    from .judges import make_judge
+
+    line = reward_hacking_warning(config)
+    if line and echo is not None:
+        warn(echo, line)
+    return make_judge(eval_judge_config(config), cache_path=cache_path)
 
 
 def _score(judge, item: EvalItem, responses: list[str]) -> list[float | None]:
@@ -646,6 +905,8 @@ def _length_stats(outputs: Sequence[ModelOutput]) -> dict:
         "n_valid": len(valid),
         "invalid_rate": 1.0 - len(valid) / len(outputs) if outputs else None,
         "forced_rate": _mean(float(o.forced) for o in outputs),
+        "n_retried": sum(1 for o in outputs if o.tries > 1),  # had a format error and were re-sampled
+        "n_invalid": len(outputs) - len(valid),  # still invalid after every try
     }
 
 
@@ -655,8 +916,10 @@ def compare_outputs(items: Sequence[EvalItem], model: Sequence[ModelOutput], bas
 
     Per instruction the outcome is 1 (model wins), 0.5 (tie) or 0 (loss), or for a pairwise judge the mean of
     ``p(model wins)`` over both presentation orders. An invalid model output loses without being judged; an
-    invalid baseline output loses likewise; both invalid is a tie. Returns the JSON-ready summary (see module
-    docstring) with a per-item list under ``"items"``.
+    invalid baseline output loses likewise; both invalid is a tie. Only valid-vs-valid instructions (items'
+    ``length_fit``) inform the length-controlled win rate; the others keep their fixed outcome
+    (:func:`tpo_lite.stats.length_controlled_win_rate`). Returns the JSON-ready summary (see module docstring)
+    with a per-item list under ``"items"``.
     """
     from .stats import summarize_outcomes
 
@@ -669,6 +932,7 @@ def compare_outputs(items: Sequence[EvalItem], model: Sequence[ModelOutput], bas
         row = {"id": it.id, "category": it.category, "model_valid": m.valid, "baseline_valid": b.valid,
                "model_chars": len(m.response), "baseline_chars": len(b.response),
                "model_thought_chars": len(m.thought)}
+        row["length_fit"] = m.valid and b.valid
         if not m.valid or not b.valid:
             outcome = 0.5 if (not m.valid and not b.valid) else (0.0 if not m.valid else 1.0)
             row["judged"] = False
@@ -680,6 +944,7 @@ def compare_outputs(items: Sequence[EvalItem], model: Sequence[ModelOutput], bas
             row.update(model_score=sm, baseline_score=sb, judged=True)
             if sm is None or sb is None:  # the judge itself rejected a response: treat like an invalid output
                 outcome = 0.5 if sm is None and sb is None else (0.0 if sm is None else 1.0)
+                row["length_fit"] = False
             else:
                 # Float noise (batched reward-model forwards differ in the last bits) must not decide a winner:
                 # differences within 1e-6 relative to the scores count as equal.
@@ -703,7 +968,8 @@ def compare_outputs(items: Sequence[EvalItem], model: Sequence[ModelOutput], bas
             progress(k + 1, len(items))
     outcomes = [r["outcome"] for r in rows]
     summary = summarize_outcomes(outcomes, [r["model_chars"] for r in rows], [r["baseline_chars"] for r in rows],
-                                 n_boot=ecfg.n_boot, alpha=ecfg.alpha, seed=ecfg.seed)
+                                 n_boot=ecfg.n_boot, alpha=ecfg.alpha, seed=ecfg.seed,
+                                 valid=[r["length_fit"] for r in rows])
     per_cat = []
     by_cat: dict[str, list[int]] = defaultdict(list)
     for k, r in enumerate(rows):
@@ -798,6 +1064,11 @@ def _num(x: float | None, fmt: str = ".0f") -> str:
     return "n/a" if x is None else format(x, fmt)
 
 
+def _retry_line(lengths: dict, n: int) -> str:
+    return (f"- Format retries: {lengths.get('n_retried', 0)} of {n} outputs had a format error and were re-sampled; "
+            f"{lengths.get('n_invalid', 0)} stayed invalid")
+
+
 def render_markdown(result: dict, decoding: dict | None = None) -> str:
     """A human-readable Markdown version of a :func:`compare_outputs` / :func:`absolute_eval` result."""
     conf = int(round(100 * result.get("confidence", 0.95)))
@@ -809,6 +1080,7 @@ def render_markdown(result: dict, decoding: dict | None = None) -> str:
                   f"{result['mean_score_ci'][1]:.3f}]); invalid outputs score 0",
                   f"- Valid-format rate: {_pct(result['valid_rate'])}"]
         ml = result["model_lengths"]
+        lines.append(_retry_line(ml, result["n"]))
         lines += [f"- Mean response length: {_num(ml['response_chars_mean'])} chars; mean thought length: "
                   f"{_num(ml['thought_chars_mean'])} chars (valid outputs)", "",
                   "| category | n | mean score | CI |", "|---|---:|---:|---|"]
@@ -823,7 +1095,8 @@ def render_markdown(result: dict, decoding: dict | None = None) -> str:
                   f"{result['losses']} losses",
                   f"- Length-controlled win rate: {_pct(result.get('lc_win_rate'))} ({conf}% CI "
                   f"{_ci(result.get('lc_win_rate_ci'))})",
-                  f"- Invalid-format rate of {result['model']}: {_pct(result['invalid_rate'])} (each counts as a loss)"]
+                  f"- Invalid-format rate of {result['model']}: {_pct(result['invalid_rate'])} (each counts as a loss)",
+                  _retry_line(result["model_lengths"], result["n"])]
         pb = result.get("position_bias")
         if pb:
             lines.append(f"- Position bias: the first-shown response is preferred "
@@ -862,5 +1135,8 @@ def decoding_record(ecfg: EvalConfig, sampling_cfg=None) -> dict:
     ``sampling_cfg`` (the run's SamplingConfig) supplies the token limit when ``ecfg.max_new_tokens`` is 0.
     """
     limit = ecfg.max_new_tokens or getattr(sampling_cfg, "max_new_tokens", None)
+    budget = ecfg.response_budget or (sampling_cfg.response_budget if sampling_cfg is not None else None)
     return {"temperature": ecfg.temperature, "greedy": ecfg.temperature == 0,
-            "top_p": ecfg.top_p if ecfg.temperature > 0 else 1.0, "max_new_tokens": limit, "seed": ecfg.seed}
+            "top_p": ecfg.top_p if ecfg.temperature > 0 else 1.0, "max_new_tokens": limit,
+            "response_budget": budget, "seed": ecfg.seed, "format_retries": ecfg.format_retries,
+            "retry_temperature": ecfg.retry_temperature, "retry_top_p": ecfg.retry_top_p}

@@ -8,9 +8,11 @@ judge, sampling budget (K, temperature, token limit), pairs and training setting
   "direct response baseline"). Options that only make sense with a thought are turned off for it
   (``prompts.prefill_thought_header``, ``sampling.thought_budget`` / ``thought_stop``); everything else is equal.
 
-Both runs score the held-out eval set (the ``[eval]`` table, judged by ``[judge]``) before training and after every
-iteration (``loop.eval_before`` and ``loop.eval_every_iteration`` are forced on), with the eval's decoding
-settings (greedy by default). Those held-out outputs are then compared -- responses only, thoughts stripped --
+Both runs score the held-out eval set (the ``[eval]`` table, judged as ``loop.heldout_judge`` says) before training
+and after every iteration (``loop.eval_before`` and ``loop.eval_every_iteration`` are forced on), with the eval's
+decoding settings (greedy by default, format errors re-sampled; one ``[eval]`` table, so TPO and direct outputs
+get the same response budget). Those held-out outputs are then compared -- responses only, thoughts stripped, by
+the evaluation judge (``[eval_judge]``, else ``[judge]``) --
 
 * each iteration of each run against the **seed model answering directly** (the ``direct`` run's iteration-0
   outputs): ``<run>/iter_XX/compare/vs_seed/eval.json``;
@@ -27,13 +29,12 @@ Everything is resumable: finished runs resume as no-ops and finished comparisons
 """
 from __future__ import annotations
 
-import dataclasses
 import os
 from pathlib import Path
 from typing import Callable
 
 from .errors import TpoError
-from .jsonl import read_json, read_records, write_json_atomic, write_text_atomic
+from .jsonl import read_json, write_json_atomic, write_text_atomic
 
 RUN_LABELS = ("tpo", "direct")
 
@@ -43,7 +44,7 @@ def experiment_configs(config) -> dict:
     template = config.prompts.template
     if template == "direct":
         raise TpoError("the experiment compares a thought template with 'direct'; set prompts.template to "
-                       "'generic', 'specific' or a template file", field="prompts.template")
+                       "'generic', 'specific', 'specific_tags' or a template file", field="prompts.template")
     base = config.replace("loop", eval_before=True, eval_every_iteration=True)
     tpo = base.replace("loop", name="tpo")
     direct = base.replace("loop", name="direct").replace("prompts", template="direct", prefill_thought_header=False)
@@ -55,17 +56,10 @@ def experiment_configs(config) -> dict:
 
 
 def _heldout_outputs(path: Path, generator: str):
+    # Written by tpo_lite.evaluate.model_outputs (the loop's held-out stage): the one generation path.
     from . import evaluate as ev
 
-    if not path.exists():
-        return None
-    outs = []
-    for rec in read_records(path):
-        fields = {f.name for f in dataclasses.fields(ev.ModelOutput)}
-        o = ev.ModelOutput(**{k: v for k, v in rec.items() if k in fields})
-        o.generator = generator
-        outs.append(o)
-    return outs
+    return ev.read_output_records(path, generator)
 
 
 def _final_iteration(run_dir: Path, summary: dict | None, iterations: int) -> int:
@@ -78,7 +72,7 @@ def _final_iteration(run_dir: Path, summary: dict | None, iterations: int) -> in
     return iterations
 
 
-def _compare(items, model, baseline, judge, ecfg, out_dir: Path, echo) -> dict:
+def _compare(items, model, baseline, judge, ecfg, out_dir: Path, echo, sampling_cfg=None) -> dict:
     from . import evaluate as ev
 
     res_path = out_dir / ev.EVAL_JSON
@@ -86,7 +80,7 @@ def _compare(items, model, baseline, judge, ecfg, out_dir: Path, echo) -> dict:
         return read_json(res_path)
     result = ev.compare_outputs(items, model, baseline, judge, ecfg)
     ev.write_model_outputs(out_dir, model)
-    ev.write_result(out_dir, result, ev.decoding_record(ecfg))
+    ev.write_result(out_dir, result, ev.decoding_record(ecfg, sampling_cfg))
     echo(f"{result['model']} vs {result['baseline']}: win rate {100 * result['win_rate']:.1f}% "
          f"[{100 * result['win_rate_ci'][0]:.1f}, {100 * result['win_rate_ci'][1]:.1f}]")
     return result
@@ -149,10 +143,8 @@ def run_experiment(config, exp_dir: str | os.PathLike | None = None, progress: b
                                     judge=judge)
     ecfg = config.eval
     items = ev.load_eval_set(ecfg.eval_set, ecfg.eval_format, max_instructions=ecfg.max_instructions)
-    if judge is None:
-        from .judges import make_judge
-
-        judge = make_judge(config.judge, cache_path=exp / "judge_cache.sqlite")
+    if judge is None:  # [eval_judge] when set: the training judge's win rates measure reward hacking
+        judge = ev.make_eval_judge(config, cache_path=exp / "judge_cache.sqlite", echo=echo)
     seed = _heldout_outputs(exp / "direct" / "eval_base" / "outputs.jsonl", "seed")
     if seed is None:
         raise TpoError("the direct run has no held-out outputs of the seed model (eval_base/outputs.jsonl)",
@@ -166,10 +158,12 @@ def run_experiment(config, exp_dir: str | os.PathLike | None = None, progress: b
             outs = _heldout_outputs(d / "heldout" / "outputs.jsonl", f"{label}-iter{t:02d}")
             if outs is None:
                 raise TpoError(f"no held-out outputs for iteration {t}", path=str(d / "heldout"))
-            per_iter[(label, t)] = _compare(items, outs, seed, judge, ecfg, d / "compare" / "vs_seed", echo)
+            per_iter[(label, t)] = _compare(items, outs, seed, judge, ecfg, d / "compare" / "vs_seed", echo,
+                                            config.sampling)
             if t == _final_iteration(rd, summaries[label], iterations):
                 finals[label] = outs
-    tvd = _compare(items, finals["tpo"], finals["direct"], judge, ecfg, exp / "compare" / "tpo_vs_direct", echo)
+    tvd = _compare(items, finals["tpo"], finals["direct"], judge, ecfg, exp / "compare" / "tpo_vs_direct", echo,
+                   config.sampling)
     rows = [_row(f"TPO (iter {_final_iteration(exp / 'tpo', summaries['tpo'], iterations)}) vs seed",
                  per_iter[("tpo", _final_iteration(exp / "tpo", summaries["tpo"], iterations))]),
             _row(f"direct (iter {_final_iteration(exp / 'direct', summaries['direct'], iterations)}) vs seed",

@@ -10,10 +10,24 @@ We fit a logistic regression of the judge's preference on the standardised lengt
 
     P(model preferred | d) = sigmoid(a + b * z),   z = d / sd(d),   d = len_model - len_baseline,
 
-by Firth-penalised maximum likelihood with fractional outcomes (a tie counts as half a win), and report ``sigmoid(a)``:
-the predicted win rate of a model whose responses are exactly as long as the baseline's. ``z`` is scaled
-but *not* centred, so ``z = 0`` still means "equal length". Firth's penalty keeps the fit finite, and the
+by Firth-penalised maximum likelihood with fractional outcomes (a tie counts as half a win). ``z`` is scaled
+but *not* centred, so ``z = 0`` still means "equal length"; ``sigmoid(a)`` is the predicted win rate of a
+model whose responses are exactly as long as the baseline's. Firth's penalty keeps the fit finite, and the
 intercept sensible, when wins and losses are perfectly separated by length.
+
+Only *valid-vs-valid* comparisons (both responses valid, the outcome a judgement) inform the fit. An outcome
+fixed by a format failure (an invalid model output loses, an invalid baseline output wins, both invalid tie)
+says nothing about length -- an empty or cut-off response is short *because* it failed -- and keeps its value.
+With ``V`` the valid-vs-valid instructions, ``F`` the others and ``n = |V| + |F|``:
+
+    LC = ( sum_{k in F} y_k  +  |V| * sigmoid(a_V) ) / n,
+
+where ``a_V`` is the intercept fitted on ``V`` alone (``z`` standardised by the sd of ``d`` over ``V``): each
+valid-vs-valid instruction contributes its predicted outcome at equal length, which with a single length
+covariate is ``sigmoid(a_V)`` for all of them. When the fit is not identifiable (``V`` empty, ``d`` constant
+over ``V``, or every outcome in ``V`` 0 or every one 1) ``sigmoid(a_V)`` is replaced by the mean outcome over
+``V``, so LC is then the plain win rate. The bootstrap CI resamples instructions (with their validity) and
+applies the same estimator to each replicate.
 
 How this differs from AlpacaEval 2.0's length-controlled win rate: AlpacaEval fits a GLM per model with
 three terms -- the model-vs-baseline identity, ``tanh`` of the standardised length difference and an
@@ -204,36 +218,52 @@ def _logistic_fit(y: np.ndarray, z: np.ndarray, max_iter: int = 200) -> tuple[fl
     return float(theta[0]), float(theta[1])
 
 
+def _lengths(len_model, len_baseline, valid, n: int, who: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    lm = np.asarray(len_model, dtype=np.float64).reshape(-1)
+    lb = np.asarray(len_baseline, dtype=np.float64).reshape(-1)
+    if lm.size != n or lb.size != n:
+        raise ValueError(
+            f"{who}: {n} outcomes but {lm.size} model lengths and "
+            f"{lb.size} baseline lengths; need one of each per instruction"
+        )
+    if not (np.all(np.isfinite(lm)) and np.all(np.isfinite(lb))):
+        raise ValueError(f"{who}: lengths must be finite numbers")
+    v = np.ones(n, dtype=bool) if valid is None else np.asarray(valid).reshape(-1).astype(bool)
+    if v.size != n:
+        raise ValueError(f"{who}: {n} outcomes but {v.size} validity flags; need one per instruction")
+    return lm, lb, v
+
+
 def length_controlled_win_rate(
     outcomes: Sequence[float],
     len_model: Sequence[float],
     len_baseline: Sequence[float],
+    valid: Sequence[bool] | None = None,
 ) -> float:
     """Win rate at zero length difference from a one-covariate logistic fit (see the module docstring).
 
     ``outcomes[k]`` is the judge's preference for the model on instruction ``k`` (1 win, 0.5 tie, 0 loss
     or a probability), ``len_model[k]`` / ``len_baseline[k]`` the two responses' lengths (any unit, the
-    difference is standardised). When the length difference does not vary (e.g. all lengths equal) the
-    length effect cannot be separated from the intercept and the plain win rate is returned; likewise when
-    every outcome is 0 or every outcome is 1.
+    difference is standardised). ``valid[k]`` is True when both responses were valid and the outcome is a
+    judgement, False when a format failure fixed it (default: all True). Returns
+    ``(sum of the fixed outcomes + n_valid * sigmoid(a_valid)) / n``, ``a_valid`` the intercept fitted on the
+    valid-vs-valid instructions only; when that fit is not identifiable (no valid instruction, constant length
+    difference, all their outcomes 0 or all 1) their mean outcome stands in for ``sigmoid(a_valid)``.
     """
     y = _outcomes_array(outcomes)
-    lm = np.asarray(len_model, dtype=np.float64).reshape(-1)
-    lb = np.asarray(len_baseline, dtype=np.float64).reshape(-1)
-    if lm.shape != y.shape or lb.shape != y.shape:
-        raise ValueError(
-            f"length_controlled_win_rate: {y.size} outcomes but {lm.size} model lengths and "
-            f"{lb.size} baseline lengths; need one of each per instruction"
-        )
-    if not (np.all(np.isfinite(lm)) and np.all(np.isfinite(lb))):
-        raise ValueError("length_controlled_win_rate: lengths must be finite numbers")
-    mean = float(np.mean(y))
-    d = lm - lb
+    lm, lb, v = _lengths(len_model, len_baseline, valid, y.size, "length_controlled_win_rate")
+    yv = y[v]
+    if yv.size == 0:
+        return float(np.mean(y))
+    mean_v = float(np.mean(yv))
+    d = lm[v] - lb[v]
     sd = float(np.std(d))
-    if mean <= 0.0 or mean >= 1.0 or sd == 0.0:
-        return mean
-    a, _ = _logistic_fit(y, d / sd)
-    return float(_sigmoid(np.array([a]))[0])
+    if mean_v <= 0.0 or mean_v >= 1.0 or sd == 0.0:
+        lc_v = mean_v
+    else:
+        a, _ = _logistic_fit(yv, d / sd)
+        lc_v = float(_sigmoid(np.array([a]))[0])
+    return float((np.sum(y[~v]) + yv.size * lc_v) / y.size)
 
 
 def length_controlled_win_rate_ci(
@@ -243,20 +273,16 @@ def length_controlled_win_rate_ci(
     n_boot: int = 2000,
     alpha: float = 0.05,
     seed: int = 0,
+    valid: Sequence[bool] | None = None,
 ) -> tuple[float, float]:
-    """Percentile bootstrap CI of ``length_controlled_win_rate``, resampling instructions (refit each time)."""
+    """Percentile bootstrap CI of ``length_controlled_win_rate``, resampling instructions with their validity
+    flags (the same estimator, refitted on each replicate)."""
     y = _outcomes_array(outcomes)
-    lm = np.asarray(len_model, dtype=np.float64).reshape(-1)
-    lb = np.asarray(len_baseline, dtype=np.float64).reshape(-1)
-    if lm.shape != y.shape or lb.shape != y.shape:
-        raise ValueError(
-            f"length_controlled_win_rate_ci: {y.size} outcomes but {lm.size} model lengths and "
-            f"{lb.size} baseline lengths; need one of each per instruction"
-        )
-    table = np.column_stack([y, lm, lb])
+    lm, lb, v = _lengths(len_model, len_baseline, valid, y.size, "length_controlled_win_rate_ci")
+    table = np.column_stack([y, lm, lb, v.astype(np.float64)])
     return bootstrap_ci(
         table,
-        statistic=lambda t: length_controlled_win_rate(t[:, 0], t[:, 1], t[:, 2]),
+        statistic=lambda t: length_controlled_win_rate(t[:, 0], t[:, 1], t[:, 2], t[:, 3] > 0.5),
         n_boot=n_boot,
         alpha=alpha,
         seed=seed,
@@ -270,11 +296,13 @@ def summarize_outcomes(
     n_boot: int = 2000,
     alpha: float = 0.05,
     seed: int = 0,
+    valid: Sequence[bool] | None = None,
 ) -> dict:
     """Everything a report needs about one comparison, as a JSON-ready dict.
 
     Keys: ``n``, ``wins``, ``ties``, ``losses`` (outcome > 0.5, == 0.5, < 0.5), ``win_rate``,
-    ``win_rate_ci`` ([lo, hi]); with lengths also ``lc_win_rate`` and ``lc_win_rate_ci``.
+    ``win_rate_ci`` ([lo, hi]); with lengths also ``lc_win_rate``, ``lc_win_rate_ci`` and ``lc_fit_n`` (the
+    valid-vs-valid instructions the length fit used; ``valid`` as in :func:`length_controlled_win_rate`).
     """
     y = _outcomes_array(outcomes)
     out = {
@@ -286,8 +314,10 @@ def summarize_outcomes(
         "win_rate_ci": list(bootstrap_ci(y, n_boot=n_boot, alpha=alpha, seed=seed)),
     }
     if len_model is not None and len_baseline is not None:
-        out["lc_win_rate"] = length_controlled_win_rate(y, len_model, len_baseline)
+        out["lc_win_rate"] = length_controlled_win_rate(y, len_model, len_baseline, valid=valid)
         out["lc_win_rate_ci"] = list(
-            length_controlled_win_rate_ci(y, len_model, len_baseline, n_boot=n_boot, alpha=alpha, seed=seed)
+            length_controlled_win_rate_ci(y, len_model, len_baseline, n_boot=n_boot, alpha=alpha, seed=seed,
+                                          valid=valid)
         )
+        out["lc_fit_n"] = int(y.size if valid is None else np.sum(np.asarray(valid, dtype=bool)))
     return out

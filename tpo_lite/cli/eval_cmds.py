@@ -79,11 +79,14 @@ def eval_command(target, iteration, adapter, eval_set, baseline, against, output
     """Evaluate a model's responses (thoughts stripped) like the paper: win rate against a baseline with 95%
     bootstrap CIs, length-controlled win rate, per-category table, lengths and invalid-format rate.
 
-    TARGET is a run directory (its config.toml gives the model, template, judge and [eval] settings) or a run
-    config. Outputs are generated with the run's thought template and the eval decoding settings (greedy by
-    default; see `eval.*` in `tpo-lite run --list-options`) and written as AlpacaEval-style model_outputs.json
-    (+ model_thoughts.jsonl). An output with no parseable response counts as a loss (score 0 in --absolute).
-    The judge sees the original instruction and the responses only. Results: eval.json and eval.md.
+    TARGET is a run directory (its config.toml gives the model, template, sampling backend, judge and [eval]
+    settings) or a run config. Outputs are generated with the run's thought template and the eval decoding
+    settings (greedy by default; see `eval.*` in `tpo-lite run --list-options`); an output with a format error
+    is re-sampled up to eval.format_retries times, and one still without a parseable response counts as a loss
+    (score 0 in --absolute). Outputs are appended to OUT/outputs.jsonl as they finish, so the same command
+    resumes a killed eval; they are written as AlpacaEval-style model_outputs.json (+ model_thoughts.jsonl).
+    The judge ([eval_judge], else [judge]) sees the original instruction and the responses only. Results:
+    eval.json and eval.md.
     """
     from .. import evaluate as ev
     from ..errors import TpoError
@@ -120,35 +123,24 @@ def eval_command(target, iteration, adapter, eval_set, baseline, against, output
             out_dir = Path(run_dir) / "eval" / f"{_slug(gen)}_{set_name}_absolute"
     out_dir = Path(out_dir)
     if not outputs_path:
-        from .. import models
-
-        click.echo(f"generating {len(items)} outputs with {gen} ({'greedy' if ecfg.temperature == 0 else 'sampled'}"
-                   f" decoding, template {config.prompts.template}, {config.sampling.backend} backend)", err=True)
-        if config.sampling.backend == "local":
-            model, tok = models.load_model(config.model, adapter=ad)
-            sampler = None
-        else:  # an OpenAI-compatible server (vLLM) serves the adapter; only the tokenizer is needed here
-            from ..prompts import get_template
-            from ..sampling import make_sampler
-
-            model, tok = None, models.load_tokenizer(config.model)
-            sampler = make_sampler(ev.eval_sampling_config(config.sampling, ecfg), tok,
-                                   get_template(config.prompts), adapter=ad, progress=not no_progress)
-        outputs = ev.generate_outputs(items, model, tok, config.prompts, gen, ecfg, config.sampling,
-                                      progress=not no_progress, sampler=sampler)
-        del model
+        # The one generation path (also the loop's held-out score): the run's sampling backend, format retries,
+        # outputs.jsonl appended as it goes so a killed eval resumes.
+        outputs = ev.model_outputs(config, items, out_dir / "outputs.jsonl", adapter=ad, generator=gen,
+                                   progress=not no_progress, echo=lambda s: click.echo(s, err=True), desc="eval")
     ev.write_model_outputs(out_dir, outputs)
 
-    from ..judges import make_judge
-
     # Cache beside the outputs: a re-run (or an interrupted one) never asks the judge twice.
-    judge = make_judge(config.judge, cache_path=out_dir / "judge_cache.sqlite")
+    judge = ev.make_eval_judge(config, cache_path=out_dir / "judge_cache.sqlite", echo=click.echo)
     if mode == "absolute":
         result = ev.absolute_eval(items, outputs, judge, ecfg)
     else:
         result = ev.compare_outputs(items, outputs, other, judge, ecfg)
     result["eval_set"] = ecfg.eval_set
     result["adapter"] = None if outputs_path else ad
+    if not outputs_path:  # generated here: greedy tokens depend on the machine (tpo_lite.fingerprint)
+        from ..fingerprint import model_environment
+
+        result["environment"] = model_environment(config.model)
     jp, mp = ev.write_result(out_dir, result, ev.decoding_record(ecfg, config.sampling))
     click.echo(open(mp, encoding="utf-8").read())
     click.echo(f"written: {jp}, {mp}, {out_dir / ev.MODEL_OUTPUTS}", err=True)
