@@ -54,7 +54,7 @@ def test_adjusted_scores_match_float64_formula_over_valid_only():
 
 
 def test_best_and_worst():
-    assert best_and_worst([0.5, None, -1.0, None]) == (0, 1)  # the first invalid is rejected
+    assert best_and_worst([0.5, None, -1.0, None]) == (0, 2)  # invalid samples are skipped
     assert best_and_worst([1.0, 1.0, 0.0, 0.0]) == (0, 2)  # ties: lower index
     assert best_and_worst([None, None]) is None
     assert best_and_worst([0.0]) == (0, 0)
@@ -126,7 +126,15 @@ def test_auto_rho_unsatisfiable_and_trivial():
 def test_select_pairs_invalid_is_rejected_and_record_schema():
     recs = [_record("p1", ["best answer here", "xx", "ok answer", "worst"], valid=[True, False, True, True])]
     juds = [_judgement("p1", [3.0, None, 2.0, 1.0])]
-    pairs, stats = select_pairs(recs, juds, PairsConfig(rho=0.0))
+    # A valid-vs-valid pair exists: the rejected output is the worst valid one, whatever the share.
+    (p,), stats = select_pairs(recs, juds, PairsConfig(rho=0.0, max_invalid_rejected=1.0))
+    assert (p["chosen_index"], p["rejected_index"]) == (0, 3) and p["rejected_valid"] is True
+    assert p["rejected_invalid_reason"] is None and stats["rejected_invalid"] == 0
+    assert p["chosen_adjusted"] == pytest.approx(np.sqrt(1.5))
+    # Only one valid output: the parse failure is the rejected one (a share of 1 allows it).
+    for s in recs[0]["samples"][2:]:
+        s["valid"], s["invalid_reason"] = False, "no_response_marker"
+    pairs, stats = select_pairs(recs, juds, PairsConfig(rho=0.0, max_invalid_rejected=1.0))
     assert len(pairs) == 1
     p = pairs[0]
     assert (p["chosen_index"], p["rejected_index"]) == (0, 1)
@@ -135,14 +143,15 @@ def test_select_pairs_invalid_is_rejected_and_record_schema():
     assert p["chosen_token_ids"] == [0, 1, 2] and p["rejected_token_ids"] == [1, 2, 3]
     assert p["prompt_text"] == "<prompt p1>" and p["prompt_token_ids"] == [7, 8, 9]
     assert p["chosen_score"] == 3.0 and p["rejected_score"] is None and p["rejected_adjusted"] is None
-    assert p["chosen_adjusted"] == pytest.approx(np.sqrt(1.5))
+    assert p["chosen_adjusted"] == 0.0  # z over the one valid output
     assert p["rho"] == 0.0 and p["rejected_valid"] is False
+    assert p["rejected_invalid_reason"] == "no response marker"
     for key in ("prompt_id", "prompt_text", "prompt_token_ids", "chosen_index", "rejected_index", "chosen_text",
                 "rejected_text", "chosen_token_ids", "rejected_token_ids", "chosen_score", "rejected_score",
                 "chosen_adjusted", "rejected_adjusted", "rho"):
         assert key in p
-    assert stats["rejected_invalid"] == 1 and stats["pairs"] == 1
-    assert stats["samples"] == 4 and stats["valid_samples"] == 3 and stats["valid_rate"] == 0.75
+    assert stats["rejected_invalid"] == 1 == stats["rejected_parse_failure"] and stats["pairs"] == 1
+    assert stats["samples"] == 4 and stats["valid_samples"] == 1 and stats["valid_rate"] == 0.25
     assert to_trl(p) == {"prompt": "<prompt p1>", "chosen": p["chosen_text"], "rejected": "garbled 1"}
 
 
@@ -163,9 +172,10 @@ def test_select_pairs_drop_rules_and_counts():
         _judgement("kept", [1.0, 2.0]),
         _judgement("one_valid_one_invalid", [0.2, None]),
     ]
-    pairs, stats = select_pairs(recs, juds, PairsConfig(rho=0.0, min_gap=0.1))
+    pairs, stats = select_pairs(recs, juds, PairsConfig(rho=0.0, min_gap=0.1, max_invalid_rejected=1.0))
     assert [p["prompt_id"] for p in pairs] == ["kept", "one_valid_one_invalid"]
-    assert (stats["dropped_all_invalid"], stats["dropped_tie"], stats["dropped_low_gap"]) == (1, 2, 1)
+    assert (stats["dropped_all_invalid"], stats["dropped_one_valid"], stats["dropped_tie"],
+            stats["dropped_low_gap"]) == (1, 1, 1, 1)
     assert stats["groups"] == 6 and stats["pairs"] == 2 and stats["rejected_invalid"] == 1
     kept = pairs[0]
     assert (kept["chosen_index"], kept["rejected_index"]) == (1, 0)
@@ -175,7 +185,7 @@ def test_invalid_sample_with_a_score_is_still_invalid():
     recs = [_record("p", ["a", "b", "c"], valid=[True, False, True])]
     juds = [_judgement("p", [0.1, 99.0, 0.5])]  # a judge that scored the unparseable output anyway
     pairs, _ = select_pairs(recs, juds, PairsConfig(rho=0.0))
-    assert (pairs[0]["chosen_index"], pairs[0]["rejected_index"]) == (2, 1)
+    assert (pairs[0]["chosen_index"], pairs[0]["rejected_index"]) == (2, 0)
 
 
 def test_length_control_prefers_short_among_equals():
@@ -243,8 +253,68 @@ def test_pairs_config_validation_and_help():
     assert PairsConfig().rho == "auto"
     assert PairsConfig(rho="0.25").rho == 0.25
     for bad in ({"rho": -0.1}, {"rho": "sometimes"}, {"length_unit": "bytes"}, {"min_gap": -1.0},
-                {"rho_grid_step": 0.0}):
+                {"rho_grid_step": 0.0}, {"max_invalid_rejected": 1.5}, {"max_invalid_rejected": -0.1}):
         with pytest.raises(TpoError):
             PairsConfig(**bad)
     for f in fields(PairsConfig):
         assert f.metadata.get("help"), f.name
+
+
+# ------------------------------------------------------------------------- invalid outputs as the rejected one
+def _mixed_record(pid, kinds, responses=None):
+    """kinds: per sample 'v' (valid), 't' (cut off by the token limit) or 'p' (parse failure: no marker)."""
+    responses = responses or [f"r{i}" for i in range(len(kinds))]
+    rec = _record(pid, responses, valid=[k == "v" for k in kinds])
+    for s, k in zip(rec["samples"], kinds):
+        if k == "t":
+            s.update(invalid_reason="truncated", finish_reason="length")
+        elif k == "p":
+            s.update(invalid_reason="no_response_marker")
+    return rec
+
+
+def test_truncated_output_is_never_rejected_by_default():
+    recs = [_mixed_record("two_valid", "vtv"), _mixed_record("one_valid", "tv")]
+    juds = [_judgement("two_valid", [1.0, None, 0.0]), _judgement("one_valid", [None, 1.0])]
+    pairs, stats = select_pairs(recs, juds, PairsConfig(rho=0.0, max_invalid_rejected=1.0))
+    assert [(p["prompt_id"], p["chosen_index"], p["rejected_index"]) for p in pairs] == [("two_valid", 0, 2)]
+    assert pairs[0]["rejected_valid"] is True
+    assert stats["dropped_one_valid"] == 1 and stats["rejected_invalid"] == 0
+    assert stats["truncated_samples"] == 2 and stats["parse_failure_samples"] == 0
+    # Asked for: a cut-off output may be the rejected one too (within the share).
+    pairs, stats = select_pairs(recs, juds, PairsConfig(rho=0.0, max_invalid_rejected=1.0,
+                                                        truncated_as_rejected=True))
+    assert [(p["prompt_id"], p["rejected_index"]) for p in pairs] == [("two_valid", 2), ("one_valid", 0)]
+    assert pairs[1]["rejected_valid"] is False and pairs[1]["rejected_invalid_reason"] == "truncated"
+    assert stats["rejected_truncated"] == 1 and stats["rejected_parse_failure"] == 0
+
+
+def test_parse_failures_as_rejected_are_capped_by_share():
+    recs, juds = [], []
+    for k in range(18):  # groups with a valid-vs-valid pair: their rejected output stays the worst valid one
+        recs.append(_mixed_record(f"ok{k}", "vpv"))
+        juds.append(_judgement(f"ok{k}", [1.0, None, 0.0]))
+    # Groups with a single valid output and a parse failure: kept only with the parse failure as rejected.
+    for k, (kinds, best) in enumerate([("vp", 0.2), ("pvp", 0.9), ("vpt", 0.5), ("vtp", 0.7)]):
+        recs.append(_mixed_record(f"one{k}", kinds))
+        juds.append(_judgement(f"one{k}", [best if c == "v" else None for c in kinds]))
+    pairs, stats = select_pairs(recs, juds, PairsConfig(rho=0.0))  # default share 0.1
+    assert PairsConfig().max_invalid_rejected == 0.1 and PairsConfig().truncated_as_rejected is False
+    invalid = [p for p in pairs if not p["rejected_valid"]]
+    # 18 valid pairs + n <= 0.1 * (18 + n) -> n = 2: the groups with the best chosen scores (0.9, 0.7)
+    assert [(p["prompt_id"], p["rejected_index"]) for p in invalid] == [("one1", 0), ("one3", 2)]
+    assert all(p["rejected_invalid_reason"] == "no_response_marker" for p in invalid)
+    assert all(p["rejected_index"] == 2 for p in pairs if p["prompt_id"].startswith("ok"))
+    assert stats["pairs"] == 20 and stats["rejected_parse_failure"] == 2 == stats["rejected_invalid"]
+    assert stats["dropped_one_valid"] == 2 and stats["invalid_rejected_refused"] == 2
+    assert stats["rejected_parse_failure"] <= 0.1 * stats["pairs"]
+    # share 0: never; share 1: every group without a valid pair gets its parse failure
+    _, s0 = select_pairs(recs, juds, PairsConfig(rho=0.0, max_invalid_rejected=0.0))
+    assert s0["rejected_invalid"] == 0 and s0["pairs"] == 18 and s0["dropped_one_valid"] == 4
+    p1, s1 = select_pairs(recs, juds, PairsConfig(rho=0.0, max_invalid_rejected=1.0))
+    assert s1["rejected_parse_failure"] == 4 and s1["pairs"] == 22
+    # fewest valid outputs first: a tied two-valid group is rescued only after the one-valid groups
+    recs2 = recs + [_mixed_record("tie", "vvp")]
+    juds2 = juds + [_judgement("tie", [0.5, 0.5, None])]
+    _, s2 = select_pairs(recs2, juds2, PairsConfig(rho=0.0, max_invalid_rejected=4 / 22))
+    assert s2["rejected_parse_failure"] == 4 and s2["dropped_tie"] == 1 and s2["dropped_one_valid"] == 0

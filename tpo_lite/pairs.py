@@ -4,15 +4,25 @@ For each instruction (one ``samples.jsonl`` record and its ``judgements.jsonl`` 
 ``prompt_id``):
 
 1. A sample is *valid* when the parser found a response (``sample["valid"]``) **and** the judge gave it a
-   score (not null). Invalid samples are never chosen and rank below every valid one.
+   score (not null). Invalid samples are never chosen. An invalid sample is *cut off* when the token limit
+   stopped it (``invalid_reason == "truncated"``) and a *parse failure* otherwise (no response marker, empty
+   response).
 2. Scores of the valid samples are length-controlled (:mod:`tpo_lite.scoring`):
-   ``z(score) - rho * z(response length)``; ``rho`` fixed or ``auto`` (fitted once over the iteration).
-3. chosen = highest adjusted valid sample; rejected = lowest adjusted sample among *all* samples, i.e. the
-   first invalid sample if there is one (the paper lets an invalid output be the rejected one).
-4. The group is dropped when every sample is invalid (``dropped_all_invalid``), when only one valid sample
-   exists and nothing is invalid or chosen and rejected tie on the raw score (``dropped_tie``), or when the
-   raw-score gap ``chosen - rejected`` is not above ``min_gap`` (``dropped_low_gap``; this includes the rare
+   ``z(score) - rho * z(response length)``; ``rho`` fixed or ``auto`` (fitted once over the iteration, over
+   the valid-vs-valid pairs).
+3. chosen = highest adjusted valid sample; rejected = lowest adjusted valid sample. When that valid pair is
+   not kept (one valid sample only, a raw-score tie, a gap not above ``min_gap``), a parse failure of the
+   group may be the rejected one instead (the paper adds parse failures as rejected), but in at most a share
+   ``max_invalid_rejected`` of the iteration's pairs: candidate groups are taken in a fixed order (fewest
+   valid samples, then highest chosen raw score, then input order) while ``invalid pairs <= share * pairs``
+   holds. A cut-off output is such a candidate only with ``truncated_as_rejected`` (an output cut by the
+   token limit says nothing about its quality); the rejected one is the group's first parse failure, else its
+   first cut-off output.
+4. A group that gets no pair is dropped, counted by reason: no valid sample (``dropped_all_invalid``), one
+   valid sample (``dropped_one_valid``), chosen and worst valid tying on the raw score (``dropped_tie``), or a
+   raw-score gap ``chosen - rejected`` not above ``min_gap`` (``dropped_low_gap``; this includes the rare
    pairs where length control would pick a chosen with a *lower* raw score, counted in ``inverted``).
+   ``invalid_rejected_refused`` counts the dropped groups that had a candidate but found the share used up.
 
 A pair record keeps the whole outputs and their sampled token ids (training uses those, never re-tokenised
 text); :func:`to_trl` gives the TRL preference format ``{"prompt", "chosen", "rejected"}``.
@@ -25,7 +35,7 @@ from typing import Any, Literal, Sequence
 
 import numpy as np
 
-from .errors import TpoError
+from .errors import TpoError, require_finite
 from .scoring import LENGTH_UNITS, adjusted_scores, auto_rho, best_and_worst, response_length, rho_grid
 
 __all__ = ["PairsConfig", "select_pairs", "to_trl"]
@@ -50,8 +60,19 @@ class PairsConfig:
         "help": "Keep an instruction's pair only when the chosen raw score exceeds the rejected raw score by "
                 "more than this (raw judge units; a rejected sample that is invalid always qualifies). 0 drops "
                 "exact ties and pairs inverted by length control."})
+    max_invalid_rejected: float = field(default=0.1, metadata={
+        "help": "Largest share of an iteration's pairs whose rejected output is invalid, in [0, 1]. An invalid "
+                "output is the rejected one only in an instruction that has no kept valid-vs-valid pair (e.g. a "
+                "single valid output), taking those with the fewest valid outputs, then the best chosen score, "
+                "first; the others are dropped. 0 = rejected outputs are always valid (the paper keeps parse "
+                "failures at <= 10% of the pairs)."})
+    truncated_as_rejected: bool = field(default=False, metadata={
+        "help": "Let an output cut off by the token limit (invalid_reason 'truncated') be the rejected one, "
+                "within max_invalid_rejected. false = only parse failures (no response marker, empty "
+                "response) may be rejected: a cut-off output is invalid for its length, not its content."})
 
     def __post_init__(self):
+        require_finite(self)
         if isinstance(self.rho, str):
             if self.rho != "auto":
                 try:
@@ -67,6 +88,8 @@ class PairsConfig:
                            field="length_unit")
         if not math.isfinite(self.min_gap) or self.min_gap < 0:
             raise TpoError(f"must be >= 0, got {self.min_gap}", field="min_gap")
+        if not (0.0 <= self.max_invalid_rejected <= 1.0):
+            raise TpoError(f"must be in [0, 1], got {self.max_invalid_rejected}", field="max_invalid_rejected")
 
 
 def _keep(min_gap: float):
@@ -77,6 +100,16 @@ def _keep(min_gap: float):
             return True
         return scores[c] - scores[r] > min_gap
     return keep
+
+
+def _is_cut_off(sample: dict) -> bool:
+    """Invalid because the token limit stopped it (the parser's ``invalid_reason == "truncated"``)."""
+    return not sample.get("valid", False) and sample.get("invalid_reason") == "truncated"
+
+
+def _is_parse_failure(sample: dict) -> bool:
+    """Invalid for its content (no response marker, empty response), not for being cut off."""
+    return not sample.get("valid", False) and sample.get("invalid_reason") != "truncated"
 
 
 def _group(rec: dict, jud: dict, where: str) -> list[float | None]:
@@ -105,8 +138,9 @@ def select_pairs(sample_records: Sequence[dict], judgement_records: Sequence[dic
     ``sample_records`` are ``samples.jsonl`` records, ``judgement_records`` the ``judgements.jsonl`` records
     (matched by ``prompt_id``; every sample record needs one). ``tokenizer`` is needed only for
     ``length_unit = 'tokens'``. Returns ``(pairs, stats)``: pairs in the ``pairs.jsonl`` schema of
-    docs/ARCHITECTURE.md (plus ``rejected_valid``, ``chosen_length``, ``rejected_length``, ``length_unit``)
-    in input order, and a JSON-ready stats dict (counts of kept/dropped groups, rho, mean lengths/scores).
+    docs/ARCHITECTURE.md (plus ``rejected_valid``, ``rejected_invalid_reason``, ``chosen_length``,
+    ``rejected_length``, ``length_unit``) in input order, and a JSON-ready stats dict (counts of kept/dropped
+    groups, invalid rejected outputs by kind, rho, mean lengths/scores).
     """
     cfg = cfg or PairsConfig()
     if cfg.length_unit == "tokens" and tokenizer is None:
@@ -143,28 +177,63 @@ def select_pairs(sample_records: Sequence[dict], judgement_records: Sequence[dic
     else:
         rho = float(cfg.rho)
 
-    stats: dict[str, Any] = {"groups": len(groups), "pairs": 0, "dropped_all_invalid": 0, "dropped_tie": 0,
-                             "dropped_low_gap": 0, "inverted": 0, "rejected_invalid": 0,
+    stats: dict[str, Any] = {"groups": len(groups), "pairs": 0, "dropped_all_invalid": 0, "dropped_one_valid": 0,
+                             "dropped_tie": 0, "dropped_low_gap": 0, "inverted": 0, "rejected_invalid": 0,
+                             "rejected_parse_failure": 0, "rejected_truncated": 0, "invalid_rejected_refused": 0,
+                             "max_invalid_rejected": cfg.max_invalid_rejected,
+                             "truncated_as_rejected": cfg.truncated_as_rejected,
                              "samples": sum(len(s) for _, s, _ in groups),
                              "valid_samples": sum(x is not None for _, s, _ in groups for x in s),
+                             "truncated_samples": sum(_is_cut_off(x) for r, _, _ in groups for x in r["samples"]),
+                             "parse_failure_samples": sum(_is_parse_failure(x) for r, _, _ in groups
+                                                          for x in r["samples"]),
                              "rho": rho, "rho_auto": rho_auto, "rho_auto_satisfied": satisfied,
                              "length_unit": cfg.length_unit}
-    pairs: list[dict] = []
-    for rec, scores, lengths in groups:
+    chosen_pairs: dict[int, tuple[int, int, list[float | None]]] = {}  # group -> (chosen, rejected, adjusted)
+    candidates = []  # groups without a kept valid pair that have an invalid output allowed as rejected
+    for g, (rec, scores, lengths) in enumerate(groups):
         adj = adjusted_scores(scores, lengths, rho)
         bw = best_and_worst(adj)
         if bw is None:
             stats["dropped_all_invalid"] += 1
             continue
         c, r = bw
-        if c == r or (scores[r] is not None and scores[c] == scores[r]):
-            stats["dropped_tie"] += 1
+        n_valid = sum(x is not None for x in scores)
+        if n_valid == 1:
+            reason = "dropped_one_valid"
+        elif c == r or scores[c] == scores[r]:
+            reason = "dropped_tie"
+        elif not keep(scores, c, r):
+            reason = "dropped_low_gap"
+        else:
+            chosen_pairs[g] = (c, r, adj)
             continue
-        if not keep(scores, c, r):
-            stats["dropped_low_gap"] += 1
-            stats["inverted"] += int(scores[c] < scores[r])
+        ss = rec["samples"]
+        allowed = [i for i, x in enumerate(ss) if _is_parse_failure(x)]
+        if cfg.truncated_as_rejected:
+            allowed += [i for i, x in enumerate(ss) if _is_cut_off(x)]
+        if allowed:
+            candidates.append((n_valid, -scores[c], g, c, allowed[0], adj, reason, scores[c] < scores[r]))
             continue
+        stats[reason] += 1
+        stats["inverted"] += int(reason == "dropped_low_gap" and scores[c] < scores[r])
+    # Invalid rejected outputs, at most a share of all pairs: the groups with the fewest valid outputs (which
+    # have the least else to learn from), then the best chosen score, first.
+    n_invalid = 0
+    for _, _, g, c, r, adj, reason, inverted in sorted(candidates, key=lambda x: x[:3]):
+        if n_invalid + 1 <= cfg.max_invalid_rejected * (len(chosen_pairs) + 1) + 1e-9:
+            chosen_pairs[g] = (c, r, adj)
+            n_invalid += 1
+        else:
+            stats[reason] += 1
+            stats["invalid_rejected_refused"] += 1
+            stats["inverted"] += int(reason == "dropped_low_gap" and inverted)
+    pairs: list[dict] = []
+    for g in sorted(chosen_pairs):
+        rec, scores, lengths = groups[g]
+        c, r, adj = chosen_pairs[g]
         sc, sr = rec["samples"][c], rec["samples"][r]
+        rejected_valid = scores[r] is not None
         pairs.append({
             "prompt_id": rec["prompt_id"], "prompt_text": rec.get("prompt_text"),
             "prompt_token_ids": rec.get("prompt_token_ids"),
@@ -173,11 +242,14 @@ def select_pairs(sample_records: Sequence[dict], judgement_records: Sequence[dic
             "chosen_token_ids": sc.get("token_ids"), "rejected_token_ids": sr.get("token_ids"),
             "chosen_score": scores[c], "rejected_score": scores[r],
             "chosen_adjusted": adj[c], "rejected_adjusted": adj[r], "rho": rho,
-            "rejected_valid": scores[r] is not None,
-            "chosen_length": lengths[c], "rejected_length": lengths[r] if scores[r] is not None else None,
+            "rejected_valid": rejected_valid,
+            "rejected_invalid_reason": None if rejected_valid else (sr.get("invalid_reason") or "invalid"),
+            "chosen_length": lengths[c], "rejected_length": lengths[r] if rejected_valid else None,
             "length_unit": cfg.length_unit,
         })
-        stats["rejected_invalid"] += int(scores[r] is None)
+        if not rejected_valid:
+            stats["rejected_invalid"] += 1
+            stats["rejected_truncated" if _is_cut_off(sr) else "rejected_parse_failure"] += 1
     stats["pairs"] = len(pairs)
     stats["valid_rate"] = stats["valid_samples"] / stats["samples"] if stats["samples"] else None
 

@@ -66,17 +66,17 @@ def adjusted_scores(scores: Sequence[float | None], lengths: Sequence[float], rh
 
 
 def best_and_worst(adjusted: Sequence[float | None]) -> tuple[int, int] | None:
-    """Indices of the chosen (highest adjusted valid) and rejected (lowest adjusted) sample.
+    """Indices of the highest and the lowest adjusted *valid* sample (``None`` entries are skipped).
 
-    An invalid sample (``None``) ranks below every valid one, so the first invalid sample is the rejected one
-    when there is any (as in the paper). Ties are broken by the lower index. ``None`` when nothing is valid.
+    Whether an invalid output becomes the rejected one instead is decided by :func:`tpo_lite.pairs.select_pairs`
+    over the whole iteration. Ties are broken by the lower index; with a single valid sample both indices are
+    the same. ``None`` when nothing is valid.
     """
     valid = [i for i, a in enumerate(adjusted) if a is not None]
     if not valid:
         return None
     best = max(valid, key=lambda i: (adjusted[i], -i))
-    invalid = [i for i, a in enumerate(adjusted) if a is None]
-    worst = invalid[0] if invalid else min(valid, key=lambda i: (adjusted[i], i))
+    worst = min(valid, key=lambda i: (adjusted[i], i))
     return best, worst
 
 
@@ -91,8 +91,8 @@ def auto_rho(groups: Sequence[tuple[Sequence[float | None], Sequence[float]]],
              grid: Sequence[float] | None = None) -> tuple[float, bool]:
     """Smallest ``rho`` on ``grid`` whose pairs have mean chosen length <= mean rejected length.
 
-    ``groups`` holds ``(scores, lengths)`` per instruction (``None`` score = invalid). Only pairs whose
-    rejected sample is valid enter the length comparison (an invalid one has no response length).
+    ``groups`` holds ``(scores, lengths)`` per instruction (``None`` score = invalid). The length comparison
+    is over the valid-vs-valid pairs (an invalid output has no response length).
     ``keep(scores, chosen, rejected)`` applies the same drop rules as pair selection. Returns
     ``(rho, satisfied)``; when no grid value satisfies the condition the largest is returned with
     ``satisfied = False``; when no pair has two valid samples the condition holds trivially at 0.
