@@ -439,7 +439,7 @@ def test_cache_key_depends_on_every_part():
 def test_corrupt_cache_file_clear_error(tmp_path):
     p = tmp_path / "bad.sqlite"
     p.write_bytes(b"this is not a database" * 100)
-    with pytest.raises(TpoError, match="bad.sqlite: cannot open the judgement cache"):
+    with pytest.raises(TpoError, match="bad.sqlite: judge.cache_path: cannot open the judgement cache .*delete it"):
         JudgementCache(p)
 
 

@@ -9,6 +9,10 @@ Pass ``enable_thinking=False`` to ``apply_chat_template`` (the variable Qwen3 us
 the original, unwrapped prompt. Earlier user turns are left as they are (the model was trained on single turns
 and earlier assistant turns hold responses only).
 
+OUT_DIR is guarded: it may not be, contain or lie inside the adapter, the run directory around it, the base
+model or the current directory, and ``overwrite`` replaces only a previous export (a folder holding
+``tpo_lite_export.json``), never another folder.
+
 4-bit bases: when the model config loads the base in NF4, the adapter was trained against the *quantised*
 weights, so the export loads the base in NF4, dequantises it (``W' = dequant(nf4(W))``) and merges the LoRA
 into ``W'``: the exported float model computes the same function as the trained QLoRA model (up to the matmul
@@ -18,12 +22,15 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
 from tpo_lite.errors import TpoError
 
 EXPORT_INFO = "tpo_lite_export.json"
+_IN_PROGRESS = ".tpo_lite_export_in_progress"  # marks the temporary sibling as ours, so a rerun may remove it
+_FIELD = "OUT_DIR"
 
 
 def _jinja_str(text: str) -> str:
@@ -145,29 +152,83 @@ so `tokenizer.apply_chat_template(messages, add_generation_prompt=True)` is all 
 {strip}"""
 
 
+def _protected(adapter: Path, model_cfg, run_dir) -> list[tuple[Path, str]]:
+    """What an export must never delete or write into: (path, what it is)."""
+    out = [(adapter, "adapter being exported")]
+    if run_dir is not None:
+        out.append((Path(run_dir), "run directory"))
+    if re.fullmatch(r"iter_\d+", adapter.resolve().parent.name):  # RUN/iter_XX/adapter: its run too
+        out.append((adapter.resolve().parent.parent, "run directory of the adapter"))
+    if model_cfg.path and os.path.exists(model_cfg.path):
+        out.append((Path(model_cfg.path), "base model"))
+    return out
+
+
+def check_out_dir(out_dir: str | os.PathLike, protected: list[tuple[Path, str]], overwrite: bool) -> Path:
+    """The resolved OUT_DIR, or a :class:`TpoError` if exporting there could destroy anything but a previous
+    export (see the module docstring)."""
+    shown = os.fspath(out_dir)
+    if Path(out_dir).is_symlink():
+        raise TpoError("is a symbolic link; give the folder itself", path=shown, field=_FIELD)
+    out = Path(out_dir).resolve()
+    cwd = Path.cwd().resolve()
+    if out == cwd or out in cwd.parents:
+        raise TpoError("is the current directory or a folder above it, which the export would replace; give a "
+                       "new folder such as ./exported", path=shown, field=_FIELD)
+    # "is" before "contains" before "lies inside": the most telling message when several apply.
+    for relation, hit in (("is the {what}", lambda p: out == p),
+                          ("contains the {what} ({path})", lambda p: out in p.parents),
+                          ("lies inside the {what} ({path})", lambda p: p in out.parents)):
+        for path, what in protected:
+            if hit(path.resolve()):
+                raise TpoError(relation.format(what=what, path=path) + "; export into a folder of its own",
+                               path=shown, field=_FIELD)
+    if out.exists() and not out.is_dir():
+        raise TpoError("exists and is not a folder", path=shown, field=_FIELD)
+    if out.exists() and any(out.iterdir()):
+        if not overwrite:
+            raise TpoError("the output directory exists and is not empty (use --overwrite to replace a previous "
+                           "export)", path=shown, field=_FIELD)
+        if not (out / EXPORT_INFO).is_file():
+            raise TpoError(f"is not a previous export (no {EXPORT_INFO} in it); --overwrite only replaces an "
+                           "export, never another folder", path=shown, field=_FIELD)
+    return out
+
+
+def _own_sibling(out: Path, suffix: str) -> Path:
+    """``out`` + ``suffix`` next to it, cleared if a crashed export left it; another folder there is refused."""
+    p = out.with_name(out.name + suffix)
+    if p.is_symlink() or (p.exists() and not p.is_dir()):
+        raise TpoError("is in the way of the export; move it away", path=p, field=_FIELD)
+    if p.exists():
+        if any(p.iterdir()) and not ((p / _IN_PROGRESS).exists() or (p / EXPORT_INFO).exists()):
+            raise TpoError("is in the way of the export and is not one of its leftovers; move it away", path=p,
+                           field=_FIELD)
+        shutil.rmtree(p)
+    return p
+
+
 def export_model(model_cfg, adapter: str | os.PathLike, out_dir: str | os.PathLike, prompt_cfg,
-                 dtype: str | None = None, overwrite: bool = False) -> Path:
+                 dtype: str | None = None, overwrite: bool = False,
+                 run_dir: str | os.PathLike | None = None) -> Path:
     """Merge ``adapter`` into the base of ``model_cfg`` and save model, tokenizer (thought chat template),
-    ``README.md`` and ``tpo_lite_export.json`` to ``out_dir``. Returns ``out_dir``.
+    ``README.md`` and ``tpo_lite_export.json`` to ``out_dir``. Returns ``out_dir`` (resolved).
 
     ``prompt_cfg`` is the run's :class:`~tpo_lite.prompts.PromptConfig` (template, pre-fill, system prompt).
     ``dtype``: "float32", "bfloat16" or "float16" for the saved weights (default: the dtype the model loads
-    in). The files are written to a temporary sibling directory that is renamed at the end, so an interrupted
-    export leaves no half-written model behind.
+    in). ``run_dir``: the run the adapter comes from, protected like the adapter (see :func:`check_out_dir`;
+    ``overwrite`` replaces only a previous export). The files are written to a temporary sibling directory that
+    is renamed at the end, so an interrupted export leaves no half-written model behind.
     """
     import torch
-    from peft import PeftModel
 
-    from tpo_lite.models import load_model, resolve_device, uses_4bit
+    from tpo_lite.models import attach_adapter, check_adapter_dir, load_model, resolve_device, uses_4bit
     from tpo_lite.prompts import get_template
 
     template = get_template(prompt_cfg)
     adapter = Path(adapter)
-    if not (adapter / "adapter_config.json").is_file():
-        raise TpoError("not a peft adapter directory (no adapter_config.json)", path=adapter, field="adapter")
-    out = Path(out_dir)
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise TpoError("the output directory exists and is not empty (use --overwrite)", path=out)
+    check_adapter_dir(adapter)
+    out = check_out_dir(out_dir, _protected(adapter, model_cfg, run_dir), overwrite)
     dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
     if dtype is not None and dtype not in dtypes:
         raise TpoError(f"must be float32, bfloat16 or float16, got {dtype!r}", field="dtype")
@@ -180,7 +241,7 @@ def export_model(model_cfg, adapter: str | os.PathLike, out_dir: str | os.PathLi
         base = base.dequantize()  # W' = dequant(nf4(W)): the weights the adapter was trained against
         if dtype is None and isinstance(compute, torch.dtype):
             dtype = {v: k for k, v in dtypes.items()}.get(compute)
-    model = PeftModel.from_pretrained(base, str(adapter))
+    model = attach_adapter(base, adapter)
     merged = model.merge_and_unload()
     target = dtypes[dtype] if dtype else next(merged.parameters()).dtype
     merged = merged.to(target)
@@ -190,15 +251,18 @@ def export_model(model_cfg, adapter: str | os.PathLike, out_dir: str | os.PathLi
     tokenizer.chat_template = thought_chat_template(
         tokenizer.chat_template, template, prompt_cfg.prefill_thought_header, prompt_cfg.system_prompt)
 
-    tmp = out.with_name(out.name + ".tmp-export")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    merged.save_pretrained(tmp, safe_serialization=True)
-    tokenizer.save_pretrained(tmp)
-    (tmp / "README.md").write_text(
-        model_card(template, model_cfg.path, str(adapter), prompt_cfg.prefill_thought_header,
-                   prompt_cfg.system_prompt), encoding="utf-8")
+    tmp = _own_sibling(out, ".tmp-export")
+    try:
+        tmp.mkdir(parents=True)
+        (tmp / _IN_PROGRESS).write_text("")
+        merged.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "README.md").write_text(
+            model_card(template, model_cfg.path, str(adapter), prompt_cfg.prefill_thought_header,
+                       prompt_cfg.system_prompt), encoding="utf-8")
+    except OSError as e:  # a full disk, a read-only folder
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise TpoError(f"cannot write the export: {e.strerror or e}", path=out, field=_FIELD) from None
     info = {
         "base_model": model_cfg.path, "adapter": str(adapter.resolve()), "template": template.name,
         "wrapper": template.wrapper, "thought_header": template.thought_header,
@@ -208,9 +272,14 @@ def export_model(model_cfg, adapter: str | os.PathLike, out_dir: str | os.PathLi
         "dtype": str(target).replace("torch.", ""),
     }
     (tmp / EXPORT_INFO).write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
-    if out.exists():
-        shutil.rmtree(out)
+    (tmp / _IN_PROGRESS).unlink()
+    old = None
+    if out.exists():  # an empty folder or a previous export (check_out_dir refused anything else)
+        old = _own_sibling(out, ".old-export")
+        os.replace(out, old)
     os.replace(tmp, out)
+    if old is not None:
+        shutil.rmtree(old)
     return out
 
 
@@ -220,6 +289,12 @@ def read_export_info(model_dir: str | os.PathLike) -> dict | None:
     if not p.is_file():
         return None
     try:
-        return json.loads(p.read_text(encoding="utf-8"))
-    except ValueError as e:
+        info = json.loads(p.read_text(encoding="utf-8"))
+    except ValueError as e:  # also a UnicodeDecodeError
         raise TpoError(f"not valid JSON: {e}", path=p) from None
+    if not isinstance(info, dict):
+        raise TpoError(f"expected a JSON object, got {type(info).__name__}", path=p)
+    for key in ("template", "wrapper"):
+        if not isinstance(info.get(key), str):
+            raise TpoError("missing or not a string (rerun `tpo-lite export`)", path=p, field=key)
+    return info

@@ -116,11 +116,16 @@ def load_instructions(path: str | os.PathLike) -> list[Instruction]:
 
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        raw = path.read_bytes()
     except FileNotFoundError:
         raise TpoError("instruction file not found", path=path)
-    except (OSError, UnicodeDecodeError) as e:
-        raise TpoError(f"cannot read instruction file: {e}", path=path)
+    except OSError as e:
+        raise TpoError(f"cannot read instruction file: {e.strerror or e}", path=path)
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise TpoError(f"not valid UTF-8 (byte 0x{raw[e.start]:02x}); save the file as UTF-8", path=path,
+                       line=raw.count(b"\n", 0, e.start) + 1) from None
     out: list[Instruction] = []
     seen: dict[str, int | None] = {}
     for lineno, rec in _records(path, text):

@@ -10,14 +10,19 @@ Guarantees under ``kill -9`` (or power loss after fsync) at any instant:
   the append means the work is simply redone on resume. After the append returns the line is on disk.
 * **No duplicated record.** Records are keyed (e.g. ``prompt_id``); the loop reads the keys already present and
   never writes a key twice. :func:`read_records` with ``key=`` rejects duplicates as corruption.
+* **A record file is the run's own regular file.** A symbolic link (or a FIFO, a device ...) in its place is
+  refused with an error naming it: the torn-tail repair would otherwise truncate and append to whatever the
+  link points at, and a reader would silently take another run's records.
 * Whole-file outputs (``metrics.json``, ``DONE`` markers, the resolved config) go through
   :func:`write_json_atomic` / :func:`write_text_atomic`: write a temp file, fsync, ``os.replace`` over the
   target, fsync the directory. A reader sees the old file or the new one, never half of one.
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
+import stat
 import tempfile
 from typing import Any
 
@@ -38,19 +43,42 @@ def _fsync_dir(path: str) -> None:
         os.close(fd)
 
 
+def _open_record_file(path: str, flags: int, allow_symlink: bool = False) -> int:
+    """``os.open`` a record file, refusing a symbolic link (unless allowed) and anything but a regular file.
+
+    O_NOFOLLOW makes the check race-free; O_NONBLOCK keeps a FIFO from blocking the open forever.
+    """
+    flags |= os.O_NONBLOCK | (0 if allow_symlink else os.O_NOFOLLOW)
+    try:
+        fd = os.open(path, flags, 0o644)
+    except OSError as e:
+        if e.errno == errno.ELOOP and not allow_symlink and os.path.islink(path):
+            raise TpoError("is a symbolic link; a record file must be a regular file of its own (replace the "
+                           "link with a copy of the file)", path=path) from None
+        if isinstance(e, FileNotFoundError):
+            raise
+        raise TpoError(f"cannot open the record file: {e.strerror or e}", path=path) from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise TpoError("not a regular file; a record file must be a regular file", path=path)
+    return fd
+
+
 def repair(path: str | os.PathLike) -> int:
     """Truncate a torn last line (one without a trailing ``"\\n"``) from ``path``.
 
     Returns the number of bytes removed (0 when the file is missing, empty or already ends in ``"\\n"``).
+    A symbolic link or a non-regular file is refused (:class:`TpoError`), never truncated through.
     """
     path = os.fspath(path)
     try:
-        size = os.path.getsize(path)
+        fd = _open_record_file(path, os.O_RDWR)
     except FileNotFoundError:
         return 0
-    if size == 0:
-        return 0
-    with open(path, "rb+") as f:
+    with os.fdopen(fd, "rb+") as f:
+        size = os.fstat(fd).st_size
+        if size == 0:
+            return 0
         f.seek(size - 1)
         if f.read(1) == b"\n":
             return 0
@@ -75,13 +103,14 @@ def repair(path: str | os.PathLike) -> int:
 def append_record(path: str | os.PathLike, obj: Any) -> None:
     """Append ``obj`` as one JSON line, durably (single write on an O_APPEND fd, then fsync).
 
-    A torn tail left by an earlier crash is truncated first, so the new line starts on a line boundary.
+    A torn tail left by an earlier crash is truncated first, so the new line starts on a line boundary. A
+    symbolic link or a non-regular file at ``path`` is refused (:class:`TpoError`).
     """
     path = os.fspath(path)
     data = (json.dumps(obj, ensure_ascii=False, separators=(",", ":")) + "\n").encode("utf-8")
-    created = not os.path.exists(path)
+    created = not os.path.lexists(path)
     repair(path)
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    fd = _open_record_file(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
     try:
         view = memoryview(data)
         # One write normally writes everything for a regular file; loop only for the rare short write
@@ -96,19 +125,21 @@ def append_record(path: str | os.PathLike, obj: Any) -> None:
         _fsync_dir(path)
 
 
-def read_records(path: str | os.PathLike, key: str | None = None):
+def read_records(path: str | os.PathLike, key: str | None = None, allow_symlink: bool = False):
     """Read a JSONL file written by :func:`append_record`.
 
     Returns a list of objects, or with ``key`` a dict ``{record[key]: record}`` in file order. A missing file
     reads as empty. A last line without ``"\\n"`` is a torn write and is dropped. A complete line that is not a
-    JSON object, lacks ``key``, or repeats a key raises :class:`TpoError` with the file and line number.
+    JSON object, lacks ``key``, or repeats a key raises :class:`TpoError` with the file and line number. A
+    symbolic link is refused unless ``allow_symlink`` (for input files of the user's, not a run's records).
     """
     path = os.fspath(path)
     try:
-        with open(path, "rb") as f:
-            raw = f.read()
+        fd = _open_record_file(path, os.O_RDONLY, allow_symlink)
     except FileNotFoundError:
         return {} if key is not None else []
+    with os.fdopen(fd, "rb") as f:
+        raw = f.read()
     lines = raw.split(b"\n")
     # After split, the last element is b"" when the file ends in "\n", otherwise it is the torn tail.
     complete = lines[:-1]
@@ -164,8 +195,13 @@ def write_json_atomic(path: str | os.PathLike, obj: Any, indent: int | None = 2)
 def read_json(path: str | os.PathLike) -> Any:
     """Read a JSON file; a malformed one raises :class:`TpoError` naming the file and line."""
     path = os.fspath(path)
-    with open(path, encoding="utf-8") as f:
-        text = f.read()
+    with open(path, "rb") as f:
+        raw = f.read()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise TpoError(f"not valid UTF-8 (byte 0x{raw[e.start]:02x})", path=path,
+                       line=raw.count(b"\n", 0, e.start) + 1) from None
     try:
         return json.loads(text)
     except json.JSONDecodeError as e:

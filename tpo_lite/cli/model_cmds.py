@@ -12,7 +12,7 @@ import sys
 
 import click
 
-from .run_cmds import _fail_cleanly
+from .run_cmds import NulSafePath, _fail_cleanly, refuse_nul
 
 _4BIT = click.Choice(["auto", "true", "false"])
 
@@ -26,12 +26,15 @@ def _model_cfg(model, dtype, load_in_4bit, device):
 
 def _from_run(ctx, run, model, dtype, load_in_4bit, device, template, prefill, system_prompt, adapter):
     """Resolve the model config, prompt config and adapter, from ``--run`` where given; options the user typed
-    override the run's values. Returns (ModelConfig, PromptConfig, adapter path or None, RunConfig or None)."""
+    override the run's values. Returns (ModelConfig, PromptConfig, adapter path or None, RunConfig or None,
+    run directory or None)."""
     import dataclasses
 
     from click.core import ParameterSource
 
     from ..prompts import PromptConfig
+
+    refuse_nul(**{"--run": run, "--model": model, "--adapter": adapter, "--template": template})
 
     def typed(name):
         return ctx.get_parameter_source(name) not in (ParameterSource.DEFAULT, ParameterSource.DEFAULT_MAP)
@@ -39,7 +42,7 @@ def _from_run(ctx, run, model, dtype, load_in_4bit, device, template, prefill, s
     mcfg = _model_cfg(model, dtype, load_in_4bit, device)
     pcfg = PromptConfig(template=template or "generic", prefill_thought_header=prefill, system_prompt=system_prompt)
     if run is None:
-        return mcfg, pcfg, adapter, None
+        return mcfg, pcfg, adapter, None, None
     from .. import loop
     from ..errors import TpoError
     from .run_cmds import _open
@@ -57,7 +60,7 @@ def _from_run(ctx, run, model, dtype, load_in_4bit, device, template, prefill, s
         adapter = loop.adapter_for(run_dir, config.loop.iterations + 1, config)
         if adapter is None:
             raise TpoError("the run has no trained adapter yet", path=str(run_dir), field="--run")
-    return mcfg, pcfg, adapter, config
+    return mcfg, pcfg, adapter, config, run_dir
 
 
 def _exported_template(info):
@@ -102,11 +105,11 @@ def _prompts(argv_prompts):
 @click.option("--model", default="smollm2", show_default=True,
               help="Base model: 'smollm2' (embedded default), an HF model directory (also one written by "
                    "`tpo-lite export`, whose chat template already wraps prompts) or a .gguf file.")
-@click.option("--adapter", type=click.Path(exists=True, file_okay=False), default=None,
+@click.option("--adapter", type=NulSafePath(exists=True, file_okay=False), default=None,
               help="LoRA adapter directory to put on the base (e.g. runs/NAME/iter_02/adapter).")
 @click.option("--template", default=None,
-              help="Thought template the model was trained with: generic, specific, direct or a .toml file "
-                   "[default: generic; for an exported model, the template it was exported with].")
+              help="Thought template the model was trained with: generic, specific, specific_tags, direct or a "
+                   ".toml file [default: generic; for an exported model, the template it was exported with].")
 @click.option("--prefill-thought-header/--no-prefill-thought-header", default=False, show_default=True,
               help="Start the assistant turn with the template's thought header (use it if the run did).")
 @click.option("--system-prompt", default=None, help="System message before the user turn (as in the run).")
@@ -147,9 +150,10 @@ def chat_command(ctx, prompt, run, model, adapter, template, prefill_thought_hea
     from ..parsing import parse_output
     from ..prompts import build_prompt, get_template
     from ..sampling import LocalSampler, SamplingConfig, make_job
+    from ..special_tokens import escape_special_tokens
 
-    mcfg, pcfg, adapter, config = _from_run(ctx, run, model, dtype, load_in_4bit, device, template,
-                                            prefill_thought_header, system_prompt, adapter)
+    mcfg, pcfg, adapter, config, _ = _from_run(ctx, run, model, dtype, load_in_4bit, device, template,
+                                               prefill_thought_header, system_prompt, adapter)
     if config is not None:  # the run's decoding limits unless typed
         from click.core import ParameterSource
 
@@ -174,7 +178,8 @@ def chat_command(ctx, prompt, run, model, adapter, template, prefill_thought_hea
     sampler = LocalSampler(lm, tokenizer, scfg, tpl if tpl.response_marker else None, progress=False)
     for n, text in enumerate(_prompts(prompt)):
         if info is not None:  # the exported chat template wraps, pre-fills and adds the system prompt itself
-            messages = [{"role": "user", "content": text}]
+            # As build_prompt does: a prompt cannot forge a chat turn with special-token strings.
+            messages = [{"role": "user", "content": escape_special_tokens(text, tokenizer, field="prompt")}]
             prompt_text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         else:
             prompt_text = build_prompt(tokenizer, text, tpl, prefill_thought_header=pcfg.prefill_thought_header,
@@ -204,17 +209,17 @@ def chat_command(ctx, prompt, run, model, adapter, template, prefill_thought_hea
 
 
 @click.command("export", context_settings={"max_content_width": 100})
-@click.argument("out_dir", type=click.Path(file_okay=False))
+@click.argument("out_dir", type=NulSafePath(file_okay=False))
 @click.option("--run", "run", default=None, metavar="RUN_DIR|CONFIG.toml",
               help="Take the model, template, pre-fill, system prompt and the final adapter from this run "
                    "(options typed on the command line override them).")
 @click.option("--model", default="smollm2", show_default=True,
               help="Base model the adapter was trained on: 'smollm2', an HF model directory or a .gguf file.")
-@click.option("--adapter", type=click.Path(exists=True, file_okay=False), default=None,
+@click.option("--adapter", type=NulSafePath(exists=True, file_okay=False), default=None,
               help="LoRA adapter directory to merge (e.g. runs/NAME/iter_02/adapter); required without --run.")
 @click.option("--template", default="generic", show_default=True,
-              help="Thought template the model was trained with (generic, specific, direct or a .toml file); the "
-                   "exported chat template applies it.")
+              help="Thought template the model was trained with (generic, specific, specific_tags, direct or a "
+                   ".toml file); the exported chat template applies it.")
 @click.option("--prefill-thought-header/--no-prefill-thought-header", default=False, show_default=True,
               help="Make the chat template start the assistant turn with the thought header (as the run did).")
 @click.option("--system-prompt", default=None,
@@ -228,7 +233,10 @@ def chat_command(ctx, prompt, run, model, adapter, template, prefill_thought_hea
 @click.option("--save-dtype", type=click.Choice(["bfloat16", "float32", "float16"]), default=None,
               help="Dtype of the saved weights [default: the loading dtype].")
 @click.option("--device", default="auto", show_default=True, help="Torch device used for merging.")
-@click.option("--overwrite", is_flag=True, help="Replace OUT_DIR if it exists and is not empty.")
+@click.option("--overwrite", is_flag=True,
+              help="Replace OUT_DIR if it holds a previous export (its tpo_lite_export.json); any other non-empty "
+                   "folder is refused, as is OUT_DIR being, containing or lying inside the run, the adapter or "
+                   "the base model.")
 @click.pass_context
 @_fail_cleanly
 def export_command(ctx, out_dir, run, model, adapter, template, prefill_thought_header, system_prompt, load_in_4bit, dtype,
@@ -245,10 +253,11 @@ def export_command(ctx, out_dir, run, model, adapter, template, prefill_thought_
     from ..errors import TpoError
     from ..prompts import get_template
 
-    mcfg, pcfg, adapter, _ = _from_run(ctx, run, model, dtype, load_in_4bit, device, template,
-                                       prefill_thought_header, system_prompt, adapter)
+    refuse_nul(OUT_DIR=out_dir)
+    mcfg, pcfg, adapter, _, run_dir = _from_run(ctx, run, model, dtype, load_in_4bit, device, template,
+                                                prefill_thought_header, system_prompt, adapter)
     if adapter is None:
         raise TpoError("give --adapter (or --run to export a run's final adapter)", field="--adapter")
     get_template(pcfg)  # fail early on a bad template, before loading anything
-    out = export_model(mcfg, adapter, out_dir, pcfg, dtype=save_dtype, overwrite=overwrite)
+    out = export_model(mcfg, adapter, out_dir, pcfg, dtype=save_dtype, overwrite=overwrite, run_dir=run_dir)
     click.echo(f"exported to {out}")

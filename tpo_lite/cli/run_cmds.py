@@ -17,6 +17,23 @@ _SET_HELP = ("Override one config option, e.g. --set sampling.k=4 --set train.le
              "TOML (numbers, true/false, [lists], \"strings\"); a bare word is taken as a string.")
 
 
+class NulSafePath(click.Path):
+    """click.Path that lets a value with a NUL through unchecked (os.stat would raise ValueError, a traceback),
+    so the command refuses it with its one-line error (:func:`refuse_nul`)."""
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, str) and "\0" in value:
+            return value
+        return super().convert(value, param, ctx)
+
+
+def refuse_nul(**named) -> None:
+    """TpoError for the first of ``option=value`` whose value holds a NUL (no file name can)."""
+    for where, value in named.items():
+        if value is not None and "\0" in str(value):
+            raise TpoError("contains a NUL character, which no file name can hold", field=where)
+
+
 def _fail_cleanly(fn):
     """Turn TpoError into one line on stderr + exit 2; Ctrl-C into a resume hint + exit 130."""
 
@@ -52,7 +69,7 @@ def _common(fn):
                       help="Resume a run directory even though its saved config.toml differs from this one in "
                            "options other than loop.iterations / loop.eval_*; finished stages are kept as they "
                            "are.")(fn)
-    fn = click.option("--run-dir", type=click.Path(file_okay=False), default=None,
+    fn = click.option("--run-dir", type=NulSafePath(file_okay=False), default=None,
                       help="Run directory to use instead of <loop.runs_root>/<loop.name>.")(fn)
     fn = click.option("--set", "overrides", multiple=True, metavar="TABLE.KEY=VALUE", help=_SET_HELP)(fn)
     fn = click.option("--name", default=None,
@@ -65,22 +82,31 @@ def _open(target: str, overrides, name, run_dir):
     from ..config import load_config
     from ..loop import resolve_run_dir
 
+    # Here, with the option's name, not as a ValueError from the first file operation.
+    refuse_nul(**{"TARGET": target, "--run-dir": run_dir, "loop.name": name})
     p = Path(target)
     if p.is_dir():
         cfg_path = p / "config.toml"
         if not cfg_path.exists():
             raise TpoError("not a run directory (no config.toml in it)", path=str(p))
         config = load_config(cfg_path, overrides, name=name)
-        return config, Path(run_dir) if run_dir else p
-    config = load_config(p, overrides, name=name)
-    return config, resolve_run_dir(config, run_dir)
+        cfg_file, rd = cfg_path, Path(run_dir) if run_dir else p
+    else:
+        config = load_config(p, overrides, name=name)
+        cfg_file, rd = p, None
+    for value, where in ((config.loop.name, "loop.name"), (config.loop.runs_root, "loop.runs_root")):
+        if "\0" in str(value):
+            raise TpoError("contains a NUL character, which no file name can hold", path=str(cfg_file),
+                           field=where)
+    return config, rd if rd is not None else resolve_run_dir(config, run_dir)
 
 
 @click.command("run", context_settings={"max_content_width": 100})
 @click.argument("config", metavar="CONFIG.toml")
 @click.option("--dry-run", is_flag=True,
-              help="Print the resolved plan (run directory, what is already done, every resolved option) and "
-                   "exit without loading a model.")
+              help="Run the checks of a real start (refusing where it would refuse) and print the resolved plan "
+                   "(run directory, what is already done, every resolved option); reads the tokenizer and model "
+                   "config, never the weights.")
 @_common
 @click.option("--list-options", is_flag=True, is_eager=True, expose_value=False, callback=_list_options,
               help="List every config option (table, type, default, meaning) and exit.")
@@ -100,7 +126,7 @@ def run_command(config, dry_run, name, overrides, run_dir, allow_config_change, 
 
     cfg, rd = _open(config, overrides, name, run_dir)
     if dry_run:
-        click.echo(describe_plan(cfg, rd))
+        click.echo(describe_plan(cfg, rd, allow_config_change))
         return
     run(cfg, rd, progress=not no_progress, echo=click.echo, allow_config_change=allow_config_change)
 

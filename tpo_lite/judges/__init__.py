@@ -13,7 +13,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Literal
 
-from ..errors import TpoError
+from ..errors import TpoError, require_finite
 from .base import Judge, JudgeResult, instruction_text  # noqa: F401  (re-exported)
 
 __all__ = ["JudgeConfig", "make_judge", "Judge", "JudgeResult", "instruction_text"]
@@ -85,6 +85,7 @@ class JudgeConfig:
         "help": "Judgement cache file; empty = the run directory's judge_cache.sqlite (shared by iterations)."})
 
     def __post_init__(self):
+        require_finite(self)
         if self.kind not in ("programmatic", "reward_model", "pairwise"):
             raise TpoError(f"unknown judge kind {self.kind!r}; use programmatic, reward_model or pairwise",
                            field="kind")

@@ -12,6 +12,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
+from ..errors import TpoError
+
 __all__ = ["JudgeResult", "Judge", "PairwiseJudgeProtocol", "instruction_text", "instruction_checks",
            "fingerprint", "sigmoid"]
 
@@ -57,7 +59,10 @@ def instruction_text(instruction: Any) -> str:
     if isinstance(instruction, str):
         return instruction
     if isinstance(instruction, dict):
-        return str(instruction["instruction"])
+        if not isinstance(instruction.get("instruction"), str):
+            raise TpoError(f"record {instruction.get('id', instruction.get('prompt_id'))!r} has no instruction "
+                           "text", field="instruction")
+        return instruction["instruction"]
     return str(instruction.instruction)
 
 

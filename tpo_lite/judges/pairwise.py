@@ -1,7 +1,11 @@
 """Pairwise LLM judge: "which of two responses is better?", both orders, aggregated with Bradley-Terry.
 
 For every scheduled pair of valid responses (i, j) of one instruction the judge model sees the prompt
-template filled with the *original* instruction and the two responses as A and B, in **both** orders.
+template filled with the *original* instruction and the two responses as A and B, in **both** orders. The
+template is filled in one pass (a ``{response_b}`` inside the instruction or response A stays text) and
+special-token strings in the instruction and responses are escaped (the backend's ``escape``: the judge
+tokenizer's special tokens locally, common chat-format control strings for a server), so no text can forge
+a turn of the judge's conversation.
 
 * Local backend (a transformers causal LM): the preference is read from the next-token distribution after
   the judge's chat-templated prompt: ``P(A) = m_A / (m_A + m_B)`` where ``m_X`` is the probability mass of
@@ -41,6 +45,7 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from typing import Any, Callable
 
 from ..errors import TpoError
+from ..special_tokens import escape_control_markup, escape_special_tokens
 from ..stats import bradley_terry
 from .base import JudgeResult, fingerprint, instruction_text
 from .cache import JudgementCache, cache_key
@@ -74,10 +79,15 @@ def check_template(template: str, where: str = "judge.prompt_template") -> None:
         raise TpoError(f"the judge prompt template lacks {', '.join(missing)}", field=where)
 
 
+_FIELD_RE = re.compile("|".join(re.escape(f) for f in _FIELDS))
+
+
 def fill_template(template: str, instruction: str, response_a: str, response_b: str) -> str:
-    # Plain replacement, not str.format: responses may contain braces.
-    return (template.replace("{instruction}", instruction).replace("{response_a}", response_a)
-            .replace("{response_b}", response_b))
+    """The judge prompt: each placeholder of ``template`` replaced in ONE pass, so a ``{response_b}`` inside the
+    instruction or response A stays text (chained replaces would put response B there); no str.format, as
+    responses may contain braces."""
+    values = {"{instruction}": instruction, "{response_a}": response_a, "{response_b}": response_b}
+    return _FIELD_RE.sub(lambda m: values[m.group(0)], template)
 
 
 def schedule_pairs(n: int, schedule: str = "all", seed: int = 0, salt: str = "") -> list[tuple[int, int]]:
@@ -166,6 +176,10 @@ class LocalPairBackend:
             raise TpoError(f"cannot load the judge model: {e}", path=path, field="judge.model") from e
         return cls(model, tok, batch_size=batch_size)
 
+    def escape(self, text: str, field: str = "response") -> str:
+        """User text as the judge model sees it: its special-token strings escaped (no forged turns)."""
+        return escape_special_tokens(text, self.tokenizer, field=field)
+
     def render(self, prompt: str) -> list[int]:
         if getattr(self.tokenizer, "chat_template", None):
             text = self.tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
@@ -221,6 +235,10 @@ class ServerPairBackend:
         self.use_logprobs = bool(use_logprobs)
         self.max_tokens = int(max_tokens)
         self.model_id = served_model
+
+    def escape(self, text: str, field: str = "response") -> str:
+        """User text as the server sees it: common control-token strings escaped (its tokenizer is unknown)."""
+        return escape_control_markup(text)
 
     def _post(self, payload: dict) -> dict:
         body = json.dumps(payload).encode("utf-8")
@@ -314,12 +332,21 @@ class PairwiseJudge:
     def _prob_a(self, instruction: Any, ordered: list[tuple[str, str]]) -> tuple[list[float], list[dict]]:
         """P(A wins) for each ordered (response_a, response_b), through the cache."""
         text = instruction_text(instruction)
-        keys = [cache_key(self.identity, instruction, a, b) for a, b in ordered]
+        escape = getattr(self.backend, "escape", None)
+        shown: dict[str, str] = {}  # text -> as shown to the judge (special-token strings escaped)
+        for t, field in [(text, "instruction")] + [(r, "response") for pair in ordered for r in pair]:
+            if t not in shown:
+                shown[t] = escape(t, field) if escape is not None else t
+        # A prompt whose text had to be escaped is another prompt than before: never reuse an entry cached for
+        # the unescaped (forgeable) version.
+        keys = [cache_key(self.identity + (":escaped" if any(shown[t] != t for t in (text, a, b)) else ""),
+                          instruction, a, b) for a, b in ordered]
         found = self.cache.get_many(keys) if self.cache is not None else {}
         todo = [k for k in dict.fromkeys(keys) if k not in found]
         if todo:
             first = {k: keys.index(k) for k in todo}
-            prompts = [fill_template(self.template, text, *ordered[first[k]]) for k in todo]
+            prompts = [fill_template(self.template, shown[text], *(shown[r] for r in ordered[first[k]]))
+                       for k in todo]
 
             def store(idx: int, p: float, detail: dict) -> None:
                 found[todo[idx]] = {"p": p, "details": detail}

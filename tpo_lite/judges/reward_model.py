@@ -4,6 +4,8 @@ Each (instruction, response) is rendered with the *reward model's* tokenizer cha
 ``[user: instruction, assistant: response]`` (the format RMs such as Skywork-Reward or ArmoRM were trained on)
 and the score is the scalar logit at the last token. Batches are left-padded with explicit position ids, so
 the last position of every row is its last real token and a batched score equals the unbatched one.
+Special-token strings in the instruction or the response are escaped first
+(:func:`tpo_lite.special_tokens.escape_special_tokens`), so neither can forge a turn of the conversation.
 """
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ import math
 from typing import Any
 
 from ..errors import TpoError
+from ..special_tokens import escape_special_tokens
 from .base import JudgeResult, fingerprint, instruction_text, sigmoid
 
 __all__ = ["RewardModelJudge", "resolve_device_dtype"]
@@ -81,8 +84,13 @@ class RewardModelJudge:
                    name=f"reward_model:{os.path.basename(os.path.normpath(path))}",
                    identity_extra=os.path.abspath(path) if os.path.exists(path) else path)
 
+    def escape(self, text: str, field: str = "response") -> str:
+        """``text`` as it is shown to the reward model: special-token strings escaped."""
+        return escape_special_tokens(text, self.tokenizer, field=field)
+
     def _render(self, instruction: str, response: str) -> list[int]:
-        conv = [{"role": "user", "content": instruction}, {"role": "assistant", "content": response}]
+        conv = [{"role": "user", "content": self.escape(instruction, "instruction")},
+                {"role": "assistant", "content": self.escape(response)}]
         text = self.tokenizer.apply_chat_template(conv, tokenize=False)
         # The template already holds any BOS/special tokens: do not add them twice.
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
