@@ -376,6 +376,103 @@ def test_training_mode_restored(tok, model):
         model.eval()
 
 
+# ------------------------------------------------------------------------------------------ speed levers
+
+def lora_model(tok, seed=0):
+    from peft import LoraConfig, get_peft_model
+
+    base = tiny_model(tok, seed=seed)
+    torch.manual_seed(seed + 1)  # init_lora_weights=False: B is random, so the adapter changes the outputs
+    cfg = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False)
+    return get_peft_model(base, cfg).eval()
+
+
+def test_merged_adapter_samples_the_same_greedy_tokens(tok):
+    peft_model = lora_model(tok)
+    cfg = SamplingConfig(k=1, temperature=0.0, max_new_tokens=16, batch_size=2)
+    jobs = [job(tok, "a", "Here is my thought process:", 1), job(tok, "b", "The quick brown fox", 1)]
+    fast = LocalSampler(peft_model, tok, cfg, progress=False)
+    # The sampler decodes with a merged copy: no LoRA layer left in it, and the caller's model is untouched.
+    assert not any(hasattr(m, "lora_A") for m in fast.model.modules())
+    assert not any(getattr(m, "merged", False) for m in peft_model.modules() if hasattr(m, "lora_A"))
+    merged = collect(fast, jobs, 1)
+    unmerged = collect(LocalSampler(peft_model, tok, cfg, progress=False, reference=True), jobs, 1)
+    with peft_model.disable_adapter():
+        base = collect(LocalSampler(peft_model, tok, cfg, progress=False, reference=True), jobs, 1)
+    for j in jobs:
+        assert merged[j.prompt_id][0].token_ids == unmerged[j.prompt_id][0].token_ids
+    assert any(base[j.prompt_id][0].token_ids != merged[j.prompt_id][0].token_ids for j in jobs)  # not vacuous
+
+
+def test_sampling_copy_leaves_plain_models_alone(tok, model):
+    from tpo_lite.models import sampling_copy
+
+    assert sampling_copy(model) is model
+
+
+class EosBias:
+    """Forward hook on lm_head adding `bias` to the EOS logit, so samples end at scattered lengths."""
+
+    def __init__(self, model, eos, bias):
+        self.eos, self.bias = eos, bias
+        self.handle = model.lm_head.register_forward_hook(self)
+
+    def __call__(self, module, inputs, output):
+        out = output.clone()
+        out[..., self.eos] += self.bias
+        return out
+
+
+def test_fast_decoding_equals_the_reference_path(tok, model, monkeypatch):
+    """Our decoding attention, the KV buffers, the 4D mask, the deferred dropping of finished rows and the
+    prefill's last-position index give the same samples as the plain path (float64, so only the algorithm
+    could differ)."""
+    import tpo_lite.sampling as sampling
+
+    buffered = []
+    real = sampling._buffer_cache
+    monkeypatch.setattr(sampling, "_buffer_cache", lambda cache: buffered.append(real(cache)) or buffered[-1])
+    cfg = SamplingConfig(k=4, temperature=1.0, top_p=0.9, max_new_tokens=80, batch_size=12)
+    jobs = [job(tok, f"p{i}", text, 4) for i, text in enumerate(
+        ["Here is my", "The quick brown fox jumps over", "Respond", "STOP now", "Here is my response:"])]
+    hook = EosBias(model, tok.eos_token_id, 3.0)
+    model.double()
+    try:
+        fast = collect(LocalSampler(model, tok, cfg, progress=False), jobs, 4)
+        ref = collect(LocalSampler(model, tok, cfg, progress=False, reference=True), jobs, 4)
+    finally:
+        model.float()
+        hook.handle.remove()
+    assert model.config._attn_implementation == "sdpa"  # restored after sampling
+    assert buffered == [True, True]  # two batches (3 + 2 prompts), both decoded through the KV buffers
+    for j in jobs:
+        assert [(s.token_ids, s.finish_reason) for s in fast[j.prompt_id]] == \
+               [(s.token_ids, s.finish_reason) for s in ref[j.prompt_id]], j.prompt_id
+    lengths = {len(s.token_ids) for v in fast.values() for s in v if s.finish_reason == "eos"}
+    assert len(lengths) >= 5 and max(len(s.token_ids) for v in fast.values() for s in v) > 64  # buffers grew
+
+
+def test_batch_layout_and_skip_resume_exactly(tok, model, monkeypatch):
+    cfg = SamplingConfig(k=2, max_new_tokens=10, batch_size=5, temperature=1.0, top_p=1.0)
+    sampler = LocalSampler(model, tok, cfg, progress=False)
+    assert sampler.groups(5, 2) == [[(0, 0), (0, 1), (1, 0), (1, 1)], [(2, 0), (2, 1), (3, 0), (3, 1)],
+                                    [(4, 0), (4, 1)]]
+    small = LocalSampler(model, tok, SamplingConfig(k=3, batch_size=2), progress=False)
+    assert small.groups(2, 3) == [[(0, 0), (0, 1)], [(0, 2)], [(1, 0), (1, 1)], [(1, 2)]]
+    jobs = [job(tok, f"p{i}", "Here is my" + " thought" * i, 2) for i in range(5)]
+    full = list(sampler.sample(jobs, 2))
+    assert [p for p, _ in full] == ["p0", "p1", "p2", "p3", "p4"]
+    # A crash after p0, p1, p2 were recorded (p2 and p3 share a batch): resume with the whole job list.
+    decoded = []
+    real = sampler._generate
+    monkeypatch.setattr(sampler, "_generate", lambda rows: decoded.append([j.prompt_id for j, _ in rows]) or real(rows))
+    again = list(sampler.sample(jobs, 2, skip={"p0", "p1", "p2"}))
+    assert [p for p, _ in again] == ["p3", "p4"]
+    assert decoded == [["p2", "p2", "p3", "p3"], ["p4", "p4"]]  # p2's batch redone whole, p0/p1's not at all
+    want = dict(full)
+    for pid, samples in again:
+        assert [s.token_ids for s in samples] == [s.token_ids for s in want[pid]]
+
 # ------------------------------------------------------------------------------------------ fake server
 
 class FakeVLLM:
@@ -391,6 +488,7 @@ class FakeVLLM:
         self.finish = "stop"
         self.send_token_ids = True  # True: choices[].token_ids; False: logprobs.tokens; None: neither
         self.stop_reason = None
+        self.script = []  # canned choices answered in order (before the seed-derived default)
         outer = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -429,6 +527,9 @@ class FakeVLLM:
                     return self._send(500, {"message": "engine overloaded"})
                 if body["model"] not in ("base-model", *outer.loras):
                     return self._send(404, {"message": f"model {body['model']} does not exist"})
+                if outer.script:
+                    return self._send(200, {"id": "cmpl-1", "object": "text_completion", "model": body["model"],
+                                            "choices": [{"index": 0, "stop_reason": None, **outer.script.pop(0)}]})
                 n = min(body["max_tokens"], 3)
                 ids = [10 + (body["seed"] + i) % 50 for i in range(n)]
                 finish = "length" if body["max_tokens"] <= 3 else outer.finish
@@ -636,3 +737,310 @@ def test_local_sampler_on_cuda_matches_cpu(tok):
     a = collect(LocalSampler(cpu_model, tok, cfg, progress=False), jobs, 8)["a"]
     b = collect(LocalSampler(gpu_model, tok, cfg, progress=False), jobs, 8)["a"]
     assert sum(x.token_ids == y.token_ids for x, y in zip(a, b)) >= 7
+
+
+# ------------------------------------------------------------- one marker rule for forcing and the parser
+
+# (thought written by the model, then EOS; forced?, parsed response). Response after forcing: "Fine.".
+STEP_CASES = [
+    ("Okay. Here is my response to the question: 4.", True, "Fine."),  # a partial marker that grows on
+    ("ok\nHere is my response", True, "Fine."),  # the model's marker at the very end: only its line end forced
+    ('ok "Here is my response:', True, "Fine."),  # quote before, EOS: the line end makes it a use
+    ('Write it after "Here is my response:" as told.', True, "Fine."),  # quoted on both sides: a mention
+    ("“Here is my response:” is what I write.", True, "Fine."),
+    ('He wrote "Here is my response: yes', False, "yes"),  # a quote on one side only: a use
+    ("ok\nHere is my response\nYes.", False, "Yes."),  # colon-less marker then newline: a use
+    ("ok\n## Here is my response\nYes.", False, "Yes."),
+    ("ok\n**Here is my response:**\nYes.", False, "Yes."),
+    ("Fine. Here's my response: yes", False, "yes"),
+    ("fine, here is my response: yes", False, "yes"),
+    ("ok Here is my" + " \n" * 30 + "response: yes", False, "yes"),  # a marker longer than any fixed window
+]
+
+
+def drive_step(sampler, tok, thought, response="Fine."):
+    """Feed `thought` token by token to the sampler's per-token step, then EOS, then `response` and EOS."""
+    from tpo_lite.sampling import _Row
+
+    eos = tok.eos_token_id
+    row = _Row(0, 0, sampler.forcing is not None)
+    for t in tok(thought, add_special_tokens=False)["input_ids"]:
+        sampler._step(row, t)
+        assert row.finish is None
+    sampler._step(row, eos)
+    while row.pending:
+        sampler._step(row, eos)  # forced tokens are fed whatever was sampled
+    if row.finish is None:
+        for t in tok(response, add_special_tokens=False)["input_ids"] + [eos]:
+            sampler._step(row, t)
+    return row
+
+
+@pytest.mark.parametrize("thought,forced,response", STEP_CASES)
+def test_forcing_and_parser_agree_on_the_marker(tok, model, thought, forced, response):
+    from tpo_lite.parsing import parse_output, response_marker_uses
+
+    template = get_template("generic")
+    cfg = SamplingConfig(k=1, max_new_tokens=400, thought_budget=300)
+    row = drive_step(LocalSampler(model, tok, cfg, template, progress=False), tok, thought)
+    text = tok.decode(row.ids, skip_special_tokens=True)
+    r = parse_output(text, template, row.finish)
+    assert (row.finish, row.forced) == ("eos", forced), text
+    assert r.valid and r.response == response, text
+    assert len(response_marker_uses(text, template)) == 1, text  # forcing never adds a second marker
+
+
+class PhraseSampler(LocalSampler):
+    """The local sampler with the sampled token replaced by tricky marker fragments, drawn per sample from
+    its own seed (the loop, KV cache, batching and forcing run as usual; only the choice is scripted)."""
+
+    PHRASES = ["Here is my response", "Here's my response", " here is my response", "Here is my response:", ":",
+               '"', "\n", " to you", "**", " ok", "## ", None]  # None = EOS
+
+    def __init__(self, *a, **kw):
+        super().__init__(*a, **kw)
+        self.queues, self.flips = {}, {}
+
+    def _step(self, row, sampled):
+        import random
+
+        key = (row.seed, row.index)
+        if not row.pending and row.finish is None:
+            rng, queue = self.queues.setdefault(key, (random.Random(row.seed), []))
+            if not queue:
+                phrase = rng.choice(self.PHRASES)
+                queue.extend([self.tokenizer.eos_token_id] if phrase is None
+                             else self.tokenizer(phrase, add_special_tokens=False)["input_ids"])
+            sampled = queue.pop(0)
+        thinking = row.thinking
+        tok = super()._step(row, sampled)
+        if thinking and not row.thinking and not row.forced:  # the model's own marker ended the thought
+            self.flips[key] = (False, len(row.ids))
+        return tok
+
+    def _end_thought(self, row, text=None):
+        self.flips[(row.seed, row.index)] = (True, len(row.ids))  # the thought's tokens, before the forced ones
+        super()._end_thought(row, text)
+
+
+def test_budget_forced_run_always_parses_with_one_marker(tok, model):
+    """Random outputs full of partial, quoted and markdown markers: every output not cut by the token limit
+    has a response marker, and the parser splits at the marker the sampler saw or forced (never a second one)."""
+    from tpo_lite.parsing import parse_output, response_marker_uses
+
+    template = get_template("generic")
+    cfg = SamplingConfig(k=12, batch_size=12, max_new_tokens=50, thought_budget=20, temperature=0.0)
+    sampler = PhraseSampler(model, tok, cfg, template, progress=False)
+    out = collect(sampler, [job(tok, f"p{i}", "Here", 12) for i in range(3)], 12)
+    n_forced = n_own = 0
+    for samples in out.values():
+        for s in samples:
+            if s.finish_reason == "length":
+                continue
+            r = parse_output(s.text, template, s.finish_reason)
+            assert r.invalid_reason != "no_response_marker", s.text
+            forced, thought_len = sampler.flips[(s.seed, s.index)]
+            assert forced == s.forced
+            thought = tok.decode(s.token_ids[:thought_len], skip_special_tokens=True)
+            first = response_marker_uses(s.text, template)[0]
+            if forced:  # the marker is the forced one, or the model's own that ended the thought
+                n_forced += 1
+                assert not response_marker_uses(thought, template, final=False), s.text
+                assert first.start() == len(thought) + 2 or first.end() == len(thought), s.text
+            else:  # the marker the sampler saw while streaming
+                n_own += 1
+                assert first.start() == response_marker_uses(thought, template, final=False)[0].start(), s.text
+    assert n_forced >= 5 and n_own >= 3, (n_forced, n_own)
+
+
+# ---------------------------------------------------------------------------------------- response budget
+
+class NoEos:
+    """Forward hook on lm_head that makes EOS impossible (every output runs to its token limit)."""
+
+    def __init__(self, model, eos):
+        self.eos = eos
+        self.handle = model.lm_head.register_forward_hook(self)
+
+    def __call__(self, module, inputs, output):
+        out = output.clone()
+        out[..., self.eos] -= 1e4
+        return out
+
+    def remove(self):
+        self.handle.remove()
+
+
+def _marker_tokens(tok, ids, template):
+    """Tokens up to and including the first response marker of the finished output (None: no marker)."""
+    from tpo_lite.parsing import response_marker_uses
+
+    uses = response_marker_uses(tok.decode(ids, skip_special_tokens=True), template)
+    if not uses:
+        return None
+    return next(n for n in range(len(ids) + 1) if len(tok.decode(ids[:n], skip_special_tokens=True)) >= uses[0].end())
+
+
+def test_response_budget_after_a_thought_that_used_the_whole_budget(tok, model):
+    template = get_template("generic")
+    forced = tok(template.forced_response_text, add_special_tokens=False)["input_ids"]
+    B, R = 6, 9
+    # max_new_tokens alone would leave the response 1 - len(forced) tokens: the budget gives it R.
+    cfg = SamplingConfig(k=4, max_new_tokens=B + 1, thought_budget=B, response_budget=R)
+    hook = NoEos(model, tok.eos_token_id)
+    try:
+        out = collect(LocalSampler(model, tok, cfg, template, progress=False), [job(tok, "p", "Here", 4)], 4)
+    finally:
+        hook.remove()
+    for s in out["p"]:
+        assert s.forced and s.finish_reason == "length"
+        assert s.token_ids[B:B + len(forced)] == forced
+        assert len(s.token_ids) == B + len(forced) + R  # the whole response budget, not max_new_tokens
+
+
+@pytest.mark.parametrize("thought_budget", [12, None])
+def test_response_budget_bounds_every_response(tok, model, thought_budget):
+    """Markers written by the model (partial, quoted, markdown) or forced: the response after the first
+    marker never gets more than R tokens, the output never more than B + len(marker) + R (with forcing) or
+    max_new_tokens before a marker; a forced output cut by the budget got exactly R."""
+    template = get_template("generic")
+    forced = tok(template.forced_response_text, add_special_tokens=False)["input_ids"]
+    R, M = 7, 30
+    cfg = SamplingConfig(k=12, batch_size=12, max_new_tokens=M, thought_budget=thought_budget, response_budget=R,
+                         temperature=0.0)
+    sampler = PhraseSampler(model, tok, cfg, template, progress=False)
+    out = collect(sampler, [job(tok, f"p{i}", "Here", 12) for i in range(3)], 12)
+    cut = 0
+    for samples in out.values():
+        for s in samples:
+            if s.forced:  # the marker is the forced text (or the line end that completed the model's own)
+                thought_len = sampler.flips[(s.seed, s.index)][1]
+                n = thought_len + (len(forced) if s.token_ids[thought_len:thought_len + len(forced)] == forced
+                                   else len(tok("\n", add_special_tokens=False)["input_ids"]))
+            else:
+                n = _marker_tokens(tok, s.token_ids, template)
+            if thought_budget is not None:
+                assert len(s.token_ids) <= thought_budget + len(forced) + R
+            if n is None:  # no marker: only possible without forcing, cut by max_new_tokens or EOS
+                assert thought_budget is None and len(s.token_ids) <= M
+                continue
+            response = len(s.token_ids) - n
+            assert response <= R, s.text
+            if s.finish_reason == "length" and s.forced:  # cut by the budget after exactly R tokens
+                assert response == R, s.text
+                cut += 1
+    assert cut >= (3 if thought_budget else 0)
+    if thought_budget is None:  # a late marker still gets R response tokens, past max_new_tokens
+        assert max(len(s.token_ids) for samples in out.values() for s in samples) > M
+
+
+def test_response_budget_direct_template_bounds_the_whole_output(tok, model):
+    cfg = SamplingConfig(k=2, max_new_tokens=40, response_budget=5)
+    hook = NoEos(model, tok.eos_token_id)
+    try:
+        sampler = LocalSampler(model, tok, cfg, get_template("direct"), progress=False)
+        out = collect(sampler, [job(tok, "p", "Here", 2)], 2)
+    finally:
+        hook.remove()
+    assert [(len(s.token_ids), s.finish_reason) for s in out["p"]] == [(5, "length")] * 2
+
+
+def test_response_budget_config():
+    with pytest.raises(TpoError) as e:
+        SamplingConfig(response_budget=0)
+    assert e.value.field == "response_budget"
+
+
+# ------------------------------------------------------------------------------- server: EOS, marker stops
+
+def scripted(text, finish="stop", stop_reason=None, eos=None):
+    """A canned completion choice whose token ids are EosTok's tokenisation of `text` (+ an end token)."""
+    ids = EosTok()(text)["input_ids"] + ([eos] if eos is not None else [])
+    return {"text": text, "token_ids": ids, "finish_reason": finish, "stop_reason": stop_reason}
+
+
+class GenTok(EosTok):
+    """EosTok loaded "from" a model directory (where a generation config may be saved)."""
+
+    def __init__(self, path):
+        self.name_or_path = str(path)
+
+
+def test_openai_sampler_no_second_eos_after_the_models_end_of_turn(server, tmp_path):
+    from transformers import GenerationConfig
+
+    eot = 7  # Llama-3's <|eot_id|>; the tokenizer's EOS (2) plays <|end_of_text|>
+    cfg = SamplingConfig(backend="openai", base_url=server.url, k=1, max_new_tokens=16, concurrency=1)
+    # The EOS set comes from the generation config saved with the model (where the tokenizer came from).
+    GenerationConfig(eos_token_id=[2, eot]).save_pretrained(tmp_path)
+    server.script = [scripted("hi", eos=eot), scripted("yo", stop_reason=eot)]  # 2nd: the server left it out
+    out = [s for _, (s,) in OpenAISampler(cfg, GenTok(tmp_path), progress=False).sample(server_jobs(2, 1), 1)]
+    assert sorted(s.token_ids for s in out) == sorted([EosTok()("hi")["input_ids"] + [eot],
+                                                       EosTok()("yo")["input_ids"] + [eot]])
+    assert all(s.finish_reason == "eos" for s in out)
+    # Or from the caller.
+    server.script = [scripted("hi", eos=eot)]
+    sampler = OpenAISampler(cfg, EosTok(), progress=False, eos_ids={2, eot})
+    assert sampler.eos_ids == {2, eot}
+    (_, (s,)), = sampler.sample(server_jobs(1, 1), 1)
+    assert s.token_ids == EosTok()("hi")["input_ids"] + [eot]
+    # Ended on a stop string: nothing appended.
+    server.script = [scripted("a<12>", stop_reason="<12>")]
+    cfg = SamplingConfig(backend="openai", base_url=server.url, k=1, max_new_tokens=16, stop=["<12>"])
+    (_, (s,)), = OpenAISampler(cfg, GenTok(tmp_path), progress=False).sample(server_jobs(1, 1), 1)
+    assert s.token_ids == EosTok()("a<12>")["input_ids"] and s.finish_reason == "stop"
+
+
+def test_openai_quoted_marker_stop_continues_the_thought(server):
+    from tpo_lite.parsing import parse_output
+
+    template = get_template("generic")
+    marker = "Here is my response:"
+    t1, t2 = 'I will answer after "Here is my response:', '" as asked. Here is my response:'
+    server.script = [scripted(t1, stop_reason=marker), scripted(t2, stop_reason=marker), scripted(" Hi.", eos=2)]
+    cfg = SamplingConfig(backend="openai", base_url=server.url, k=1, max_new_tokens=200, thought_budget=100)
+    (_, (s,)), = OpenAISampler(cfg, EosTok(), template, progress=False).sample(server_jobs(1, 1), 1)
+    first, second, third = server.completions()
+    n1, n2 = len(t1), len(t2)  # EosTok: one token per character
+    # The quoted stop is a mention: the thought goes on from there, within what is left of its budget.
+    assert second["prompt"] == [1, 5] + EosTok()(t1)["input_ids"] and second["max_tokens"] == 100 - n1
+    assert marker in second["stop"]
+    # The real marker ends the thought: the response, nothing forced.
+    assert third["max_tokens"] == 200 - n1 - n2 and not third["stop"]
+    assert not s.forced and s.finish_reason == "eos" and s.text == t1 + t2 + " Hi."
+    r = parse_output(s.text, template, s.finish_reason)
+    assert r.valid and r.response == "Hi." and r.thought == 'I will answer after "Here is my response:" as asked.'
+
+
+def test_openai_mention_then_budget_forces_the_marker(server):
+    template = get_template("generic")
+    marker = "Here is my response:"
+    t1, t2 = 'Write after "Here is my response:', '" ok'
+    server.script = [scripted(t1, stop_reason=marker), scripted(t2, finish="length"), scripted("Hi.", eos=2)]
+    cfg = SamplingConfig(backend="openai", base_url=server.url, k=1, max_new_tokens=200, thought_budget=len(t1) + 4)
+    (_, (s,)), = OpenAISampler(cfg, EosTok(), template, progress=False).sample(server_jobs(1, 1), 1)
+    assert s.forced and s.text == t1 + t2 + template.forced_response_text + "Hi."
+    assert len(server.completions()) == 3 and server.completions()[1]["max_tokens"] == 4
+
+
+def test_openai_response_budget(server):
+    template = get_template("generic")
+    tok = EosTok()
+    forced = tok(template.forced_response_text)["input_ids"]
+    # Forced: the response request gets response_budget tokens, whatever max_new_tokens leaves.
+    cfg = SamplingConfig(backend="openai", base_url=server.url, k=1, max_new_tokens=8, thought_budget=3,
+                         response_budget=11)
+    (_, (s,)), = OpenAISampler(cfg, tok, template, progress=False).sample(server_jobs(1, 1), 1)
+    first, second = server.completions()
+    assert first["max_tokens"] == 3 and second["max_tokens"] == 11 and s.forced
+    assert len(s.token_ids) == 3 + len(forced) + 4  # fake server: 3 tokens + EOS
+    # No forcing: the first request stops at the model's marker, the second gets response_budget tokens.
+    server.requests.clear()
+    t1 = "ok Here is my response:"
+    server.script = [scripted(t1, stop_reason="Here is my response:")]
+    cfg = SamplingConfig(backend="openai", base_url=server.url, k=1, max_new_tokens=64, response_budget=5)
+    (_, (s,)), = OpenAISampler(cfg, tok, template, progress=False).sample(server_jobs(1, 1), 1)
+    first, second = server.completions()
+    assert first["max_tokens"] == 64 and "Here is my response:" in first["stop"]
+    assert second["max_tokens"] == 5 and not second["stop"] and not s.forced
+    assert s.text.startswith(t1) and s.finish_reason == "eos"
