@@ -195,3 +195,34 @@ def test_forced_response_text():
     # What forcing appends must parse as the response marker.
     r = parse_output("I think." + BUILTIN["generic"].forced_response_text + "Done.", BUILTIN["generic"])
     assert (r.thought, r.response, r.valid) == ("I think.", "Done.", True)
+
+
+def test_specific_tags_template_round_trips(tiny_tokenizer):
+    """The earlier paper version's markers: thought inside <internal thought>...</internal thought>, the final
+    response after <response> (closing tags optional and never part of thought or response)."""
+    t = get_template(PromptConfig(template="specific_tags"))
+    assert t is BUILTIN["specific_tags"] and t.has_thoughts
+    assert "<internal thought>" in t.wrapper and "</internal thought>" in t.wrapper and "<response>" in t.wrapper
+    assert "draft response and its evaluation" in t.wrapper
+    p = build_prompt(tiny_tokenizer, "Name a fruit.", "specific_tags")
+    assert p == ("<|im_start|>user\n" + t.wrap("Name a fruit.") + "<|im_end|>\n<|im_start|>assistant\n")
+    assert build_prompt(tiny_tokenizer, "Name a fruit.", t, prefill_thought_header=True).endswith(
+        "<|im_start|>assistant\n<internal thought>")
+    out = ("<internal thought>\nDraft: an apple. Evaluation: fine.\n</internal thought>\n\n<response>\n"
+           "An apple.\n</response>")
+    r = parse_output(out, t)
+    assert (r.thought, r.response, r.valid) == ("Draft: an apple. Evaluation: fine.", "An apple.", True)
+    # prefilled (no opening tag), closing tags left out or spaced oddly, markdown around the marker
+    r = parse_output("Draft: pear.\n< /internal thought>\n**<response>** A pear.", t)
+    assert (r.thought, r.response, r.valid) == ("Draft: pear.", "A pear.", True)
+    r = parse_output("Thinking. <response> Plum. </ response >", t)
+    assert (r.thought, r.response, r.valid) == ("Thinking.", "Plum.", True)
+    # what budget forcing appends closes the thought and opens the response
+    r = parse_output("I think." + t.forced_response_text + "Done.", t)
+    assert (r.thought, r.response, r.valid) == ("I think.", "Done.", True)
+    assert parse_output("<internal thought> only thoughts </internal thought>", t).invalid_reason == \
+        "no_response_marker"
+    assert parse_output("thought <response> </response>", t).invalid_reason == "empty_response"
+    # the <R> template still drops its own closing tag, and only its own
+    assert parse_output("t <R> ok </R>", BUILTIN["specific"]).response == "ok"
+    assert parse_output("t <R> ok </response>", BUILTIN["specific"]).response == "ok </response>"

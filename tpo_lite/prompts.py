@@ -8,6 +8,9 @@ Built-in templates (the prompts of Wu et al. 2024, "Thinking LLMs", Fig. 2):
     parser splits on, so a model trained here can be served with that parser.
 ``specific``
     The thoughts must contain a draft response and its evaluation; the final response follows ``<R>``.
+``specific_tags``
+    The same request with the markers of an earlier version of the paper: the thoughts inside
+    ``<internal thought>`` ... ``</internal thought>``, the final response after ``<response>``.
 ``direct``
     No thoughts (the paper's baseline): the instruction is sent as is and the whole output is the response.
 
@@ -42,6 +45,10 @@ from tpo_lite.errors import TpoError
 GENERIC_THOUGHT_HEADER = "Here is my thought process:"
 GENERIC_RESPONSE_MARKER = "Here is my response:"
 SPECIFIC_RESPONSE_MARKER = "<R>"
+TAGS_THOUGHT_HEADER = "<internal thought>"
+TAGS_THOUGHT_CLOSE = "</internal thought>"
+TAGS_RESPONSE_MARKER = "<response>"
+TAGS_RESPONSE_CLOSE = "</response>"
 
 # Paper, Fig. 2 (generic thought prompt); the query follows on its own line.
 GENERIC_WRAPPER = (
@@ -56,7 +63,16 @@ SPECIFIC_WRAPPER = (
     "final response after \"<R>\".\n\nUser query: {instruction}"
 )
 
-BUILTIN_TEMPLATES = ("generic", "specific", "direct")
+# The specific prompt with the <internal thought> / <response> markers of an earlier version of the paper; the
+# sentence naming the markers is ours (that version's exact wording is not reproduced here).
+SPECIFIC_TAGS_WRAPPER = (
+    "Respond to the following user query in a comprehensive and detailed way. But first write down your "
+    "internal thoughts. This must include your draft response and its evaluation. Write your internal thoughts "
+    "between \"<internal thought>\" and \"</internal thought>\", then write your final response after "
+    "\"<response>\".\n\nUser query: {instruction}"
+)
+
+BUILTIN_TEMPLATES = ("generic", "specific", "specific_tags", "direct")
 
 
 @dataclass
@@ -67,7 +83,9 @@ class PromptConfig:
         default="generic",
         metadata={"help": "Thought template: 'generic' (paper's generic prompt, Granite-compatible markers "
                           "'Here is my thought process:' / 'Here is my response:'), 'specific' (thoughts "
-                          "with a draft and its evaluation, final response after '<R>'), 'direct' (no "
+                          "with a draft and its evaluation, final response after '<R>'), 'specific_tags' "
+                          "(the same, thoughts inside '<internal thought>...</internal thought>', final "
+                          "response after '<response>'), 'direct' (no "
                           "thoughts: the instruction as is, the whole output is the response), or the path "
                           "of a TOML template file (keys: wrapper with {instruction}, thought_header, "
                           "response_marker, marker_wins; see docs/templates.md)."},
@@ -107,7 +125,10 @@ class Template:
     the whole output is the response); ``marker_wins`` says which response marker counts when there are
     several ("first" or "last"). ``thought_pattern`` / ``response_pattern`` are the regular expressions
     (compiled case-insensitively) that recognise the markers; by default they are derived from the marker
-    texts with :func:`marker_regex`.
+    texts with :func:`marker_regex`. ``thought_close`` / ``response_close`` are optional closing tags
+    (``</internal thought>``, ``</R>``): the default response pattern takes a ``thought_close`` right before
+    the response marker as part of the marker (so it is not in the thought), and the parser drops a
+    ``response_close`` that ends the response; both are matched with :func:`tag_regex`.
     """
 
     name: str
@@ -117,6 +138,8 @@ class Template:
     marker_wins: str = "first"
     thought_pattern: str | None = None
     response_pattern: str | None = None
+    thought_close: str | None = None
+    response_close: str | None = None
 
     def __post_init__(self):
         if self.wrapper.count("{instruction}") != 1:
@@ -126,7 +149,10 @@ class Template:
         if self.thought_pattern is None and self.thought_header:
             object.__setattr__(self, "thought_pattern", marker_regex(self.thought_header))
         if self.response_pattern is None and self.response_marker:
-            object.__setattr__(self, "response_pattern", marker_regex(self.response_marker))
+            pattern = marker_regex(self.response_marker)
+            if self.thought_close:
+                pattern = rf"(?:{tag_regex(self.thought_close)}\s*)?" + pattern
+            object.__setattr__(self, "response_pattern", pattern)
 
     @property
     def has_thoughts(self) -> bool:
@@ -138,7 +164,8 @@ class Template:
         """What budget forcing appends after a cut-off thought to start the response (marker on its own line)."""
         if self.response_marker is None:
             raise TpoError(f"template {self.name!r} has no response marker to force", field="prompts.template")
-        return "\n\n" + self.response_marker + "\n"
+        close = "\n" + self.thought_close if self.thought_close else ""
+        return close + "\n\n" + self.response_marker + "\n"
 
     @cached_property
     def thought_regex(self) -> re.Pattern | None:
@@ -147,6 +174,13 @@ class Template:
     @cached_property
     def response_regex(self) -> re.Pattern | None:
         return re.compile(self.response_pattern, re.IGNORECASE | re.MULTILINE) if self.response_pattern else None
+
+    @cached_property
+    def response_close_regex(self) -> re.Pattern | None:
+        """Matches a ``response_close`` (and the whitespace around it) at the very end of a response."""
+        if not self.response_close:
+            return None
+        return re.compile(rf"\s*{tag_regex(self.response_close)}\s*\Z", re.IGNORECASE)
 
     def wrap(self, instruction: str) -> str:
         """The user-turn text for ``instruction``."""
@@ -184,6 +218,16 @@ def marker_regex(marker: str) -> str:
     return _MD_OPEN + core + tail
 
 
+def tag_regex(tag: str) -> str:
+    """A regular expression for a tag text such as ``</internal thought>``: any whitespace between its words and
+    optional whitespace after ``<`` and ``/`` and before ``>`` (``< /R >`` matches ``</R>``)."""
+    text = tag.strip()
+    if not text:
+        raise TpoError("a tag must not be empty")
+    out = r"\s+".join(re.escape(w) for w in text.split())
+    return out.replace("<", r"<\s*").replace("/", r"/\s*").replace(">", r"\s*>")
+
+
 BUILTIN = {
     "generic": Template(
         name="generic",
@@ -199,6 +243,16 @@ BUILTIN = {
         response_marker=SPECIFIC_RESPONSE_MARKER,
         # The draft inside the thoughts may itself be introduced by "<R>"; the final response is the last one.
         marker_wins="last",
+        response_close="</R>",  # some outputs close the tag: "<R> answer </R>"
+    ),
+    "specific_tags": Template(
+        name="specific_tags",
+        wrapper=SPECIFIC_TAGS_WRAPPER,
+        thought_header=TAGS_THOUGHT_HEADER,
+        response_marker=TAGS_RESPONSE_MARKER,
+        marker_wins="last",  # as "specific": a draft in the thoughts may be introduced by the marker too
+        thought_close=TAGS_THOUGHT_CLOSE,
+        response_close=TAGS_RESPONSE_CLOSE,
     ),
     "direct": Template(name="direct", wrapper="{instruction}"),
 }
@@ -218,6 +272,9 @@ def load_template_file(path: str | os.PathLike) -> Template:
         text = path.read_text(encoding="utf-8")
     except OSError as e:
         raise TpoError(f"cannot read template file: {e.strerror or e}", path=path, field="prompts.template")
+    except UnicodeDecodeError as e:
+        raise TpoError(f"not UTF-8 text (byte {e.start}: {e.reason})", path=path, field="prompts.template") \
+            from None
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
@@ -279,6 +336,9 @@ def build_prompt(tokenizer, instruction: str, template: Template | PromptConfig 
     applied with ``add_generation_prompt=True``; with ``prefill_thought_header`` the template's thought header
     is appended right after it (no trailing whitespace, so the model picks its own next token). The result is
     meant to be tokenised with ``add_special_tokens=False`` since the chat template already added them.
+    Special-token strings inside ``instruction`` (``<|im_end|>`` ...) are escaped
+    (:func:`tpo_lite.special_tokens.escape_special_tokens`): the instruction cannot forge a chat turn, and the
+    text still encodes to exactly the prompt's token ids.
     """
     if isinstance(template, PromptConfig):
         prefill_thought_header = prefill_thought_header or template.prefill_thought_header
@@ -294,7 +354,9 @@ def build_prompt(tokenizer, instruction: str, template: Template | PromptConfig 
     messages = []
     if system_prompt:
         messages.append({"role": "system", "content": system_prompt})
-    messages.append({"role": "user", "content": template.wrap(instruction)})
+    from .special_tokens import escape_special_tokens
+
+    messages.append({"role": "user", "content": template.wrap(escape_special_tokens(instruction, tokenizer))})
     prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     if prefill_thought_header and template.thought_header:
         prompt += template.thought_header
