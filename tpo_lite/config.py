@@ -9,7 +9,9 @@ Each stage owns a ``@dataclass`` config in its own module (``ModelConfig`` in ``
 Validation is strict: an unknown table or key, or a value of the wrong type, raises :class:`TpoError` naming
 the file, the line of the offending key and the field (``section.key``). A stage config may validate values
 further in ``__post_init__`` by raising ``ValueError``/``TypeError``/``TpoError``; the message is re-raised with
-the file and line of the section.
+the file and line of the section. ``--set`` overrides are checked one by one for key and type only, then merged
+into the file's tables, so ``__post_init__`` runs once on the merged values (options that depend on each other
+can be set together); an error in a ``--set`` value names ``--set``.
 """
 from __future__ import annotations
 
@@ -24,7 +26,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from .errors import TpoError
+from .errors import TpoError, require_finite
 
 
 @dataclass
@@ -50,29 +52,42 @@ class LoopConfig:
         "help": "Shuffle the training set (with loop.seed) before slicing it into iterations."})
     eval_before: bool = field(default=True, metadata={
         "help": "Score the seed model (no adapter) on the held-out set before iteration 1 (the set, decoding, "
-                "judge comparison and CIs come from the [eval] table; the judge from [judge])."})
+                "judge comparison and CIs come from the [eval] table; the judge from loop.heldout_judge)."})
     eval_after: bool = field(default=True, metadata={
         "help": "Score the final model on the held-out set after the last iteration."})
     eval_every_iteration: bool = field(default=False, metadata={
-        "help": "Score the held-out set after every iteration (needed by keep_best; otherwise only after the "
-                "last one)."})
+        "help": "Score the held-out set after every iteration (otherwise only after the last one)."})
     heldout_judge: Literal["auto", "programmatic", "judge"] = field(default="auto", metadata={
         "choices": ("auto", "programmatic", "judge"),
         "help": "Judge of the held-out before/after score: 'programmatic' (verifiable checks; mean fraction "
-                "passed, an invalid output scores 0), 'judge' (the [judge] table's judge), or 'auto' = "
-                "programmatic when every held-out instruction has checks, else the [judge] judge."})
+                "passed, an invalid output scores 0), 'judge' (the evaluation judge: [eval_judge] if the config "
+                "has that table, else [judge]), or 'auto' = programmatic when every held-out instruction has "
+                "checks, else the evaluation judge."})
+    validation_instructions: int = field(default=0, metadata={
+        "help": "Instructions carved out of the training set (the last N of its seed-shuffled order), never "
+                "trained on: after every iteration the model is scored on them like on the held-out set "
+                "(iter_XX/validation/, the 'validation score' row). keep_best selects on this score, so the "
+                "reported held-out score is not the one the choice was made on. 0 = no validation split."})
     keep_best: bool = field(default=False, metadata={
-        "help": "Carry forward the adapter with the best held-out score instead of the last one (as the paper "
-                "picks checkpoints); implies scoring the held-out set after every iteration."})
+        "help": "Carry forward the adapter with the best validation score (needs validation_instructions > 0) "
+                "instead of the last one; the final model is then that adapter, and its held-out score is "
+                "reported. false = each iteration continues from the previous one (the paper)."})
     seed: int = field(default=0, metadata={
         "help": "Seed of the training-instruction shuffle (per-sample seeds come from sampling.seed)."})
 
     def __post_init__(self):
+        require_finite(self)  # no float option today; one added later is checked too
         if not self.name or "/" in self.name or self.name in (".", ".."):
             raise TpoError(f"must be a plain folder name, got {self.name!r}", field="name")
         for f in ("iterations", "prompts_per_iteration"):
             if getattr(self, f) < 1:
                 raise TpoError(f"must be >= 1, got {getattr(self, f)}", field=f)
+        if self.validation_instructions < 0:
+            raise TpoError(f"must be >= 0, got {self.validation_instructions}", field="validation_instructions")
+        if self.keep_best and self.validation_instructions < 1:
+            # Selecting on the reported held-out set would bias the reported score upwards.
+            raise TpoError("needs loop.validation_instructions > 0 (the adapter is chosen on a validation split "
+                           "of the training set, never on the reported held-out set)", field="keep_best")
 
 
 # table -> (module, class). Imported lazily: each stage module lands on its own and pulls in heavy deps.
@@ -85,8 +100,15 @@ SECTIONS: dict[str, tuple[str, str]] = {
     "train": ("tpo_lite.train", "TrainConfig"),
     "loop": ("tpo_lite.config", "LoopConfig"),
     "eval": ("tpo_lite.evaluate", "EvalConfig"),
+    "eval_judge": ("tpo_lite.judges", "JudgeConfig"),
 }
 OPTIONAL_SECTIONS: set[str] = set()  # tables that may be absent while their module has not landed
+# Tables that are None unless the config has them (absent means something else than "all defaults").
+UNSET_SECTIONS: dict[str, str] = {
+    "eval_judge": "Optional: a separate judge for evaluations (`tpo-lite eval`, `tpo-lite experiment`, the held-out "
+                  "score with loop.heldout_judge = 'judge'), with the options of [judge]. Absent = [judge] judges "
+                  "evaluations too (a learned [judge] then measures reward hacking, not quality).",
+}
 
 
 def section_class(name: str):
@@ -117,12 +139,19 @@ class RunConfig:
     """All stage configs of one run: ``cfg.model``, ``cfg.prompts``, ``cfg.sampling``, ``cfg.judge``,
     ``cfg.pairs``, ``cfg.train``, ``cfg.loop`` (and ``cfg.eval`` when available).
 
-    ``source`` is the TOML file it was loaded from (None for defaults).
+    ``source`` is the TOML file it was loaded from (None for defaults); ``overridden`` the ``(table, key)``
+    pairs that came from ``--set`` (see :meth:`origin`).
     """
 
-    def __init__(self, sections: dict[str, Any], source: str | None = None):
+    def __init__(self, sections: dict[str, Any], source: str | None = None,
+                 overridden: frozenset = frozenset()):
         self.sections = dict(sections)
         self.source = source
+        self.overridden = frozenset(overridden)
+
+    def origin(self, section: str, key: str) -> str | None:
+        """Where option ``section.key`` was set: ``"--set"`` or the config file (for error messages)."""
+        return "--set" if (section, key) in self.overridden else self.source
 
     def __getattr__(self, name):
         sections = self.__dict__.get("sections", {})
@@ -132,15 +161,15 @@ class RunConfig:
 
     @classmethod
     def default(cls) -> "RunConfig":
-        return cls({name: c() for name, c in section_classes().items()})
+        return cls({name: None if name in UNSET_SECTIONS else c() for name, c in section_classes().items()})
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
-        return {name: dataclasses.asdict(obj) for name, obj in self.sections.items()}
+        return {name: dataclasses.asdict(obj) for name, obj in self.sections.items() if obj is not None}
 
     def replace(self, section: str, **changes) -> "RunConfig":
         new = dict(self.sections)
         new[section] = dataclasses.replace(self.sections[section], **changes)
-        return RunConfig(new, self.source)
+        return RunConfig(new, self.source, self.overridden)
 
     def __eq__(self, other):
         return isinstance(other, RunConfig) and self.to_dict() == other.to_dict()
@@ -244,12 +273,9 @@ def _find_line(text: str, section: str, key: str | None = None) -> int | None:
     return header_line
 
 
-def build_section(cls, values: dict, name: str, path: str | None = None, text: str = "",
-                  set_keys: frozenset = frozenset()):
-    """Build dataclass ``cls`` from ``values`` with strict key and type checks.
-
-    ``set_keys`` holds the ``(section, key)`` pairs that came from ``--set``; errors in them name ``--set``.
-    """
+def check_values(cls, values: dict, name: str, path: str | None = None, text: str = "") -> dict:
+    """``values`` checked against dataclass ``cls`` one by one (known key, type, choices; no cross-field
+    checks): the constructor keyword arguments."""
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     kwargs = {}
@@ -270,6 +296,19 @@ def build_section(cls, values: dict, name: str, path: str | None = None, text: s
         if choices and kwargs[key] not in choices:
             raise TpoError(f"must be one of {', '.join(map(repr, choices))}, got {value!r}", path=path,
                            line=line, field=f"{name}.{key}")
+    return kwargs
+
+
+def build_section(cls, values: dict, name: str, path: str | None = None, text: str = "",
+                  set_keys: frozenset = frozenset()):
+    """Build dataclass ``cls`` from ``values`` with strict key and type checks, then its own cross-field checks.
+
+    ``set_keys`` holds the ``(section, key)`` pairs that came from ``--set``; an error in one of them names
+    ``--set``, an error elsewhere in a table that has ``--set`` keys names them too.
+    """
+    kwargs = check_values(cls, values, name, path, text)
+    from_set = sorted(f"{name}.{k}" for s, k in set_keys if s == name)
+    note = f" (with --set {', '.join(from_set)})" if from_set else ""
     try:
         return cls(**kwargs)
     except TpoError as e:
@@ -277,10 +316,10 @@ def build_section(cls, values: dict, name: str, path: str | None = None, text: s
         if (name, e.field) in set_keys:
             raise TpoError(e.message, path="--set", field=fld) from None
         line = _find_line(text, name, e.field) if text else None
-        raise TpoError(e.message, path=path, line=line, field=fld) from None
+        raise TpoError(e.message + note, path=path, line=line, field=fld) from None
     except (ValueError, TypeError) as e:
         line = _find_line(text, name) if text else None
-        raise TpoError(str(e), path=path, line=line, field=name) from None
+        raise TpoError(str(e) + note, path=path, line=line, field=name) from None
 
 
 def parse_set(assignment: str) -> tuple[str, str, Any]:
@@ -333,14 +372,15 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] | tuple[str
                            path=src, line=_find_line(text, sec), field=sec)
         if not isinstance(val, dict):
             raise TpoError("expected a table", path=src, line=_find_line(text, sec, None), field=sec)
-    # Overrides: validate keys/types with "--set" as the location, then merge.
+    # Overrides: keys/types checked one by one with "--set" as the location; the checks between options run
+    # once on the merged tables (a --set value is checked against the file's other values, not the defaults).
     merged = {sec: dict(v) for sec, v in data.items()}
     set_keys: set[tuple[str, str]] = set()
     for a in overrides:
         sec, key, value = parse_set(a)
         if sec not in classes:
             raise TpoError(f"unknown table {sec!r}", path="--set", field=f"{sec}.{key}")
-        build_section(classes[sec], {key: value}, sec, path="--set")  # key + type check only
+        check_values(classes[sec], {key: value}, sec, path="--set")
         merged.setdefault(sec, {})[key] = value
         set_keys.add((sec, key))
     if name is not None:
@@ -348,10 +388,13 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] | tuple[str
         set_keys.add(("loop", "name"))
     sections = {}
     for sec, cls in classes.items():
+        if sec in UNSET_SECTIONS and sec not in merged:
+            sections[sec] = None
+            continue
         vals = merged.get(sec, {})
         # Errors in values that came from --set are reported against --set, the rest against the file.
         sections[sec] = build_section(cls, vals, sec, path=src, text=text, set_keys=frozenset(set_keys))
-    return RunConfig(sections, source=src)
+    return RunConfig(sections, source=src, overridden=frozenset(set_keys))
 
 
 # ------------------------------------------------------------------------------------------------- writing
@@ -388,6 +431,9 @@ def to_toml(cfg: RunConfig, with_help: bool = True) -> str:
     out = ["# Resolved tpo-lite run config (every option; help text from the code)."]
     for sec, obj in cfg.sections.items():
         out.append("")
+        if obj is None:  # an unset optional table: say it exists, write nothing TOML would read back
+            out.extend(_wrap(f"[{sec}] (not set) {UNSET_SECTIONS.get(sec, '')}".rstrip()))
+            continue
         out.append(f"[{sec}]")
         for f in dataclasses.fields(obj):
             if not f.init:
@@ -407,10 +453,12 @@ def options_reference(markdown: bool = False) -> str:
     lines = []
     for sec, cls in section_classes().items():
         hints = typing.get_type_hints(cls)
+        note = UNSET_SECTIONS.get(sec)
         if markdown:
-            lines += ["", f"### [{sec}]", "", "| option | type | default | meaning |", "|---|---|---|---|"]
+            lines += ["", f"### [{sec}]", ""] + ([note, ""] if note else []) + [
+                "| option | type | default | meaning |", "|---|---|---|---|"]
         else:
-            lines += ["", f"[{sec}]"]
+            lines += ["", f"[{sec}]"] + (_wrap(note, width=100, prefix="  ") if note else [])
         doc = (cls.__doc__ or "").strip().splitlines()
         for f in dataclasses.fields(cls):
             if not f.init:

@@ -37,3 +37,19 @@ class TpoError(Exception):
 
     def __str__(self) -> str:
         return self.render()
+
+
+def require_finite(cfg) -> None:
+    """Raise :class:`TpoError` naming the first float option of dataclass ``cfg`` that is inf or nan.
+
+    The config dataclasses call this first in ``__post_init__``: TOML has ``inf`` and ``nan`` literals, and
+    they slip through range checks written as comparisons (``inf > 0`` holds, ``nan < 0`` does not), so a
+    ``learning_rate = inf`` would train a NaN adapter instead of failing.
+    """
+    import dataclasses
+    import math
+
+    for f in dataclasses.fields(cfg):
+        v = getattr(cfg, f.name)
+        if isinstance(v, float) and not math.isfinite(v):
+            raise TpoError(f"must be a finite number, got {v!r}", field=f.name)
