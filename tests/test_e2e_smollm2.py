@@ -48,9 +48,10 @@ def test_one_real_iteration_on_smollm2(tmp_path):
     example = Path(__file__).resolve().parents[1] / "examples" / "smollm2_cpu.toml"
     cfg = load_config(example, [
         f"loop.runs_root={json.dumps(str(tmp_path))}", f"loop.train_instructions={json.dumps(str(inst))}",
-        "loop.prompts_per_iteration=6", "sampling.k=4", "sampling.max_new_tokens=96",
-        "sampling.thought_budget=32", "sampling.batch_size=4", "train.epochs=1", "train.grad_accum=1",
-        f"eval.eval_set={json.dumps(str(inst))}", "eval.max_instructions=4",
+        "loop.iterations=1", "loop.prompts_per_iteration=6", "sampling.k=4", "sampling.max_new_tokens=96",
+        "sampling.thought_budget=32", "sampling.response_budget=48", "sampling.batch_size=24", "train.epochs=1",
+        "train.grad_accum=1", f"eval.eval_set={json.dumps(str(inst))}", "eval.max_instructions=4",
+        "eval.batch_size=4",
     ], name="e2e")
     logs: list[str] = []
     summary = run(cfg, progress=False, echo=logs.append)
@@ -65,7 +66,7 @@ def test_one_real_iteration_on_smollm2(tmp_path):
         assert len(rec["samples"]) == 4
         assert len({s["seed"] for s in rec["samples"]}) == 4
         for s, score in zip(rec["samples"], judg[pid]["scores"]):
-            assert 0 < len(s["token_ids"]) <= 96
+            assert 0 < len(s["token_ids"]) <= 96  # 32 thought + the forced marker + 48 response tokens
             assert s["finish_reason"] in ("eos", "length", "stop")
             if s["finish_reason"] == "length":
                 assert not s["valid"]

@@ -1,0 +1,121 @@
+#!/usr/bin/env python3
+"""Tie the README's measured numbers to the run (commit, machine, command) they come from.
+
+    # after a measured run: keep what it measured, with where and how
+    python scripts/readme_numbers.py record RUN_DIR --command "..." --wall-seconds 1234 --load "idle" \
+        --out docs/measured/main_command.json
+    # the README's tables, rendered from that record (tests/test_readme_numbers.py checks the README holds them)
+    python scripts/readme_numbers.py render docs/measured/main_command.json
+
+The record holds the run's summary.json (without per-item lists), the held-out results' ``environment`` (the
+machine and library versions: greedy outputs of one commit differ between CPUs, see tpo_lite/fingerprint.py)
+and the commit. Numbers in the README that do not come out of ``render`` are not measured numbers.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def _slim(result: dict | None) -> dict | None:
+    if result is None:
+        return None
+    return {k: v for k, v in result.items() if k not in ("items",)}
+
+
+def record(run_dir: Path, command: str, wall_seconds: float, load: str) -> dict:
+    summary = json.loads((run_dir / "summary.json").read_text(encoding="utf-8"))
+    env = (summary.get("heldout_before") or summary.get("heldout_after") or {}).get("environment")
+    return {"command": command, "wall_seconds": wall_seconds, "load": load,
+            "commit": (env or {}).get("tpo_lite_commit"), "environment": env,
+            "iterations": summary["iterations"],
+            "heldout_before": _slim(summary.get("heldout_before")),
+            "heldout_after": _slim(summary.get("heldout_after")),
+            "heldout_change": summary.get("heldout_change"),
+            "memory": summary.get("memory")}
+
+
+def _pct(x):
+    return "-" if x is None else f"{100 * x:.1f}%"
+
+
+def _num(x, fmt=".3f"):
+    return "-" if x is None else format(x, fmt)
+
+
+def _ci(r, key="mean_score"):
+    lo, hi = r[f"{key}_ci"]
+    return f"{r[key]:.3f} [{lo:.3f}, {hi:.3f}]"
+
+
+def render(rec: dict) -> str:
+    """The Markdown tables of the README's 'Measured' section."""
+    its = rec["iterations"]
+    head = "| per iteration | " + " | ".join(str(m["iteration"]) for m in its) + " |"
+    lines = [head, "|---|" + "---|" * len(its)]
+
+    def row(label, get, fmt):
+        vals = []
+        for m in its:
+            try:
+                v = get(m)
+            except (KeyError, TypeError):
+                v = None
+            vals.append(fmt(v))
+        lines.append(f"| {label} | " + " | ".join(vals) + " |")
+
+    row("training instructions x K", lambda m: f"{m['generate']['n_prompts']} x "
+        f"{m['generate']['n_samples'] // max(1, m['generate']['n_prompts'])}", lambda v: v or "-")
+    row("valid-format rate of the samples", lambda m: m["generate"]["valid_rate"], _pct)
+    row("forced-marker rate", lambda m: m["generate"]["forced_rate"], _pct)
+    row("cut-off rate", lambda m: m["generate"]["cut_off_rate"], _pct)
+    row("thought length (chars, valid samples)", lambda m: m["generate"]["thought_chars_mean"],
+        lambda v: _num(v, ".0f"))
+    row("response length (chars, valid samples)", lambda m: m["generate"]["response_chars_mean"],
+        lambda v: _num(v, ".0f"))
+    row("mean judge score of the samples", lambda m: m["judge"]["mean_score"], _num)
+    row("pairs kept", lambda m: m["pairs"]["pairs_kept"], lambda v: _num(v, ".0f"))
+    row("DPO initial margin", lambda m: m["train"]["metrics"]["initial_margin"], lambda v: _num(v, ".4f"))
+    row("DPO loss (last epoch)", lambda m: m["train"]["metrics"]["loss"], _num)
+    lines.append("")
+    b, a, d = rec["heldout_before"], rec["heldout_after"], rec["heldout_change"]
+    lines += [f"| held-out ({b['n']} instructions, greedy) | mean score, 95% CI | valid format |", "|---|---|---|",
+              f"| seed model | {_ci(b)} | {_pct(b['valid_rate'])} |",
+              f"| after {len(its)} TPO iteration{'s' if len(its) != 1 else ''} | {_ci(a)} | {_pct(a['valid_rate'])} |"]
+    lo, hi = d["score_diff_ci"]
+    lines.append(f"| change (paired bootstrap) | {d['score_diff']:+.3f} [{lo:+.3f}, {hi:+.3f}] | |")
+    env = rec.get("environment") or {}
+    cpu = env.get("cpu") or {}
+    lines += ["", f"Measured on commit `{rec.get('commit')}`, {cpu.get('model', '?')} "
+                  f"({', '.join(cpu.get('kernel_flags') or [])}), {env.get('threads')} threads, torch "
+                  f"{env.get('torch')}, {env.get('dtype')} weights; machine load: {rec.get('load')}; wall time "
+                  f"{rec['wall_seconds'] / 60:.1f} min for `{rec['command']}`."]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    r = sub.add_parser("record", help="write the record of a measured run")
+    r.add_argument("run_dir", type=Path)
+    r.add_argument("--command", required=True)
+    r.add_argument("--wall-seconds", type=float, required=True)
+    r.add_argument("--load", required=True, help="what else ran on the machine")
+    r.add_argument("--out", type=Path, required=True)
+    p = sub.add_parser("render", help="print the README tables of a record")
+    p.add_argument("record", type=Path)
+    args = ap.parse_args(argv)
+    if args.cmd == "record":
+        rec = record(args.run_dir, args.command, args.wall_seconds, args.load)
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(rec, indent=1) + "\n", encoding="utf-8")
+        print(f"wrote {args.out}", file=sys.stderr)
+    else:
+        print(render(json.loads(args.record.read_text(encoding="utf-8"))))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
