@@ -1,0 +1,42 @@
+"""scripts/readme_numbers.py: a measured run's record renders the README tables with its numbers and origin."""
+import importlib.util
+import json
+from pathlib import Path
+
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "readme_numbers.py"
+
+
+def _module():
+    spec = importlib.util.spec_from_file_location("readme_numbers", SCRIPT)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _summary():
+    it = {"iteration": 1,
+          "generate": {"n_prompts": 48, "n_samples": 192, "valid_rate": 0.75, "forced_rate": 0.9,
+                       "cut_off_rate": 0.2, "thought_chars_mean": 400.0, "response_chars_mean": 300.0},
+          "judge": {"mean_score": 0.4}, "pairs": {"pairs_kept": 40},
+          "train": {"metrics": {"initial_margin": 0.0, "loss": 0.61}}}
+    env = {"tpo_lite_commit": "abc123", "cpu": {"model": "CPU X", "kernel_flags": ["avx2"]}, "threads": 2,
+           "torch": "2.13.0", "dtype": "bfloat16"}
+    before = {"n": 100, "mean_score": 0.2, "mean_score_ci": [0.15, 0.25], "valid_rate": 0.8, "environment": env,
+              "items": [{"id": "a", "score": 0.2}]}
+    after = {"n": 100, "mean_score": 0.3, "mean_score_ci": [0.25, 0.35], "valid_rate": 0.95, "environment": env,
+             "items": [{"id": "a", "score": 0.3}]}
+    return {"iterations": [it], "heldout_before": before, "heldout_after": after,
+            "heldout_change": {"n": 100, "score_diff": 0.1, "score_diff_ci": [0.04, 0.16]}}
+
+
+def test_record_and_render(tmp_path):
+    mod = _module()
+    (tmp_path / "summary.json").write_text(json.dumps(_summary()))
+    rec = mod.record(tmp_path, "tpo-lite run x.toml", 1800.0, "idle")
+    assert rec["commit"] == "abc123" and "items" not in rec["heldout_before"]
+    md = mod.render(json.loads(json.dumps(rec)))
+    assert "| change (paired bootstrap) | +0.100 [+0.040, +0.160] | |" in md
+    assert "| seed model | 0.200 [0.150, 0.250] | 80.0% |" in md
+    assert "| after 1 TPO iteration | 0.300 [0.250, 0.350] | 95.0% |" in md
+    assert "| DPO initial margin | 0.0000 |" in md and "| training instructions x K | 48 x 4 |" in md
+    assert "commit `abc123`" in md and "30.0 min" in md and "load: idle" in md
