@@ -186,3 +186,56 @@ def test_cmake_standalone_build_and_cpp_benchmark(tmp_path):
     assert float(ratios[-1]) < 1e-4  # max |fused - eager| log-prob in fp32
     bad = subprocess.run([str(build / "tpo_lite_bench"), "--N", "x"], capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "--N needs an integer" in bad.stderr
+
+
+# ------------------------------------------------------------------------------------------ bench sampling
+
+def test_sampling_bench_cli_on_a_tiny_model(tmp_path):
+    from peft import LoraConfig, get_peft_model
+    from test_loop import build_tiny_model, write_instructions
+    from transformers import AutoModelForCausalLM
+
+    model_dir = build_tiny_model(tmp_path / "model")
+    inst = write_instructions(tmp_path / "inst.jsonl", 3, "b")
+    torch.manual_seed(0)
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False)
+    get_peft_model(AutoModelForCausalLM.from_pretrained(model_dir), lora).save_pretrained(tmp_path / "adapter")
+    out = tmp_path / "bench.json"
+    res = CliRunner().invoke(bench_command, [
+        "sampling", "--model", str(model_dir), "--adapter", str(tmp_path / "adapter"), "--instructions", str(inst),
+        "--prompts", "3", "--k", "2", "--max-new-tokens", "12", "--thought-budget", "6", "--batch-size", "4",
+        "--reference-batch-size", "2", "--repeats", "2", "--threads", "1", "--dtype", "float32", "--device", "cpu",
+        "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    result = json.loads(out.read_text())
+    assert set(result["methods"]) == {"sampler", "reference", "generate"}
+    assert result["meta"]["prompts"] == 3 and result["meta"]["adapter"] == str(tmp_path / "adapter")
+    for name, m in result["methods"].items():
+        assert len(m["runs"]) == 2
+        for run in m["runs"]:
+            assert 0 < run["tokens"] <= 3 * 2 * 12 and sum(run["finish"].values()) == 6
+            assert run["tokens_per_s"] == pytest.approx(run["tokens"] / run["wall_s"])
+        assert m["median_tokens_per_s"] == statistics.median(r["tokens_per_s"] for r in m["runs"])
+        assert m["reproducible"] is (None if name == "generate" else True)
+    assert result["methods"]["reference"]["batch_size"] == 2 and result["methods"]["sampler"]["batch_size"] == 4
+    ms = result["methods"]
+    for key, value in result["ratios"].items():
+        cpu = key.startswith("cpu ")
+        a, b = key[4 if cpu else 0:].split("/")
+        field = "median_tokens_per_cpu_s" if cpu else "median_tokens_per_s"
+        assert value == pytest.approx(ms[a][field] / ms[b][field])
+    assert {"sampler/reference", "sampler/generate", "cpu sampler/reference"} <= set(result["ratios"])
+    # Same seeds and settings: the sped-up sampler and its reference path draw the same token counts here.
+    assert ms["sampler"]["runs"][0]["tokens"] == ms["reference"]["runs"][0]["tokens"]
+    assert "sampler/reference" in res.output and "tok/s" in res.output
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--methods", "sampler,magic"], "unknown method"),
+    (["--k", "0"], "k: must be >= 1"),
+    (["--repeats", "0"], "repeats"),
+])
+def test_sampling_bench_rejects_bad_options(args, message):
+    res = CliRunner().invoke(bench_command, ["sampling", *args])
+    assert res.exit_code == 2, res.output
+    assert message in res.output

@@ -93,10 +93,12 @@ class ScriptedSampler:
         ids = self.tok(text, add_special_tokens=False)["input_ids"] + [self.tok.eos_token_id]
         return Sample(index=index, seed=seed, text=text, token_ids=ids, finish_reason="eos", forced=False)
 
-    def sample(self, jobs, k=None):
+    def sample(self, jobs, k=None, skip=()):
         import time
 
         for job in jobs:
+            if job.prompt_id in skip:
+                continue
             if self.delay:
                 time.sleep(self.delay)
             yield job.prompt_id, [self._one(i, s) for i, s in enumerate(job.seeds[:k])]
@@ -357,19 +359,208 @@ def test_judge_failure_keeps_partial_work_and_resumes(tiny, tmp_path):
 
 
 def test_heldout_of_the_same_model_is_reused(tiny, tmp_path):
-    """An iteration that trained nothing evaluates the same weights as before: no second generation."""
+    """An iteration that trained nothing evaluates the same weights as before: no second generation. (A result
+    counts as the same model's only with the same producer: tests/test_run_integrity.py.)"""
+    from tpo_lite.evaluate import load_eval_set
     from tpo_lite.jsonl import write_json_atomic
-    from tpo_lite.loop import heldout_stage
+    from tpo_lite.loop import heldout_producer, heldout_stage
 
     model_dir, train, heldout = tiny
     cfg = _load(write_config(tmp_path, model_dir, train, heldout), f"model.path={tmp_path / 'absent_model'}")
     rd = tmp_path / "runs" / "t"
-    base = {"kind": "absolute", "adapter": None, "mean_score": 0.25, "mean_score_ci": [0.0, 0.5], "n": 3,
-            "valid_rate": 1.0, "items": []}
+    producer = heldout_producer(cfg, None, load_eval_set(str(heldout), max_instructions=3))
+    base = {"kind": "absolute", "adapter": None, "producer": producer, "mean_score": 0.25,
+            "mean_score_ci": [0.0, 0.5], "n": 3, "valid_rate": 1.0, "items": []}
     write_json_atomic(rd / "eval_base" / "eval.json", base)
+    write_json_atomic(rd / "eval_base" / "producer.json", producer)
     # The model path does not exist: loading it would raise, so reuse must not load anything.
     got = heldout_stage(cfg, rd, rd / "iter_01" / "heldout", None, "iter01", progress=False, echo=lambda s: None)
     assert got == base and json.loads((rd / "iter_01" / "heldout" / "eval.json").read_text()) == base
     with pytest.raises(TpoError, match="absent_model"):
         heldout_stage(cfg, rd, rd / "iter_02" / "heldout", str(tmp_path / "some_adapter"), "iter02",
                       progress=False, echo=lambda s: None)
+
+
+def test_policy_equals_reference_with_default_dropout(tiny, tmp_path):
+    """Default [model]/[train] dropout settings: the DPO policy pass and the cached reference pass are the same
+    function, so the first step's margin is exactly 0 -- also in iteration 2, whose reference is iteration 1's
+    (non-zero) adapter, loaded with the lora_dropout its adapter_config.json carries."""
+    from tpo_lite.loop import run
+
+    model_dir, train, heldout = tiny
+    cfg_path = write_config(tmp_path, model_dir, train, heldout)
+    cfg_path.write_text(cfg_path.read_text().replace("lora_dropout = 0.0\n", ""))
+    cfg = _load(cfg_path, "loop.eval_before=false", "loop.eval_after=false")
+    assert cfg.model.lora_dropout > 0 and getattr(cfg.train, "disable_dropout", True)
+    run(cfg, progress=False, echo=lambda s: None, sampler_factory=scripted_factory())
+    rd = tmp_path / "runs" / "t"
+    ad1 = json.loads((rd / "iter_01" / "adapter" / "adapter_config.json").read_text())
+    assert ad1["lora_dropout"] > 0  # the saved adapter still carries dropout; training turns it off
+    for t in (1, 2):
+        dpo = json.loads((rd / f"iter_{t:02d}" / "train.done.json").read_text())["metrics"]
+        assert dpo["initial_margin"] == 0.0, (t, dpo["initial_margin"])
+        assert dpo["initial_loss"] == pytest.approx(0.6931, abs=1e-4)
+
+
+def test_format_failure_rates_and_invalid_rejected_are_reported():
+    from tpo_lite.loop import format_table, sample_stats
+
+    def s(valid, reason, finish="eos"):
+        return {"valid": valid, "invalid_reason": reason, "finish_reason": finish, "thought": "t",
+                "response": "r" if valid else "", "token_ids": [1, 2], "forced": False}
+
+    recs = [{"samples": [s(True, None), s(False, "truncated", "length"), s(False, "no_response_marker"),
+                         s(False, "truncated", "length")]},
+            {"samples": [s(True, None), s(False, "empty_response"), s(True, None), s(True, None)]}]
+    st = sample_stats(recs)
+    assert st["cut_off_rate"] == 2 / 8 and st["no_response_marker_rate"] == 1 / 8
+    assert st["empty_response_rate"] == 1 / 8
+    table = format_table([{"iteration": 1, "generate": st,
+                           "pairs": {"pairs_kept": 10, "rejected_parse_failure": 1, "rejected_truncated": 0}}])
+    rows = {ln.split("  ")[0].strip(): ln.split()[-1] for ln in table.splitlines()}
+    assert rows["cut-off rate"] == "25.0%" and rows["no-marker rate"] == "12.5%"
+    assert rows["rejected parse failure"] == "1" and rows["rejected cut off"] == "0"
+
+
+# ------------------------------------------------------------------------------- keep_best on a validation split
+
+def test_keep_best_needs_a_validation_split(tiny, tmp_path):
+    from tpo_lite.loop import run
+
+    model_dir, train, heldout = tiny
+    cfg = write_config(tmp_path, model_dir, train, heldout)
+    with pytest.raises(TpoError, match="loop.keep_best: needs loop.validation_instructions"):
+        run(_load(cfg, "loop.keep_best=true"), progress=False, echo=lambda s: None)
+    assert not (tmp_path / "runs").exists()
+    with pytest.raises(TpoError, match="loop.validation_instructions"):
+        _load(cfg, "loop.validation_instructions=-1")
+
+
+def test_validation_instructions_never_appear_in_a_plan(tiny, tmp_path):
+    from tpo_lite.loop import iteration_plan, load_train_instructions, validation_split
+
+    model_dir, train, heldout = tiny
+    cfg = _load(write_config(tmp_path, model_dir, train, heldout), "loop.validation_instructions=4",
+                "loop.iterations=4")
+    val = validation_split(cfg)
+    assert len(val) == 4 and len({v.id for v in val}) == 4
+    all_ids = {i.id for i in load_train_instructions(cfg)}
+    assert {v.id for v in val} <= all_ids
+    rd = tmp_path / "runs" / "t"
+    planned = set()
+    for t in range(1, 5):  # 4 x 5 > the 10 training instructions left: the plans wrap around
+        planned |= {p["id"] for p in iteration_plan(cfg, rd, t)}
+    assert planned == all_ids - {v.id for v in val}
+    # The split does not depend on the number of iterations, and the first plans match a run without it.
+    assert [v.id for v in validation_split(cfg.replace("loop", iterations=1))] == [v.id for v in val]
+    plain = _load(write_config(tmp_path, model_dir, train, heldout))
+    assert iteration_plan(plain, tmp_path / "other", 1) == iteration_plan(cfg, rd, 1)
+    with pytest.raises(TpoError, match="validation_instructions"):
+        validation_split(cfg.replace("loop", validation_instructions=14))
+
+
+def _fake_iteration(rd: Path, t: int, heldout: float, validation: float) -> None:
+    from tpo_lite.jsonl import write_json_atomic
+
+    d = rd / f"iter_{t:02d}"
+    (d / "adapter").mkdir(parents=True)
+    write_json_atomic(d / "train.done.json", {"stage": "train", "adapter": str(d / "adapter")})
+    write_json_atomic(d / "heldout" / "eval.json", {"mean_score": heldout})
+    write_json_atomic(d / "validation" / "eval.json", {"mean_score": validation})
+
+
+def test_keep_best_selects_on_validation_never_on_heldout(tiny, tmp_path, monkeypatch):
+    import tpo_lite.loop as loop
+
+    model_dir, train, heldout = tiny
+    cfg = _load(write_config(tmp_path, model_dir, train, heldout), "loop.keep_best=true",
+                "loop.validation_instructions=3")
+    rd = tmp_path / "runs" / "t"
+    _fake_iteration(rd, 1, heldout=0.9, validation=0.6)  # best on validation
+    _fake_iteration(rd, 2, heldout=1.0, validation=0.2)  # best on the reported held-out set
+    _fake_iteration(rd, 3, heldout=0.1, validation=0.4)
+    read = []
+    real = loop.read_json
+    monkeypatch.setattr(loop, "read_json", lambda p: read.append(Path(p)) or real(p))
+    assert loop.adapter_for(rd, 4, cfg) == str(rd / "iter_01" / "adapter")
+    assert read and not [p for p in read if "heldout" in p.parts]
+    # without keep_best: the previous iteration's adapter (the paper)
+    assert loop.adapter_for(rd, 4, cfg.replace("loop", keep_best=False)) == str(rd / "iter_03" / "adapter")
+
+
+def test_keep_best_run_scores_the_validation_split(tiny, tmp_path):
+    from tpo_lite.jsonl import read_records
+    from tpo_lite.loop import run, validation_split
+
+    model_dir, train, heldout = tiny
+    cfg = _load(write_config(tmp_path, model_dir, train, heldout), "loop.keep_best=true",
+                "loop.validation_instructions=2", "loop.eval_before=false", "loop.eval_after=false")
+    logs = []
+    summary = run(cfg, progress=False, echo=logs.append, sampler_factory=scripted_factory())
+    rd = tmp_path / "runs" / "t"
+    val_ids = [v.id for v in validation_split(cfg)]
+    scores = []
+    for t in (1, 2):
+        d = rd / f"iter_{t:02d}"
+        assert not (d / "heldout").exists()  # keep_best no longer forces the reported set every iteration
+        assert list(read_records(d / "validation" / "outputs.jsonl", key="id")) == val_ids
+        res = json.loads((d / "validation" / "eval.json").read_text())
+        assert res["n"] == 2 and res["adapter"] == str(d / "adapter")
+        assert not set(val_ids) & set(read_records(d / "samples.jsonl", key="prompt_id"))
+        scores.append(res["mean_score"])
+        assert json.loads((d / "metrics.json").read_text())["validation"]["mean_score"] == res["mean_score"]
+    best = 1 if scores[0] >= scores[1] else 2
+    assert summary["final_adapter"] == str(rd / f"iter_{best:02d}" / "adapter")
+    assert "validation score" in "\n".join(logs)
+
+
+def test_heldout_generates_through_the_sampling_backend(tiny, tmp_path, monkeypatch):
+    """The held-out eval takes the run's sampling backend like `tpo-lite eval` (here a server, scripted): the
+    model is never loaded in-process, the server is asked for the adapter, outputs record their tries."""
+    from tpo_lite import models, sampling
+    from tpo_lite.jsonl import read_records
+    from tpo_lite.loop import heldout_stage
+
+    model_dir, train, heldout = tiny
+    cfg = _load(write_config(tmp_path, model_dir, train, heldout), "sampling.backend=openai")
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the held-out eval loaded the model in-process")
+
+    asked = []
+
+    def server_factory(scfg, tokenizer, template, model=None, adapter=None, progress=True):
+        asked.append((scfg.temperature, adapter, model))
+        return ScriptedSampler(tokenizer)
+
+    monkeypatch.setattr(models, "load_model", no_load)
+    monkeypatch.setattr(sampling, "make_sampler", server_factory)
+    rd = tmp_path / "runs" / "t"
+    res = heldout_stage(cfg, rd, rd / "iter_01" / "heldout", "/runs/t/iter_01/adapter", "iter01", progress=False,
+                        echo=lambda s: None)
+    assert res["n"] == 3 and asked[0] == (0.0, "/runs/t/iter_01/adapter", None)
+    recs = read_records(rd / "iter_01" / "heldout" / "outputs.jsonl")
+    assert len(recs) == 3 and all(r["tries"] >= 1 and r["generator"] == "iter01" for r in recs)
+
+
+def test_heldout_judge_is_the_eval_judge_and_warns_on_the_optimised_one(tiny, tmp_path, monkeypatch):
+    from tpo_lite import judges
+    from tpo_lite.config import RunConfig
+    from tpo_lite.judges import JudgeConfig
+    from tpo_lite.loop import make_heldout_judge
+
+    monkeypatch.setattr(judges, "make_judge", lambda cfg, cache_path=None, **kw: ("judge", cfg.kind, cfg.model))
+    model_dir, train, heldout = tiny
+    cfg = _load(write_config(tmp_path, model_dir, train, heldout), "loop.heldout_judge=judge")
+    cfg = cfg.replace("judge", kind="reward_model", model="/rm")
+    rd = tmp_path / "runs" / "t"
+    logs = []
+    assert make_heldout_judge(cfg, rd, [], logs.append) == ("judge", "reward_model", "/rm")
+    assert len(logs) == 1 and "this measures reward hacking, not quality; set [eval_judge]" in logs[0]
+    other = RunConfig({**cfg.sections, "eval_judge": JudgeConfig(kind="reward_model", model="/other-rm")})
+    logs.clear()
+    assert make_heldout_judge(other, rd, [], logs.append) == ("judge", "reward_model", "/other-rm") and logs == []
+    # programmatic held-out score (the instructions' own checks): no learned judge, no warning
+    logs.clear()
+    prog = make_heldout_judge(cfg.replace("loop", heldout_judge="programmatic"), rd, [], logs.append)
+    assert type(prog).__name__ == "ProgrammaticJudge" and logs == []

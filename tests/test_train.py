@@ -222,9 +222,11 @@ def test_other_losses_train(tiny_dir, tmp_path, loss_type, extra):
 def test_grad_checkpointing_gives_the_same_update(tiny_dir, tmp_path):
     kw = dict(learning_rate=1e-2, epochs=1, batch_size=2, grad_accum=2, max_length=64, seed=7)
     pairs = synthetic_pairs(8, seed=6)
-    a = train_iteration(model_cfg(tiny_dir), TrainConfig(**kw), pairs, tmp_path / "a", None, progress=False)
+    a = train_iteration(model_cfg(tiny_dir), TrainConfig(grad_checkpointing=False, **kw), pairs, tmp_path / "a",
+                        None, progress=False)
     b = train_iteration(model_cfg(tiny_dir), TrainConfig(grad_checkpointing=True, **kw), pairs, tmp_path / "b",
                         None, progress=False)
+    assert (a["grad_checkpointing"], b["grad_checkpointing"]) == (False, True)
     assert a["final_loss"] == pytest.approx(b["final_loss"], rel=1e-5)
     from safetensors.torch import load_file
     wa = load_file(str(tmp_path / "a" / "adapter" / "adapter_model.safetensors"))
@@ -266,3 +268,115 @@ def test_empty_pairs_and_bad_adapter(tiny_dir, tmp_path):
     with pytest.raises(TpoError, match="not a peft adapter"):
         train_iteration(model_cfg(tiny_dir), TrainConfig(), synthetic_pairs(2), tmp_path / "x", tmp_path,
                         progress=False)
+
+
+def test_disable_dropout_makes_policy_equal_reference(tiny_dir, tmp_path):
+    """An adapter trained with LoRA dropout carries it (adapter_config.json) into the next iteration: with
+    disable_dropout (the default) the policy pass equals the cached reference pass exactly; without it the
+    dropout makes the first margin non-zero."""
+    mcfg = ModelConfig(path=tiny_dir, dtype="float32", load_in_4bit=False, device="cpu", lora_r=8,
+                       lora_alpha=16, lora_dropout=0.2)
+    tcfg = TrainConfig(learning_rate=5e-3, epochs=1, batch_size=4, grad_accum=1, max_length=64, beta=0.5)
+    assert tcfg.disable_dropout
+    it1 = tmp_path / "iter_01"
+    train_iteration(mcfg, tcfg, synthetic_pairs(8, seed=1), it1, None, progress=False)
+    assert json.loads((it1 / "adapter" / "adapter_config.json").read_text())["lora_dropout"] == 0.2
+    pairs2 = synthetic_pairs(8, seed=2)
+    on = train_iteration(mcfg, tcfg, pairs2, tmp_path / "on", it1 / "adapter", progress=False)
+    assert on["initial_margin"] == 0.0 and on["dropouts_zeroed"] > 0
+    off = train_iteration(mcfg, TrainConfig(**{**tcfg.__dict__, "disable_dropout": False}), pairs2,
+                          tmp_path / "off", it1 / "adapter", progress=False)
+    assert off["initial_margin"] != 0.0 and off["dropouts_zeroed"] == 0
+
+
+# ------------------------------------------------------------------------------------------ activation memory
+
+def _saved_bytes(model, batch, weight):
+    """Bytes autograd keeps for the backward of one DPO micro-batch (distinct storages)."""
+    from tpo_lite.ops import fused_dpo_loss
+    from tpo_lite.train import _scored_hidden
+
+    kept = {}
+
+    def pack(t):
+        kept[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fused_dpo_loss(_scored_hidden(model, batch), weight, batch["targets"], batch["segments"],
+                             torch.zeros(4))
+    return sum(kept.values()), out
+
+
+def _cfg_dropout(path, dtype, lora_dropout):
+    return ModelConfig(path=path, dtype=dtype, load_in_4bit=False, device="cpu", lora_r=8, lora_alpha=16,
+                       lora_dropout=lora_dropout)
+
+
+def test_bf16_lora_keeps_bf16_inputs_with_the_same_gradients(tiny_dir):
+    """peft casts every LoRA input of a bf16 model to fp32 and autograd kept those copies (half of the DPO
+    backward's memory on SmolLM2); compact_lora_activations keeps the bf16 input instead: same loss, same
+    LoRA gradients, less kept."""
+    from tpo_lite.models import compact_lora_activations, lm_head_weight, load_model
+    from tpo_lite.train import disable_dropout
+
+    pairs = synthetic_pairs(2, seed=4, prompt_len=(20, 30), comp_len=(30, 60))
+    seqs = [(p["prompt_token_ids"], p["chosen_token_ids"]) for p in pairs] + \
+           [(p["prompt_token_ids"], p["rejected_token_ids"]) for p in pairs]
+    batch = collate(seqs, 0, "cpu")
+    results = []
+    for compact in (False, True):
+        torch.manual_seed(0)
+        model, _ = load_model(_cfg_dropout(tiny_dir, "bfloat16", 0.1), trainable=True)
+        disable_dropout(model)
+        for name, p in model.named_parameters():  # a non-zero adapter, so every LoRA path carries gradient
+            if "lora_B" in name:
+                torch.nn.init.normal_(p, std=0.02, generator=torch.Generator().manual_seed(len(name)))
+        n = compact_lora_activations(model) if compact else 0
+        kept, out = _saved_bytes(model, batch, lm_head_weight(model))
+        out.loss.backward()
+        grads = {k: p.grad.clone() for k, p in model.named_parameters() if p.requires_grad}
+        results.append((n, kept, out.loss.detach().item(), grads))
+    (_, kept_before, loss_before, g_before), (n, kept_after, loss_after, g_after) = results
+    assert n == 2 * 7  # every adapted linear of the 2 layers (q, k, v, o, gate, up, down)
+    assert loss_after == loss_before
+    assert g_after.keys() == g_before.keys() and len(g_after) == 2 * 7 * 2
+    for k in g_before:
+        torch.testing.assert_close(g_after[k], g_before[k], rtol=1e-5, atol=1e-7)
+    assert kept_after < 0.75 * kept_before, (kept_after, kept_before)
+
+
+def test_compaction_leaves_fp32_and_active_dropout_alone(tiny_dir):
+    from tpo_lite.models import compact_lora_activations, load_model
+
+    fp32, _ = load_model(model_cfg(tiny_dir), trainable=True)
+    assert compact_lora_activations(fp32) == 14  # patched, but a no-op: input and weight share the dtype
+    dropping, _ = load_model(_cfg_dropout(tiny_dir, "bfloat16", 0.1), trainable=True)
+    # dropout would run on the bf16 input instead of the fp32 copy: left to peft
+    assert compact_lora_activations(dropping) == 0
+
+
+def test_grad_checkpointing_is_the_default_and_keeps_less(tiny_dir):
+    """On by default: the DPO backward then keeps about one decoder layer's activations instead of all."""
+    from tpo_lite.models import enable_gradient_checkpointing, lm_head_weight, load_model
+
+    assert TrainConfig().grad_checkpointing is True
+    pairs = synthetic_pairs(2, seed=4, prompt_len=(20, 30), comp_len=(30, 60))
+    batch = collate([(p["prompt_token_ids"], p["chosen_token_ids"]) for p in pairs]
+                    + [(p["prompt_token_ids"], p["rejected_token_ids"]) for p in pairs], 0, "cpu")
+    kept = []
+    for gc_on in (False, True):
+        model, _ = load_model(model_cfg(tiny_dir), trainable=True)
+        if gc_on:
+            enable_gradient_checkpointing(model)
+        kept.append(_saved_bytes(model, batch, lm_head_weight(model))[0])
+    assert kept[1] < 0.5 * kept[0], kept
+
+
+def test_train_metrics_record_memory_by_phase(tiny_dir, tmp_path):
+    m = train_iteration(model_cfg(tiny_dir), TrainConfig(epochs=1, batch_size=2, grad_accum=1, max_length=64),
+                        synthetic_pairs(4, seed=2), tmp_path / "it", None, progress=False)
+    assert set(m["memory"]) == {"load", "reference", "dpo"}
+    for phase, rec in m["memory"].items():
+        assert 0 < rec["rss_start_mb"] <= rec["peak_rss_mb"], (phase, rec)
+        assert rec["method"]

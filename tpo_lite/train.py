@@ -11,12 +11,23 @@
 3. train DPO with :func:`tpo_lite.ops.fused_dpo_loss`: the model body gives final hidden states and only
    the completion positions go through the LM head (the prompt is masked; the sampled token ids are used as
    they are, EOS included when the sample ended with one -- never re-tokenised text). The mean margin of the
-   first optimizer step, before any update, is the *initial margin*; it must be ~0 since policy = reference;
+   first optimizer step, before any update, is the *initial margin*; it is 0 (exactly, in fp32 on the CPU)
+   since policy = reference (``disable_dropout`` zeroes every dropout, so train mode computes what the
+   eval-mode reference did);
 4. save ``out_dir/adapter`` (peft ``save_pretrained``) and, last, ``out_dir/adapter/DONE`` holding the
    returned metrics. When that marker exists, :func:`train_iteration` returns its metrics without training.
 
-A training run killed midway restarts from the beginning of the iteration (only the reference cache is
-reused): the adapter directory is written under a temporary name and renamed into place.
+Every ``checkpoint_every`` optimizer steps the whole training state (LoRA weights, AdamW and LR-schedule state,
+RNG states, the position in the epoch, the per-step metrics so far) is written atomically to
+``out_dir/dpo_checkpoint.pt``. A run killed midway resumes from it (the reference cache is reused too) and,
+since each epoch's pair order is a function of ``seed``, ends with the adapter an uninterrupted run gives, bit
+for bit on the same machine and thread count. A checkpoint of other settings (model, start adapter, [train]
+options, pairs) is ignored with a warning. The adapter directory is written under a temporary name and renamed
+into place; the checkpoint is deleted once the adapter and its DONE marker are written.
+
+A non-finite loss or gradient norm, or LoRA weights that overflowed, stop training with a :class:`TpoError`
+naming the optimizer step: nothing of the iteration is saved (no adapter, no DONE marker) and no checkpoint
+holds non-finite weights.
 
 Sequences longer than ``max_length`` are cut: the completion keeps at least ``max_length // 2`` tokens (its
 end is dropped) and the prompt keeps its last tokens.
@@ -35,7 +46,7 @@ from typing import Optional
 
 import torch
 
-from tpo_lite.errors import TpoError
+from tpo_lite.errors import TpoError, require_finite
 from tpo_lite.jsonl import read_json, write_json_atomic
 
 LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust")
@@ -70,9 +81,12 @@ class TrainConfig:
         "help": "Pairs per forward/backward (each pair = 2 sequences); lower it if memory runs out."})
     grad_accum: int = field(default=4, metadata={
         "help": "Micro-batches accumulated per optimizer step (pairs per step = batch_size * grad_accum)."})
-    grad_checkpointing: bool = field(default=False, metadata={
-        "help": "Recompute decoder layers in the backward: less activation memory, ~30% more compute. Turn "
-                "it on for large models / long sequences on a GPU."})
+    grad_checkpointing: bool = field(default=True, metadata={
+        "help": "Recompute each decoder layer in the backward instead of keeping its activations: the DPO "
+                "step's peak memory falls to about the model plus one layer's activations (SmolLM2-135M, "
+                "bf16, 2 pairs of <= 512 tokens per micro-batch, CPU: peak RSS 1.4-1.5 GB instead of 2.5 GB) "
+                "for one extra forward per micro-batch (about 1.3x the CPU time per step there). false = keep "
+                "them: faster when the memory is there (docs/training.md)."})
     lr_schedule: str = field(default="cosine", metadata={
         "choices": SCHEDULES,
         "help": "Learning-rate decay after warmup: 'cosine' (to 0), 'linear' (to 0) or 'constant'."})
@@ -86,8 +100,20 @@ class TrainConfig:
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay of the LoRA weights."})
     max_grad_norm: float = field(default=1.0, metadata={
         "help": "Clip the global gradient norm to this before each step; 0 = no clipping."})
+    disable_dropout: bool = field(default=True, metadata={
+        "help": "Set every dropout of the model to 0 while training DPO (the model's own and the LoRA "
+                "dropout, also that of an adapter loaded from a previous iteration, which keeps the "
+                "lora_dropout it was created with), as TRL's disable_dropout: the policy pass then computes "
+                "the same function as the cached reference pass (eval mode), so the margins start at exactly "
+                "0. false = keep them (the policy is then a noisy version of the reference)."})
+    checkpoint_every: int = field(default=10, metadata={
+        "help": "Write a DPO checkpoint (LoRA weights, optimizer, LR schedule, RNG states, position, metrics so "
+                "far) to iter_XX/dpo_checkpoint.pt every this many optimizer steps; a killed run resumes from "
+                "the last one and ends with the adapter an uninterrupted run gives. Deleted once the adapter is "
+                "saved. 0 = never (a killed run restarts the iteration's DPO)."})
 
     def __post_init__(self):
+        require_finite(self)
         checks = [
             ("beta", self.beta > 0, "must be > 0"),
             ("loss_type", self.loss_type in LOSS_TYPES, f"must be one of {', '.join(LOSS_TYPES)}"),
@@ -104,6 +130,7 @@ class TrainConfig:
             ("max_length", self.max_length >= 8, "must be >= 8"),
             ("weight_decay", self.weight_decay >= 0, "must be >= 0"),
             ("max_grad_norm", self.max_grad_norm >= 0, "must be >= 0"),
+            ("checkpoint_every", self.checkpoint_every >= 0, "must be >= 0"),
         ]
         for name, ok, msg in checks:
             if not ok:
@@ -276,9 +303,119 @@ def lr_lambda(schedule: str, warmup: int, total: int):
     return f
 
 
+# Float attributes that transformers attention modules read as their dropout rate (not nn.Dropout modules).
+_DROPOUT_ATTRS = ("attention_dropout", "attn_dropout", "dropout")
+
+
+def disable_dropout(model) -> int:
+    """Set the rate of every dropout in ``model`` to 0 (``nn.Dropout`` modules -- peft's ``lora_dropout``
+    included -- and the float rates attention modules keep); returns how many were non-zero."""
+    n = 0
+    for m in model.modules():
+        if isinstance(m, torch.nn.modules.dropout._DropoutNd):
+            n += m.p > 0
+            m.p = 0.0
+        for name in _DROPOUT_ATTRS:
+            v = getattr(m, name, None)
+            if isinstance(v, float) and not isinstance(v, bool):
+                n += v > 0
+                setattr(m, name, 0.0)
+    return int(n)
+
+
 def _seed_all(seed: int) -> None:
     random.seed(seed)
     torch.manual_seed(seed)
+
+
+# ------------------------------------------------------------------------------------- DPO checkpoints
+
+CHECKPOINT_NAME = "dpo_checkpoint.pt"
+CHECKPOINT_VERSION = 1
+
+
+def _checkpoint_key(model_cfg, cfg: TrainConfig, init_adapter, items: list[_Pair]) -> str:
+    """What a checkpoint's state depends on: the model options, the adapter training started from, every
+    [train] option but checkpoint_every, and the pairs as trained (ids and token ids after truncation)."""
+    import dataclasses
+    import hashlib
+    import json
+
+    h = hashlib.sha256()
+    for p in items:
+        h.update(json.dumps([p.pid, p.chosen, p.rejected]).encode())
+    model = ({k: v for k, v in dataclasses.asdict(model_cfg).items() if k != "cache_dir"}
+             if dataclasses.is_dataclass(model_cfg) else {})
+    train = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "checkpoint_every"}
+    return json.dumps({"ref": _ref_key(model_cfg, cfg, init_adapter), "model": model, "train": train,
+                       "pairs": h.hexdigest()}, sort_keys=True, default=str)
+
+
+def _rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _save_checkpoint(path: Path, state: dict) -> None:
+    """``torch.save`` to a temp file, fsync, rename over ``path``: a kill leaves the old checkpoint or the new."""
+    from tpo_lite.jsonl import _fsync_dir
+
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(str(path))
+
+
+def _load_checkpoint(path: Path, key: str) -> Optional[dict]:
+    if not path.is_file():
+        return None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - a foreign or damaged file: train from the start rather than fail
+        warnings.warn(f"{path}: unreadable DPO checkpoint ({type(e).__name__}); training the iteration from "
+                      f"its first step")
+        return None
+    if not isinstance(state, dict) or state.get("version") != CHECKPOINT_VERSION or state.get("key") != key:
+        warnings.warn(f"{path}: DPO checkpoint of other settings (model, start adapter, [train] options or "
+                      f"pairs); training the iteration from its first step")
+        return None
+    return state
+
+
+def _remove_checkpoints(out_dir: Path) -> None:
+    for p in [out_dir / CHECKPOINT_NAME, *out_dir.glob(f".{CHECKPOINT_NAME}.tmp-*")]:
+        p.unlink(missing_ok=True)
+
+
+def _non_finite(what: str, value, step: int, total: int, epoch: int, epochs: int, out_dir: Path,
+                when: str = "at") -> TpoError:
+    return TpoError(f"non-finite {what} ({value}) {when} optimizer step {step} of {total} (epoch {epoch + 1} of "
+                    f"{epochs}): training stopped, nothing of this iteration was saved and the adapter it "
+                    f"started from stays; lower train.learning_rate or check the pairs", path=str(out_dir))
+
+
+def _check_weights(named_params, step: int, total: int, epoch: int, epochs: int, out_dir: Path) -> None:
+    """Refuse to save or checkpoint LoRA weights holding inf / nan (an update that overflowed)."""
+    bad = [n for n, p in named_params if not bool(torch.isfinite(p.detach()).all())]
+    if bad:
+        where = bad[0] + (f" and {len(bad) - 1} more" if len(bad) > 1 else "")
+        raise _non_finite("LoRA weights", f"inf or nan in {where}", step, total, epoch, epochs, out_dir, "after")
 
 
 def train_iteration(model_cfg, train_cfg: TrainConfig, pairs: list[dict], out_dir, init_adapter=None,
@@ -289,18 +426,27 @@ def train_iteration(model_cfg, train_cfg: TrainConfig, pairs: list[dict], out_di
     metrics (also stored in ``out_dir/adapter/DONE``): ``loss``, ``margins``, ``accuracy``,
     ``rewards_chosen``, ``rewards_rejected`` (means over the last epoch), ``final_*`` (the last step),
     ``initial_margin`` / ``initial_loss`` (first step, before any update), ``steps``, ``seconds``,
-    ``seconds_per_step``, ``pairs``, ``tokens``, ``ref_seconds``, ``ref_cached``.
+    ``seconds_per_step``, ``pairs``, ``tokens``, ``ref_seconds``, ``ref_cached``, ``resumed_at_step`` (the
+    checkpoint's step this call resumed from, 0 = none; ``train_seconds`` counts the earlier runs' DPO time
+    too, ``seconds`` only this call's), ``dropout_disabled`` and
+    ``dropouts_zeroed`` (how many non-zero dropout rates were set to 0), ``grad_checkpointing``,
+    ``lora_layers_compacted`` (:func:`tpo_lite.models.compact_lora_activations`) and ``memory``: the peak
+    RSS (and CUDA peaks) of the model load, the reference pass and the DPO epochs
+    (:class:`tpo_lite.memory.StageMemory` records).
     """
     from tqdm.auto import tqdm
 
+    from tpo_lite.memory import StageMemory, trim_during_passes
     from tpo_lite.models import (
-        describe, enable_gradient_checkpointing, lm_head_options, lm_head_weight, load_model)
+        compact_lora_activations, decoder_layers, describe, enable_gradient_checkpointing, lm_head_options,
+        lm_head_weight, load_model)
     from tpo_lite.ops import fused_dpo_loss
 
     out_dir = Path(out_dir)
     adapter_dir = out_dir / "adapter"
     done = adapter_dir / "DONE"
     if done.is_file():
+        _remove_checkpoints(out_dir)  # a kill between DONE and the removal below left it
         return read_json(done)
     if not pairs:
         raise TpoError("no pairs to train on", path=str(out_dir / "pairs.jsonl"))
@@ -312,7 +458,13 @@ def train_iteration(model_cfg, train_cfg: TrainConfig, pairs: list[dict], out_di
     t_start = time.time()
     _seed_all(cfg.seed)
 
+    mem_load = StageMemory(release_after=False).start()
     model, tokenizer = load_model(model_cfg, adapter=init_adapter, trainable=True)
+    mem_load.stop()
+    # Dropout is active only in train mode: left on, the policy pass would differ from the reference pass.
+    dropouts_disabled = disable_dropout(model) if cfg.disable_dropout else 0
+    # after disable_dropout: only LoRA layers whose dropout is off are changed
+    lora_compacted = compact_lora_activations(model)
     weight = lm_head_weight(model)
     head = {"weight": weight, **lm_head_options(model)}
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
@@ -326,17 +478,21 @@ def train_iteration(model_cfg, train_cfg: TrainConfig, pairs: list[dict], out_di
     # in the order and batches of epoch 0, so the first step's policy pass sees the very same batch shapes
     first_order = torch.randperm(len(items), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
     missing = [items[i] for i in first_order if items[i].pid not in ref]
-    if missing:
-        ref.update(reference_logps(model, missing, cfg.batch_size, pad_id, head, base_only=init_adapter is None,
-                                   progress=progress))
-        _save_ref_cache(cache_path, key, ref)
+    with StageMemory(release_after=False) as mem_ref:
+        if missing:
+            ref.update(reference_logps(model, missing, cfg.batch_size, pad_id, head,
+                                       base_only=init_adapter is None, progress=progress))
+            _save_ref_cache(cache_path, key, ref)
     ref_seconds = time.time() - t_ref
 
     # 2. DPO
     model.train()
     if cfg.grad_checkpointing:
         enable_gradient_checkpointing(model)
-    params = [p for p in model.parameters() if p.requires_grad]
+    # CPU: glibc would keep the pages of freed activations (GPU memory is torch's own business)
+    trim_hooks = trim_during_passes(decoder_layers(model)) if weight.device.type == "cpu" else []
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    params = [p for _, p in named]
     if not params:
         raise TpoError("the model has no trainable parameters (is the adapter frozen?)", field="model")
     opt = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
@@ -349,13 +505,29 @@ def train_iteration(model_cfg, train_cfg: TrainConfig, pairs: list[dict], out_di
                    nll_weight=cfg.nll_weight, average_log_prob=cfg.average_log_prob,
                    logit_scale=head["logit_scale"], softcap=head["softcap"])
 
-    history, tokens, step = [], 0, 0
+    history, tokens, step, start_epoch, start_batch, seconds_before = [], 0, 0, 0, 0, 0.0
+    ckpt_path = out_dir / CHECKPOINT_NAME
+    ckpt_key = _checkpoint_key(model_cfg, cfg, init_adapter, items)
+    ckpt = _load_checkpoint(ckpt_path, ckpt_key)
+    if ckpt is not None:
+        # the state after optimizer step ckpt["step"]: with the same pairs order (a function of the seed),
+        # the remaining steps are those of an uninterrupted run
+        with torch.no_grad():
+            for n, p in named:
+                p.copy_(ckpt["weights"][n])
+        opt.load_state_dict(ckpt["optimizer"])
+        sched.load_state_dict(ckpt["scheduler"])
+        _set_rng_state(ckpt["rng"])
+        history, tokens, step = ckpt["history"], ckpt["tokens"], ckpt["step"]
+        start_epoch, start_batch, seconds_before = ckpt["epoch"], ckpt["batch"], ckpt["train_seconds"]
+    resumed_at = step
     t_train = time.time()
-    bar = tqdm(total=total, desc="DPO", unit="step", disable=not progress)
-    for epoch in range(cfg.epochs):
+    mem_dpo = StageMemory(release_after=False).start()
+    bar = tqdm(total=total, initial=step, desc="DPO", unit="step", disable=not progress)
+    for epoch in range(start_epoch, cfg.epochs):
         order = first_order if epoch == 0 else torch.randperm(
             len(items), generator=torch.Generator().manual_seed(cfg.seed + epoch)).tolist()
-        for s in range(steps_per_epoch):
+        for s in range(start_batch if epoch == start_epoch else 0, steps_per_epoch):
             group = [items[i] for i in order[s * per_step:(s + 1) * per_step]]
             sums: dict[str, float] = {}
             for m in range(0, len(group), cfg.batch_size):
@@ -372,9 +544,12 @@ def train_iteration(model_cfg, train_cfg: TrainConfig, pairs: list[dict], out_di
                 sums["loss"] = sums.get("loss", 0.0) + float(out.loss.detach()) * b
                 for k, v in out.metrics.items():
                     sums[k] = sums.get(k, 0.0) + float(v) * (b if k != "tokens" else 1)
-            grad_norm = None
-            if cfg.max_grad_norm > 0:
-                grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm))
+            if not math.isfinite(sums["loss"]):
+                raise _non_finite("loss", sums["loss"] / len(group), step + 1, total, epoch, cfg.epochs, out_dir)
+            # max_norm inf = measure without clipping (the factor is clamped to exactly 1)
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm or math.inf))
+            if not math.isfinite(grad_norm):
+                raise _non_finite("gradient norm", grad_norm, step + 1, total, epoch, cfg.epochs, out_dir)
             opt.step()
             sched.step()
             opt.zero_grad(set_to_none=True)
@@ -386,8 +561,20 @@ def train_iteration(model_cfg, train_cfg: TrainConfig, pairs: list[dict], out_di
             bar.set_postfix(loss=f"{rec['loss']:.4f}", margin=f"{rec['margins']:.3f}",
                             acc=f"{rec['accuracy']:.2f}")
             bar.update(1)
+            if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < total:
+                _check_weights(named, step, total, epoch, cfg.epochs, out_dir)
+                _save_checkpoint(ckpt_path, {
+                    "version": CHECKPOINT_VERSION, "key": ckpt_key, "step": step,
+                    "epoch": step // steps_per_epoch, "batch": step % steps_per_epoch,  # of the next step
+                    "weights": {n: p.detach().cpu() for n, p in named}, "optimizer": opt.state_dict(),
+                    "scheduler": sched.state_dict(), "rng": _rng_state(), "history": history,
+                    "tokens": tokens, "train_seconds": seconds_before + time.time() - t_train})
     bar.close()
-    train_seconds = time.time() - t_train
+    _check_weights(named, step, total, cfg.epochs - 1, cfg.epochs, out_dir)
+    mem_dpo.stop()
+    for h in trim_hooks:
+        h.remove()
+    train_seconds = seconds_before + time.time() - t_train
 
     first, last = history[0], history[-1]
     if abs(first["margins"]) > INITIAL_MARGIN_TOLERANCE:
@@ -406,7 +593,10 @@ def train_iteration(model_cfg, train_cfg: TrainConfig, pairs: list[dict], out_di
         "steps": step, "epochs": cfg.epochs, "pairs": len(items), "tokens": tokens,
         "seconds": time.time() - t_start, "train_seconds": train_seconds,
         "seconds_per_step": train_seconds / max(1, step), "ref_seconds": ref_seconds,
-        "ref_cached": not missing, "model": describe(model),
+        "ref_cached": not missing, "resumed_at_step": resumed_at, "model": describe(model),
+        "dropout_disabled": cfg.disable_dropout, "dropouts_zeroed": dropouts_disabled,
+        "grad_checkpointing": cfg.grad_checkpointing, "lora_layers_compacted": lora_compacted,
+        "memory": {"load": mem_load.record(), "reference": mem_ref.record(), "dpo": mem_dpo.record()},
     }
 
     # 3. save: adapter under a temporary name, renamed into place, then the DONE marker
@@ -417,6 +607,7 @@ def train_iteration(model_cfg, train_cfg: TrainConfig, pairs: list[dict], out_di
     shutil.rmtree(adapter_dir, ignore_errors=True)
     os.replace(tmp, adapter_dir)
     write_json_atomic(done, metrics)
+    _remove_checkpoints(out_dir)
     return metrics
 
 
