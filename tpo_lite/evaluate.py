@@ -63,7 +63,7 @@ from typing import Any, Callable, Iterable, Sequence
 import numpy as np
 
 from .errors import TpoError, require_finite
-from .jsonl import append_record, read_json, read_records, write_json_atomic, write_text_atomic
+from .jsonl import append_record, read_json, read_records, read_text_utf8, write_json_atomic, write_text_atomic
 
 UNCATEGORISED = "uncategorised"
 FORMATS = ("auto", "alpaca_eval", "arena_hard", "instructions")
@@ -221,13 +221,7 @@ def _read_json_or_jsonl(path: str) -> list[tuple[int | None, Any]]:
     """Records of a JSON list or a JSONL file as ``(line, record)``; line is None for a JSON list."""
     if not os.path.exists(path):
         raise TpoError("file not found", path=path)
-    with open(path, "rb") as f:
-        raw = f.read()
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise TpoError(f"not valid UTF-8 (byte 0x{raw[e.start]:02x})", path=path,
-                       line=raw.count(b"\n", 0, e.start) + 1) from None
+    text = read_text_utf8(path)
     stripped = text.lstrip()
     if not stripped:
         raise TpoError("file is empty", path=path)

@@ -192,16 +192,22 @@ def write_json_atomic(path: str | os.PathLike, obj: Any, indent: int | None = 2)
     write_text_atomic(path, json.dumps(obj, ensure_ascii=False, indent=indent) + "\n")
 
 
-def read_json(path: str | os.PathLike) -> Any:
-    """Read a JSON file; a malformed one raises :class:`TpoError` naming the file and line."""
+def read_text_utf8(path: str | os.PathLike) -> str:
+    """The text of ``path``; bytes that are not UTF-8 raise :class:`TpoError` naming the file and line."""
     path = os.fspath(path)
     with open(path, "rb") as f:
         raw = f.read()
     try:
-        text = raw.decode("utf-8")
+        return raw.decode("utf-8")
     except UnicodeDecodeError as e:
         raise TpoError(f"not valid UTF-8 (byte 0x{raw[e.start]:02x})", path=path,
                        line=raw.count(b"\n", 0, e.start) + 1) from None
+
+
+def read_json(path: str | os.PathLike) -> Any:
+    """Read a JSON file; a malformed one raises :class:`TpoError` naming the file and line."""
+    path = os.fspath(path)
+    text = read_text_utf8(path)
     try:
         return json.loads(text)
     except json.JSONDecodeError as e:
