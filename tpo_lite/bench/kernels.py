@@ -505,16 +505,6 @@ def format_table(result: dict) -> str:
     return "\n".join(lines)
 
 
-def write_json(result: dict, path: str) -> None:
-    """Writes the result atomically (temp file + rename), so a killed run never leaves half a file."""
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(result, f, indent=2)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
 
 if __name__ == "__main__":  # the CPU memory subprocess: python -m tpo_lite.bench.kernels --memory-child SPEC
     if len(sys.argv) == 3 and sys.argv[1] == "--memory-child":

@@ -24,7 +24,6 @@ methods must give the same samples in every repeat (``reproducible``).
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import platform
 import statistics
@@ -252,13 +251,3 @@ def format_table(result: dict) -> str:
                  f"{meta['repeats']}")
     return "\n".join(lines)
 
-
-def write_json(result: dict, path: str) -> None:
-    """Writes the result atomically (temp file + rename)."""
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(result, f, indent=2)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)

@@ -377,11 +377,6 @@ def format_table(result: dict) -> str:
     return "\n".join(lines)
 
 
-def write_json(result: dict, path) -> None:
-    from tpo_lite.jsonl import write_json_atomic
-
-    write_json_atomic(Path(path), result)
-
 
 if __name__ == "__main__":  # the child: python -m tpo_lite.bench.train --child SPEC.json
     if len(sys.argv) == 3 and sys.argv[1] == "--child":

@@ -42,7 +42,8 @@ def kernels_command(device, shapes, dtypes, methods, repeats, warmup, memory, th
     states): medians of interleaved runs, peak extra memory, and the ratios fused/eager and fused/floor.
     Prints a table; --out also writes everything as JSON.
     """
-    from tpo_lite.bench.kernels import format_table, parse_shapes, run_kernel_benchmark, write_json
+    from tpo_lite.bench.kernels import format_table, parse_shapes, run_kernel_benchmark
+    from tpo_lite.jsonl import write_json_atomic
 
     try:
         kwargs = dict(device=device, repeats=repeats, warmup=warmup, memory=memory, threads=threads, seed=seed)
@@ -58,7 +59,7 @@ def kernels_command(device, shapes, dtypes, methods, repeats, warmup, memory, th
         raise click.UsageError(str(e))
     click.echo(format_table(result))
     if out:
-        write_json(result, out)
+        write_json_atomic(out, result)
         click.echo(f"wrote {out}", err=True)
 
 
@@ -97,7 +98,8 @@ def train_command(model, dtype, load_in_4bit, device, pairs, n_pairs, max_length
     Each run (load, reference log-probs, one epoch of LoRA DPO) is a fresh subprocess; runs are interleaved
     and the medians and ratios reported. Prints a table; --out also writes everything as JSON.
     """
-    from tpo_lite.bench.train import TrainBenchConfig, format_table, run_train_benchmark, write_json
+    from tpo_lite.bench.train import TrainBenchConfig, format_table, run_train_benchmark
+    from tpo_lite.jsonl import write_json_atomic
 
     try:
         kwargs = dict(model=model, dtype=dtype, load_in_4bit=load_in_4bit, device=device, pairs=pairs or "",
@@ -112,7 +114,7 @@ def train_command(model, dtype, load_in_4bit, device, pairs, n_pairs, max_length
     result = run_train_benchmark(cfg, log=lambda line: click.echo(line, err=True))
     click.echo(format_table(result))
     if out:
-        write_json(result, out)
+        write_json_atomic(out, result)
         click.echo(f"wrote {out}", err=True)
     failed = [m for m, v in result["methods"].items() if v["status"].startswith("failed")]
     if failed:
@@ -160,7 +162,8 @@ def sampling_command(out, methods, **kwargs):
     writes every run as JSON. Defaults: the embedded SmolLM2 on 24 training instructions, K=4, 224 tokens, as
     examples/smollm2_cpu.toml samples them.
     """
-    from tpo_lite.bench.sampling import SamplingBenchConfig, format_table, run_sampling_benchmark, write_json
+    from tpo_lite.bench.sampling import SamplingBenchConfig, format_table, run_sampling_benchmark
+    from tpo_lite.jsonl import write_json_atomic
 
     try:
         if methods:
@@ -171,5 +174,5 @@ def sampling_command(out, methods, **kwargs):
     result = run_sampling_benchmark(cfg, log=lambda line: click.echo(line, err=True))
     click.echo(format_table(result))
     if out:
-        write_json(result, out)
+        write_json_atomic(out, result)
         click.echo(f"wrote {out}", err=True)
