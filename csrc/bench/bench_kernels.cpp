@@ -29,6 +29,8 @@
 #include <cuda_runtime.h>
 #endif
 
+#include "../common.h"  // kIgnoreIndex
+
 // The kernel entry points (docs/kernels.md). Declared here rather than through the extension header so this
 // executable needs neither Python nor pybind11.
 namespace tpo_lite {
@@ -130,7 +132,8 @@ int main(int argc, char** argv) {
   at::Tensor sink;  // keeps each step's result alive until the step is timed
   std::map<std::string, std::function<void()>> steps;
   steps["fused"] = [&] {
-    const auto out = tpo_lite::linear_logprobs_forward(hidden, weight, targets, -100, 1.0, 0.0, a.chunk, true);
+    const auto out =
+        tpo_lite::linear_logprobs_forward(hidden, weight, targets, tpo_lite::kIgnoreIndex, 1.0, 0.0, a.chunk, true);
     sink = (grad_logp.unsqueeze(1) * out[2]).to(dt);
   };
   steps["eager"] = [&] {
@@ -156,7 +159,7 @@ int main(int argc, char** argv) {
   }
 
   const at::Tensor fused_logp =
-      tpo_lite::linear_logprobs_forward(hidden, weight, targets, -100, 1.0, 0.0, a.chunk, false)[0];
+      tpo_lite::linear_logprobs_forward(hidden, weight, targets, tpo_lite::kIgnoreIndex, 1.0, 0.0, a.chunk, false)[0];
   const at::Tensor eager_logp =
       at::log_softmax(at::mm(hidden, weight.t()).to(fused_logp.scalar_type()), 1).gather(1, targets.unsqueeze(1)).squeeze(1);
   const double max_diff = (fused_logp - eager_logp).abs().max().item<double>();

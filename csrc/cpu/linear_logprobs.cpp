@@ -12,6 +12,8 @@
 // The math and the C++ contract (shared with the CUDA build) are in docs/kernels.md.
 #include "linear_logprobs.h"
 
+#include "../common.h"
+
 #include <ATen/Parallel.h>
 #include <ATen/core/grad_mode.h>
 
@@ -58,29 +60,16 @@ inline __attribute__((always_inline)) float fast_tanh(float x) {
 }
 inline __attribute__((always_inline)) double fast_tanh(double x) { return std::tanh(x); }
 
-template <typename acc_t>
-struct Cap {
-  acc_t scale;    // logit_scale s
-  acc_t cap;      // softcap c (> 0) or 0 for none
-  acc_t inv_cap;  // 1 / c
-  // z = f(s * raw): identity or c * tanh(s * raw / c). kCap is a template parameter so that the uncapped
-  // loops carry no tanh: inside an `omp simd` loop a runtime branch would be if-converted, i.e. computed.
-  template <bool kCap>
-  inline __attribute__((always_inline)) acc_t z(acc_t raw) const {
-    const acc_t a = scale * raw;
-    if constexpr (kCap) return cap * fast_tanh(a * inv_cap);
-    return a;
-  }
-  // f'(a) expressed through z: 1 - tanh^2 = 1 - (z / c)^2
-  template <bool kCap>
-  inline __attribute__((always_inline)) acc_t dz(acc_t z) const {
-    if constexpr (kCap) {
-      const acc_t t = z * inv_cap;
-      return acc_t(1) - t * t;
-    }
-    return acc_t(1);
-  }
+// The CPU's exp / tanh for the shared helpers of common.h.
+struct CpuMath {
+  template <typename T>
+  static inline __attribute__((always_inline)) T exp(T x) { return fast_exp(x); }
+  template <typename T>
+  static inline __attribute__((always_inline)) T tanh(T x) { return fast_tanh(x); }
 };
+
+template <typename acc_t>
+using Cap = Softcap<acc_t, CpuMath>;
 
 // Forward pass over one vocab chunk for rows [begin, end). `buf` holds the chunk logits (row stride `c`,
 // dtype scalar_t); it is overwritten with p~ * f' when need_grad. State per row: running max m, running sum
@@ -137,13 +126,6 @@ inline __attribute__((always_inline)) void fwd_rows_impl(scalar_t* buf, int64_t 
       continue;
     }
     const acc_t m_new = mx;
-    // first chunk: nothing accumulated yet, the old state gets 0
-    const acc_t a = m_old == kNegInf ? acc_t(0) : fast_exp(m_old - m_new);
-    if (need_grad) {  // a may underflow to 0 for a jump > 87: then the old E must be zeroed too
-      acc_t* Er = E + i * d;
-#pragma omp simd
-      for (int64_t k = 0; k < d; ++k) Er[k] *= a;
-    }
     sum = 0;
     if (need_grad) {
 #pragma omp simd reduction(+ : sum)
@@ -156,8 +138,13 @@ inline __attribute__((always_inline)) void fwd_rows_impl(scalar_t* buf, int64_t 
 #pragma omp simd reduction(+ : sum)
       for (int64_t j = 0; j < c; ++j) sum += fast_exp(zp[j] - m_new);
     }
-    S[i] = S[i] * a + sum;
-    m[i] = m_new;
+    // first chunk: a = 0, nothing accumulated yet
+    const acc_t a = lse_merge<CpuMath>(m[i], S[i], m_new, sum);
+    if (need_grad) {  // a may underflow to 0 for a jump > 87: then the old E must be zeroed too
+      acc_t* Er = E + i * d;
+#pragma omp simd
+      for (int64_t k = 0; k < d; ++k) Er[k] *= a;
+    }
   }
 }
 
@@ -245,35 +232,15 @@ inline void bwd_rows(c10::Half* b, int64_t c, int64_t v0, int64_t s, int64_t e, 
   bwd_rows_f16(b, c, v0, s, e, t, l, g, f);
 }
 
-void check_common(const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& targets,
-                  int64_t ignore_index) {
-  TORCH_CHECK(hidden.device().is_cpu() && weight.device().is_cpu() && targets.device().is_cpu(),
-              "linear_logprobs (CPU): hidden, weight and targets must all be CPU tensors, got ", hidden.device(),
-              ", ", weight.device(), ", ", targets.device());
-  TORCH_CHECK(hidden.dim() == 2, "linear_logprobs: hidden must be 2-D [N, d], got shape ", hidden.sizes());
-  TORCH_CHECK(weight.dim() == 2, "linear_logprobs: weight must be 2-D [V, d], got shape ", weight.sizes());
-  TORCH_CHECK(targets.dim() == 1, "linear_logprobs: targets must be 1-D [N], got shape ", targets.sizes());
-  TORCH_CHECK(hidden.size(1) == weight.size(1), "linear_logprobs: hidden is [N, d] = ", hidden.sizes(),
-              " but weight is [V, d] = ", weight.sizes(), " (hidden size d differs)");
-  TORCH_CHECK(targets.size(0) == hidden.size(0), "linear_logprobs: targets has ", targets.size(0),
-              " entries but hidden has N = ", hidden.size(0), " rows");
-  TORCH_CHECK(weight.size(0) > 0, "linear_logprobs: weight has an empty vocabulary (V = 0)");
-  const auto dt = hidden.scalar_type();
-  TORCH_CHECK(dt == at::kDouble || dt == at::kFloat || dt == at::kBFloat16 || dt == at::kHalf,
-              "linear_logprobs: hidden dtype must be float64, float32, bfloat16 or float16, got ", dt);
-  TORCH_CHECK(weight.scalar_type() == dt, "linear_logprobs: hidden is ", dt, " but weight is ",
-              weight.scalar_type(), " (they must share a dtype)");
-  TORCH_CHECK(targets.scalar_type() == at::kLong, "linear_logprobs: targets must be int64, got ",
-              targets.scalar_type());
-  TORCH_CHECK(hidden.is_contiguous() && weight.is_contiguous() && targets.is_contiguous(),
-              "linear_logprobs: hidden, weight and targets must be contiguous (call .contiguous())");
-  // out-of-range targets would index outside the weight in the J / gradient gather
-  const int64_t V = weight.size(0);
-  const int64_t* t = targets.data_ptr<int64_t>();
-  for (int64_t i = 0; i < targets.numel(); ++i) {
-    TORCH_CHECK(t[i] == ignore_index || (t[i] >= 0 && t[i] < V), "linear_logprobs: targets[", i, "] = ", t[i],
-                " is outside the vocabulary [0, ", V, ") and is not ignore_index (", ignore_index, ")");
-  }
+// The CPU's own checks; the shared ones (shapes, dtypes, chunk) are in common.h.
+void check_cpu_inputs(const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& targets, int64_t chunk,
+                      const char* fn) {
+  TORCH_CHECK(hidden.device().is_cpu() && weight.device().is_cpu() && targets.device().is_cpu(), fn,
+              ": hidden, weight and targets must all be CPU tensors, got ", hidden.device(), ", ", weight.device(),
+              ", ", targets.device());
+  check_inputs(hidden, weight, targets, chunk, fn);
+  TORCH_CHECK(hidden.is_contiguous() && weight.is_contiguous() && targets.is_contiguous(), fn,
+              ": hidden, weight and targets must be contiguous (call .contiguous())");
 }
 
 // Default chunk: an N x chunk logits buffer of about 32 MiB, clamped to [1024, 8192] vocab rows. Few chunks
@@ -289,34 +256,21 @@ int64_t pick_chunk(int64_t chunk, int64_t n_rows, int64_t V, int64_t elem_size) 
   return std::min(c, V);
 }
 
-// Rows whose target is ignore_index are dropped before the products; returns their indices, or an undefined
-// tensor when every row is kept.
-at::Tensor kept_rows(const at::Tensor& targets, int64_t ignore_index) {
-  const auto keep = targets.ne(ignore_index);
-  const int64_t n_keep = keep.sum().item<int64_t>();
-  if (n_keep == targets.numel()) return at::Tensor();
-  return keep.nonzero().squeeze(1);
-}
-
 template <typename scalar_t, typename acc_t>
 std::vector<at::Tensor> forward_impl(const at::Tensor& hidden_all, const at::Tensor& weight,
-                                     const at::Tensor& targets_all, int64_t ignore_index, double logit_scale,
+                                     const at::Tensor& targets_all, const KeptRows& rows, double logit_scale,
                                      double softcap, int64_t chunk, bool need_grad) {
   const int64_t N = hidden_all.size(0), d = hidden_all.size(1), V = weight.size(0);
   const auto acc_dtype = c10::CppTypeToScalarType<acc_t>::value;
   const auto acc_opts = hidden_all.options().dtype(acc_dtype);
-  auto logp_all = at::zeros({N}, acc_opts);
-  auto lse_all = at::zeros({N}, acc_opts);
-  auto J_all = need_grad ? at::zeros({N, d}, acc_opts) : at::empty({0}, acc_opts);
+  const int64_t n = rows.n;
+  if (n == 0) {  // every target ignored: zeros, nothing to compute
+    return {at::zeros({N}, acc_opts), at::zeros({N}, acc_opts),
+            need_grad ? at::zeros({N, d}, acc_opts) : at::empty({0}, acc_opts)};
+  }
+  const at::Tensor hidden = rows.select(hidden_all), targets = rows.select(targets_all);
 
-  const at::Tensor idx = kept_rows(targets_all, ignore_index);
-  const at::Tensor hidden = idx.defined() ? hidden_all.index_select(0, idx) : hidden_all;
-  const at::Tensor targets = idx.defined() ? targets_all.index_select(0, idx) : targets_all;
-  const int64_t n = hidden.size(0);
-  if (n == 0) return {logp_all, lse_all, J_all};
-
-  const Cap<acc_t> f{acc_t(logit_scale), softcap > 0 ? acc_t(softcap) : acc_t(0),
-                     softcap > 0 ? acc_t(1.0 / softcap) : acc_t(0)};
+  const Cap<acc_t> f = Cap<acc_t>::make(logit_scale, softcap);
   const int64_t C = pick_chunk(chunk, n, V, sizeof(scalar_t));
   at::Tensor m = at::full({n}, -std::numeric_limits<double>::infinity(), acc_opts);
   at::Tensor S = at::zeros({n}, acc_opts);
@@ -357,39 +311,33 @@ std::vector<at::Tensor> forward_impl(const at::Tensor& hidden_all, const at::Ten
 
   auto lse = m + S.log();
   auto logp = zt - lse;
-  logp_all = idx.defined() ? logp_all.index_copy_(0, idx, logp) : logp;
-  lse_all = idx.defined() ? lse_all.index_copy_(0, idx, lse) : lse;
+  at::Tensor J = at::empty({0}, acc_opts);
   if (need_grad) {
     // J = s * (f'_t * w_t - E / S)
     auto Wt = weight.index_select(0, targets).to(acc_dtype);
-    auto J = Wt.mul_((fpt * f.scale).unsqueeze(1)).sub_(E.mul_((S.reciprocal() * f.scale).unsqueeze(1)));
-    J_all = idx.defined() ? J_all.index_copy_(0, idx, J) : J;
+    J = rows.scatter(Wt.mul_((fpt * f.scale).unsqueeze(1)).sub_(E.mul_((S.reciprocal() * f.scale).unsqueeze(1))), N);
   }
-  return {logp_all, lse_all, J_all};
+  return {rows.scatter(logp, N), rows.scatter(lse, N), J};
 }
 
 template <typename scalar_t, typename acc_t>
 std::vector<at::Tensor> backward_impl(const at::Tensor& grad_all, const at::Tensor& hidden_all,
                                       const at::Tensor& weight, const at::Tensor& targets_all,
-                                      const at::Tensor& lse_all, int64_t ignore_index, double logit_scale,
+                                      const at::Tensor& lse_all, const KeptRows& rows, double logit_scale,
                                       double softcap, int64_t chunk, bool need_gh, bool need_gw) {
   const int64_t N = hidden_all.size(0), d = hidden_all.size(1), V = weight.size(0);
   const auto acc_dtype = c10::CppTypeToScalarType<acc_t>::value;
   const auto acc_opts = hidden_all.options().dtype(acc_dtype);
   at::Tensor gh_all = need_gh ? at::zeros({N, d}, hidden_all.options()) : at::empty({0}, hidden_all.options());
   at::Tensor gw = need_gw ? at::zeros({V, d}, weight.options()) : at::empty({0}, weight.options());
-  if (!need_gh && !need_gw) return {gh_all, gw};
+  const int64_t n = rows.n;
+  if ((!need_gh && !need_gw) || n == 0) return {gh_all, gw};
 
-  const at::Tensor idx = kept_rows(targets_all, ignore_index);
-  auto sel = [&](const at::Tensor& x) { return idx.defined() ? x.index_select(0, idx) : x; };
-  const at::Tensor hidden = sel(hidden_all), targets = sel(targets_all);
-  const at::Tensor lse = sel(lse_all).to(acc_dtype).contiguous();
-  const at::Tensor g = sel(grad_all).to(acc_dtype).contiguous();
-  const int64_t n = hidden.size(0);
-  if (n == 0) return {gh_all, gw};
+  const at::Tensor hidden = rows.select(hidden_all), targets = rows.select(targets_all);
+  const at::Tensor lse = rows.select(lse_all).to(acc_dtype).contiguous();
+  const at::Tensor g = rows.select(grad_all).to(acc_dtype).contiguous();
 
-  const Cap<acc_t> f{acc_t(logit_scale), softcap > 0 ? acc_t(softcap) : acc_t(0),
-                     softcap > 0 ? acc_t(1.0 / softcap) : acc_t(0)};
+  const Cap<acc_t> f = Cap<acc_t>::make(logit_scale, softcap);
   const int64_t C = pick_chunk(chunk, n, V, sizeof(scalar_t));
   auto gh = need_gh ? at::zeros({n, d}, acc_opts) : at::Tensor();
   auto flat = at::empty({n * C}, hidden.options());
@@ -417,10 +365,7 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& grad_all, const at::Tens
       }
     }
   }
-  if (need_gh) {
-    auto ghc = gh.to(hidden_all.scalar_type());
-    gh_all = idx.defined() ? gh_all.index_copy_(0, idx, ghc) : ghc;
-  }
+  if (need_gh) gh_all = rows.scatter(gh.to(hidden_all.scalar_type()), N);
   return {gh_all, gw};
 }
 
@@ -430,21 +375,20 @@ std::vector<at::Tensor> linear_logprobs_forward(const at::Tensor& hidden, const 
                                                 const at::Tensor& targets, int64_t ignore_index,
                                                 double logit_scale, double softcap, int64_t chunk,
                                                 bool need_grad) {
-  check_common(hidden, weight, targets, ignore_index);  // chunk <= 0: default
+  const char* fn = "linear_logprobs_forward (CPU)";
+  check_cpu_inputs(hidden, weight, targets, chunk, fn);  // chunk 0: default
+  const KeptRows rows = keep_rows(targets, ignore_index, weight.size(0), fn);
   at::NoGradGuard no_grad;  // the Python autograd.Function owns differentiation; no graph of the internals
   switch (hidden.scalar_type()) {
     case at::kDouble:
-      return forward_impl<double, double>(hidden, weight, targets, ignore_index, logit_scale, softcap, chunk,
-                                          need_grad);
+      return forward_impl<double, double>(hidden, weight, targets, rows, logit_scale, softcap, chunk, need_grad);
     case at::kFloat:
-      return forward_impl<float, float>(hidden, weight, targets, ignore_index, logit_scale, softcap, chunk,
-                                        need_grad);
+      return forward_impl<float, float>(hidden, weight, targets, rows, logit_scale, softcap, chunk, need_grad);
     case at::kBFloat16:
-      return forward_impl<c10::BFloat16, float>(hidden, weight, targets, ignore_index, logit_scale, softcap,
-                                                chunk, need_grad);
+      return forward_impl<c10::BFloat16, float>(hidden, weight, targets, rows, logit_scale, softcap, chunk,
+                                                need_grad);
     default:
-      return forward_impl<c10::Half, float>(hidden, weight, targets, ignore_index, logit_scale, softcap, chunk,
-                                            need_grad);
+      return forward_impl<c10::Half, float>(hidden, weight, targets, rows, logit_scale, softcap, chunk, need_grad);
   }
 }
 
@@ -453,29 +397,24 @@ std::vector<at::Tensor> linear_logprobs_backward(const at::Tensor& grad_logp, co
                                                  const at::Tensor& lse, int64_t ignore_index, double logit_scale,
                                                  double softcap, int64_t chunk, bool need_grad_hidden,
                                                  bool need_grad_weight) {
-  check_common(hidden, weight, targets, ignore_index);  // chunk <= 0: default
-  TORCH_CHECK(grad_logp.device().is_cpu() && lse.device().is_cpu(),
-              "linear_logprobs_backward (CPU): grad_logp and lse must be CPU tensors");
-  TORCH_CHECK(grad_logp.dim() == 1 && grad_logp.size(0) == hidden.size(0), "linear_logprobs_backward: grad_logp ",
-              "must be [N] = [", hidden.size(0), "], got ", grad_logp.sizes());
-  TORCH_CHECK(lse.dim() == 1 && lse.size(0) == hidden.size(0), "linear_logprobs_backward: lse must be [N] = [",
-              hidden.size(0), "], got ", lse.sizes());
-  TORCH_CHECK(at::isFloatingType(grad_logp.scalar_type()) && at::isFloatingType(lse.scalar_type()),
-              "linear_logprobs_backward: grad_logp and lse must be floating point");
+  const char* fn = "linear_logprobs_backward (CPU)";
+  check_cpu_inputs(hidden, weight, targets, chunk, fn);  // chunk 0: default
+  check_backward_inputs(grad_logp, lse, hidden, fn);
+  const KeptRows rows = keep_rows(targets, ignore_index, weight.size(0), fn);
   at::NoGradGuard no_grad;
   switch (hidden.scalar_type()) {
     case at::kDouble:
-      return backward_impl<double, double>(grad_logp, hidden, weight, targets, lse, ignore_index, logit_scale,
-                                           softcap, chunk, need_grad_hidden, need_grad_weight);
+      return backward_impl<double, double>(grad_logp, hidden, weight, targets, lse, rows, logit_scale, softcap,
+                                           chunk, need_grad_hidden, need_grad_weight);
     case at::kFloat:
-      return backward_impl<float, float>(grad_logp, hidden, weight, targets, lse, ignore_index, logit_scale,
-                                         softcap, chunk, need_grad_hidden, need_grad_weight);
+      return backward_impl<float, float>(grad_logp, hidden, weight, targets, lse, rows, logit_scale, softcap,
+                                         chunk, need_grad_hidden, need_grad_weight);
     case at::kBFloat16:
-      return backward_impl<c10::BFloat16, float>(grad_logp, hidden, weight, targets, lse, ignore_index,
-                                                 logit_scale, softcap, chunk, need_grad_hidden, need_grad_weight);
+      return backward_impl<c10::BFloat16, float>(grad_logp, hidden, weight, targets, lse, rows, logit_scale,
+                                                 softcap, chunk, need_grad_hidden, need_grad_weight);
     default:
-      return backward_impl<c10::Half, float>(grad_logp, hidden, weight, targets, lse, ignore_index, logit_scale,
-                                             softcap, chunk, need_grad_hidden, need_grad_weight);
+      return backward_impl<c10::Half, float>(grad_logp, hidden, weight, targets, lse, rows, logit_scale, softcap,
+                                             chunk, need_grad_hidden, need_grad_weight);
   }
 }
 
