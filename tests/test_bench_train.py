@@ -10,12 +10,7 @@ from click.testing import CliRunner
 from tpo_lite.bench.train import TrainBenchConfig, count_tokens, fit_pair, synthetic_pairs, trl_status
 from tpo_lite.cli.bench_cmds import bench_command
 
-from tiny_models import VOCAB, make_tiny_model
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    return str(make_tiny_model(tmp_path_factory.mktemp("tiny_bench")))
+from tiny_models import VOCAB
 
 
 def test_synthetic_pairs_fit_and_token_count():

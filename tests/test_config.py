@@ -33,7 +33,7 @@ def fake_sections(monkeypatch):
     mod = types.ModuleType("fake_stage")
     mod.FakeTrain = FakeTrain
     monkeypatch.setitem(sys.modules, "fake_stage", mod)
-    monkeypatch.setattr(C, "SECTIONS", {"train": ("fake_stage", "FakeTrain"), "loop": ("tpo_lite.config", "LoopConfig")})
+    monkeypatch.setitem(C.SECTIONS, "train", FakeTrain)
 
 
 def write(tmp_path, text):
@@ -118,3 +118,18 @@ def test_options_reference_lists_every_field():
 def test_every_loop_field_documented():
     for f in dataclasses.fields(C.LoopConfig):
         assert f.metadata.get("help"), f.name
+
+
+def test_replace_sets_an_unset_optional_table_and_names_an_unknown_one():
+    """replace() on [eval_judge], absent from the config (None), starts from its defaults instead of failing
+    inside dataclasses.replace; an unknown table is a TpoError naming it, not a KeyError."""
+    from tpo_lite.judges import JudgeConfig
+
+    cfg = C.load_config(None)
+    assert cfg.eval_judge is None
+    ej = cfg.replace("eval_judge", kind="reward_model", model="/rm")
+    assert ej.eval_judge == JudgeConfig(kind="reward_model", model="/rm") and cfg.eval_judge is None
+    assert ej.replace("eval_judge", batch_size=2).eval_judge.model == "/rm"
+    with pytest.raises(TpoError) as e:
+        cfg.replace("evaljudge", kind="programmatic")
+    assert e.value.field == "evaljudge" and "unknown table" in e.value.message

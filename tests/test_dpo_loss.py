@@ -1,4 +1,5 @@
-"""DPO loss types against hand-computed closed forms, gradients against float64 autograd, fused vs unfused."""
+"""DPO loss types against hand-computed closed forms, gradients against float64 autograd, fused vs unfused (the
+fused loss on each `device`: the CPU and the CUDA kernels)."""
 import math
 
 import pytest
@@ -158,8 +159,8 @@ def test_shape_mismatch():
 
 
 # ---------------------------------------------------------------- fused
-def _fused_case(seed=0, b=3, d=16, v=53, dtype=torch.float64):
-    """A packed batch: 2B sequences of random lengths, interleaved with ignored (-1) positions."""
+def _fused_case(seed=0, b=3, d=16, v=53, dtype=torch.float64, device="cpu"):
+    """A packed batch: 2B sequences of random lengths, interleaved with ignored (-1) positions, on ``device``."""
     g = torch.Generator().manual_seed(seed)
     lengths = torch.randint(1, 6, (2 * b,), generator=g)
     segs = []
@@ -173,7 +174,7 @@ def _fused_case(seed=0, b=3, d=16, v=53, dtype=torch.float64):
     targets = torch.randint(0, v, (n,), generator=g)
     targets[seg < 0] = -100  # ignored positions may carry anything, even out-of-range ids
     ref = torch.randn(2 * b, generator=g, dtype=torch.float64) * 5 - 20
-    return hidden, weight, targets, seg, ref
+    return tuple(x.to(device) for x in (hidden, weight, targets, seg, ref))
 
 
 def _unfused(hidden, weight, targets, seg, ref, average=False):
@@ -187,13 +188,13 @@ def _unfused(hidden, weight, targets, seg, ref, average=False):
         sums.append(logp[idx, targets[idx]].sum())
         counts.append(len(idx))
     sums = torch.stack(sums)
-    counts = torch.tensor(counts, dtype=torch.float64)
+    counts = torch.tensor(counts, dtype=torch.float64, device=sums.device)
     return (sums / counts, ref / counts, counts) if average else (sums, ref, counts)
 
 
 @pytest.mark.parametrize("loss_type", LOSS_TYPES)
-def test_fused_matches_unfused_float64(loss_type):
-    hidden, weight, targets, seg, ref = _fused_case(seed=3)
+def test_fused_matches_unfused_float64(device, loss_type):
+    hidden, weight, targets, seg, ref = _fused_case(seed=3, device=device)
     b = ref.numel() // 2
     eps = 0.1 if loss_type in ("sigmoid", "robust") else 0.0
     h1 = hidden.clone().requires_grad_(True)
@@ -218,8 +219,8 @@ def test_fused_matches_unfused_float64(loss_type):
     assert out.metrics["tokens"].item() == (seg >= 0).sum().item()
 
 
-def test_fused_average_log_prob_and_metrics():
-    hidden, weight, targets, seg, ref = _fused_case(seed=4, b=2)
+def test_fused_average_log_prob_and_metrics(device):
+    hidden, weight, targets, seg, ref = _fused_case(seed=4, b=2, device=device)
     out = fused_dpo_loss(hidden, weight, targets, seg, ref, beta=0.2, average_log_prob=True)
     pol, rf, _ = _unfused(hidden, weight, targets, seg, ref, average=True)
     plain = dpo_loss(pol[:2], pol[2:], rf[:2], rf[2:], beta=0.2)
@@ -228,8 +229,8 @@ def test_fused_average_log_prob_and_metrics():
         assert out.metrics[k].item() == pytest.approx(plain.metrics[k].item(), rel=1e-6, abs=1e-7)
 
 
-def test_fused_float32_and_bfloat16_close_to_float64():
-    hidden, weight, targets, seg, ref = _fused_case(seed=5, b=4, d=64, v=300)
+def test_fused_float32_and_bfloat16_close_to_float64(device):
+    hidden, weight, targets, seg, ref = _fused_case(seed=5, b=4, d=64, v=300, device=device)
     exact = fused_dpo_loss(hidden, weight, targets, seg, ref, beta=0.1).loss.item()
     f32 = fused_dpo_loss(hidden.float(), weight.float(), targets, seg, ref.float(), beta=0.1)
     assert f32.loss.dtype == torch.float32
@@ -238,9 +239,9 @@ def test_fused_float32_and_bfloat16_close_to_float64():
     assert bf.loss.item() == pytest.approx(exact, rel=0.05)
 
 
-def test_fused_initial_margin_is_zero_when_reference_is_the_policy():
-    hidden, weight, targets, seg, _ = _fused_case(seed=6)
-    pol, _, _ = _unfused(hidden, weight, targets, seg, torch.zeros(6))
+def test_fused_initial_margin_is_zero_when_reference_is_the_policy(device):
+    hidden, weight, targets, seg, _ = _fused_case(seed=6, device=device)
+    pol, _, _ = _unfused(hidden, weight, targets, seg, torch.zeros(6, dtype=torch.float64, device=device))
     out = fused_dpo_loss(hidden, weight, targets, seg, pol.detach(), beta=0.1)
     assert abs(out.metrics["margins"].item()) < 1e-10
     assert out.loss.item() == pytest.approx(math.log(2), rel=1e-10)
@@ -256,7 +257,10 @@ def test_fused_bad_inputs():
         fused_dpo_loss(hidden, weight, targets, torch.where(seg == 3, -1, seg), ref)
     bad = targets.clone()
     bad[(seg >= 0).nonzero()[0]] = weight.shape[0]
-    with pytest.raises(ValueError, match="targets: kept positions must be in"):
+    with pytest.raises(ValueError, match=r"targets\[\d+\] = \d+ is outside the vocabulary"):
+        fused_dpo_loss(hidden, weight, bad, seg, ref)
+    bad[(seg >= 0).nonzero()[0]] = -100  # the default ignore_index of fused_linear_logprobs: still refused
+    with pytest.raises(ValueError, match=r"targets\[\d+\] = -100 is outside the vocabulary"):
         fused_dpo_loss(hidden, weight, bad, seg, ref)
     with pytest.raises(ValueError, match="targets: expected shape"):
         fused_dpo_loss(hidden, weight, targets[:-1], seg, ref)

@@ -8,9 +8,13 @@ import os
 import numpy as np
 import pytest
 
+from tpo_lite import evalsets as es
 from tpo_lite import evaluate as ev
 from tpo_lite.errors import TpoError
-from tpo_lite.judges.base import JudgeResult
+from tpo_lite.judges.base import Capabilities, Judge, JudgeResult
+
+SCORER = Capabilities(scores_absolute=True, compares_pairs=False, learned=True)
+COMPARER = Capabilities(scores_absolute=False, compares_pairs=True, learned=True)
 
 
 def _write(path, text):
@@ -31,30 +35,30 @@ def test_alpaca_eval_json_list_and_jsonl_agree(tmp_path):
         {"instruction": "Say hi.", "output": "Hi!", "generator": "gpt4_turbo", "dataset": ""},
         {"instruction": "Count to 3.", "output": "1 2 3", "generator": "gpt4_turbo"},
     ]
-    a = ev.read_alpaca_eval(_write(tmp_path / "a.json", json.dumps(recs)))
-    b = ev.read_alpaca_eval(_jsonl(tmp_path / "b.jsonl", recs))
+    a = es.read_alpaca_eval(_write(tmp_path / "a.json", json.dumps(recs)))
+    b = es.read_alpaca_eval(_jsonl(tmp_path / "b.jsonl", recs))
     assert [(i.instruction, i.category, i.baseline, i.baseline_generator) for i in a] == [
         ("Name a colour.", "helpful_base", "Blue.", "gpt4_turbo"),
         ("Say hi.", "uncategorised", "Hi!", "gpt4_turbo"),  # empty dataset
         ("Count to 3.", "uncategorised", "1 2 3", "gpt4_turbo"),  # missing dataset
     ]
     assert [(i.instruction, i.category, i.baseline) for i in a] == [(i.instruction, i.category, i.baseline) for i in b]
-    assert ev.detect_format(tmp_path / "a.json") == "alpaca_eval"
+    assert es.detect_format(tmp_path / "a.json") == "alpaca_eval"
 
 
 def test_alpaca_eval_bad_records_name_file_line_field(tmp_path):
     p = _write(tmp_path / "bad.jsonl", json.dumps({"instruction": "ok"}) + "\n\n" + json.dumps({"output": "x"}) + "\n")
     with pytest.raises(TpoError) as e:
-        ev.read_alpaca_eval(p)
+        es.read_alpaca_eval(p)
     assert str(e.value) == f"{p}:3: instruction: missing"
     p = _write(tmp_path / "bad.json", json.dumps([{"instruction": "ok"}, {"instruction": 5}]))
     with pytest.raises(TpoError, match=r"bad.json: \[1\].instruction: expected a string, got int"):
-        ev.read_alpaca_eval(p)
+        es.read_alpaca_eval(p)
     p = _write(tmp_path / "broken.jsonl", '{"instruction": "a"}\n{"instruction": \n')
     with pytest.raises(TpoError, match=r"broken.jsonl:2: not valid JSON"):
-        ev.read_alpaca_eval(p)
+        es.read_alpaca_eval(p)
     with pytest.raises(TpoError, match="file not found"):
-        ev.read_alpaca_eval(tmp_path / "nope.json")
+        es.read_alpaca_eval(tmp_path / "nope.json")
 
 
 def test_arena_hard_questions_and_answers(tmp_path):
@@ -69,30 +73,30 @@ def test_arena_hard_questions_and_answers(tmp_path):
         {"question_id": "u2", "model_id": "gpt-4-0314", "choices": [{"index": 0, "turns": [{"content": "TCP is..."}]}]},
         {"uid": "u3", "output": "4"},
     ])
-    items = ev.read_arena_hard(q, a)
+    items = es.read_arena_hard(q, a)
     assert [(i.id, i.instruction, i.category, i.baseline, i.baseline_generator) for i in items] == [
         ("u1", "Write a haiku.", "arena-hard-v0.1", "Leaves fall", "gpt-4-0314"),
         ("u2", "Explain TCP.", "uncategorised", "TCP is...", "gpt-4-0314"),
         ("u3", "2+2?", "uncategorised", "4", None),
     ]
-    assert ev.detect_format(q) == "arena_hard"
+    assert es.detect_format(q) == "arena_hard"
     assert [i.id for i in ev.load_eval_set(q, baseline=a)] == ["u1", "u2", "u3"]
 
 
 def test_arena_hard_bad_input(tmp_path):
     q = _jsonl(tmp_path / "q.jsonl", [{"uid": "u1", "prompt": "x"}, {"uid": "u1", "prompt": "y"}])
     with pytest.raises(TpoError, match=r"q.jsonl:2: uid: duplicate uid 'u1'"):
-        ev.read_arena_hard(q)
+        es.read_arena_hard(q)
     q = _jsonl(tmp_path / "q2.jsonl", [{"uid": "u1", "prompt": "x"}, {"uid": "u2", "title": "no prompt"}])
     with pytest.raises(TpoError, match=r"q2.jsonl:2: prompt: missing"):
-        ev.read_arena_hard(q)
+        es.read_arena_hard(q)
     q = _jsonl(tmp_path / "q3.jsonl", [{"uid": "u1", "prompt": "x"}, {"uid": "u2", "prompt": "y"}])
     a = _jsonl(tmp_path / "a3.jsonl", [{"uid": "u1", "output": "z"}])
     with pytest.raises(TpoError, match=r"a3.jsonl: no baseline answer for 1 of 2 questions \(first: 'u2'\)"):
-        ev.read_arena_hard(q, a)
+        es.read_arena_hard(q, a)
     a = _jsonl(tmp_path / "a4.jsonl", [{"uid": "u1", "messages": []}])
     with pytest.raises(TpoError, match=r"a4.jsonl:1: no answer text"):
-        ev.read_arena_hard_answers(a)
+        es.read_arena_hard_answers(a)
 
 
 def test_instruction_set_reader(tmp_path):
@@ -124,7 +128,7 @@ def test_eval_config_validation():
 
 
 def _items(n, cats=("a", "b")):
-    return [ev.EvalItem(id=f"q{k}", instruction=f"instruction {k}", category=cats[k % len(cats)]) for k in range(n)]
+    return [es.EvalItem(id=f"q{k}", instruction=f"instruction {k}", category=cats[k % len(cats)]) for k in range(n)]
 
 
 def _outs(items, responses, gen, valid=None, thoughts=None):
@@ -146,42 +150,49 @@ def test_misaligned_outputs_are_refused():
         ev.compare_outputs(items, outs, outs[:2], _LengthJudge())
 
 
-def test_outputs_roundtrip_with_thought_side_file(tmp_path):
+def test_outputs_roundtrip_in_one_format(tmp_path):
+    """outputs.jsonl is the one format read back (thoughts and validity kept), whether the folder, the file or
+    its AlpacaEval export model_outputs.json is named; an AlpacaEval file from elsewhere is responses only."""
+    import shutil
+
+    from tpo_lite.rundir import EvalDir
+
     items = _items(3)
     outs = _outs(items, ["r0", "", "r2"], "tpo-iter1", valid=[True, False, True], thoughts=["t0", "t1", "t2"])
     outs[1].invalid_reason = "no_response_marker"
     path = ev.write_model_outputs(tmp_path / "m", outs)
     alpaca = json.loads(open(path).read())
     assert alpaca[0] == {"instruction": "instruction 0", "output": "r0", "generator": "tpo-iter1", "dataset": "a"}
-    back = ev.read_outputs(path)
-    assert [(o.response, o.valid, o.thought, o.invalid_reason) for o in back] == [
-        ("r0", True, "t0", None), ("", False, "t1", "no_response_marker"), ("r2", True, "t2", None)]
-    # A side file from a different eval is refused rather than silently mixed in.
-    side = tmp_path / "m" / ev.MODEL_THOUGHTS
-    lines = side.read_text().splitlines()
-    side.write_text("\n".join(lines[:2]) + "\n")
-    with pytest.raises(TpoError, match="2 records but .* has 3 outputs"):
-        ev.read_outputs(path)
+    for where in (tmp_path / "m", path, EvalDir(tmp_path / "m").outputs):
+        back = ev.read_outputs(where)
+        assert [(o.response, o.valid, o.thought, o.invalid_reason) for o in back] == [
+            ("r0", True, "t0", None), ("", False, "t1", "no_response_marker"), ("r2", True, "t2", None)]
+    shutil.copy(path, tmp_path / "alpaca.json")
+    assert [(o.response, o.valid) for o in ev.read_outputs(tmp_path / "alpaca.json")] == [
+        ("r0", True), ("", True), ("r2", True)]
+    with pytest.raises(TpoError, match="no outputs.jsonl in this folder"):
+        ev.read_outputs(tmp_path)
 
 
 # ------------------------------------------------------------------------------------------------ comparisons
 
 
-class _LengthJudge:
+class _LengthJudge(Judge):
     """Score = number of words (a stand-in reward model with a known answer)."""
 
     name = "words"
+    capabilities = SCORER
 
     def score(self, instruction, responses):
         assert not isinstance(instruction, str) and hasattr(instruction, "checks")
         return JudgeResult([None if r is None else float(len(r.split())) for r in responses])
 
 
-class _BiasedPairwise:
+class _BiasedPairwise(Judge):
     """p(a wins) = 0.9 if a is longer, 0.1 if shorter, else 0.5; plus `bias` for whoever is shown first."""
 
     name = "pairwise-fake"
-    kind = "pairwise"
+    capabilities = COMPARER
 
     def __init__(self, bias=0.0):
         self.bias = bias
@@ -252,11 +263,11 @@ def test_pairwise_both_orders_and_position_bias():
     assert r["win_rate"] == 0.5 and r["ties"] == 4
 
 
-class _LengthLovingPairwise:
+class _LengthLovingPairwise(Judge):
     """p(a wins) = sigmoid((len(a) - len(b)) / 10): a judge that only likes length (no position bias)."""
 
     name = "length-lover"
-    kind = "pairwise"
+    capabilities = COMPARER
 
     def compare(self, instruction, a, b):
         return float(1.0 / (1.0 + np.exp(-(len(a) - len(b)) / 10.0)))
@@ -267,7 +278,7 @@ def test_lc_win_rate_removes_a_pure_length_preference():
     # win rate is well above 0.5 but at equal length it is exactly even: the length-controlled rate must be ~0.5.
     rng = np.random.default_rng(0)
     n = 120
-    items = [ev.EvalItem(id=f"q{k}", instruction=f"i{k}") for k in range(n)]
+    items = [es.EvalItem(id=f"q{k}", instruction=f"i{k}") for k in range(n)]
     d = rng.integers(1, 41, size=n) * np.where(np.arange(n) < 90, 1, -1)
     base = [ev.ModelOutput(instruction=it.instruction, response="w" * 60, generator="b") for it in items]
     model = [ev.ModelOutput(instruction=it.instruction, response="w" * (60 + int(dk)), generator="m")
@@ -308,25 +319,18 @@ def test_write_result_json_and_markdown(tmp_path):
 
 def _tiny_model_and_tokenizer(tmp_path):
     """A random 2-layer llama and a word-level tokenizer with a chat template, both built here."""
-    import torch
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from tokenizers import pre_tokenizers
+    from tiny_models import tiny_llama, word_level_tokenizer
 
     words = ["<pad>", "<s>", "</s>", "<unk>", "<|im_start|>", "<|im_end|>", "user", "assistant", "system", "\n"]
     words += ["here", "is", "my", "thought", "process:", "response:", "the", "a", "answer", "yes", "no", "word", "A", "B"]
     words += [f"w{k}" for k in range(100)]
-    vocab = {w: i for i, w in enumerate(dict.fromkeys(words))}
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    hf = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="<|im_end|>", pad_token="<pad>",
-                                 unk_token="<unk>")
-    hf.chat_template = ("{% for m in messages %}<|im_start|> {{ m['role'] }} {{ m['content'] }} <|im_end|> "
-                        "{% endfor %}{% if add_generation_prompt %}<|im_start|> assistant {% endif %}")
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(vocab), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                      bos_token_id=vocab["<s>"], eos_token_id=vocab["<|im_end|>"], pad_token_id=vocab["<pad>"])
-    model = LlamaForCausalLM(cfg).eval()
+    hf = word_level_tokenizer(
+        words, "<unk>", pre_tokenizer=pre_tokenizers.WhitespaceSplit(),
+        chat_template=("{% for m in messages %}<|im_start|> {{ m['role'] }} {{ m['content'] }} <|im_end|> "
+                       "{% endfor %}{% if add_generation_prompt %}<|im_start|> assistant {% endif %}"),
+        bos_token="<s>", eos_token="<|im_end|>", pad_token="<pad>", unk_token="<unk>")
+    model = tiny_llama(len(hf), tokenizer=hf, max_position_embeddings=512).eval()
     return model, hf
 
 
@@ -337,7 +341,7 @@ def test_eval_tiny_random_model_real_path(tmp_path):
     from tpo_lite.prompts import PromptConfig
 
     model, tok = _tiny_model_and_tokenizer(tmp_path)
-    items = [ev.EvalItem(id=f"h{k}", instruction=f"w{k} w{k + 1} answer yes", category=["c1", "c2"][k % 2],
+    items = [es.EvalItem(id=f"h{k}", instruction=f"w{k} w{k + 1} answer yes", category=["c1", "c2"][k % 2],
                          checks=[{"type": "max_words", "value": 50}]) for k in range(4)]
     ecfg = ev.EvalConfig(max_new_tokens=12, n_boot=100, batch_size=4)
     judge = judges.make_judge(judges.JudgeConfig(kind="programmatic"))
@@ -368,18 +372,14 @@ def test_eval_tiny_random_model_real_path(tmp_path):
 def test_compare_with_real_reward_model_and_pairwise_judges(tmp_path):
     """compare_outputs through the real judge classes on tiny random models: the outcomes must equal what the
     judges' own score()/compare() give for the two responses (a score difference; the mean over both orders)."""
-    import torch
-    from transformers import LlamaConfig, LlamaForSequenceClassification
+    from tiny_models import tiny_llama
 
     from tpo_lite.judges.pairwise import LocalPairBackend, PairwiseJudge
     from tpo_lite.judges.reward_model import RewardModelJudge
 
     model, tok = _tiny_model_and_tokenizer(tmp_path)
-    torch.manual_seed(1)
-    rm = LlamaForSequenceClassification(LlamaConfig(
-        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-        num_key_value_heads=1, num_labels=1, pad_token_id=tok.pad_token_id)).eval()
-    items = [ev.EvalItem(id=f"q{k}", instruction=f"w{k} answer", category="c") for k in range(4)]
+    rm = tiny_llama(len(tok), size="micro", seed=1, head="score", num_labels=1, pad_token_id=tok.pad_token_id).eval()
+    items = [es.EvalItem(id=f"q{k}", instruction=f"w{k} answer", category="c") for k in range(4)]
     mo = _outs(items, ["yes w1 w2", "no", "the answer w3", "w4 w5 w6 w7"], "m")
     bo = _outs(items, ["no w9", "yes yes", "a word", "w4 w5 w6 w7"], "b")
 
@@ -501,13 +501,16 @@ def test_experiment_end_to_end_tiny(tmp_path):
                                                           "TPO vs direct"]
     for r in record["table"]:
         assert r["n"] == 5 and r["wins"] + r["ties"] + r["losses"] == 5 and 0.0 <= r["win_rate"] <= 1.0
-    tvd = json.loads((exp / "compare" / "tpo_vs_direct" / "eval.json").read_text())
+    from tpo_lite.rundir import ExperimentDir
+
+    tvd = ExperimentDir(exp).compare("tpo_vs_direct").read_result()
     assert tvd["model"] == "tpo-iter01" and tvd["baseline"] == "direct-iter01"
     for label, template in (("tpo", "generic"), ("direct", "direct")):
-        assert f'template = "{template}"' in (exp / label / "config.toml").read_text()
-        res = json.loads((exp / label / "iter_01" / "compare" / "vs_seed" / "eval.json").read_text())
+        run = ExperimentDir(exp).run(label)
+        assert f'template = "{template}"' in run.config.read_text()
+        res = run.iteration(1).compare("vs_seed").read_result()
         assert res["baseline"] == "seed" and res["n"] == 5
-    assert (exp / "table1.md").read_text().count("| TPO vs direct | 5 |") == 1
+    assert ExperimentDir(exp).table.read_text().count("| TPO vs direct | 5 |") == 1
     # a second call resumes: nothing is recomputed and the record is the same
     again = run_experiment(config, tmp_path / "exp", progress=False, echo=lambda s: None)
     assert again["table"] == record["table"]
@@ -518,11 +521,11 @@ def test_experiment_end_to_end_tiny(tmp_path):
 # ------------------------------------------------------------------------------------------------ LC and invalid outputs
 
 
-class _FixedPairwise:
+class _FixedPairwise(Judge):
     """p(model wins) fixed per instruction (both orders agree, no position bias)."""
 
     name = "fixed-pairwise"
-    kind = "pairwise"
+    capabilities = COMPARER
 
     def __init__(self, p_model, model_responses):
         self.p = p_model
@@ -587,7 +590,7 @@ def test_format_errors_are_resampled_with_fresh_seeds(tmp_path):
     from tpo_lite.prompts import PromptConfig
 
     _, tok = _tiny_model_and_tokenizer(tmp_path)
-    items = [ev.EvalItem(id=f"q{k}", instruction=f"w{k} answer") for k in range(4)]
+    items = [es.EvalItem(id=f"q{k}", instruction=f"w{k} answer") for k in range(4)]
     fails = {"q1": 1, "q2": 5}  # q1: one format error; q2: never valid
     runs = {}
     for bs in (4, 1):
@@ -622,7 +625,7 @@ def test_retries_reported_in_result_and_markdown(tmp_path):
     r = ev.absolute_eval(items, outs, _LengthJudge(), ev.EvalConfig(n_boot=50))
     assert (r["model_lengths"]["n_retried"], r["model_lengths"]["n_invalid"]) == (2, 1)
     ev.write_model_outputs(tmp_path / "o", outs)
-    assert [o.tries for o in ev.read_outputs(tmp_path / "o" / ev.MODEL_OUTPUTS)] == [1, 2, 3, 1]
+    assert [o.tries for o in ev.read_outputs(tmp_path / "o")] == [1, 2, 3, 1]
     jp, mp = ev.write_result(tmp_path / "o", r, ev.decoding_record(ev.EvalConfig()))
     assert "Format retries: 2 of 4 outputs had a format error and were re-sampled; 1 stayed invalid" in open(mp).read()
     assert json.loads(open(jp).read())["decoding"]["format_retries"] == 2
@@ -720,7 +723,7 @@ def test_reward_hacking_warning_rules():
     pw = JudgeConfig(kind="pairwise", base_url="http://127.0.0.1:1/v1", served_model="judge")
 
     def cfg(judge, eval_judge=None):
-        return RunConfig({"judge": judge, "eval_judge": eval_judge})
+        return dataclasses.replace(RunConfig.default(), judge=judge, eval_judge=eval_judge)
 
     assert "reward hacking" in ev.reward_hacking_warning(cfg(rm))
     assert "judge at http://127.0.0.1:1/v1" in ev.reward_hacking_warning(cfg(pw))

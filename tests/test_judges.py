@@ -11,11 +11,12 @@ import torch
 
 from tpo_lite.errors import TpoError
 from tpo_lite.judges import JudgeConfig, make_judge
-from tpo_lite.judges.base import JudgeResult
+from tpo_lite.judges.base import Capabilities, Judge, JudgeResult
 from tpo_lite.judges.cache import CachedJudge, JudgementCache, cache_key
 from tpo_lite.judges.pairwise import (
     DEFAULT_JUDGE_TEMPLATE,
     LocalPairBackend,
+    PairBackend,
     PairwiseJudge,
     parse_choice,
     schedule_pairs,
@@ -41,25 +42,14 @@ class Inst:
 
 def char_tokenizer():
     """A character-level fast tokenizer with a ChatML template: every printable ASCII char is one token."""
-    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
+    from tokenizers import Regex, pre_tokenizers
+    from tiny_models import word_level_tokenizer
 
-    vocab = {"[UNK]": 0, "<|im_start|>": 1, "<|im_end|>": 2, "[PAD]": 3}
-    for c in [chr(i) for i in range(32, 127)] + ["\n"]:
-        vocab[c] = len(vocab)
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
-    t = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", eos_token="<|im_end|>",
-                                pad_token="[PAD]", additional_special_tokens=["<|im_start|>"])
-    t.chat_template = CHATML
-    return t
-
-
-def tiny_llama_config(vocab):
-    from transformers import LlamaConfig
-
-    return LlamaConfig(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048)
+    chars = [chr(i) for i in range(32, 127)] + ["\n"]
+    return word_level_tokenizer(["[UNK]", "<|im_start|>", "<|im_end|>", "[PAD]", *chars], "[UNK]",
+                                pre_tokenizer=pre_tokenizers.Split(Regex("."), behavior="isolated"),
+                                chat_template=CHATML, unk_token="[UNK]", eos_token="<|im_end|>", pad_token="[PAD]",
+                                additional_special_tokens=["<|im_start|>"])
 
 
 @pytest.fixture(scope="module")
@@ -69,21 +59,17 @@ def tok():
 
 @pytest.fixture(scope="module")
 def rm(tok):
-    from transformers import LlamaForSequenceClassification
+    from tiny_models import tiny_llama
 
-    torch.manual_seed(0)
-    cfg = tiny_llama_config(len(tok))
-    cfg.num_labels = 1
-    cfg.pad_token_id = None  # the judge must not rely on HF's pad-token pooling
-    return LlamaForSequenceClassification(cfg).eval()
+    # pad_token_id None: the judge must not rely on HF's pad-token pooling
+    return tiny_llama(len(tok), head="score", num_labels=1, pad_token_id=None, max_position_embeddings=2048).eval()
 
 
 @pytest.fixture(scope="module")
 def lm(tok):
-    from transformers import LlamaForCausalLM
+    from tiny_models import tiny_llama
 
-    torch.manual_seed(1)
-    return LlamaForCausalLM(tiny_llama_config(len(tok))).eval()
+    return tiny_llama(len(tok), seed=1, max_position_embeddings=2048).eval()
 
 
 # ------------------------------------------------------------------------------------------------ reward model
@@ -156,7 +142,7 @@ def test_parse_choice():
 
 
 # ------------------------------------------------------------------------------------- pairwise aggregation
-class ScriptedBackend:
+class ScriptedBackend(PairBackend):
     """P(A) = sigmoid(q[a] - q[b] + bias), where the quality q is read from the response text."""
 
     kind = "scripted"
@@ -398,8 +384,9 @@ def test_server_judge_cache_survives_restart(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------------ cache
-class CountingJudge:
+class CountingJudge(Judge):
     name = "counting"
+    capabilities = Capabilities(scores_absolute=True, compares_pairs=False, learned=True)
 
     def __init__(self):
         self.calls = []
@@ -503,9 +490,13 @@ def test_make_judge_programmatic_cached(tmp_path):
 
 def test_cached_judge_exposes_compare_only_when_inner_can(rm, tok, tmp_path):
     cache = JudgementCache(tmp_path / "x.sqlite")
-    assert not hasattr(CachedJudge(CountingJudge(), cache), "compare")
+    counting = CachedJudge(CountingJudge(), cache)
+    assert counting.capabilities == CountingJudge.capabilities and not counting.capabilities.compares_pairs
+    with pytest.raises(TpoError, match="judge counting cannot compare two responses"):
+        counting.compare("Q", "a", "bb")
+    assert len(cache) == 0  # a refused comparison caches nothing
     cj = CachedJudge(RewardModelJudge(rm, tok), cache)
-    assert cj.kind == "reward_model"
+    assert cj.capabilities == RewardModelJudge.capabilities
     p = cj.compare("Q", "a", "bb")
     assert p == pytest.approx(RewardModelJudge(rm, tok).compare("Q", "a", "bb"), abs=1e-6)
     assert cj.compare("Q", "a", "bb") == p  # from the cache now
@@ -554,3 +545,13 @@ def test_reward_model_custom_pooling_path_and_shape_check(rm, tok):
     np.testing.assert_allclose(got[:2], ref[:2], atol=1e-5)
     with pytest.raises(TpoError, match=r"logits of shape \(2, 2\)"):
         RewardModelJudge(_CustomRM(rm.model, rm.score, out_dim=2), tok).score("Q", ["a", "b"])
+
+
+def test_cached_judge_refuses_a_judge_whose_scores_are_relative(tmp_path):
+    """A pairwise judge's score of a response depends on the other responses of the call (Bradley-Terry): a
+    per-response cache would hand a score from one group to another. Its capabilities say so, and
+    CachedJudge refuses it."""
+    judge = PairwiseJudge(ScriptedBackend({"a": 0.0, "b": 1.0}))
+    assert not judge.capabilities.scores_absolute and judge.capabilities.compares_pairs
+    with pytest.raises(TpoError, match="cannot be cached per response"):
+        CachedJudge(judge, JudgementCache(tmp_path / "c.sqlite"))

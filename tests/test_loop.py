@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from tpo_lite.errors import TpoError
+from tpo_lite.rundir import RunDir
 
 REPO = Path(__file__).resolve().parents[1]
 CORPUS = [
@@ -30,23 +31,10 @@ WORDS = "apple pear plum fig kiwi lime lemon melon grape peach".split()
 
 def build_tiny_model(path: Path, seed: int = 0) -> Path:
     """A byte-level BPE tokenizer (vocab ~300, chat template) and a random 2-layer llama, saved to ``path``."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from tiny_models import byte_bpe_tokenizer, tiny_llama
 
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<|pad|>", "<|im_start|>", "<|im_end|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tok.train_from_iterator(CORPUS, trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|pad|>")
-    fast.chat_template = CHAT_TEMPLATE
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=len(fast), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                      eos_token_id=fast.eos_token_id, pad_token_id=fast.pad_token_id, bos_token_id=None,
-                      tie_word_embeddings=False)
-    model = LlamaForCausalLM(cfg)
+    fast = byte_bpe_tokenizer(CORPUS, CHAT_TEMPLATE, vocab_size=300)
+    model = tiny_llama(len(fast), seed=seed, tokenizer=fast, max_position_embeddings=512)
     path.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(path)
     fast.save_pretrained(path)
@@ -183,14 +171,14 @@ def test_full_loop_two_iterations(tiny, tmp_path):
     logs = []
     summary = run(cfg, progress=False, echo=logs.append, sampler_factory=scripted_factory())
     rd = tmp_path / "runs" / "t"
-    assert (rd / "config.toml").exists() and (rd / "summary.json").exists()
+    assert RunDir(rd).config.exists() and RunDir(rd).summary.exists()
     plans = []
     for t in (1, 2):
-        d = rd / f"iter_{t:02d}"
+        d = RunDir(rd).iteration(t)
         for stage in ("generate", "judge", "pairs", "train"):
-            assert (d / f"{stage}.done.json").exists(), (t, stage)
-        samples = read_records(d / "samples.jsonl", key="prompt_id")
-        judg = read_records(d / "judgements.jsonl", key="prompt_id")
+            assert (d.marker(stage)).exists(), (t, stage)
+        samples = read_records(d.samples, key="prompt_id")
+        judg = read_records(d.judgements, key="prompt_id")
         assert len(samples) == 5 and list(samples) == list(judg)
         plans.append(set(samples))
         for pid, rec in samples.items():
@@ -200,14 +188,14 @@ def test_full_loop_two_iterations(tiny, tmp_path):
                 assert (sc is None) == (not s["valid"])
                 if s["valid"]:
                     assert 0.0 <= sc <= 1.0
-        pairs = read_records(d / "pairs.jsonl")
-        trl = read_records(d / "pairs.trl.jsonl")
+        pairs = read_records(d.pairs)
+        trl = read_records(d.pairs_trl)
         assert len(pairs) == len(trl) >= 1
         for p, q in zip(pairs, trl):
             assert p["rejected_score"] is None or p["chosen_score"] > p["rejected_score"]
             assert set(q) >= {"prompt", "chosen", "rejected"}
-        assert (d / "adapter").is_dir()
-        m = json.loads((d / "metrics.json").read_text())
+        assert (d.adapter).is_dir()
+        m = json.loads((d.metrics).read_text())
         assert m["generate"]["n_samples"] == 20
         assert 0 < m["generate"]["valid_rate"] <= 1
         assert m["pairs"]["pairs_kept"] == len(pairs)
@@ -217,7 +205,7 @@ def test_full_loop_two_iterations(tiny, tmp_path):
         assert dpo["pairs"] == len(pairs) and dpo["steps"] >= 1
     assert not plans[0] & plans[1]  # fresh instructions each iteration
     # Iteration 2 sampled with iteration 1's adapter and trained on from it.
-    assert summary["final_adapter"] == str(rd / "iter_02" / "adapter")
+    assert summary["final_adapter"] == str(RunDir(rd).iteration(2).adapter)
     assert summary["heldout_before"]["n"] == 3 and summary["heldout_after"]["n"] == 3
     assert summary["heldout_change"]["n"] == 3
     table = "\n".join(logs)
@@ -294,17 +282,18 @@ def test_corrupt_jsonl_names_file_and_line(tiny, tmp_path):
     model_dir, train, heldout = tiny
     cfg = write_config(tmp_path, model_dir, train, heldout, iterations=1)
     from tpo_lite.config import load_config
-    from tpo_lite.loop import generate_stage, prepare_run_dir
+    from tpo_lite.guard import prepare_run_dir
+    from tpo_lite.stages import generate_stage
 
     c = load_config(cfg, ["loop.eval_before=false"])
     rd = tmp_path / "runs" / "t"
     prepare_run_dir(c, rd)
     generate_stage(c, rd, 1, progress=False, echo=lambda s: None, sampler_factory=scripted_factory())
-    samples = rd / "iter_01" / "samples.jsonl"
+    samples = RunDir(rd).iteration(1).samples
     lines = samples.read_text().splitlines(keepends=True)
     lines[2] = lines[2][:40] + "\n"  # a damaged *complete* line is corruption, not a torn tail
     samples.write_text("".join(lines))
-    (rd / "iter_01" / "generate.done.json").unlink()
+    RunDir(rd).iteration(1).marker("generate").unlink()
     res = _cli("generate", str(cfg), "--set", "loop.eval_before=false")
     _one_error_line(res, f"{samples}:3: not valid JSON")
 
@@ -313,7 +302,7 @@ def test_config_change_on_resume_is_refused(tiny, tmp_path):
     model_dir, train, heldout = tiny
     cfg = write_config(tmp_path, model_dir, train, heldout)
     from tpo_lite.config import load_config
-    from tpo_lite.loop import prepare_run_dir
+    from tpo_lite.guard import prepare_run_dir
 
     rd = tmp_path / "runs" / "t"
     prepare_run_dir(load_config(cfg), rd)
@@ -348,14 +337,14 @@ def test_judge_failure_keeps_partial_work_and_resumes(tiny, tmp_path):
     j1 = FlakyJudge(fail_after=2)
     with pytest.raises(TpoError, match="unreachable"):
         run(cfg, progress=False, echo=lambda s: None, sampler_factory=scripted_factory(), judge=j1)
-    d = tmp_path / "runs" / "t" / "iter_01"
-    kept = read_records(d / "judgements.jsonl", key="prompt_id")
+    d = RunDir(tmp_path / "runs" / "t").iteration(1)
+    kept = read_records(d.judgements, key="prompt_id")
     assert list(kept) == j1.seen and len(kept) == 2
-    assert not (d / "judge.done.json").exists()
+    assert not (d.marker("judge")).exists()
     j2 = FlakyJudge(fail_after=-1)
     run(cfg, progress=False, echo=lambda s: None, sampler_factory=scripted_factory(), judge=j2)
     assert not set(j2.seen) & set(j1.seen) and len(j1.seen) + len(j2.seen) == 5  # nothing judged twice
-    assert len(read_records(d / "judgements.jsonl", key="prompt_id")) == 5
+    assert len(read_records(d.judgements, key="prompt_id")) == 5
 
 
 def test_heldout_of_the_same_model_is_reused(tiny, tmp_path):
@@ -363,7 +352,7 @@ def test_heldout_of_the_same_model_is_reused(tiny, tmp_path):
     counts as the same model's only with the same producer: tests/test_run_integrity.py.)"""
     from tpo_lite.evaluate import load_eval_set
     from tpo_lite.jsonl import write_json_atomic
-    from tpo_lite.loop import heldout_producer, heldout_stage
+    from tpo_lite.heldout import heldout_producer, heldout_stage
 
     model_dir, train, heldout = tiny
     cfg = _load(write_config(tmp_path, model_dir, train, heldout), f"model.path={tmp_path / 'absent_model'}")
@@ -371,13 +360,13 @@ def test_heldout_of_the_same_model_is_reused(tiny, tmp_path):
     producer = heldout_producer(cfg, None, load_eval_set(str(heldout), max_instructions=3))
     base = {"kind": "absolute", "adapter": None, "producer": producer, "mean_score": 0.25,
             "mean_score_ci": [0.0, 0.5], "n": 3, "valid_rate": 1.0, "items": []}
-    write_json_atomic(rd / "eval_base" / "eval.json", base)
-    write_json_atomic(rd / "eval_base" / "producer.json", producer)
+    write_json_atomic(RunDir(rd).eval_base.result, base)
+    write_json_atomic(RunDir(rd).eval_base.producer, producer)
     # The model path does not exist: loading it would raise, so reuse must not load anything.
-    got = heldout_stage(cfg, rd, rd / "iter_01" / "heldout", None, "iter01", progress=False, echo=lambda s: None)
-    assert got == base and json.loads((rd / "iter_01" / "heldout" / "eval.json").read_text()) == base
+    got = heldout_stage(cfg, rd, RunDir(rd).iteration(1).heldout, None, "iter01", progress=False, echo=lambda s: None)
+    assert got == base and json.loads(RunDir(rd).iteration(1).heldout.result.read_text()) == base
     with pytest.raises(TpoError, match="absent_model"):
-        heldout_stage(cfg, rd, rd / "iter_02" / "heldout", str(tmp_path / "some_adapter"), "iter02",
+        heldout_stage(cfg, rd, RunDir(rd).iteration(2).heldout, str(tmp_path / "some_adapter"), "iter02",
                       progress=False, echo=lambda s: None)
 
 
@@ -394,25 +383,27 @@ def test_policy_equals_reference_with_default_dropout(tiny, tmp_path):
     assert cfg.model.lora_dropout > 0 and getattr(cfg.train, "disable_dropout", True)
     run(cfg, progress=False, echo=lambda s: None, sampler_factory=scripted_factory())
     rd = tmp_path / "runs" / "t"
-    ad1 = json.loads((rd / "iter_01" / "adapter" / "adapter_config.json").read_text())
+    ad1 = json.loads((RunDir(rd).iteration(1).adapter / "adapter_config.json").read_text())
     assert ad1["lora_dropout"] > 0  # the saved adapter still carries dropout; training turns it off
     for t in (1, 2):
-        dpo = json.loads((rd / f"iter_{t:02d}" / "train.done.json").read_text())["metrics"]
+        dpo = json.loads(RunDir(rd).iteration(t).marker("train").read_text())["metrics"]
         assert dpo["initial_margin"] == 0.0, (t, dpo["initial_margin"])
         assert dpo["initial_loss"] == pytest.approx(0.6931, abs=1e-4)
 
 
 def test_format_failure_rates_and_invalid_rejected_are_reported():
-    from tpo_lite.loop import format_table, sample_stats
+    from tpo_lite.metrics import format_table, sample_stats
+    from tpo_lite.records import PromptSamples
 
     def s(valid, reason, finish="eos"):
-        return {"valid": valid, "invalid_reason": reason, "finish_reason": finish, "thought": "t",
+        return {"text": "", "valid": valid, "invalid_reason": reason, "finish_reason": finish, "thought": "t",
                 "response": "r" if valid else "", "token_ids": [1, 2], "forced": False}
 
     recs = [{"samples": [s(True, None), s(False, "truncated", "length"), s(False, "no_response_marker"),
                          s(False, "truncated", "length")]},
             {"samples": [s(True, None), s(False, "empty_response"), s(True, None), s(True, None)]}]
-    st = sample_stats(recs)
+    st = sample_stats([PromptSamples.from_record({"prompt_id": str(i), "instruction": "", "prompt_text": "",
+                                                  "prompt_token_ids": [], **r}) for i, r in enumerate(recs)])
     assert st["cut_off_rate"] == 2 / 8 and st["no_response_marker_rate"] == 1 / 8
     assert st["empty_response_rate"] == 1 / 8
     table = format_table([{"iteration": 1, "generate": st,
@@ -437,7 +428,7 @@ def test_keep_best_needs_a_validation_split(tiny, tmp_path):
 
 
 def test_validation_instructions_never_appear_in_a_plan(tiny, tmp_path):
-    from tpo_lite.loop import iteration_plan, load_train_instructions, validation_split
+    from tpo_lite.plan import iteration_plan, load_train_instructions, validation_split
 
     model_dir, train, heldout = tiny
     cfg = _load(write_config(tmp_path, model_dir, train, heldout), "loop.validation_instructions=4",
@@ -462,15 +453,16 @@ def test_validation_instructions_never_appear_in_a_plan(tiny, tmp_path):
 def _fake_iteration(rd: Path, t: int, heldout: float, validation: float) -> None:
     from tpo_lite.jsonl import write_json_atomic
 
-    d = rd / f"iter_{t:02d}"
-    (d / "adapter").mkdir(parents=True)
-    write_json_atomic(d / "train.done.json", {"stage": "train", "adapter": str(d / "adapter")})
-    write_json_atomic(d / "heldout" / "eval.json", {"mean_score": heldout})
-    write_json_atomic(d / "validation" / "eval.json", {"mean_score": validation})
+    d = RunDir(rd).iteration(t)
+    d.adapter.mkdir(parents=True)
+    d.mark_done("train", {"adapter": str(d.adapter)})
+    write_json_atomic(d.heldout.result, {"mean_score": heldout})
+    write_json_atomic(d.validation.result, {"mean_score": validation})
 
 
 def test_keep_best_selects_on_validation_never_on_heldout(tiny, tmp_path, monkeypatch):
-    import tpo_lite.loop as loop
+    import tpo_lite.rundir as rundir
+    from tpo_lite.stages import adapter_for
 
     model_dir, train, heldout = tiny
     cfg = _load(write_config(tmp_path, model_dir, train, heldout), "loop.keep_best=true",
@@ -480,17 +472,18 @@ def test_keep_best_selects_on_validation_never_on_heldout(tiny, tmp_path, monkey
     _fake_iteration(rd, 2, heldout=1.0, validation=0.2)  # best on the reported held-out set
     _fake_iteration(rd, 3, heldout=0.1, validation=0.4)
     read = []
-    real = loop.read_json
-    monkeypatch.setattr(loop, "read_json", lambda p: read.append(Path(p)) or real(p))
-    assert loop.adapter_for(rd, 4, cfg) == str(rd / "iter_01" / "adapter")
+    real = rundir.read_json
+    monkeypatch.setattr(rundir, "read_json", lambda p: read.append(Path(p)) or real(p))
+    assert adapter_for(rd, 4, cfg) == str(RunDir(rd).iteration(1).adapter)
     assert read and not [p for p in read if "heldout" in p.parts]
     # without keep_best: the previous iteration's adapter (the paper)
-    assert loop.adapter_for(rd, 4, cfg.replace("loop", keep_best=False)) == str(rd / "iter_03" / "adapter")
+    assert adapter_for(rd, 4, cfg.replace("loop", keep_best=False)) == str(RunDir(rd).iteration(3).adapter)
 
 
 def test_keep_best_run_scores_the_validation_split(tiny, tmp_path):
     from tpo_lite.jsonl import read_records
-    from tpo_lite.loop import run, validation_split
+    from tpo_lite.loop import run
+    from tpo_lite.plan import validation_split
 
     model_dir, train, heldout = tiny
     cfg = _load(write_config(tmp_path, model_dir, train, heldout), "loop.keep_best=true",
@@ -501,16 +494,16 @@ def test_keep_best_run_scores_the_validation_split(tiny, tmp_path):
     val_ids = [v.id for v in validation_split(cfg)]
     scores = []
     for t in (1, 2):
-        d = rd / f"iter_{t:02d}"
-        assert not (d / "heldout").exists()  # keep_best no longer forces the reported set every iteration
-        assert list(read_records(d / "validation" / "outputs.jsonl", key="id")) == val_ids
-        res = json.loads((d / "validation" / "eval.json").read_text())
-        assert res["n"] == 2 and res["adapter"] == str(d / "adapter")
-        assert not set(val_ids) & set(read_records(d / "samples.jsonl", key="prompt_id"))
+        d = RunDir(rd).iteration(t)
+        assert not (d.heldout.path).exists()  # keep_best no longer forces the reported set every iteration
+        assert list(read_records(d.validation.outputs, key="id")) == val_ids
+        res = json.loads((d.validation.result).read_text())
+        assert res["n"] == 2 and res["adapter"] == str(d.adapter)
+        assert not set(val_ids) & set(read_records(d.samples, key="prompt_id"))
         scores.append(res["mean_score"])
-        assert json.loads((d / "metrics.json").read_text())["validation"]["mean_score"] == res["mean_score"]
+        assert json.loads((d.metrics).read_text())["validation"]["mean_score"] == res["mean_score"]
     best = 1 if scores[0] >= scores[1] else 2
-    assert summary["final_adapter"] == str(rd / f"iter_{best:02d}" / "adapter")
+    assert summary["final_adapter"] == str(RunDir(rd).iteration(best).adapter)
     assert "validation score" in "\n".join(logs)
 
 
@@ -519,7 +512,7 @@ def test_heldout_generates_through_the_sampling_backend(tiny, tmp_path, monkeypa
     model is never loaded in-process, the server is asked for the adapter, outputs record their tries."""
     from tpo_lite import models, sampling
     from tpo_lite.jsonl import read_records
-    from tpo_lite.loop import heldout_stage
+    from tpo_lite.heldout import heldout_stage
 
     model_dir, train, heldout = tiny
     cfg = _load(write_config(tmp_path, model_dir, train, heldout), "sampling.backend=openai")
@@ -536,18 +529,16 @@ def test_heldout_generates_through_the_sampling_backend(tiny, tmp_path, monkeypa
     monkeypatch.setattr(models, "load_model", no_load)
     monkeypatch.setattr(sampling, "make_sampler", server_factory)
     rd = tmp_path / "runs" / "t"
-    res = heldout_stage(cfg, rd, rd / "iter_01" / "heldout", "/runs/t/iter_01/adapter", "iter01", progress=False,
+    res = heldout_stage(cfg, rd, RunDir(rd).iteration(1).heldout, "/runs/t/iter_01/adapter", "iter01", progress=False,
                         echo=lambda s: None)
     assert res["n"] == 3 and asked[0] == (0.0, "/runs/t/iter_01/adapter", None)
-    recs = read_records(rd / "iter_01" / "heldout" / "outputs.jsonl")
+    recs = read_records(RunDir(rd).iteration(1).heldout.outputs)
     assert len(recs) == 3 and all(r["tries"] >= 1 and r["generator"] == "iter01" for r in recs)
 
 
 def test_heldout_judge_is_the_eval_judge_and_warns_on_the_optimised_one(tiny, tmp_path, monkeypatch):
     from tpo_lite import judges
-    from tpo_lite.config import RunConfig
-    from tpo_lite.judges import JudgeConfig
-    from tpo_lite.loop import make_heldout_judge
+    from tpo_lite.heldout import make_heldout_judge
 
     monkeypatch.setattr(judges, "make_judge", lambda cfg, cache_path=None, **kw: ("judge", cfg.kind, cfg.model))
     model_dir, train, heldout = tiny
@@ -557,7 +548,7 @@ def test_heldout_judge_is_the_eval_judge_and_warns_on_the_optimised_one(tiny, tm
     logs = []
     assert make_heldout_judge(cfg, rd, [], logs.append) == ("judge", "reward_model", "/rm")
     assert len(logs) == 1 and "this measures reward hacking, not quality; set [eval_judge]" in logs[0]
-    other = RunConfig({**cfg.sections, "eval_judge": JudgeConfig(kind="reward_model", model="/other-rm")})
+    other = cfg.replace("eval_judge", kind="reward_model", model="/other-rm")
     logs.clear()
     assert make_heldout_judge(other, rd, [], logs.append) == ("judge", "reward_model", "/other-rm") and logs == []
     # programmatic held-out score (the instructions' own checks): no learned judge, no warning

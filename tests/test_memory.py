@@ -98,9 +98,11 @@ def test_run_frees_each_model_and_records_stage_peaks(tiny, tmp_path, monkeypatc
     # eval_base, per iteration: generate, train, held-out (the last one) -> at least 6 loads
     assert len(loads) >= 6 and loads == [0] * len(loads), loads
 
-    rd = tmp_path / "runs" / "t"
+    from tpo_lite.rundir import RunDir
+
+    rd = RunDir(tmp_path / "runs" / "t")
     for t in (1, 2):
-        m = json.loads((rd / f"iter_{t:02d}" / "metrics.json").read_text())
+        m = json.loads(rd.iteration(t).metrics.read_text())
         mem = m["memory"]
         expected = {"generate", "judge", "pairs", "train"} | ({"heldout"} if t == 2 else set())
         assert set(mem) == expected, mem
@@ -108,7 +110,7 @@ def test_run_frees_each_model_and_records_stage_peaks(tiny, tmp_path, monkeypatc
             assert 0 < rec["rss_start_mb"] <= rec["peak_rss_mb"], (t, stage, rec)
             assert rec["method"] and rec["seconds"] >= 0
         assert "memory" not in m["train"]  # moved to m["memory"], not kept twice
-        marker = json.loads((rd / f"iter_{t:02d}" / "train.done.json").read_text())
+        marker = rd.iteration(t).read_marker("train")
         assert marker["memory"]["peak_rss_mb"] == mem["train"]["peak_rss_mb"]
         dpo = marker["metrics"]["memory"]
         assert set(dpo) == {"load", "reference", "dpo"}
@@ -119,7 +121,7 @@ def test_run_frees_each_model_and_records_stage_peaks(tiny, tmp_path, monkeypatc
     # the run's peak is a stage's peak: nothing between stages piles up on top of them
     # (+1: the kernel's RSS counters lag by a few pages)
     assert max(peaks.values()) <= sm["run_peak_rss_mb"] + 1 <= 1.1 * max(peaks.values()) + 1, sm
-    assert json.loads((rd / "summary.json").read_text())["memory"] == sm
+    assert rd.read_summary()["memory"] == sm
 
     # a resume with every stage done keeps each stage's record
     again = run(cfg, progress=False, echo=lambda s: None, sampler_factory=scripted_factory())

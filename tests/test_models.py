@@ -14,11 +14,6 @@ from tpo_lite.models import (
 from tiny_models import VOCAB, make_tiny_model  # noqa: E402  (tests/ is on sys.path under pytest)
 
 
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    return str(make_tiny_model(tmp_path_factory.mktemp("tiny")))
-
-
 def cfg_for(path, **kw):
     kw.setdefault("dtype", "float32")
     kw.setdefault("load_in_4bit", False)

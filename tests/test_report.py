@@ -8,6 +8,7 @@ import pytest
 
 from tpo_lite import report
 from tpo_lite.errors import TpoError
+from tpo_lite.rundir import ExperimentDir, RunDir
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -41,11 +42,11 @@ def _absolute(score, ci, valid):
 
 
 def _make_run(root, name, direct: bool):
-    rd = os.path.join(root, name)
-    _dump(os.path.join(rd, "eval_base", "eval.json"), _absolute(0.41, [0.35, 0.47], 0.9))
+    rd = RunDir(os.path.join(root, name))
+    _dump(rd.eval_base.result, _absolute(0.41, [0.35, 0.47], 0.9))
     for t in (1, 2):
-        d = os.path.join(rd, f"iter_{t:02d}")
-        _dump(os.path.join(d, "metrics.json"), {
+        d = rd.iteration(t)
+        _dump(d.metrics, {
             "iteration": t,
             "generate": {"valid_rate": 0.95 if direct else 0.30 + 0.25 * t, "forced_rate": 0.0 if direct else 0.2,
                          "thought_chars_mean": None if direct else 300.0 - 40 * t,
@@ -53,23 +54,23 @@ def _make_run(root, name, direct: bool):
             "judge": {"mean_score": 0.5 + 0.05 * t},
             "pairs": {"pairs_kept": 30 + t, "chosen_response_chars": 240.0, "rejected_response_chars": 280.0 + t},
         })
-        _jsonl(os.path.join(d, "pairs.jsonl"), [
+        _jsonl(d.pairs, [
             {"prompt_id": f"p{k}", "chosen_score": 0.8 + 0.01 * k, "rejected_score": 0.3 + 0.02 * k} for k in range(8)])
-        _jsonl(os.path.join(d, "judgements.jsonl"), [
+        _jsonl(d.judgements, [
             {"prompt_id": f"p{k}", "judge": "programmatic", "scores": [0.3, None, 0.8]} for k in range(8)])
-        _dump(os.path.join(d, "heldout", "eval.json"), _absolute(0.45 + 0.03 * t, [0.4, 0.55 + 0.03 * t], 0.8))
+        _dump(d.heldout.result, _absolute(0.45 + 0.03 * t, [0.4, 0.55 + 0.03 * t], 0.8))
         wr = (0.52 if direct else 0.575) + 0.01 * t
-        _dump(os.path.join(d, "compare", "vs_seed", "eval.json"),
+        _dump(d.compare("vs_seed").result,
               _pairwise(name, wr, [wr - 0.12, wr + 0.11], {"writing": wr + 0.05, "lists": wr - 0.05}))
-    return rd
+    return str(rd.path)
 
 
 def test_report_on_constructed_experiment(tmp_path):
     exp = str(tmp_path / "exp")
     _make_run(exp, "tpo", direct=False)
     _make_run(exp, "direct", direct=True)
-    _dump(os.path.join(exp, "experiment.json"), {"runs": {"tpo": "tpo", "direct": "direct"}})
-    _dump(os.path.join(exp, "compare", "tpo_vs_direct", "eval.json"),
+    _dump(ExperimentDir(exp).record, {"runs": {"tpo": "tpo", "direct": "direct"}})
+    _dump(ExperimentDir(exp).compare("tpo_vs_direct").result,
           {**_pairwise("tpo", 0.6, [0.5, 0.72], {"writing": 0.7, "lists": 0.55}), "baseline": "direct"})
     out = tmp_path / "rep"
     paths = report.make_report([exp], out)
@@ -91,8 +92,7 @@ def test_report_on_constructed_experiment(tmp_path):
 
 def test_report_on_a_plain_run_dir_without_evals(tmp_path):
     rd = str(tmp_path / "runs" / "solo")
-    os.makedirs(os.path.join(rd, "iter_01"))
-    _dump(os.path.join(rd, "iter_01", "metrics.json"), {"iteration": 1, "generate": {"valid_rate": 0.25}})
+    _dump(RunDir(rd).iteration(1).metrics, {"iteration": 1, "generate": {"valid_rate": 0.25}})
     paths = report.make_report([rd])
     assert os.path.dirname(paths["report.md"]) == os.path.join(rd, "report")
     md = open(paths["report.md"]).read()
@@ -104,19 +104,19 @@ def test_report_on_a_plain_run_dir_without_evals(tmp_path):
 def test_report_bad_input(tmp_path):
     with pytest.raises(TpoError, match="not a directory"):
         report.make_report([tmp_path / "missing"])
-    rd = tmp_path / "r"
-    (rd / "iter_01").mkdir(parents=True)
-    (rd / "iter_01" / "metrics.json").write_text("{ not json")
+    d = RunDir(tmp_path / "r").iteration(1)
+    d.path.mkdir(parents=True)
+    d.metrics.write_text("{ not json")
     with pytest.raises(TpoError, match=r"metrics.json:1: not valid JSON"):
-        report.make_report([rd])
+        report.make_report([tmp_path / "r"])
 
 
 def test_report_reads_final_comparisons_of_tpo_lite_eval(tmp_path):
     rd = str(tmp_path / "run")
-    _dump(os.path.join(rd, "iter_01", "metrics.json"), {"iteration": 1, "generate": {"valid_rate": 0.5}})
-    _dump(os.path.join(rd, "eval", "run-iter01_vs_gpt4", "eval.json"),
+    _dump(RunDir(rd).iteration(1).metrics, {"iteration": 1, "generate": {"valid_rate": 0.5}})
+    _dump(RunDir(rd).eval("run-iter01_vs_gpt4").result,
           {**_pairwise("run-iter01", 0.25, [0.1, 0.4], {"writing": 0.25}), "baseline": "gpt4"})
-    _dump(os.path.join(rd, "eval", "seed_heldout_absolute", "eval.json"), _absolute(0.3, [0.2, 0.4], 0.5))
+    _dump(RunDir(rd).eval("seed_heldout_absolute").result, _absolute(0.3, [0.2, 0.4], 0.5))
     run = report.load_run(rd)
     assert list(run.finals) == ["run-iter01_vs_gpt4"]  # absolute results are not comparisons
     md = open(report.make_report([rd])["report.md"]).read()

@@ -19,6 +19,7 @@ import pytest
 from test_loop import build_tiny_model, write_config, write_instructions  # noqa: E402  (tests/ is on sys.path)
 
 from tpo_lite.jsonl import read_records
+from tpo_lite.rundir import RunDir
 
 TESTS = Path(__file__).resolve().parent
 REPO = TESTS.parent
@@ -28,7 +29,7 @@ import os, sys
 sys.path.insert(0, {str(TESTS)!r})
 import test_loop
 import tpo_lite.loop as L
-L.make_sampler = test_loop.scripted_factory(float(os.environ.get("TPO_TEST_DELAY", "0")))
+L.run_sampler = test_loop.scripted_factory(float(os.environ.get("TPO_TEST_DELAY", "0")))
 from tpo_lite.cli import main
 main(sys.argv[1:])
 """
@@ -72,15 +73,15 @@ def test_kill9_at_several_points_then_resume_equals_uninterrupted(tmp_path):
     (tmp_path / "k").mkdir()
     cfg = write_config(tmp_path / "k", model_dir, train, heldout, name="killed")
     rd = tmp_path / "k" / "runs" / "killed"
-    it1, it2 = rd / "iter_01", rd / "iter_02"
+    it1, it2 = RunDir(rd).iteration(1), RunDir(rd).iteration(2)
     # Kill points: mid-sampling of iteration 1, right after its samples are complete (judging), after pairs
     # (training), mid-sampling of iteration 2, after iteration 2 trained (final held-out eval).
     points = [
-        ("mid-generate 1", lambda: _lines(it1 / "samples.jsonl") >= 2),
-        ("judge 1", lambda: (it1 / "generate.done.json").exists()),
-        ("train 1", lambda: (it1 / "pairs.done.json").exists()),
-        ("mid-generate 2", lambda: _lines(it2 / "samples.jsonl") >= 1),
-        ("final eval", lambda: (it2 / "train.done.json").exists()),
+        ("mid-generate 1", lambda: _lines(it1.samples) >= 2),
+        ("judge 1", lambda: it1.is_done("generate")),
+        ("train 1", lambda: it1.is_done("pairs")),
+        ("mid-generate 2", lambda: _lines(it2.samples) >= 1),
+        ("final eval", lambda: it2.is_done("train")),
     ]
     killed_at = []
     for label, cond in points:
@@ -102,17 +103,17 @@ def test_kill9_at_several_points_then_resume_equals_uninterrupted(tmp_path):
     _check_files(rd)
 
     for t in (1, 2):
-        a, b = ref_dir / f"iter_{t:02d}", rd / f"iter_{t:02d}"
-        for name in ("samples.jsonl", "judgements.jsonl", "pairs.jsonl", "pairs.trl.jsonl", "plan.json"):
-            assert (a / name).read_bytes() == (b / name).read_bytes(), (t, name)
-        ma, mb = json.loads((a / "metrics.json").read_text()), json.loads((b / "metrics.json").read_text())
+        a, b = RunDir(ref_dir).iteration(t), RunDir(rd).iteration(t)
+        for name in ("samples", "judgements", "pairs", "pairs_trl", "plan"):
+            assert getattr(a, name).read_bytes() == getattr(b, name).read_bytes(), (t, name)
+        ma, mb = json.loads(a.metrics.read_text()), json.loads(b.metrics.read_text())
         for sec in ("generate", "judge", "pairs"):
             assert {k: v for k, v in ma[sec].items()} == {k: v for k, v in mb[sec].items()}, (t, sec)
         da, db = ma["train"]["metrics"], mb["train"]["metrics"]
         for k, v in da.items():
             if isinstance(v, float) and "seconds" not in k:  # wall times differ, the numbers must not
                 assert db[k] == pytest.approx(v, rel=1e-3, abs=1e-4), (t, k)
-    ref_base = json.loads((ref_dir / "eval_base" / "eval.json").read_text())
-    base = json.loads((rd / "eval_base" / "eval.json").read_text())
+    ref_base = RunDir(ref_dir).eval_base.read_result()
+    base = RunDir(rd).eval_base.read_result()
     assert base["items"] == ref_base["items"]  # greedy held-out eval of the seed model: identical
     assert "held-out" in out.decode()

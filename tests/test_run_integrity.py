@@ -14,6 +14,7 @@ from click.testing import CliRunner
 from test_loop import build_tiny_model, scripted_factory, write_config, write_instructions  # noqa: E402
 
 from tpo_lite.errors import TpoError
+from tpo_lite.rundir import EvalDir, RunDir
 
 QUIET = {"progress": False, "echo": lambda s: None}
 NO_EVAL = ("loop.eval_before=false", "loop.eval_after=false")
@@ -33,7 +34,7 @@ def scripted(monkeypatch):
     """CLI runs sample with the scripted sampler of test_loop (a random model never writes the markers)."""
     import tpo_lite.loop as loop
 
-    monkeypatch.setattr(loop, "make_sampler", scripted_factory())
+    monkeypatch.setattr(loop, "run_sampler", scripted_factory())
 
 
 def load(cfg_path, *overrides):
@@ -65,20 +66,13 @@ def run_dir(tmp_path) -> Path:
 
 def stages(cfg, rd, upto: str) -> None:
     """Run iteration 1's stages up to and including ``upto`` (scripted sampling, programmatic judge)."""
-    from tpo_lite import loop
+    from tpo_lite.guard import prepare_run_dir
+    from tpo_lite.stages import STAGES
 
-    loop.prepare_run_dir(cfg, rd, echo=lambda s: None)
-    loop.generate_stage(cfg, rd, 1, progress=False, echo=lambda s: None, sampler_factory=scripted_factory())
-    for name in ("judge", "pairs", "train"):
-        if upto == "generate":
-            return
-        if name == "judge":
-            loop.judge_stage(cfg, rd, 1, **QUIET)
-        elif name == "pairs":
-            loop.pairs_stage(cfg, rd, 1, echo=lambda s: None)
-        else:
-            loop.train_stage(cfg, rd, 1, **QUIET)
-        if name == upto:
+    prepare_run_dir(cfg, rd, echo=lambda s: None)
+    for stage in STAGES.values():
+        stage.run(cfg, rd, 1, **QUIET, **({"sampler_factory": scripted_factory()} if stage.name == "generate" else {}))
+        if stage.name == upto:
             return
 
 
@@ -103,20 +97,20 @@ def test_heldout_after_never_belongs_to_another_adapter(tiny, tmp_path):
                "loop.eval_every_iteration=true")
     run(cfg, sampler_factory=scripted_factory(), **QUIET)
     rd = run_dir(tmp_path)
-    it1, it2 = rd / "iter_01", rd / "iter_02"
-    shutil.rmtree(it2 / "heldout")
-    shutil.copytree(it1 / "heldout", it2 / "heldout")
+    it1, it2 = RunDir(rd).iteration(1), RunDir(rd).iteration(2)
+    shutil.rmtree(it2.heldout.path)
+    shutil.copytree(it1.heldout.path, it2.heldout.path)
     logs = []
     summary = run(cfg, progress=False, echo=logs.append, sampler_factory=scripted_factory())
-    final = str(it2 / "adapter")
+    final = str(it2.adapter)
     assert summary["final_adapter"] == final
     assert summary["heldout_after"]["adapter"] == final
-    from tpo_lite.loop import adapter_digest
+    from tpo_lite.rundir import adapter_digest
 
     assert summary["heldout_after"]["producer"]["adapter_sha256"] == adapter_digest(final)
-    assert json.loads((it2 / "heldout" / "eval.json").read_text())["adapter"] == final
-    stale = [p for p in rd.glob("iter_02/heldout.stale*") if (p / "eval.json").exists()]
-    assert len(stale) == 1 and json.loads((stale[0] / "eval.json").read_text())["adapter"] == str(it1 / "adapter")
+    assert it2.heldout.read_result()["adapter"] == final
+    stale = [EvalDir(p) for p in it2.path.glob(f"{it2.heldout.path.name}.stale*") if EvalDir(p).result.exists()]
+    assert len(stale) == 1 and stale[0].read_result()["adapter"] == str(it1.adapter)
     assert any("scored another model" in line for line in logs), logs
 
 
@@ -126,7 +120,7 @@ def test_heldout_of_other_weights_at_the_same_path_is_not_reused(tiny, tmp_path)
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from tpo_lite.loop import heldout_stage
+    from tpo_lite.heldout import heldout_stage
 
     model_dir, train, heldout = tiny
     cfg = load(write_config(tmp_path, model_dir, train, heldout))
@@ -140,23 +134,23 @@ def test_heldout_of_other_weights_at_the_same_path_is_not_reused(tiny, tmp_path)
                        ).save_pretrained(adapter)
 
     save_adapter(0)
-    first = heldout_stage(cfg, rd, rd / "iter_01" / "heldout", str(adapter), "iter01", **QUIET)
+    first = heldout_stage(cfg, rd, RunDir(rd).iteration(1).heldout, str(adapter), "iter01", **QUIET)
     save_adapter(1)  # other weights, same path (an iteration trained again)
     logs = []
-    second = heldout_stage(cfg, rd, rd / "iter_02" / "heldout", str(adapter), "iter02", progress=False,
+    second = heldout_stage(cfg, rd, RunDir(rd).iteration(2).heldout, str(adapter), "iter02", progress=False,
                            echo=logs.append)
     assert not any("reusing" in line for line in logs), logs
-    from tpo_lite.loop import adapter_digest
+    from tpo_lite.rundir import adapter_digest
 
     assert second["producer"]["adapter_sha256"] == adapter_digest(adapter) != first["producer"]["adapter_sha256"]
     # other eval settings, same weights: not reused either
     logs.clear()
     other = cfg.replace("eval", max_new_tokens=6)
-    heldout_stage(other, rd, rd / "iter_03" / "heldout", str(adapter), "iter03", progress=False, echo=logs.append)
+    heldout_stage(other, rd, RunDir(rd).iteration(3).heldout, str(adapter), "iter03", progress=False, echo=logs.append)
     assert not any("reusing" in line for line in logs), logs
     # same weights, same settings: reused without generating
     logs.clear()
-    again = heldout_stage(cfg, rd, rd / "iter_04" / "heldout", str(adapter), "iter04", progress=False,
+    again = heldout_stage(cfg, rd, RunDir(rd).iteration(4).heldout, str(adapter), "iter04", progress=False,
                           echo=logs.append)
     assert any("reusing" in line for line in logs) and again["items"] == second["items"]
 
@@ -169,7 +163,7 @@ def test_damaged_samples_after_generate_done_are_refused(tiny, tmp_path, scripte
     cfg_path = write_config(tmp_path, model_dir, train, heldout, iterations=1)
     rd = run_dir(tmp_path)
     stages(load(cfg_path, *NO_EVAL), rd, "generate")
-    samples = rd / "iter_01" / "samples.jsonl"
+    samples = RunDir(rd).iteration(1).samples
     if damage == "torn":
         lost = tear_last_line(samples)
     else:
@@ -177,7 +171,7 @@ def test_damaged_samples_after_generate_done_are_refused(tiny, tmp_path, scripte
         samples.unlink()
     res = cli("run", cfg_path, "--no-progress", *[f"--set={o}" for o in NO_EVAL])
     error_line(res, samples, "generate.done.json", lost)
-    assert not (rd / "iter_01" / "judgements.jsonl").exists() and not (rd / "iter_01" / "adapter").exists()
+    assert not (RunDir(rd).iteration(1).judgements).exists() and not (RunDir(rd).iteration(1).adapter).exists()
 
 
 @pytest.mark.parametrize("damage", ["torn", "deleted"])
@@ -186,7 +180,7 @@ def test_damaged_pairs_after_pairs_done_are_refused(tiny, tmp_path, damage):
     cfg_path = write_config(tmp_path, model_dir, train, heldout, iterations=1)
     rd = run_dir(tmp_path)
     stages(load(cfg_path, *NO_EVAL), rd, "pairs")
-    pairs = rd / "iter_01" / "pairs.jsonl"
+    pairs = RunDir(rd).iteration(1).pairs
     assert pairs.read_text().count("\n") >= 1
     if damage == "torn":
         tear_last_line(pairs)
@@ -194,7 +188,7 @@ def test_damaged_pairs_after_pairs_done_are_refused(tiny, tmp_path, damage):
         pairs.unlink()
     res = cli("train", cfg_path, "--no-progress", *[f"--set={o}" for o in NO_EVAL])
     error_line(res, pairs, "pairs.done.json")
-    assert not (rd / "iter_01" / "adapter").exists() and not (rd / "iter_01" / "train.done.json").exists()
+    assert not (RunDir(rd).iteration(1).adapter).exists() and not (RunDir(rd).iteration(1).marker("train")).exists()
 
 
 @pytest.mark.parametrize("damage", ["deleted", "changed"])
@@ -203,7 +197,7 @@ def test_damaged_adapter_is_refused_never_replaced_by_the_seed(tiny, tmp_path, s
     cfg_path = write_config(tmp_path, model_dir, train, heldout, iterations=1)
     rd = run_dir(tmp_path)
     stages(load(cfg_path, *NO_EVAL), rd, "train")
-    adapter = rd / "iter_01" / "adapter"
+    adapter = RunDir(rd).iteration(1).adapter
     if damage == "deleted":
         shutil.rmtree(adapter)
     else:
@@ -213,20 +207,21 @@ def test_damaged_adapter_is_refused_never_replaced_by_the_seed(tiny, tmp_path, s
         weights.write_bytes(bytes(data))
     res = cli("run", cfg_path, "--no-progress", "--set", "loop.iterations=2", *[f"--set={o}" for o in NO_EVAL])
     error_line(res, adapter, "train.done.json")
-    assert not (rd / "iter_02" / "samples.jsonl").exists()
+    assert not (RunDir(rd).iteration(2).samples).exists()
 
 
 def test_sample_record_not_in_the_plan_is_refused(tiny, tmp_path, scripted):
-    from tpo_lite import loop
+    from tpo_lite.guard import prepare_run_dir
     from tpo_lite.jsonl import append_record
+    from tpo_lite.plan import iteration_plan
 
     model_dir, train, heldout = tiny
     cfg_path = write_config(tmp_path, model_dir, train, heldout, iterations=1)
     cfg = load(cfg_path, *NO_EVAL)
     rd = run_dir(tmp_path)
-    loop.prepare_run_dir(cfg, rd, echo=lambda s: None)
-    loop.iteration_plan(cfg, rd, 1)
-    samples = rd / "iter_01" / "samples.jsonl"
+    prepare_run_dir(cfg, rd, echo=lambda s: None)
+    iteration_plan(cfg, rd, 1)
+    samples = RunDir(rd).iteration(1).samples
     append_record(samples, {"prompt_id": "intruder", "instruction": "x", "category": "", "checks": [],
                             "prompt_text": "x", "prompt_token_ids": [1],
                             "samples": [{"index": 0, "seed": 0, "text": "x", "token_ids": [1], "thought": "t",
@@ -234,8 +229,8 @@ def test_sample_record_not_in_the_plan_is_refused(tiny, tmp_path, scripted):
                                          "finish_reason": "eos", "forced": False}] * 4})
     res = cli("run", cfg_path, "--no-progress", *[f"--set={o}" for o in NO_EVAL])
     error_line(res, samples, "intruder", "plan.json")
-    assert not (rd / "iter_01" / "generate.done.json").exists()
-    assert not (rd / "iter_01" / "judgements.jsonl").exists()
+    assert not (RunDir(rd).iteration(1).marker("generate")).exists()
+    assert not (RunDir(rd).iteration(1).judgements).exists()
 
 
 def test_judgement_record_not_sampled_is_refused(tiny, tmp_path):
@@ -245,12 +240,12 @@ def test_judgement_record_not_sampled_is_refused(tiny, tmp_path):
     cfg_path = write_config(tmp_path, model_dir, train, heldout, iterations=1)
     rd = run_dir(tmp_path)
     stages(load(cfg_path, *NO_EVAL), rd, "generate")
-    judgements = rd / "iter_01" / "judgements.jsonl"
+    judgements = RunDir(rd).iteration(1).judgements
     append_record(judgements, {"prompt_id": "intruder", "judge": "programmatic", "scores": [1.0, 0.0, 0.5, 0.2],
                                "details": [{}] * 4})
     res = cli("judge", cfg_path, "--no-progress", *[f"--set={o}" for o in NO_EVAL])
     error_line(res, judgements, "intruder", "samples.jsonl")
-    assert not (rd / "iter_01" / "judge.done.json").exists()
+    assert not (RunDir(rd).iteration(1).marker("judge")).exists()
 
 
 # --------------------------------------------------------------------- item 5: --set validated with the file
@@ -277,16 +272,16 @@ def test_set_overrides_are_validated_together_with_the_file(tiny, tmp_path):
 # ------------------------------------------------------------------------------ item 7: the config guard's holes
 
 def test_grown_training_file_is_refused_and_the_recorded_order_kept(tiny, tmp_path):
-    from tpo_lite import loop
+    from tpo_lite import guard, plan
 
     model_dir, _, heldout = tiny
     train = write_instructions(tmp_path / "train.jsonl", 14, "tr")
     cfg_path = write_config(tmp_path, model_dir, train, heldout)
     cfg = load(cfg_path)
     rd = run_dir(tmp_path)
-    loop.prepare_run_dir(cfg, rd, echo=lambda s: None)
-    plan1 = [p["id"] for p in loop.iteration_plan(cfg, rd, 1)]
-    assert json.loads((rd / "run.json").read_text())["instructions"]["n"] == 14
+    guard.prepare_run_dir(cfg, rd, echo=lambda s: None)
+    plan1 = [p["id"] for p in plan.iteration_plan(cfg, rd, 1)]
+    assert json.loads(RunDir(rd).run_record.read_text())["instructions"]["n"] == 14
     with open(train, "a") as f:  # the same path, more instructions
         for i in range(6):
             f.write(json.dumps({"id": f"new-{i}", "instruction": f"Name a fruit ({i})."}) + "\n")
@@ -294,33 +289,33 @@ def test_grown_training_file_is_refused_and_the_recorded_order_kept(tiny, tmp_pa
     error_line(res, train, "loop.train_instructions", "changed since this run started")
     res_dry = cli("run", cfg_path, "--dry-run")
     assert error_line(res_dry) == error_line(res)  # the dry run says what the real run does
-    assert not (rd / "iter_02").exists()
+    assert not RunDir(rd).iteration(2).path.exists()
     logs = []
-    loop.prepare_run_dir(cfg, rd, allow_config_change=True, echo=logs.append)
+    guard.prepare_run_dir(cfg, rd, allow_config_change=True, echo=logs.append)
     assert any("recorded order" in line for line in logs), logs
-    plan2 = [p["id"] for p in loop.iteration_plan(cfg, rd, 2)]
+    plan2 = [p["id"] for p in plan.iteration_plan(cfg, rd, 2)]
     assert len(plan2) == 5 and not set(plan1) & set(plan2)  # iteration 2's instructions are fresh ones
     assert not [i for i in plan2 if i.startswith("new-")]
 
 
 def test_run_from_before_run_json_checks_its_plans_against_the_training_set(tiny, tmp_path):
-    from tpo_lite import loop
+    from tpo_lite import guard, plan
 
     model_dir, _, heldout = tiny
     train = write_instructions(tmp_path / "train.jsonl", 14, "tr")
     cfg = load(write_config(tmp_path, model_dir, train, heldout))
     rd = run_dir(tmp_path)
-    loop.prepare_run_dir(cfg, rd, echo=lambda s: None)
-    loop.iteration_plan(cfg, rd, 1)
-    (rd / "run.json").unlink()  # as a run started before run.json existed
-    loop.prepare_run_dir(cfg, rd, echo=lambda s: None)  # unchanged set: fine, and recorded now
-    assert (rd / "run.json").exists()
-    (rd / "run.json").unlink()
+    guard.prepare_run_dir(cfg, rd, echo=lambda s: None)
+    plan.iteration_plan(cfg, rd, 1)
+    RunDir(rd).run_record.unlink()  # as a run started before run.json existed
+    guard.prepare_run_dir(cfg, rd, echo=lambda s: None)  # unchanged set: fine, and recorded now
+    assert RunDir(rd).run_record.exists()
+    RunDir(rd).run_record.unlink()
     write_instructions(train, 20, "tr")  # grown: the shuffle gives iteration 1 other instructions
     with pytest.raises(TpoError) as e:
-        loop.prepare_run_dir(cfg, rd, echo=lambda s: None)
+        guard.prepare_run_dir(cfg, rd, echo=lambda s: None)
     assert e.value.path == str(train) and e.value.field == "loop.train_instructions"
-    assert "iter_01/plan.json does not match" in e.value.message and not (rd / "run.json").exists()
+    assert "iter_01/plan.json does not match" in e.value.message and not RunDir(rd).run_record.exists()
 
 
 def test_deleted_config_toml_is_refused(tiny, tmp_path, scripted):
@@ -328,21 +323,21 @@ def test_deleted_config_toml_is_refused(tiny, tmp_path, scripted):
     cfg_path = write_config(tmp_path, model_dir, train, heldout, iterations=1)
     rd = run_dir(tmp_path)
     stages(load(cfg_path, *NO_EVAL), rd, "generate")  # K = 4
-    (rd / "config.toml").unlink()
+    RunDir(rd).config.unlink()
     res = cli("run", cfg_path, "--no-progress", "--set", "sampling.k=8", "--set", "loop.iterations=2",
               *[f"--set={o}" for o in NO_EVAL])
     error_line(res, rd / "config.toml", "missing")
-    assert not (rd / "config.toml").exists() and not (rd / "iter_01" / "judgements.jsonl").exists()
-    assert not (rd / "iter_02").exists()
+    assert not RunDir(rd).config.exists() and not (RunDir(rd).iteration(1).judgements).exists()
+    assert not RunDir(rd).iteration(2).path.exists()
 
 
 def test_dry_run_refuses_where_the_real_run_refuses(tiny, tmp_path):
     model_dir, train, heldout = tiny
     cfg_path = write_config(tmp_path, model_dir, train, heldout)
     rd = run_dir(tmp_path)
-    from tpo_lite import loop
+    from tpo_lite import guard, plan
 
-    loop.prepare_run_dir(load(cfg_path), rd, echo=lambda s: None)
+    guard.prepare_run_dir(load(cfg_path), rd, echo=lambda s: None)
     real = cli("run", cfg_path, "--set", "sampling.k=8")
     dry = cli("run", cfg_path, "--dry-run", "--set", "sampling.k=8")
     assert error_line(dry, "sampling.k: 4 -> 8") == error_line(real)
@@ -357,11 +352,11 @@ def test_failed_first_start_saves_no_config(tiny, tmp_path):
     rd = run_dir(tmp_path)
     res = cli("run", cfg_path, "--set", f"model.path={tmp_path / 'modle_typo'}")
     error_line(res, "modle_typo", "model.path")
-    assert not (rd / "config.toml").exists() and not (rd / "run.json").exists()
-    from tpo_lite import loop
+    assert not RunDir(rd).config.exists() and not RunDir(rd).run_record.exists()
+    from tpo_lite import guard, plan
 
-    loop.prepare_run_dir(load(cfg_path), rd, echo=lambda s: None)  # the corrected start is not refused
-    assert f'path = "{model_dir}"' in (rd / "config.toml").read_text()
+    guard.prepare_run_dir(load(cfg_path), rd, echo=lambda s: None)  # the corrected start is not refused
+    assert f'path = "{model_dir}"' in RunDir(rd).config.read_text()
 
 
 # ------------------------------------------------------------------------ item 9: configs that cannot work
@@ -402,7 +397,7 @@ def test_prompt_longer_than_the_model_context_is_refused_before_sampling(tiny, t
     res = cli("run", cfg_path, "--no-progress", "--set", "loop.prompts_per_iteration=6",
               *[f"--set={o}" for o in NO_EVAL])
     error_line(res, train, rec["id"], "sampling.max_new_tokens", "512")
-    assert not (run_dir(tmp_path) / "iter_01" / "samples.jsonl").exists()
+    assert not (RunDir(run_dir(tmp_path)).iteration(1).samples).exists()
 
 
 def test_non_utf8_template_file_names_the_file(tiny, tmp_path):

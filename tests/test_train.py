@@ -10,7 +10,7 @@ from tpo_lite.errors import TpoError
 from tpo_lite.models import ModelConfig
 from tpo_lite.train import (TrainConfig, collate, lr_lambda, prepare_pairs, train_iteration, truncate)
 
-from tiny_models import VOCAB, make_tiny_model  # noqa: E402  (tests/ is on sys.path under pytest)
+from tiny_models import VOCAB  # noqa: E402  (tests/ is on sys.path under pytest)
 
 
 def synthetic_pairs(n, seed=0, prompt_len=(3, 8), comp_len=(2, 10)):
@@ -26,11 +26,6 @@ def synthetic_pairs(n, seed=0, prompt_len=(3, 8), comp_len=(2, 10)):
         pairs.append({"prompt_id": f"p{i:03d}", "prompt_token_ids": prompt, "chosen_token_ids": chosen,
                       "rejected_token_ids": rejected, "chosen_index": 0, "rejected_index": 1})
     return pairs
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    return str(make_tiny_model(tmp_path_factory.mktemp("tiny")))
 
 
 def model_cfg(path, **kw):
@@ -141,15 +136,14 @@ def test_train_iteration_learns_and_resumes(tiny_dir, tmp_path):
 
     # the trained adapter prefers the chosen outputs: its log-ratio margin agrees with the training metrics
     from tpo_lite.models import load_model
-    from tpo_lite.train import sequence_logps
-    from tpo_lite.models import lm_head_weight
+    from tpo_lite.train import LMHead, completion_logps
 
     m, _ = load_model(model_cfg(tiny_dir), adapter=out / "adapter")
-    head = {"weight": lm_head_weight(m), "logit_scale": 1.0, "softcap": None}
+    head = LMHead.of(m)
     with torch.no_grad():
         seqs = [(p["prompt_token_ids"], p["chosen_token_ids"]) for p in pairs] + \
                [(p["prompt_token_ids"], p["rejected_token_ids"]) for p in pairs]
-        lp = sequence_logps(m, seqs, 0, head)
+        lp = completion_logps(m, seqs, 0, head)
     ref_c = torch.tensor([cache["logps"][p["prompt_id"]][0] for p in pairs])
     ref_r = torch.tensor([cache["logps"][p["prompt_id"]][1] for p in pairs])
     margins = 0.5 * ((lp[:16] - ref_c) - (lp[16:] - ref_r))

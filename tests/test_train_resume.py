@@ -21,16 +21,10 @@ from tpo_lite.models import ModelConfig
 from tpo_lite.train import TrainConfig, train_iteration
 
 from test_train import model_cfg, synthetic_pairs  # noqa: E402  (tests/ is on sys.path under pytest)
-from tiny_models import make_tiny_model  # noqa: E402
 
 TESTS = Path(__file__).resolve().parent
 REPO = TESTS.parent
 CHECKPOINT_NAME = "dpo_checkpoint.pt"  # iter_XX/dpo_checkpoint.pt (docs/running.md)
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    return str(make_tiny_model(tmp_path_factory.mktemp("tiny")))
 
 
 # ------------------------------------------------------------------------------------ non-finite settings
@@ -45,8 +39,7 @@ def test_every_float_option_of_every_table_must_be_finite():
     """inf and nan pass range checks written as comparisons (nan < 0 is False, inf > 0 is True): every float
     option of every config table is refused non-finite, naming the option."""
     checked = 0
-    for section in C.SECTIONS:
-        cls = C.section_class(section)
+    for section, cls in C.SECTIONS.items():
         for name in _float_fields(cls):
             for bad in (math.inf, -math.inf, math.nan):
                 with pytest.raises(TpoError) as e:

@@ -2,7 +2,7 @@
 
 Each stage owns a ``@dataclass`` config in its own module (``ModelConfig`` in ``models``, ``PromptConfig`` in
 ``prompts``, ...). :class:`RunConfig` composes them as TOML tables ``[model] [prompts] [sampling] [judge]
-[pairs] [train] [loop]`` (and ``[eval]`` when ``tpo_lite.evaluate`` defines ``EvalConfig``). Every field's
+[pairs] [train] [loop] [eval]`` and the optional ``[eval_judge]``. Every field's
 ``metadata["help"]`` is its only documentation: ``tpo-lite run --list-options``, the resolved
 ``runs/NAME/config.toml`` and docs/running.md are generated from it.
 
@@ -16,7 +16,6 @@ can be set together); an error in a ``--set`` value names ``--set``.
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import math
 import os
 import re
@@ -26,7 +25,15 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from .errors import TpoError, require_finite
+from .errors import TpoError, require_finite, require_seed
+from .evaluate import EvalConfig
+from .judges import JudgeConfig
+from .models import ModelConfig
+from .pairs import PairsConfig
+from .prompts import PromptConfig
+from .sampling import SamplingConfig
+from .tracking import report_backends
+from .train import TrainConfig
 
 
 @dataclass
@@ -42,8 +49,21 @@ class LoopConfig:
     prompts_per_iteration: int = field(default=32, metadata={
         "help": "Training instructions sampled per iteration (each gets sampling.k outputs)."})
     train_instructions: str = field(default="", metadata={
-        "help": "JSONL file of training instructions ({\"id\", \"instruction\", \"category\", \"checks\"}); "
-                "empty = the embedded training set."})
+        "help": "Training instructions: a JSONL/JSON file ({\"id\", \"instruction\", \"category\", \"checks\"}), "
+                "or, with the optional `datasets` library (pip install 'tpo-lite[datasets]'), a .parquet/.csv/"
+                ".tsv/.arrow file, a save_to_disk directory or a Hub dataset id (read from the HF cache when "
+                "offline); empty = the embedded training set."})
+    train_split: str = field(default="", metadata={
+        "help": "Split of a `datasets` source of train_instructions (e.g. 'train_prefs' for "
+                "HuggingFaceH4/ultrafeedback_binarized); empty = its only split."})
+    instruction_column: str = field(default="instruction", metadata={
+        "help": "Field (column) of train_instructions that holds the instruction text, e.g. 'prompt' for "
+                "UltraFeedback."})
+    id_column: str = field(default="id", metadata={
+        "help": "Field (column) of train_instructions with unique instruction ids (the key of every record of a "
+                "run). A `datasets` source without it gets ids row-<index>; a JSON/JSONL file must have it."})
+    category_column: str = field(default="category", metadata={
+        "help": "Field (column) of train_instructions with the category (optional; missing = 'uncategorised')."})
     fresh_instructions: bool = field(default=True, metadata={
         "help": "Use new training instructions in every iteration (as the paper does); false = the same "
                 "prompts_per_iteration instructions every iteration. When the set runs out it wraps around "
@@ -73,12 +93,30 @@ class LoopConfig:
                 "instead of the last one; the final model is then that adapter, and its held-out score is "
                 "reported. false = each iteration continues from the previous one (the paper)."})
     seed: int = field(default=0, metadata={
-        "help": "Seed of the training-instruction shuffle (per-sample seeds come from sampling.seed)."})
+        "help": "Seed of the training-instruction shuffle (per-sample seeds come from sampling.seed); "
+                "0 .. 2**32 - 1."})
+    report_to: str | list[str] = field(default_factory=list, metadata={
+        "help": "Experiment trackers that get the run's metrics: 'tensorboard', 'trackio', 'wandb' (one name or a "
+                "list; [] or 'none' = none). Each needs its package (`pip install tensorboard`, ...). Sent: every "
+                "DPO step's loss, margins, accuracy, rewards, lr and grad norm (x = DPO steps counted across "
+                "iterations), every number of each iteration's metrics.json (x = iteration; valid / forced / "
+                "cut-off rates, thought and response lengths, pair stats, held-out score, step 0 = the seed "
+                "model) and the final held-out score and change. A resume sends nothing twice; a tracker error "
+                "is a warning, never a stopped run. wandb follows its own variables (WANDB_MODE=offline, "
+                "WANDB_PROJECT, ...); docs/running.md."})
+    tracking_dir: str = field(default="", metadata={
+        "help": "Folder of this run's tracking files (tensorboard/ event files, wandb files, logged.json: what "
+                "was sent, so a resume sends nothing twice); empty = <run_dir>/tracking."})
 
     def __post_init__(self):
         require_finite(self)  # no float option today; one added later is checked too
+        require_seed(self)
+        report_backends(self.report_to)  # an unknown tracker name fails here, with the file and line
         if not self.name or "/" in self.name or self.name in (".", ".."):
             raise TpoError(f"must be a plain folder name, got {self.name!r}", field="name")
+        for f in ("instruction_column", "id_column", "category_column"):
+            if not getattr(self, f).strip():
+                raise TpoError("must name a field (column)", field=f)
         for f in ("iterations", "prompts_per_iteration"):
             if getattr(self, f) < 1:
                 raise TpoError(f"must be >= 1, got {getattr(self, f)}", field=f)
@@ -90,19 +128,6 @@ class LoopConfig:
                            "of the training set, never on the reported held-out set)", field="keep_best")
 
 
-# table -> (module, class). Imported lazily: each stage module lands on its own and pulls in heavy deps.
-SECTIONS: dict[str, tuple[str, str]] = {
-    "model": ("tpo_lite.models", "ModelConfig"),
-    "prompts": ("tpo_lite.prompts", "PromptConfig"),
-    "sampling": ("tpo_lite.sampling", "SamplingConfig"),
-    "judge": ("tpo_lite.judges", "JudgeConfig"),
-    "pairs": ("tpo_lite.pairs", "PairsConfig"),
-    "train": ("tpo_lite.train", "TrainConfig"),
-    "loop": ("tpo_lite.config", "LoopConfig"),
-    "eval": ("tpo_lite.evaluate", "EvalConfig"),
-    "eval_judge": ("tpo_lite.judges", "JudgeConfig"),
-}
-OPTIONAL_SECTIONS: set[str] = set()  # tables that may be absent while their module has not landed
 # Tables that are None unless the config has them (absent means something else than "all defaults").
 UNSET_SECTIONS: dict[str, str] = {
     "eval_judge": "Optional: a separate judge for evaluations (`tpo-lite eval`, `tpo-lite experiment`, the held-out "
@@ -111,71 +136,58 @@ UNSET_SECTIONS: dict[str, str] = {
 }
 
 
-def section_class(name: str):
-    """The dataclass for table ``name``, or None for an optional section whose module is missing."""
-    module, cls = SECTIONS[name]
-    try:
-        mod = importlib.import_module(module)
-    except ModuleNotFoundError as e:
-        if name in OPTIONAL_SECTIONS and e.name == module:
-            return None
-        raise
-    c = getattr(mod, cls, None)
-    if c is None and name not in OPTIONAL_SECTIONS:
-        raise ImportError(f"{module} does not define {cls}")
-    return c
-
-
-def section_classes() -> dict[str, type]:
-    out = {}
-    for name in SECTIONS:
-        c = section_class(name)
-        if c is not None:
-            out[name] = c
-    return out
-
-
+@dataclass(frozen=True)
 class RunConfig:
-    """All stage configs of one run: ``cfg.model``, ``cfg.prompts``, ``cfg.sampling``, ``cfg.judge``,
-    ``cfg.pairs``, ``cfg.train``, ``cfg.loop`` (and ``cfg.eval`` when available).
+    """All stage configs of one run, one field per TOML table (``cfg.model``, ``cfg.train``, ...).
 
-    ``source`` is the TOML file it was loaded from (None for defaults); ``overridden`` the ``(table, key)``
-    pairs that came from ``--set`` (see :meth:`origin`).
+    ``eval_judge`` is None when the config has no ``[eval_judge]`` table. ``source`` is the TOML file it was
+    loaded from (None for defaults); ``overridden`` the ``(table, key)`` pairs that came from ``--set`` (see
+    :meth:`origin`); neither takes part in equality.
     """
 
-    def __init__(self, sections: dict[str, Any], source: str | None = None,
-                 overridden: frozenset = frozenset()):
-        self.sections = dict(sections)
-        self.source = source
-        self.overridden = frozenset(overridden)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    prompts: PromptConfig = field(default_factory=PromptConfig)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    judge: JudgeConfig = field(default_factory=JudgeConfig)
+    pairs: PairsConfig = field(default_factory=PairsConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    loop: LoopConfig = field(default_factory=LoopConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    eval_judge: JudgeConfig | None = None
+    source: str | None = field(default=None, compare=False)
+    overridden: frozenset = field(default=frozenset(), compare=False)
 
     def origin(self, section: str, key: str) -> str | None:
         """Where option ``section.key`` was set: ``"--set"`` or the config file (for error messages)."""
         return "--set" if (section, key) in self.overridden else self.source
 
-    def __getattr__(self, name):
-        sections = self.__dict__.get("sections", {})
-        if name in sections:
-            return sections[name]
-        raise AttributeError(name)
-
     @classmethod
     def default(cls) -> "RunConfig":
-        return cls({name: None if name in UNSET_SECTIONS else c() for name, c in section_classes().items()})
+        return cls()
+
+    def sections(self) -> dict[str, Any]:
+        """``{table: stage config or None}`` in table order."""
+        return {name: getattr(self, name) for name in SECTIONS}
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
-        return {name: dataclasses.asdict(obj) for name, obj in self.sections.items() if obj is not None}
+        return {name: dataclasses.asdict(obj) for name, obj in self.sections().items() if obj is not None}
 
     def replace(self, section: str, **changes) -> "RunConfig":
-        new = dict(self.sections)
-        new[section] = dataclasses.replace(self.sections[section], **changes)
-        return RunConfig(new, self.source, self.overridden)
+        """A copy with options of table ``section`` changed (an unset optional table starts from its defaults)."""
+        if section not in SECTIONS:
+            raise TpoError(f"unknown table; expected one of {', '.join(SECTIONS)}", field=section)
+        old = getattr(self, section)
+        new = dataclasses.replace(old, **changes) if old is not None else SECTIONS[section](**changes)
+        return dataclasses.replace(self, **{section: new})
 
-    def __eq__(self, other):
-        return isinstance(other, RunConfig) and self.to_dict() == other.to_dict()
 
-    def __repr__(self):
-        return f"RunConfig(source={self.source!r}, {self.to_dict()!r})"
+def _section_type(tp) -> type:
+    return next(a for a in typing.get_args(tp) if a is not type(None)) if typing.get_args(tp) else tp
+
+
+# table -> its dataclass, in table order: the fields of RunConfig.
+SECTIONS: dict[str, type] = {name: _section_type(tp) for name, tp in typing.get_type_hints(RunConfig).items()
+                             if name not in ("source", "overridden")}
 
 
 # ---------------------------------------------------------------------------------------------- type checking
@@ -273,6 +285,57 @@ def _find_line(text: str, section: str, key: str | None = None) -> int | None:
     return header_line
 
 
+# Names of TRL's DPOConfig / transformers' TrainingArguments / peft's LoraConfig / TRL's GRPOConfig that
+# tpo-lite calls differently: name -> "table.key" (an unknown option suggests it).
+FOREIGN_NAMES = {
+    "num_train_epochs": "train.epochs",
+    "per_device_train_batch_size": "train.batch_size",
+    "gradient_accumulation_steps": "train.grad_accum",
+    "gradient_checkpointing": "train.grad_checkpointing",
+    "lr_scheduler_type": "train.lr_schedule",
+    "rpo_alpha": "train.nll_weight",
+    "model_name_or_path": "model.path",
+    "r": "model.lora_r",
+    "bnb_4bit_use_double_quant": "model.double_quant",
+    "num_generations": "sampling.k",
+}
+
+
+def suggest_option(section: str, key: str) -> str:
+    """The option an unknown ``section.key`` probably meant, as it would be written in ``[section]``
+    (``epochs``) or elsewhere (``train.epochs``); "" when nothing is close. Looks at: TRL / transformers / peft
+    names (:data:`FOREIGN_NAMES`), the same key in another table, then close spellings (difflib)."""
+    import difflib
+
+    def where(target: str) -> str:
+        sec, k = target.split(".", 1)
+        return k if sec == section else target
+
+    if key in FOREIGN_NAMES:
+        return where(FOREIGN_NAMES[key])
+    own = [f.name for f in dataclasses.fields(SECTIONS[section]) if f.init] if section in SECTIONS else []
+    close = difflib.get_close_matches(key, own, n=3, cutoff=0.6)
+    if close:
+        return " or ".join(close)
+    elsewhere = [f"{sec}.{key}" for sec, cls in SECTIONS.items() if sec != section
+                 and key in {f.name for f in dataclasses.fields(cls) if f.init}]
+    if elsewhere:
+        return " or ".join(elsewhere)
+    every = {f"{sec}.{f.name}": f.name for sec, cls in SECTIONS.items() for f in dataclasses.fields(cls) if f.init}
+    close = difflib.get_close_matches(key, list(every.values()), n=1, cutoff=0.75)
+    return next((where(t) for t, k in every.items() if close and k == close[0]), "")
+
+
+def field_choices(f: dataclasses.Field, tp=None) -> tuple | None:
+    """The allowed values of an enum-like option: its ``metadata["choices"]``, else the values of a plain
+    ``Literal`` type; None for other options. Validation and ``--list-options`` both read it."""
+    if f.metadata.get("choices"):
+        return tuple(f.metadata["choices"])
+    if tp is not None and typing.get_origin(tp) is typing.Literal:
+        return typing.get_args(tp)
+    return None
+
+
 def check_values(cls, values: dict, name: str, path: str | None = None, text: str = "") -> dict:
     """``values`` checked against dataclass ``cls`` one by one (known key, type, choices; no cross-field
     checks): the constructor keyword arguments."""
@@ -282,17 +345,16 @@ def check_values(cls, values: dict, name: str, path: str | None = None, text: st
     for key, value in values.items():
         line = _find_line(text, name, key) if text else None
         if key not in fields:
-            close = [k for k in fields if k.startswith(key[:3])]
-            hint = f" (did you mean {', '.join(close)}?)" if close else ""
-            raise TpoError(f"unknown option{hint}; see `tpo-lite run --list-options`", path=path, line=line,
-                           field=f"{name}.{key}")
+            hint = suggest_option(name, key)
+            raise TpoError(f"unknown option{f' (did you mean {hint}?)' if hint else ''}; see `tpo-lite run "
+                           "--list-options`", path=path, line=line, field=f"{name}.{key}")
         tp = hints.get(key, Any)
         try:
             kwargs[key] = _coerce(value, tp)
         except ValueError:
             raise TpoError(f"expected {_type_name(tp)}, got {type(value).__name__} {value!r}", path=path,
                            line=line, field=f"{name}.{key}") from None
-        choices = fields[key].metadata.get("choices")
+        choices = field_choices(fields[key], tp)
         if choices and kwargs[key] not in choices:
             raise TpoError(f"must be one of {', '.join(map(repr, choices))}, got {value!r}", path=path,
                            line=line, field=f"{name}.{key}")
@@ -365,7 +427,7 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] | tuple[str
             if m:
                 msg += f" (column {m.group(2)})"
             raise TpoError(f"invalid TOML: {msg}", path=src, line=int(m.group(1)) if m else None) from None
-    classes = section_classes()
+    classes = SECTIONS
     for sec, val in data.items():
         if sec not in classes:
             raise TpoError(f"unknown table; expected one of {', '.join('[' + s + ']' for s in classes)}",
@@ -394,7 +456,7 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] | tuple[str
         vals = merged.get(sec, {})
         # Errors in values that came from --set are reported against --set, the rest against the file.
         sections[sec] = build_section(cls, vals, sec, path=src, text=text, set_keys=frozenset(set_keys))
-    return RunConfig(sections, source=src, overridden=frozenset(set_keys))
+    return RunConfig(**sections, source=src, overridden=frozenset(set_keys))
 
 
 # ------------------------------------------------------------------------------------------------- writing
@@ -429,7 +491,7 @@ def to_toml(cfg: RunConfig, with_help: bool = True) -> str:
     """The resolved config as TOML (every option, with its help text as a comment). None values, which TOML
     cannot hold, are written commented out and read back as the field default (None)."""
     out = ["# Resolved tpo-lite run config (every option; help text from the code)."]
-    for sec, obj in cfg.sections.items():
+    for sec, obj in cfg.sections().items():
         out.append("")
         if obj is None:  # an unset optional table: say it exists, write nothing TOML would read back
             out.extend(_wrap(f"[{sec}] (not set) {UNSET_SECTIONS.get(sec, '')}".rstrip()))
@@ -451,7 +513,7 @@ def to_toml(cfg: RunConfig, with_help: bool = True) -> str:
 def options_reference(markdown: bool = False) -> str:
     """Every option of every table with its type, default and help (generated from the dataclasses)."""
     lines = []
-    for sec, cls in section_classes().items():
+    for sec, cls in SECTIONS.items():
         hints = typing.get_type_hints(cls)
         note = UNSET_SECTIONS.get(sec)
         if markdown:
@@ -472,6 +534,9 @@ def options_reference(markdown: bool = False) -> str:
             dv = "(unset)" if d is None else (_toml_value(d) if not isinstance(d, str) or d else '""')
             help_ = f.metadata.get("help", "(undocumented)")
             tn = _type_name(hints.get(f.name, Any))
+            choices = field_choices(f, hints.get(f.name))
+            if choices:
+                help_ += f" Choices: {', '.join(map(str, choices))}."
             if markdown:
                 lines.append(f"| `{f.name}` | {tn} | `{dv}` | {help_.replace('|', '/')} |")
             else:

@@ -53,3 +53,36 @@ def require_finite(cfg) -> None:
         v = getattr(cfg, f.name)
         if isinstance(v, float) and not math.isfinite(v):
             raise TpoError(f"must be a finite number, got {v!r}", field=f.name)
+
+
+SEED_MAX = 2**32 - 1
+
+
+def require_seed(cfg, name: str = "seed") -> None:
+    """Raise :class:`TpoError` unless option ``name`` of dataclass ``cfg`` is an integer in 0..:data:`SEED_MAX`.
+
+    Outside that range torch.manual_seed overflows and numpy refuses negative seeds: deep inside a stage, as a
+    traceback, after earlier stages did their work.
+    """
+    v = getattr(cfg, name)
+    if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= SEED_MAX:
+        raise TpoError(f"must be an integer between 0 and {SEED_MAX} (2**32 - 1), got {v!r}", field=name)
+
+# errno -> what the user can do about it; other OSErrors are bugs and keep their traceback
+_DISK_FULL = ("no space left (the records finished so far are kept); free space and run the same command again "
+              "to resume")
+_NOT_PERMITTED = ("tpo-lite cannot write (or read) here; fix the permissions, or choose another run directory "
+                  "(--run-dir, loop.runs_root)")
+_USER_FIXABLE = {"ENOSPC": _DISK_FULL, "EDQUOT": _DISK_FULL, "EFBIG": _DISK_FULL,
+                 "EACCES": _NOT_PERMITTED, "EPERM": _NOT_PERMITTED, "EROFS": _NOT_PERMITTED}
+
+
+def os_error(e: OSError) -> TpoError | None:
+    """The one-line :class:`TpoError` for an OSError the user can fix (disk full, no permission, read-only file
+    system), naming the file when the error knows it; None for any other OSError."""
+    import errno
+
+    hint = _USER_FIXABLE.get(errno.errorcode.get(e.errno or 0, ""))
+    if hint is None:
+        return None
+    return TpoError(f"{e.strerror or e}: {hint}", path=e.filename)

@@ -1,21 +1,11 @@
-"""`tpo-lite eval`: eval-set formats, generation of the model's outputs, comparison with a judge, report data.
+"""`tpo-lite eval`: loading an eval set, generation of the model's outputs, comparison with a judge, report data.
 
 The evidence TPO offers is the quality of the final *responses* (thoughts stripped) judged against a baseline,
 as in the paper's AlpacaEval / Arena-Hard tables. This module:
 
-1. reads an eval set (:func:`load_eval_set`) in one of three formats:
-
-   * **AlpacaEval** -- a JSON list or JSONL of ``{"instruction", "output", "generator", "dataset"}``;
-     ``dataset`` is used as the category, ``output`` (when present) as the baseline answer;
-   * **Arena-Hard** -- question JSONL with ``uid`` (or ``question_id``) and ``prompt`` or ``turns`` /
-     ``messages`` (the first user turn is the instruction), ``category`` optional; baseline answers in a
-     separate JSONL keyed by ``uid`` with the text in ``output``, ``answer``, ``messages[-1].content`` or
-     ``choices[0].turns[0].content`` (the usual places);
-   * **our instruction JSONL** -- ``{"id", "instruction", "category", "checks"}`` (see
-     :mod:`tpo_lite.instructions`); ``checks`` feed the programmatic judge.
-
-   A missing or empty category becomes ``"uncategorised"``. A bad record raises :class:`TpoError` naming the
-   file, the line (1-based; for a JSON list, the list index is given instead) and the field.
+1. reads an eval set (:func:`load_eval_set`) in any of the formats of :mod:`tpo_lite.evalsets` (AlpacaEval,
+   Arena-Hard, our instruction JSONL), with baseline answers from an Arena-Hard answer file or AlpacaEval-style
+   outputs when given.
 
 2. generates the model's outputs (:func:`model_outputs`, the one generation path of ``tpo-lite eval``, the
    loop's held-out score and the experiment) through the run's own prompt template and sampling backend, with
@@ -25,18 +15,19 @@ as in the paper's AlpacaEval / Arena-Hard tables. This module:
    still without a parseable response is *invalid* and counts as a loss against any baseline (and as score 0
    in an absolute evaluation).
 
-3. writes AlpacaEval-style ``model_outputs.json`` (``instruction``, ``output`` = response only, ``generator``,
-   ``dataset``), so the official tools can be run on it, and ``model_thoughts.jsonl`` beside it with the
-   thoughts, validity and finish reasons (:func:`write_model_outputs`).
+3. keeps the outputs in one format, ``outputs.jsonl`` (one :class:`ModelOutput` per line, thoughts, validity and
+   retries included; read back by :meth:`tpo_lite.rundir.EvalDir.read_outputs`), and exports AlpacaEval-style
+   ``model_outputs.json`` (``instruction``, ``output`` = response only, ``generator``, ``dataset``) beside it so
+   the official tools can be run on it (:func:`write_model_outputs`).
 
 4. compares with a judge (:func:`compare_outputs`; the evaluation judge is ``[eval_judge]``, else ``[judge]``,
    see :func:`make_eval_judge`); the judge sees the original instruction and the two responses only, never a
    thought:
 
-   * ``score`` -- any judge with ``score()`` (reward model, programmatic): the two responses are scored and
-     the difference gives win (> ``tie_margin``), tie (within it) or loss;
-   * ``pairwise`` -- a judge with ``compare()``: asked in both orders; the outcome is the mean of
-     ``p(model wins)`` over the two orders, and the position bias (how often the *first* response is
+   * ``score`` -- the two responses are scored (reward model, programmatic) and the difference gives win
+     (> ``tie_margin``), tie (within it) or loss;
+   * ``pairwise`` -- a judge whose ``capabilities.compares_pairs``: asked in both orders; the outcome is the
+     mean of ``p(model wins)`` over the two orders, and the position bias (how often the *first* response is
      preferred; 0.5 = no bias) and the order-consistency rate are reported.
 
    The summary holds the win rate (ties as half), the length-controlled win rate
@@ -58,23 +49,23 @@ import math
 import os
 from collections import defaultdict, deque
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from .errors import TpoError, require_finite
-from .jsonl import append_record, read_json, read_records, read_text_utf8, write_json_atomic, write_text_atomic
+from .errors import TpoError, require_finite, require_seed
+from .evalsets import (FORMATS, UNCATEGORISED, EvalItem, category_name, detect_format, eval_records,
+                       read_alpaca_eval,
+                       read_arena_hard, read_instruction_set, read_json_or_jsonl, record_location, require_str,
+                       resolve_eval_set)
+from .jsonl import append_record, read_json, read_records, write_json_atomic, write_text_atomic
+from .judges.base import Judge
+from .stats import mean
 
-UNCATEGORISED = "uncategorised"
-FORMATS = ("auto", "alpaca_eval", "arena_hard", "instructions")
 COMPARISONS = ("auto", "score", "pairwise")
 
 _FLOAT_TIE = 1e-6  # relative score difference below which a 'score' comparison is a tie (float rounding)
 
-MODEL_OUTPUTS = "model_outputs.json"
-MODEL_THOUGHTS = "model_thoughts.jsonl"
-EVAL_JSON = "eval.json"
-EVAL_MD = "eval.md"
 
 
 @dataclass
@@ -84,11 +75,23 @@ class EvalConfig:
     eval_set: str = field(
         default="heldout",
         metadata={"help": "Eval set: 'heldout' (the embedded held-out instructions with verifiable checks) or a "
-                          "path to an AlpacaEval JSON/JSONL, an Arena-Hard question JSONL or an instruction JSONL."},
+                          "path to an AlpacaEval JSON/JSONL, an Arena-Hard question JSONL or an instruction JSONL; "
+                          "with the optional `datasets` library (pip install 'tpo-lite[datasets]') also a .parquet/"
+                          ".csv/.tsv/.arrow file, a save_to_disk directory or a Hub dataset id (read from the HF "
+                          "cache when offline), in any of these formats."},
+    )
+    eval_split: str = field(
+        default="",
+        metadata={"help": "Split of a `datasets` source of eval_set (e.g. 'eval'); empty = its only split."},
+    )
+    instruction_column: str = field(
+        default="",
+        metadata={"help": "Field (column) of eval_set that holds the instruction, renamed to 'instruction' before "
+                          "the format is read (e.g. 'prompt'); empty = the format's own fields."},
     )
     eval_format: str = field(
         default="auto",
-        metadata={"help": "Format of eval_set: 'auto' (guessed from the first record's keys), 'alpaca_eval', "
+        metadata={"choices": FORMATS, "help": "Format of eval_set: 'auto' (guessed from the first record's keys), 'alpaca_eval', "
                           "'arena_hard' or 'instructions'."},
     )
     baseline_outputs: str = field(
@@ -98,9 +101,9 @@ class EvalConfig:
                           "use the 'output' field of an AlpacaEval eval set, if any."},
     )
     max_instructions: int = field(
-        default=40,
-        metadata={"help": "Evaluate only the first N instructions of the eval set (0 = all). The default keeps the "
-                          "before/after held-out score of `tpo-lite run` within a CPU budget."},
+        default=0,
+        metadata={"help": "Evaluate only the first N instructions of the eval set; 0 = all (the default). Every "
+                          "evaluation prints how many of how many it scores."},
     )
     max_new_tokens: int = field(
         default=0,
@@ -118,7 +121,8 @@ class EvalConfig:
     )
     seed: int = field(
         default=0,
-        metadata={"help": "Seed of eval generation (output i uses seed + i) and of the bootstrap resampling."},
+        metadata={"help": "Seed of eval generation (output i uses seed + i) and of the bootstrap resampling; "
+                          "0 .. 2**32 - 1."},
     )
     batch_size: int = field(
         default=8,
@@ -150,9 +154,10 @@ class EvalConfig:
     )
     comparison: str = field(
         default="auto",
-        metadata={"help": "How the judge compares two responses: 'score' (score difference of a reward model or "
+        metadata={"choices": COMPARISONS, "help": "How the judge compares two responses: 'score' (score difference of a reward model or "
                           "the programmatic judge), 'pairwise' (a pairwise judge asked in both orders) or 'auto' "
-                          "(pairwise when the judge is a pairwise judge, else score)."},
+                          "(pairwise when the judge's scores are relative within a group, as the pairwise judge's "
+                          "Bradley-Terry scores are, else score)."},
     )
     tie_margin: float = field(
         default=0.0,
@@ -172,6 +177,7 @@ class EvalConfig:
     def __post_init__(self):
         # Field names only (no "eval." prefix): tpo_lite.config adds the table name, file and line.
         require_finite(self)
+        require_seed(self)
         if self.eval_format not in FORMATS:
             raise TpoError(f"must be one of {', '.join(FORMATS)}, got {self.eval_format!r}", field="eval_format")
         if self.comparison not in COMPARISONS:
@@ -194,249 +200,31 @@ class EvalConfig:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Eval-set readers
+# Eval sets (the readers are tpo_lite.evalsets)
 # ----------------------------------------------------------------------------------------------------------------
 
 
-@dataclass
-class EvalItem:
-    """One eval instruction. ``baseline`` is the baseline's answer text when the eval set carries one."""
-
-    id: str
-    instruction: str
-    category: str = UNCATEGORISED
-    checks: list = field(default_factory=list)
-    baseline: str | None = None
-    baseline_generator: str | None = None
-
-
-def _category(value: Any) -> str:
-    if value is None:
-        return UNCATEGORISED
-    value = str(value).strip()
-    return value or UNCATEGORISED
-
-
-def _read_json_or_jsonl(path: str) -> list[tuple[int | None, Any]]:
-    """Records of a JSON list or a JSONL file as ``(line, record)``; line is None for a JSON list."""
-    if not os.path.exists(path):
-        raise TpoError("file not found", path=path)
-    text = read_text_utf8(path)
-    stripped = text.lstrip()
-    if not stripped:
-        raise TpoError("file is empty", path=path)
-    if stripped.startswith("["):
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise TpoError(f"not valid JSON: {e.msg}", path=path, line=e.lineno) from None
-        return [(None, rec) for rec in data]
-    out = []
-    for lineno, line in enumerate(text.split("\n"), start=1):
-        if not line.strip():
-            continue
-        try:
-            out.append((lineno, json.loads(line)))
-        except json.JSONDecodeError as e:
-            raise TpoError(f"not valid JSON ({e.msg})", path=path, line=lineno) from None
-    return out
-
-
-def _where(line: int | None, index: int) -> tuple[int | None, str]:
-    # For a JSON list we cannot name a line cheaply; name the list index in the field instead.
-    return (line, "") if line is not None else (None, f"[{index}].")
-
-
-def _require_str(rec: Any, key: str, path: str, line: int | None, index: int, allow_empty: bool = False) -> str:
-    lno, prefix = _where(line, index)
-    if not isinstance(rec, dict):
-        raise TpoError(f"expected a JSON object, got {type(rec).__name__}", path=path, line=lno,
-                       field=prefix.rstrip(".") or None)
-    if key not in rec:
-        raise TpoError("missing", path=path, line=lno, field=prefix + key)
-    value = rec[key]
-    if not isinstance(value, str):
-        raise TpoError(f"expected a string, got {type(value).__name__}", path=path, line=lno, field=prefix + key)
-    if not allow_empty and not value.strip():
-        raise TpoError("empty", path=path, line=lno, field=prefix + key)
-    return value
-
-
-def read_alpaca_eval(path: str | os.PathLike) -> list[EvalItem]:
-    """Read an AlpacaEval eval set / outputs file (JSON list or JSONL).
-
-    Each record needs ``instruction``; ``output`` (optional) becomes the baseline answer, ``generator`` its
-    name and ``dataset`` the category. Ids are ``alpaca-<index>`` in file order.
-    """
-    path = os.fspath(path)
-    items = []
-    for index, (line, rec) in enumerate(_read_json_or_jsonl(path)):
-        instruction = _require_str(rec, "instruction", path, line, index)
-        output = None
-        if "output" in rec and rec["output"] is not None:
-            output = _require_str(rec, "output", path, line, index, allow_empty=True)
-        gen = rec.get("generator")
-        items.append(EvalItem(id=f"alpaca-{index:04d}", instruction=instruction, category=_category(rec.get("dataset")),
-                              baseline=output, baseline_generator=None if gen is None else str(gen)))
-    return items
-
-
-def _first_user_turn(rec: dict, path: str, line: int | None, index: int) -> str:
-    lno, prefix = _where(line, index)
-    if isinstance(rec.get("prompt"), str):
-        return _require_str(rec, "prompt", path, line, index)
-    for key in ("turns", "messages"):
-        turns = rec.get(key)
-        if turns is None:
-            continue
-        if not isinstance(turns, list) or not turns:
-            raise TpoError("expected a non-empty list", path=path, line=lno, field=prefix + key)
-        for t, turn in enumerate(turns):
-            if isinstance(turn, str):
-                text = turn
-            elif isinstance(turn, dict) and turn.get("role", "user") == "user":
-                text = turn.get("content")
-            else:
-                continue
-            if not isinstance(text, str) or not text.strip():
-                raise TpoError("expected non-empty text", path=path, line=lno, field=f"{prefix}{key}[{t}].content")
-            return text
-        raise TpoError("has no user turn", path=path, line=lno, field=prefix + key)
-    raise TpoError("missing: needs 'prompt', 'turns' or 'messages'", path=path, line=lno, field=prefix + "prompt")
-
-
-def read_arena_hard(questions_path: str | os.PathLike,
-                    answers_path: str | os.PathLike | None = None) -> list[EvalItem]:
-    """Read Arena-Hard questions (JSONL, ``uid``/``question_id`` + ``prompt`` or ``turns``/``messages``).
-
-    Only the first user turn is used (single-turn evaluation). ``answers_path``, if given, is an answer JSONL
-    keyed by the same uid (see :func:`read_arena_hard_answers`) and provides the baseline answers; every
-    question must have one.
-    """
-    questions_path = os.fspath(questions_path)
-    items, seen = [], {}
-    for index, (line, rec) in enumerate(_read_json_or_jsonl(questions_path)):
-        lno, prefix = _where(line, index)
-        if not isinstance(rec, dict):
-            raise TpoError(f"expected a JSON object, got {type(rec).__name__}", path=questions_path, line=lno)
-        uid = rec.get("uid", rec.get("question_id"))
-        if uid is None or (isinstance(uid, str) and not uid.strip()):
-            raise TpoError("missing (or 'question_id')", path=questions_path, line=lno, field=prefix + "uid")
-        uid = str(uid)
-        if uid in seen:
-            raise TpoError(f"duplicate uid {uid!r} (first at line {seen[uid]})", path=questions_path, line=lno,
-                           field=prefix + "uid")
-        seen[uid] = line if line is not None else index
-        items.append(EvalItem(id=uid, instruction=_first_user_turn(rec, questions_path, line, index),
-                              category=_category(rec.get("category", rec.get("cluster")))))
-    if answers_path is not None:
-        answers = read_arena_hard_answers(answers_path)
-        missing = [it.id for it in items if it.id not in answers]
-        if missing:
-            raise TpoError(f"no baseline answer for {len(missing)} of {len(items)} questions (first: "
-                           f"{', '.join(map(repr, missing[:3]))}) from {questions_path}", path=os.fspath(answers_path))
-        for it in items:
-            it.baseline, it.baseline_generator = answers[it.id]
-    return items
-
-
-def _answer_text(rec: dict) -> str | None:
-    # The usual places an Arena-Hard / FastChat answer file keeps the text.
-    if isinstance(rec.get("output"), str):
-        return rec["output"]
-    if isinstance(rec.get("answer"), str):
-        return rec["answer"]
-    msgs = rec.get("messages")
-    if isinstance(msgs, list) and msgs:
-        last = msgs[-1]
-        content = last.get("content") if isinstance(last, dict) else None
-        if isinstance(content, dict):  # arena-hard-auto v2: {"answer": ...}
-            content = content.get("answer")
-        if isinstance(content, str):
-            return content
-    choices = rec.get("choices")
-    if isinstance(choices, list) and choices and isinstance(choices[0], dict):
-        turns = choices[0].get("turns")
-        if isinstance(turns, list) and turns:
-            t = turns[0]
-            content = t.get("content") if isinstance(t, dict) else t
-            if isinstance(content, str):
-                return content
-    return None
-
-
-def read_arena_hard_answers(path: str | os.PathLike) -> dict[str, tuple[str, str | None]]:
-    """Arena-Hard answer JSONL -> ``{uid: (answer text, model name)}``."""
-    path = os.fspath(path)
-    out: dict[str, tuple[str, str | None]] = {}
-    for index, (line, rec) in enumerate(_read_json_or_jsonl(path)):
-        lno, prefix = _where(line, index)
-        if not isinstance(rec, dict):
-            raise TpoError(f"expected a JSON object, got {type(rec).__name__}", path=path, line=lno)
-        uid = rec.get("uid", rec.get("question_id"))
-        if uid is None:
-            raise TpoError("missing (or 'question_id')", path=path, line=lno, field=prefix + "uid")
-        text = _answer_text(rec)
-        if text is None:
-            raise TpoError("no answer text (looked in output, answer, messages[-1].content, "
-                           "choices[0].turns[0].content)", path=path, line=lno)
-        if str(uid) in out:
-            raise TpoError(f"duplicate uid {uid!r}", path=path, line=lno, field=prefix + "uid")
-        model = rec.get("model", rec.get("model_id", rec.get("generator")))
-        out[str(uid)] = (text, None if model is None else str(model))
-    return out
-
-
-def read_instruction_set(path: str | os.PathLike) -> list[EvalItem]:
-    """Our instruction JSONL (``id``, ``instruction``, ``category``, ``checks``) via
-    :func:`tpo_lite.instructions.load_instructions`."""
-    from .instructions import load_instructions
-
-    return [EvalItem(id=str(ins.id), instruction=ins.instruction, category=_category(ins.category),
-                     checks=list(ins.checks or [])) for ins in load_instructions(os.fspath(path))]
-
-
-def detect_format(path: str | os.PathLike) -> str:
-    """Guess the format from the first record's keys: ``uid``/``question_id``/``turns`` -> arena_hard, ``checks``
-    or ``id`` -> instructions, else alpaca_eval."""
-    recs = _read_json_or_jsonl(os.fspath(path))
-    first = recs[0][1] if recs else {}
-    if not isinstance(first, dict):
-        raise TpoError(f"expected JSON objects, got {type(first).__name__}", path=os.fspath(path), line=recs[0][0])
-    keys = set(first)
-    if keys & {"uid", "question_id", "turns", "messages"} or ("prompt" in keys and "instruction" not in keys):
-        return "arena_hard"
-    if "checks" in keys or "id" in keys:
-        return "instructions"
-    return "alpaca_eval"
-
-
-def resolve_eval_set(eval_set: str) -> str:
-    """``'heldout'`` / ``'train'`` -> the embedded set's path; anything else is a path."""
-    if eval_set in ("heldout", "train"):
-        from .instructions import embedded_path
-
-        return os.fspath(embedded_path(eval_set))
-    return eval_set
-
-
 def load_eval_set(path: str | os.PathLike, fmt: str = "auto", baseline: str | os.PathLike | None = None,
-                  max_instructions: int = 0) -> list[EvalItem]:
+                  max_instructions: int = 0, split: str = "", instruction_column: str = "") -> list[EvalItem]:
     """Read an eval set in ``fmt`` (see :data:`FORMATS`); attach baseline answers from ``baseline`` if given.
 
     ``baseline`` is an Arena-Hard answer JSONL (for arena_hard sets, matched by uid) or an AlpacaEval-style
     outputs file (matched by instruction text; must cover every instruction). ``max_instructions`` > 0 keeps the
-    first N items.
+    first N items. ``split`` / ``instruction_column``: see :func:`tpo_lite.evalsets.eval_records`.
     """
     path = resolve_eval_set(os.fspath(path))
     if fmt not in FORMATS:
         raise TpoError(f"unknown eval format {fmt!r}; expected one of {', '.join(FORMATS)}", field="eval_format")
+    records = eval_records(path, split, instruction_column)
+    if records is not None and not records:
+        raise TpoError("eval set has no instructions", path=path)
     if fmt == "auto":
-        fmt = detect_format(path)
+        fmt = detect_format(path, records)
     if fmt == "arena_hard":
-        items = read_arena_hard(path, baseline if baseline else None)
+        items = read_arena_hard(path, baseline if baseline else None, records=records)
     else:
-        items = read_alpaca_eval(path) if fmt == "alpaca_eval" else read_instruction_set(path)
+        items = (read_alpaca_eval(path, records) if fmt == "alpaca_eval"
+                 else read_instruction_set(path, records))
         if baseline:
             outs = read_outputs(baseline)
             aligned = align_outputs(items, outs, what=f"baseline outputs {os.fspath(baseline)}")
@@ -447,6 +235,20 @@ def load_eval_set(path: str | os.PathLike, fmt: str = "auto", baseline: str | os
     if max_instructions:
         items = items[:max_instructions]
     return items
+
+
+def load_configured_eval_set(ecfg: EvalConfig, baseline: str | os.PathLike | None = None,
+                             echo: Callable[[str], None] | None = None) -> list[EvalItem]:
+    """The ``[eval]`` table's set: ``eval_set`` in ``eval_format`` (``eval_split`` / ``instruction_column`` for
+    a ``datasets`` source), the first ``max_instructions`` of it; ``echo`` gets "evaluating N of M
+    instructions of SET"."""
+    items = load_eval_set(ecfg.eval_set, ecfg.eval_format, baseline=baseline, split=ecfg.eval_split,
+                          instruction_column=ecfg.instruction_column)
+    kept = items[:ecfg.max_instructions] if ecfg.max_instructions else items
+    if echo is not None:
+        cut = f" (eval.max_instructions = {ecfg.max_instructions})" if len(kept) < len(items) else ""
+        echo(f"evaluating {len(kept)} of {len(items)} instructions of {ecfg.eval_set}{cut}")
+    return kept
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -473,38 +275,36 @@ class ModelOutput:
 
 
 def read_outputs(path: str | os.PathLike) -> list[ModelOutput]:
-    """Read AlpacaEval-style outputs (``instruction``, ``output``, ``generator``, ``dataset``).
+    """Outputs to judge, compare with or take baseline answers from.
 
-    If a ``model_thoughts.jsonl`` lies beside the file (as :func:`write_model_outputs` writes it), validity and
-    thoughts are taken from it, so another run's invalid outputs stay invalid.
+    A folder tpo-lite wrote outputs into (eval, held-out, comparison), its ``outputs.jsonl`` or its
+    ``model_outputs.json`` export: the folder's ``outputs.jsonl`` (:meth:`tpo_lite.rundir.EvalDir.read_outputs`),
+    so invalid outputs stay invalid. Any other file: AlpacaEval-style outputs (``instruction``, ``output``,
+    ``generator``, ``dataset``), each counted valid.
     """
+    from pathlib import Path
+
+    from .rundir import EvalDir
+
+    p = Path(os.fspath(path))
+    folder = EvalDir(p if p.is_dir() else p.parent)
+    if p.is_dir() or p in (folder.outputs, folder.alpaca_export):
+        outs = folder.read_outputs()
+        if outs is not None:
+            return outs
+        if p.is_dir():
+            raise TpoError(f"no {folder.outputs.name} in this folder (not one tpo-lite wrote outputs into)",
+                           path=str(p))
     path = os.fspath(path)
     outs = []
-    for index, (line, rec) in enumerate(_read_json_or_jsonl(path)):
-        instruction = _require_str(rec, "instruction", path, line, index)
-        lno, prefix = _where(line, index)
+    for index, (line, rec) in enumerate(read_json_or_jsonl(path)):
+        instruction = require_str(rec, "instruction", path, line, index)
+        lno, prefix = record_location(line, index)
         if "output" not in rec or not isinstance(rec["output"], str):
             raise TpoError("missing or not a string", path=path, line=lno, field=prefix + "output")
         outs.append(ModelOutput(instruction=instruction, response=rec["output"],
                                 generator=str(rec.get("generator", os.path.basename(os.path.dirname(path)) or "model")),
-                                category=_category(rec.get("dataset")), id=rec.get("id")))
-    side = os.path.join(os.path.dirname(path), MODEL_THOUGHTS)
-    if os.path.exists(side):
-        recs = read_records(side, allow_symlink=True)  # the user's own file, not a run record
-        if len(recs) != len(outs):
-            raise TpoError(f"{len(recs)} records but {path} has {len(outs)} outputs; the two files must come from "
-                           "the same eval", path=side)
-        for k, (o, r) in enumerate(zip(outs, recs)):
-            if r.get("instruction") != o.instruction:
-                raise TpoError(f"record {k + 1} is for a different instruction than output {k} of {path}",
-                               path=side, line=k + 1, field="instruction")
-            o.thought = r.get("thought") or ""
-            o.valid = bool(r.get("valid", True))
-            o.invalid_reason = r.get("invalid_reason")
-            o.finish_reason = r.get("finish_reason")
-            o.forced = bool(r.get("forced", False))
-            o.tries = int(r.get("tries", 1))
-            o.id = r.get("id", o.id)
+                                category=category_name(rec.get("dataset")), id=rec.get("id")))
     return outs
 
 
@@ -541,25 +341,23 @@ def align_outputs(items: Sequence[EvalItem], outputs: Sequence[ModelOutput], wha
     return aligned
 
 
-def write_model_outputs(out_dir: str | os.PathLike, outputs: Sequence[ModelOutput]) -> str:
-    """Write ``model_outputs.json`` (AlpacaEval format, response only) and ``model_thoughts.jsonl``.
-
-    Returns the path of ``model_outputs.json``. An invalid output is written with its (possibly empty) parsed
+def write_model_outputs(out_dir, outputs: Sequence[ModelOutput]) -> str:
+    """Keep ``outputs`` in ``out_dir`` (an :class:`~tpo_lite.rundir.EvalDir` or its path): ``outputs.jsonl`` (the
+    one format; rewritten only when it holds other records) and the AlpacaEval export ``model_outputs.json``
+    (response only). Returns the export's path. An invalid output is exported with its (possibly empty) parsed
     response so the official tools see what the user would have seen.
     """
-    out_dir = os.fspath(out_dir)
-    os.makedirs(out_dir, exist_ok=True)
+    from .rundir import EvalDir
+
+    out = out_dir if isinstance(out_dir, EvalDir) else EvalDir(out_dir)
+    out.path.mkdir(parents=True, exist_ok=True)
+    recs = [dataclasses.asdict(o) for o in outputs]
+    if not out.outputs.exists() or read_records(out.outputs) != recs:
+        write_text_atomic(out.outputs, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in recs))
     alpaca = [{"instruction": o.instruction, "output": o.response, "generator": o.generator, "dataset": o.category}
               for o in outputs]
-    path = os.path.join(out_dir, MODEL_OUTPUTS)
-    write_json_atomic(path, alpaca)
-    side = "".join(json.dumps({"id": o.id, "instruction": o.instruction, "thought": o.thought,
-                               "response": o.response, "valid": o.valid, "invalid_reason": o.invalid_reason,
-                               "finish_reason": o.finish_reason, "forced": o.forced, "tries": o.tries,
-                               "text": o.text},
-                              ensure_ascii=False) + "\n" for o in outputs)
-    write_text_atomic(os.path.join(out_dir, MODEL_THOUGHTS), side)
-    return path
+    write_json_atomic(out.alpaca_export, alpaca)
+    return str(out.alpaca_export)
 
 
 def baseline_outputs(items: Sequence[EvalItem], generator: str | None = None) -> list[ModelOutput]:
@@ -641,7 +439,7 @@ def _sample_group(group: Sequence[tuple[int, EvalItem]], tokenizer, prompt_cfg, 
             outs[it.id] = ModelOutput(instruction=it.instruction, response=parsed.response or "", generator=generator,
                                       category=it.category, id=it.id, thought=parsed.thought or "",
                                       valid=bool(parsed.valid), invalid_reason=parsed.invalid_reason,
-                                      finish_reason=s.finish_reason, forced=bool(getattr(s, "forced", False)),
+                                      finish_reason=s.finish_reason, forced=s.forced,
                                       text=s.text, tries=attempt + 1)
         pending = [(i, it) for i, it in pending if not outs[it.id].valid]
         if not pending:
@@ -689,8 +487,12 @@ def generate_outputs(items: Sequence[EvalItem], model, tokenizer, prompt_cfg, ge
 
 
 _OUTPUT_FIELDS = {f.name for f in dataclasses.fields(ModelOutput)}
+# What an outputs.jsonl record must hold (jsonl.read_records(required=)): the ModelOutput fields without a default.
+OUTPUT_RECORD_KEYS = tuple(f.name for f in dataclasses.fields(ModelOutput)
+                           if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING)
 # Sampler options that do not change what is generated (a resumed eval may change them).
-_OPERATIONAL = {"timeout_s", "max_retries", "backoff_s", "concurrency", "api_key_env"}
+_OPERATIONAL = {"timeout_s", "max_retries", "backoff_s", "concurrency", "api_key_env", "vllm_gpu_memory_utilization",
+                "vllm_max_lora_rank", "vllm_max_model_len"}
 
 
 def output_from_record(rec: dict, generator: str | None = None) -> ModelOutput:
@@ -699,13 +501,6 @@ def output_from_record(rec: dict, generator: str | None = None) -> ModelOutput:
     if generator is not None:
         o.generator = generator
     return o
-
-
-def read_output_records(path: str | os.PathLike, generator: str | None = None) -> list[ModelOutput] | None:
-    """The outputs of an ``outputs.jsonl`` written by :func:`model_outputs`, in file order; None if absent."""
-    if not os.path.exists(path):
-        return None
-    return [output_from_record(r, generator) for r in read_records(path)]
 
 
 def _generation_settings(config, adapter: str | None, scfg, ecfg: EvalConfig) -> dict:
@@ -743,7 +538,7 @@ def model_outputs(config, items: Sequence[EvalItem], path: str | os.PathLike, ad
     scfg = eval_sampling_config(config.sampling, ecfg)
     settings = _generation_settings(config, adapter, scfg, ecfg)
     meta = os.path.splitext(path)[0] + ".meta.json"
-    done = read_records(path, key="id") if os.path.exists(path) else {}
+    done = read_records(path, key="id", required=OUTPUT_RECORD_KEYS) if os.path.exists(path) else {}
     if done and os.path.exists(meta):
         old = read_json(meta).get("settings")
         if old != settings:
@@ -755,8 +550,8 @@ def model_outputs(config, items: Sequence[EvalItem], path: str | os.PathLike, ad
         if rec is not None and rec.get("instruction") != it.instruction:
             raise TpoError(f"the output recorded for id {it.id!r} answers another instruction (another eval set?); "
                            "delete the folder or write to another one", path=path)
-    backend = getattr(config.sampling, "backend", "local")
-    size = ecfg.batch_size if backend == "local" else max(ecfg.batch_size, getattr(scfg, "concurrency", 1))
+    backend = config.sampling.backend
+    size = ecfg.batch_size if backend == "local" else max(ecfg.batch_size, scfg.concurrency)
     todo = [g for g in _groups(len(items), size) if any(items[i].id not in done for i in g)]
     if todo:
         from . import models
@@ -789,7 +584,7 @@ def model_outputs(config, items: Sequence[EvalItem], path: str | os.PathLike, ad
                     append_record(path, dataclasses.asdict(o))
                     done[o.id] = dataclasses.asdict(o)
         del model
-        done = read_records(path, key="id")
+        done = read_records(path, key="id", required=OUTPUT_RECORD_KEYS)
     return [output_from_record(done[it.id], generator) for it in items]
 
 
@@ -798,17 +593,9 @@ def model_outputs(config, items: Sequence[EvalItem], path: str | os.PathLike, ad
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _judge_name(judge) -> str:
-    return str(getattr(judge, "name", type(judge).__name__))
-
-
-LEARNED_JUDGES = ("reward_model", "pairwise")
-
-
 def eval_judge_config(config):
     """The judge config of evaluations: the run's ``[eval_judge]`` table when it has one, else ``[judge]``."""
-    ej = getattr(config, "eval_judge", None)
-    return ej if ej is not None else config.judge
+    return config.eval_judge if config.eval_judge is not None else config.judge
 
 
 def _same_judge(a, b) -> bool:
@@ -819,9 +606,11 @@ def _same_judge(a, b) -> bool:
 def reward_hacking_warning(config) -> str | None:
     """One warning line when evaluations would be judged by the learned judge (reward model or pairwise LLM)
     the run optimised, else None. The programmatic judge checks the instruction's own verifiable constraints --
-    the task's ground truth, not a learned proxy -- and never warns."""
+    the task's ground truth, not a learned proxy (``capabilities.learned`` is False) -- and never warns."""
+    from .judges import judge_class
+
     cfg = eval_judge_config(config)
-    if cfg.kind not in LEARNED_JUDGES or not _same_judge(cfg, config.judge):
+    if not judge_class(cfg.kind).capabilities.learned or not _same_judge(cfg, config.judge):
         return None
     what = cfg.model or f"{cfg.served_model} at {cfg.base_url}"
     return (f"warning: evaluating with the {cfg.kind} judge the run optimised ({what}): this measures reward "
@@ -858,47 +647,33 @@ def _score(judge, item: EvalItem, responses: list[str]) -> list[float | None]:
     res = judge.score(item, responses)
     scores = list(res.scores)
     if len(scores) != len(responses):
-        raise TpoError(f"judge {_judge_name(judge)} returned {len(scores)} scores for {len(responses)} responses")
+        raise TpoError(f"judge {judge.name} returned {len(scores)} scores for {len(responses)} responses")
     for s in scores:
         if s is not None and not math.isfinite(float(s)):
-            raise TpoError(f"judge {_judge_name(judge)} returned a non-finite score ({s}) for {item.id}")
+            raise TpoError(f"judge {judge.name} returned a non-finite score ({s}) for {item.id}")
     return [None if s is None else float(s) for s in scores]
 
 
-def _comparison_mode(judge, requested: str) -> str:
-    if requested == "pairwise" and not hasattr(judge, "compare"):
-        raise TpoError(f"judge {_judge_name(judge)} cannot compare two responses; use comparison = 'score'",
-                       field="comparison")
-    if requested == "score" and not hasattr(judge, "score"):
-        raise TpoError(f"judge {_judge_name(judge)} cannot score responses; use comparison = 'pairwise'",
+def _comparison_mode(judge: Judge, requested: str) -> str:
+    caps = judge.capabilities
+    if requested == "pairwise" and not caps.compares_pairs:
+        raise TpoError(f"judge {judge.name} cannot compare two responses; use comparison = 'score'",
                        field="comparison")
     if requested != "auto":
         return requested
-    if not hasattr(judge, "compare"):
-        return "score"
-    if not hasattr(judge, "score") or getattr(judge, "kind", None) == "pairwise":
-        return "pairwise"
-    try:  # a reward model can also compare (sigmoid of the score difference), but its native output is a score
-        from .judges.pairwise import PairwiseJudge
-    except ImportError:
-        return "score"
-    inner = getattr(judge, "inner", judge)  # a CachedJudge wraps the real one
-    return "pairwise" if isinstance(inner, PairwiseJudge) else "score"
-
-
-def _mean(xs: Iterable[float]) -> float | None:
-    xs = list(xs)
-    return float(np.mean(xs)) if xs else None
+    # A reward model can also compare (sigmoid of the score difference), but its native output is a score; a
+    # judge whose scores are relative within one call (Bradley-Terry) is asked to compare.
+    return "score" if caps.scores_absolute else "pairwise"
 
 
 def _length_stats(outputs: Sequence[ModelOutput]) -> dict:
     valid = [o for o in outputs if o.valid]
     return {
-        "response_chars_mean": _mean(len(o.response) for o in valid),
-        "thought_chars_mean": _mean(len(o.thought) for o in valid),
+        "response_chars_mean": mean(len(o.response) for o in valid),
+        "thought_chars_mean": mean(len(o.thought) for o in valid),
         "n_valid": len(valid),
         "invalid_rate": 1.0 - len(valid) / len(outputs) if outputs else None,
-        "forced_rate": _mean(float(o.forced) for o in outputs),
+        "forced_rate": mean(float(o.forced) for o in outputs),
         "n_retried": sum(1 for o in outputs if o.tries > 1),  # had a format error and were re-sampled
         "n_invalid": len(outputs) - len(valid),  # still invalid after every try
     }
@@ -950,7 +725,7 @@ def compare_outputs(items: Sequence[EvalItem], model: Sequence[ModelOutput], bas
             p_ba = float(judge.compare(it, b.response, m.response))
             for p in (p_ab, p_ba):
                 if not (0.0 <= p <= 1.0):
-                    raise TpoError(f"judge {_judge_name(judge)} returned p={p} outside [0, 1] for {it.id}")
+                    raise TpoError(f"judge {judge.name} returned p={p} outside [0, 1] for {it.id}")
             outcome = (p_ab + (1.0 - p_ba)) / 2.0
             first_pos.append((p_ab + p_ba) / 2.0)
             # Same winner from the model's side in both orders (a tie in both counts as consistent).
@@ -977,7 +752,7 @@ def compare_outputs(items: Sequence[EvalItem], model: Sequence[ModelOutput], bas
         "kind": "pairwise",
         "model": model[0].generator,
         "baseline": baseline[0].generator,
-        "judge": _judge_name(judge),
+        "judge": judge.name,
         "comparison": mode,
         "confidence": 1.0 - ecfg.alpha,
         **summary,
@@ -990,8 +765,8 @@ def compare_outputs(items: Sequence[EvalItem], model: Sequence[ModelOutput], bas
     }
     if mode == "pairwise":
         result["position_bias"] = {
-            "first_position_preferred": _mean(first_pos),  # 0.5 = no bias
-            "order_consistency": _mean(consistent),
+            "first_position_preferred": mean(first_pos),  # 0.5 = no bias
+            "order_consistency": mean(consistent),
             "n_judged": len(first_pos),
         }
     return result
@@ -1028,7 +803,7 @@ def absolute_eval(items: Sequence[EvalItem], outputs: Sequence[ModelOutput], jud
     return {
         "kind": "absolute",
         "model": outputs[0].generator,
-        "judge": _judge_name(judge),
+        "judge": judge.name,
         "confidence": 1.0 - ecfg.alpha,
         "n": len(rows),
         "mean_score": float(scores.mean()),
@@ -1110,17 +885,18 @@ def render_markdown(result: dict, decoding: dict | None = None) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_result(out_dir: str | os.PathLike, result: dict, decoding: dict | None = None,
-                 name: str = "eval") -> tuple[str, str]:
-    """Write ``<name>.json`` and ``<name>.md`` into ``out_dir``; returns both paths."""
-    out_dir = os.fspath(out_dir)
-    os.makedirs(out_dir, exist_ok=True)
+def write_result(out_dir, result: dict, decoding: dict | None = None) -> tuple[str, str]:
+    """Write ``eval.json`` and ``eval.md`` into ``out_dir`` (an :class:`~tpo_lite.rundir.EvalDir` or its path);
+    returns both paths."""
+    from .rundir import EvalDir
+
+    out = out_dir if isinstance(out_dir, EvalDir) else EvalDir(out_dir)
+    out.path.mkdir(parents=True, exist_ok=True)
     if decoding:
         result = {**result, "decoding": decoding}
-    jp, mp = os.path.join(out_dir, f"{name}.json"), os.path.join(out_dir, f"{name}.md")
-    write_json_atomic(jp, result)
-    write_text_atomic(mp, render_markdown(result, decoding))
-    return jp, mp
+    write_json_atomic(out.result, result)
+    write_text_atomic(out.markdown, render_markdown(result, decoding))
+    return str(out.result), str(out.markdown)
 
 
 def decoding_record(ecfg: EvalConfig, sampling_cfg=None) -> dict:
@@ -1128,7 +904,7 @@ def decoding_record(ecfg: EvalConfig, sampling_cfg=None) -> dict:
 
     ``sampling_cfg`` (the run's SamplingConfig) supplies the token limit when ``ecfg.max_new_tokens`` is 0.
     """
-    limit = ecfg.max_new_tokens or getattr(sampling_cfg, "max_new_tokens", None)
+    limit = ecfg.max_new_tokens or (sampling_cfg.max_new_tokens if sampling_cfg is not None else None)
     budget = ecfg.response_budget or (sampling_cfg.response_budget if sampling_cfg is not None else None)
     return {"temperature": ecfg.temperature, "greedy": ecfg.temperature == 0,
             "top_p": ecfg.top_p if ecfg.temperature > 0 else 1.0, "max_new_tokens": limit,

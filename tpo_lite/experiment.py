@@ -30,11 +30,11 @@ Everything is resumable: finished runs resume as no-ops and finished comparisons
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import Callable
 
 from .errors import TpoError
 from .jsonl import read_json, write_json_atomic, write_text_atomic
+from .rundir import EvalDir, ExperimentDir, resolve_run_dir
 
 RUN_LABELS = ("tpo", "direct")
 
@@ -44,43 +44,22 @@ def experiment_configs(config) -> dict:
     template = config.prompts.template
     if template == "direct":
         raise TpoError("the experiment compares a thought template with 'direct'; set prompts.template to "
-                       "'generic', 'specific', 'specific_tags' or a template file", field="prompts.template")
+                       "'generic', 'specific', 'specific_tags', 'think' or a template file", field="prompts.template")
     base = config.replace("loop", eval_before=True, eval_every_iteration=True)
     tpo = base.replace("loop", name="tpo")
-    direct = base.replace("loop", name="direct").replace("prompts", template="direct", prefill_thought_header=False)
-    scfg = direct.sampling
-    changes = {k: v for k, v in (("thought_budget", None), ("thought_stop", [])) if hasattr(scfg, k)}
-    if changes:
-        direct = direct.replace("sampling", **changes)
+    direct = (base.replace("loop", name="direct").replace("prompts", template="direct", prefill_thought_header=False)
+              .replace("sampling", thought_budget=None, thought_stop=[]))
     return {"tpo": tpo, "direct": direct}
 
 
-def _heldout_outputs(path: Path, generator: str):
-    # Written by tpo_lite.evaluate.model_outputs (the loop's held-out stage): the one generation path.
+def _compare(items, model, baseline, judge, ecfg, out: EvalDir, echo, sampling_cfg=None) -> dict:
     from . import evaluate as ev
 
-    return ev.read_output_records(path, generator)
-
-
-def _final_iteration(run_dir: Path, summary: dict | None, iterations: int) -> int:
-    """The iteration whose adapter the run ended with (keep_best may pick an earlier one)."""
-    final = (summary or {}).get("final_adapter")
-    if final:
-        name = Path(final).parent.name
-        if name.startswith("iter_"):
-            return int(name[5:])
-    return iterations
-
-
-def _compare(items, model, baseline, judge, ecfg, out_dir: Path, echo, sampling_cfg=None) -> dict:
-    from . import evaluate as ev
-
-    res_path = out_dir / ev.EVAL_JSON
-    if res_path.exists():
-        return read_json(res_path)
+    if out.result.exists():
+        return read_json(out.result)
     result = ev.compare_outputs(items, model, baseline, judge, ecfg)
-    ev.write_model_outputs(out_dir, model)
-    ev.write_result(out_dir, result, ev.decoding_record(ecfg, sampling_cfg))
+    ev.write_model_outputs(out, model)
+    ev.write_result(out, result, ev.decoding_record(ecfg, sampling_cfg))
     echo(f"{result['model']} vs {result['baseline']}: win rate {100 * result['win_rate']:.1f}% "
          f"[{100 * result['win_rate_ci'][0]:.1f}, {100 * result['win_rate_ci'][1]:.1f}]")
     return result
@@ -132,54 +111,52 @@ def run_experiment(config, exp_dir: str | os.PathLike | None = None, progress: b
     from . import evaluate as ev
     from . import loop
 
-    exp = Path(loop.resolve_run_dir(config, exp_dir))
-    exp.mkdir(parents=True, exist_ok=True)
+    exp = ExperimentDir(resolve_run_dir(config, exp_dir))
+    exp.path.mkdir(parents=True, exist_ok=True)
     cfgs = experiment_configs(config)
     summaries = {}
     for label in RUN_LABELS:
-        echo(f"== experiment {exp.name}: run '{label}' (template {cfgs[label].prompts.template}) ==")
-        summaries[label] = loop.run(cfgs[label], exp / label, progress=progress, echo=echo,
+        echo(f"== experiment {exp.path.name}: run '{label}' (template {cfgs[label].prompts.template}) ==")
+        summaries[label] = loop.run(cfgs[label], exp.run(label).path, progress=progress, echo=echo,
                                     allow_config_change=allow_config_change, sampler_factory=sampler_factory,
                                     judge=judge)
     ecfg = config.eval
-    items = ev.load_eval_set(ecfg.eval_set, ecfg.eval_format, max_instructions=ecfg.max_instructions)
+    items = ev.load_configured_eval_set(ecfg, echo=echo)
     if judge is None:  # [eval_judge] when set: the training judge's win rates measure reward hacking
-        judge = ev.make_eval_judge(config, cache_path=exp / "judge_cache.sqlite", echo=echo)
-    seed = _heldout_outputs(exp / "direct" / "eval_base" / "outputs.jsonl", "seed")
+        judge = ev.make_eval_judge(config, cache_path=exp.judge_cache, echo=echo)
+    base = exp.run("direct").eval_base
+    seed = base.read_outputs("seed")
     if seed is None:
-        raise TpoError("the direct run has no held-out outputs of the seed model (eval_base/outputs.jsonl)",
-                       path=str(exp / "direct"))
+        raise TpoError("the direct run has no held-out outputs of the seed model", path=str(base.outputs))
     iterations = config.loop.iterations
     finals, per_iter = {}, {}
     for label in RUN_LABELS:
-        rd = exp / label
+        rd = exp.run(label)
+        # the iteration whose adapter the run ended with (keep_best may pick an earlier one)
+        finals[label] = rd.iteration_of(summaries[label].get("final_adapter")) or iterations
         for t in range(1, iterations + 1):
-            d = loop.iter_dir(rd, t)
-            outs = _heldout_outputs(d / "heldout" / "outputs.jsonl", f"{label}-iter{t:02d}")
+            d = rd.iteration(t)
+            outs = d.heldout.read_outputs(f"{label}-iter{t:02d}")
             if outs is None:
-                raise TpoError(f"no held-out outputs for iteration {t}", path=str(d / "heldout"))
-            per_iter[(label, t)] = _compare(items, outs, seed, judge, ecfg, d / "compare" / "vs_seed", echo,
-                                            config.sampling)
-            if t == _final_iteration(rd, summaries[label], iterations):
-                finals[label] = outs
-    tvd = _compare(items, finals["tpo"], finals["direct"], judge, ecfg, exp / "compare" / "tpo_vs_direct", echo,
-                   config.sampling)
-    rows = [_row(f"TPO (iter {_final_iteration(exp / 'tpo', summaries['tpo'], iterations)}) vs seed",
-                 per_iter[("tpo", _final_iteration(exp / "tpo", summaries["tpo"], iterations))]),
-            _row(f"direct (iter {_final_iteration(exp / 'direct', summaries['direct'], iterations)}) vs seed",
-                 per_iter[("direct", _final_iteration(exp / "direct", summaries["direct"], iterations))]),
+                raise TpoError(f"no held-out outputs for iteration {t}", path=str(d.heldout.path))
+            per_iter[(label, t)] = (outs, _compare(items, outs, seed, judge, ecfg, d.compare("vs_seed"), echo,
+                                                   config.sampling))
+    tvd = _compare(items, per_iter[("tpo", finals["tpo"])][0], per_iter[("direct", finals["direct"])][0], judge,
+                   ecfg, exp.compare("tpo_vs_direct"), echo, config.sampling)
+    rows = [_row(f"TPO (iter {finals['tpo']}) vs seed", per_iter[("tpo", finals["tpo"])][1]),
+            _row(f"direct (iter {finals['direct']}) vs seed", per_iter[("direct", finals["direct"])][1]),
             _row("TPO vs direct", tvd)]
     heldout = {label: (summaries[label].get("heldout_before"), summaries[label].get("heldout_after"))
                for label in RUN_LABELS}
     record = {"runs": {label: label for label in RUN_LABELS}, "judge": tvd["judge"], "table": rows,
-              "per_iteration": {f"{label}/iter_{t:02d}": _row(f"{label} iter {t} vs seed", r)
-                                for (label, t), r in sorted(per_iter.items())},
+              "per_iteration": {f"{label}/{exp.run(label).iteration(t).name}": _row(f"{label} iter {t} vs seed", r)
+                                for (label, t), (_, r) in sorted(per_iter.items())},
               "heldout": {k: {"before": v[0] and v[0].get("mean_score"), "after": v[1] and v[1].get("mean_score")}
                           for k, v in heldout.items()},
               "decoding": ev.decoding_record(ecfg, config.sampling)}
-    write_json_atomic(exp / "experiment.json", record)
+    write_json_atomic(exp.record, record)
     table = render_table(rows, heldout, tvd["judge"], 1.0 - ecfg.alpha)
-    write_text_atomic(exp / "table1.md", table)
+    write_text_atomic(exp.table, table)
     echo("")
     echo(table)
     return record

@@ -24,7 +24,7 @@ import json
 import os
 import stat
 import tempfile
-from typing import Any
+from typing import Any, Iterable
 
 from .errors import TpoError
 
@@ -62,6 +62,11 @@ def _open_record_file(path: str, flags: int, allow_symlink: bool = False) -> int
         os.close(fd)
         raise TpoError("not a regular file; a record file must be a regular file", path=path)
     return fd
+
+
+def _naming(e: OSError, path: str) -> OSError:
+    """``e`` with ``path`` as its file: os.write / os.fsync errors (a full disk) name no file on their own."""
+    return e if e.filename else OSError(e.errno, e.strerror, path)
 
 
 def repair(path: str | os.PathLike) -> int:
@@ -119,19 +124,23 @@ def append_record(path: str | os.PathLike, obj: Any) -> None:
             n = os.write(fd, view)
             view = view[n:]
         os.fsync(fd)
+    except OSError as e:
+        raise _naming(e, path) from None
     finally:
         os.close(fd)
     if created:
         _fsync_dir(path)
 
 
-def read_records(path: str | os.PathLike, key: str | None = None, allow_symlink: bool = False):
+def read_records(path: str | os.PathLike, key: str | None = None, allow_symlink: bool = False,
+                 required: Iterable[str] = ()):
     """Read a JSONL file written by :func:`append_record`.
 
     Returns a list of objects, or with ``key`` a dict ``{record[key]: record}`` in file order. A missing file
     reads as empty. A last line without ``"\\n"`` is a torn write and is dropped. A complete line that is not a
-    JSON object, lacks ``key``, or repeats a key raises :class:`TpoError` with the file and line number. A
-    symbolic link is refused unless ``allow_symlink`` (for input files of the user's, not a run's records).
+    JSON object, lacks ``key`` or one of the ``required`` keys (``"a[].b"``: key ``b`` of every object in list
+    ``a``), or repeats a key raises :class:`TpoError` with the file, line number and field. A symbolic link is
+    refused unless ``allow_symlink`` (for input files of the user's, not a run's records).
     """
     path = os.fspath(path)
     try:
@@ -153,6 +162,9 @@ def read_records(path: str | os.PathLike, key: str | None = None, allow_symlink:
             raise TpoError(f"not valid JSON ({e})", path=path, line=lineno) from None
         if not isinstance(obj, dict):
             raise TpoError(f"expected a JSON object, got {type(obj).__name__}", path=path, line=lineno)
+        gap = _missing_key(obj, required)
+        if gap is not None:
+            raise TpoError(gap[1], path=path, line=lineno, field=gap[0])
         if key is None:
             records.append(obj)
             continue
@@ -165,12 +177,32 @@ def read_records(path: str | os.PathLike, key: str | None = None, allow_symlink:
     return records
 
 
+def _missing_key(obj: dict, required: Iterable[str]) -> tuple[str, str] | None:
+    """(field, problem) of the first of ``required`` that ``obj`` lacks (see :func:`read_records`), else None:
+    here, with file and line, rather than as a KeyError wherever the record is used."""
+    for name in required:
+        head, _, sub = name.partition("[].")
+        if head not in obj:
+            return head, "missing key"
+        if sub:
+            items = obj[head]
+            if not isinstance(items, list):
+                return head, f"expected a list, got {type(items).__name__}"
+            for i, item in enumerate(items):
+                if not isinstance(item, dict) or sub not in item:
+                    return f"{head}[{i}].{sub}", "missing key"
+    return None
+
+
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:
     """Replace ``path`` with ``text`` atomically (temp file in the same dir + fsync + os.replace)."""
     path = os.fspath(path)
     d = os.path.dirname(os.path.abspath(path))
     os.makedirs(d, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=d)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=d)
+    except OSError as e:  # named as the file it was to replace, not the random temp name
+        raise OSError(e.errno, e.strerror, path) from None
     try:
         os.fchmod(fd, 0o644)  # mkstemp makes 0600; results are ordinary files that others may read
         with os.fdopen(fd, "w", encoding="utf-8") as f:
@@ -178,11 +210,13 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         try:
             os.unlink(tmp)
         except FileNotFoundError:
             pass
+        if isinstance(e, OSError):
+            raise OSError(e.errno, e.strerror, path) from None
         raise
     _fsync_dir(path)
 

@@ -144,7 +144,7 @@ class StageMemory:
     block's garbage is freed on exit (:func:`release`) and ``rss_end_mb`` is the RSS after that.
     """
 
-    active: Optional["StageMemory"] = None  # the innermost measured block (read by loop._mark_done)
+    active: Optional["StageMemory"] = None  # the innermost measured block (read by rundir.IterationDir.mark_done)
 
     def __init__(self, release_after: bool = True, interval_s: float = 0.01):
         self.release_after = release_after

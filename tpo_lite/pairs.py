@@ -3,7 +3,7 @@
 For each instruction (one ``samples.jsonl`` record and its ``judgements.jsonl`` record, matched by
 ``prompt_id``):
 
-1. A sample is *valid* when the parser found a response (``sample["valid"]``) **and** the judge gave it a
+1. A sample is *valid* when the parser found a response (``Sample.valid``) **and** the judge gave it a
    score (not null). Invalid samples are never chosen. An invalid sample is *cut off* when the token limit
    stopped it (``invalid_reason == "truncated"``) and a *parse failure* otherwise (no response marker, empty
    response).
@@ -30,13 +30,15 @@ text); :func:`to_trl` gives the TRL preference format ``{"prompt", "chosen", "re
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, field
 from typing import Any, Literal, Sequence
 
-import numpy as np
-
 from .errors import TpoError, require_finite
+from .records import Judgement, Pair, PromptSamples
+from .sampling import Sample
 from .scoring import LENGTH_UNITS, adjusted_scores, auto_rho, best_and_worst, response_length, rho_grid
+from .stats import mean
 
 __all__ = ["PairsConfig", "select_pairs", "to_trl"]
 
@@ -102,72 +104,68 @@ def _keep(min_gap: float):
     return keep
 
 
-def _is_cut_off(sample: dict) -> bool:
+def _is_cut_off(sample: Sample) -> bool:
     """Invalid because the token limit stopped it (the parser's ``invalid_reason == "truncated"``)."""
-    return not sample.get("valid", False) and sample.get("invalid_reason") == "truncated"
+    return not sample.valid and sample.invalid_reason == "truncated"
 
 
-def _is_parse_failure(sample: dict) -> bool:
+def _is_parse_failure(sample: Sample) -> bool:
     """Invalid for its content (no response marker, empty response), not for being cut off."""
-    return not sample.get("valid", False) and sample.get("invalid_reason") != "truncated"
+    return not sample.valid and sample.invalid_reason != "truncated"
 
 
-def _group(rec: dict, jud: dict, where: str) -> list[float | None]:
-    samples = rec.get("samples")
-    if not isinstance(samples, list):
-        raise TpoError("sample record has no 'samples' list", path="samples.jsonl", field=f"{where}.samples")
-    scores = jud.get("scores")
+def _group(rec: PromptSamples, jud: Judgement, where: str, judgements_path) -> list[float | None]:
+    samples, scores = rec.samples, jud.scores
     if not isinstance(scores, list) or len(scores) != len(samples):
         n = len(scores) if isinstance(scores, list) else "no"
-        raise TpoError(f"{n} scores for {len(samples)} samples", path="judgements.jsonl", field=f"{where}.scores")
+        raise TpoError(f"{n} scores for {len(samples)} samples", path=judgements_path, field=f"{where}.scores")
     out: list[float | None] = []
     for k, (s, sc) in enumerate(zip(samples, scores)):
         if sc is not None and (isinstance(sc, bool) or not isinstance(sc, (int, float)) or not math.isfinite(sc)):
-            raise TpoError(f"score {sc!r} is not a finite number or null", path="judgements.jsonl",
+            raise TpoError(f"score {sc!r} is not a finite number or null", path=judgements_path,
                            field=f"{where}.scores[{k}]")
         # The judge's verdict on an unparseable output does not count: invalid is never chosen.
-        out.append(float(sc) if (sc is not None and s.get("valid", False) and s.get("response") is not None)
-                   else None)
+        out.append(float(sc) if (sc is not None and s.valid and s.response is not None) else None)
     return out
 
 
-def select_pairs(sample_records: Sequence[dict], judgement_records: Sequence[dict], cfg: PairsConfig | None = None,
-                 tokenizer: Any = None) -> tuple[list[dict], dict]:
+def select_pairs(sample_records: Sequence[PromptSamples], judgement_records: Sequence[Judgement],
+                 cfg: PairsConfig | None = None, tokenizer: Any = None,
+                 sources: tuple[str | os.PathLike, str | os.PathLike] | None = None) -> tuple[list[Pair], dict]:
     """Best-vs-worst pairs of one iteration (see the module docstring) and their statistics.
 
-    ``sample_records`` are ``samples.jsonl`` records, ``judgement_records`` the ``judgements.jsonl`` records
-    (matched by ``prompt_id``; every sample record needs one). ``tokenizer`` is needed only for
-    ``length_unit = 'tokens'``. Returns ``(pairs, stats)``: pairs in the ``pairs.jsonl`` schema of
-    docs/ARCHITECTURE.md (plus ``rejected_valid``, ``rejected_invalid_reason``, ``chosen_length``,
-    ``rejected_length``, ``length_unit``) in input order, and a JSON-ready stats dict (counts of kept/dropped
-    groups, invalid rejected outputs by kind, rho, mean lengths/scores).
+    ``sample_records`` are the ``samples.jsonl`` records, ``judgement_records`` the ``judgements.jsonl`` records
+    (matched by ``prompt_id``; every sample record needs one); ``sources``: the paths of those two files, named
+    in errors. ``tokenizer`` is needed only for ``length_unit = 'tokens'``. Returns ``(pairs, stats)``: the
+    pairs in input order, and a JSON-ready stats dict (counts of kept/dropped groups, invalid rejected outputs
+    by kind, rho, mean lengths/scores).
     """
     cfg = cfg or PairsConfig()
     if cfg.length_unit == "tokens" and tokenizer is None:
         raise TpoError("length unit 'tokens' needs the policy tokenizer; pass tokenizer= or use 'words'",
                        field="pairs.length_unit")
-    by_id: dict[str, dict] = {}
+    jpath = sources[1] if sources else None
+    by_id: dict[str, Judgement] = {}
     for j in judgement_records:
-        pid = j.get("prompt_id")
-        if pid in by_id:
-            raise TpoError(f"duplicate judgement for prompt_id {pid!r}", path="judgements.jsonl", field="prompt_id")
-        by_id[pid] = j
+        if j.prompt_id in by_id:
+            raise TpoError(f"duplicate judgement for prompt_id {j.prompt_id!r}", path=jpath, field="prompt_id")
+        by_id[j.prompt_id] = j
     groups = []
     seen = set()
     for rec in sample_records:
-        pid = rec.get("prompt_id")
+        pid = rec.prompt_id
         if pid not in by_id:
             raise TpoError(f"no judgement for prompt_id {pid!r}; judge every sampled instruction first",
-                           path="judgements.jsonl", field="prompt_id")
+                           path=jpath, field="prompt_id")
         seen.add(pid)
-        scores = _group(rec, by_id[pid], f"prompt_id={pid}")
-        lengths = [response_length(s.get("response"), cfg.length_unit, tokenizer) if sc is not None else 0
-                   for s, sc in zip(rec["samples"], scores)]
+        scores = _group(rec, by_id[pid], f"prompt_id={pid}", jpath)
+        lengths = [response_length(s.response, cfg.length_unit, tokenizer) if sc is not None else 0
+                   for s, sc in zip(rec.samples, scores)]
         groups.append((rec, scores, lengths))
     extra = sorted(set(by_id) - seen, key=str)
     if extra:
         raise TpoError(f"judgement for prompt_id {extra[0]!r} has no sample record ({len(extra)} such)",
-                       path="judgements.jsonl", field="prompt_id")
+                       path=jpath, field="prompt_id")
 
     keep = _keep(cfg.min_gap)
     rho_auto = cfg.rho == "auto"
@@ -184,9 +182,9 @@ def select_pairs(sample_records: Sequence[dict], judgement_records: Sequence[dic
                              "truncated_as_rejected": cfg.truncated_as_rejected,
                              "samples": sum(len(s) for _, s, _ in groups),
                              "valid_samples": sum(x is not None for _, s, _ in groups for x in s),
-                             "truncated_samples": sum(_is_cut_off(x) for r, _, _ in groups for x in r["samples"]),
+                             "truncated_samples": sum(_is_cut_off(x) for r, _, _ in groups for x in r.samples),
                              "parse_failure_samples": sum(_is_parse_failure(x) for r, _, _ in groups
-                                                          for x in r["samples"]),
+                                                          for x in r.samples),
                              "rho": rho, "rho_auto": rho_auto, "rho_auto_satisfied": satisfied,
                              "length_unit": cfg.length_unit}
     chosen_pairs: dict[int, tuple[int, int, list[float | None]]] = {}  # group -> (chosen, rejected, adjusted)
@@ -208,7 +206,7 @@ def select_pairs(sample_records: Sequence[dict], judgement_records: Sequence[dic
         else:
             chosen_pairs[g] = (c, r, adj)
             continue
-        ss = rec["samples"]
+        ss = rec.samples
         allowed = [i for i, x in enumerate(ss) if _is_parse_failure(x)]
         if cfg.truncated_as_rejected:
             allowed += [i for i, x in enumerate(ss) if _is_cut_off(x)]
@@ -228,46 +226,38 @@ def select_pairs(sample_records: Sequence[dict], judgement_records: Sequence[dic
             stats[reason] += 1
             stats["invalid_rejected_refused"] += 1
             stats["inverted"] += int(reason == "dropped_low_gap" and inverted)
-    pairs: list[dict] = []
+    pairs: list[Pair] = []
     for g in sorted(chosen_pairs):
         rec, scores, lengths = groups[g]
         c, r, adj = chosen_pairs[g]
-        sc, sr = rec["samples"][c], rec["samples"][r]
+        sc, sr = rec.samples[c], rec.samples[r]
         rejected_valid = scores[r] is not None
-        pairs.append({
-            "prompt_id": rec["prompt_id"], "prompt_text": rec.get("prompt_text"),
-            "prompt_token_ids": rec.get("prompt_token_ids"),
-            "chosen_index": c, "rejected_index": r,
-            "chosen_text": sc.get("text"), "rejected_text": sr.get("text"),
-            "chosen_token_ids": sc.get("token_ids"), "rejected_token_ids": sr.get("token_ids"),
-            "chosen_score": scores[c], "rejected_score": scores[r],
-            "chosen_adjusted": adj[c], "rejected_adjusted": adj[r], "rho": rho,
-            "rejected_valid": rejected_valid,
-            "rejected_invalid_reason": None if rejected_valid else (sr.get("invalid_reason") or "invalid"),
-            "chosen_length": lengths[c], "rejected_length": lengths[r] if rejected_valid else None,
-            "length_unit": cfg.length_unit,
-        })
+        pairs.append(Pair(
+            prompt_id=rec.prompt_id, prompt_text=rec.prompt_text, prompt_token_ids=rec.prompt_token_ids,
+            chosen_index=c, rejected_index=r, chosen_text=sc.text, rejected_text=sr.text,
+            chosen_token_ids=sc.token_ids, rejected_token_ids=sr.token_ids,
+            chosen_score=scores[c], rejected_score=scores[r], chosen_adjusted=adj[c], rejected_adjusted=adj[r],
+            rho=rho, rejected_valid=rejected_valid,
+            rejected_invalid_reason=None if rejected_valid else (sr.invalid_reason or "invalid"),
+            chosen_length=lengths[c], rejected_length=lengths[r] if rejected_valid else None,
+            length_unit=cfg.length_unit))
         if not rejected_valid:
             stats["rejected_invalid"] += 1
             stats["rejected_truncated" if _is_cut_off(sr) else "rejected_parse_failure"] += 1
     stats["pairs"] = len(pairs)
     stats["valid_rate"] = stats["valid_samples"] / stats["samples"] if stats["samples"] else None
 
-    def mean(xs):
-        xs = [x for x in xs if x is not None]
-        return float(np.mean(xs)) if xs else None
-
-    both_valid = [p for p in pairs if p["rejected_valid"]]
-    stats["chosen_length_mean"] = mean(p["chosen_length"] for p in pairs)
+    both_valid = [p for p in pairs if p.rejected_valid]
+    stats["chosen_length_mean"] = mean(p.chosen_length for p in pairs)
     # Length means over pairs with two valid responses, the set rho = auto balances.
-    stats["chosen_length_mean_both_valid"] = mean(p["chosen_length"] for p in both_valid)
-    stats["rejected_length_mean"] = mean(p["rejected_length"] for p in both_valid)
-    stats["chosen_score_mean"] = mean(p["chosen_score"] for p in pairs)
-    stats["rejected_score_mean"] = mean(p["rejected_score"] for p in pairs)
+    stats["chosen_length_mean_both_valid"] = mean(p.chosen_length for p in both_valid)
+    stats["rejected_length_mean"] = mean(p.rejected_length for p in both_valid)
+    stats["chosen_score_mean"] = mean(p.chosen_score for p in pairs)
+    stats["rejected_score_mean"] = mean(p.rejected_score for p in pairs)
     return pairs, stats
 
 
-def to_trl(pair: dict) -> dict:
+def to_trl(pair: Pair) -> dict:
     """The TRL preference record of a pair: ``{"prompt", "chosen", "rejected"}`` (prompt = the chat-templated
     prompt text; chosen/rejected = the whole outputs, thought + response)."""
-    return {"prompt": pair["prompt_text"], "chosen": pair["chosen_text"], "rejected": pair["rejected_text"]}
+    return {"prompt": pair.prompt_text, "chosen": pair.chosen_text, "rejected": pair.rejected_text}

@@ -22,16 +22,13 @@ Lengths are in characters (as everywhere in evaluation).
 """
 from __future__ import annotations
 
-import glob
 import json
 import os
-import re
 from dataclasses import dataclass, field
 
 from .errors import TpoError
 from .jsonl import read_json, read_records, write_text_atomic
-
-_ITER_RE = re.compile(r"^iter_(\d+)$")
+from .rundir import ExperimentDir, RunDir
 
 
 @dataclass
@@ -55,20 +52,11 @@ class RunData:
         return sorted(its)
 
 
-def _read_json_checked(path: str) -> dict:
+def _read_json_checked(path) -> dict:
     obj = read_json(path)
     if not isinstance(obj, dict):
-        raise TpoError(f"expected a JSON object, got {type(obj).__name__}", path=path)
+        raise TpoError(f"expected a JSON object, got {type(obj).__name__}", path=str(path))
     return obj
-
-
-def _iter_dirs(run_dir: str) -> dict[int, str]:
-    out = {}
-    for d in sorted(os.listdir(run_dir)):
-        m = _ITER_RE.match(d)
-        if m and os.path.isdir(os.path.join(run_dir, d)):
-            out[int(m.group(1))] = os.path.join(run_dir, d)
-    return out
 
 
 def load_run(run_dir: str | os.PathLike, name: str | None = None) -> RunData:
@@ -77,39 +65,33 @@ def load_run(run_dir: str | os.PathLike, name: str | None = None) -> RunData:
     if not os.path.isdir(run_dir):
         raise TpoError("not a directory (expected a run directory made by `tpo-lite run`)", path=run_dir)
     data = RunData(name=name or os.path.basename(os.path.normpath(run_dir)), path=run_dir)
-    iters = _iter_dirs(run_dir)
-    base = os.path.join(run_dir, "eval_base", "eval.json")
-    if os.path.exists(base):
-        data.heldout[0] = _read_json_checked(base)
-    for t, d in iters.items():
-        mp = os.path.join(d, "metrics.json")
-        if os.path.exists(mp):
-            data.metrics[t] = _read_json_checked(mp)
-        hp = os.path.join(d, "heldout", "eval.json")
-        if os.path.exists(hp):
-            data.heldout[t] = _read_json_checked(hp)
-        for ep in sorted(glob.glob(os.path.join(d, "compare", "*", "eval.json"))):
-            label = os.path.basename(os.path.dirname(ep))
-            data.pairwise.setdefault(label, {})[t] = _read_json_checked(ep)
-        pp = os.path.join(d, "pairs.jsonl")
-        if os.path.exists(pp):
+    run = RunDir(run_dir)
+    if run.eval_base.result.exists():
+        data.heldout[0] = _read_json_checked(run.eval_base.result)
+    for d in run.iterations():
+        t = d.t
+        if d.metrics.exists():
+            data.metrics[t] = _read_json_checked(d.metrics)
+        if d.heldout.result.exists():
+            data.heldout[t] = _read_json_checked(d.heldout.result)
+        for label, ed in d.comparisons():
+            data.pairwise.setdefault(label, {})[t] = _read_json_checked(ed.result)
+        if d.pairs.exists():
             ch, rj = [], []
-            for k, rec in enumerate(read_records(pp)):
+            for rec in read_records(d.pairs):
                 for key, dst in (("chosen_score", ch), ("rejected_score", rj)):
                     v = rec.get(key)
                     if v is not None:
                         dst.append(float(v))
             data.pair_scores[t] = (ch, rj)
-        jp = os.path.join(d, "judgements.jsonl")
-        if os.path.exists(jp):
-            data.sample_scores[t] = [float(s) for rec in read_records(jp) for s in rec.get("scores", [])
+        if d.judgements.exists():
+            data.sample_scores[t] = [float(s) for rec in read_records(d.judgements) for s in rec.get("scores", [])
                                      if s is not None]
     # final comparisons: the experiment's compare/ and `tpo-lite eval` results outside an iteration (eval/)
-    for ep in sorted(glob.glob(os.path.join(run_dir, "compare", "*", "eval.json"))
-                     + glob.glob(os.path.join(run_dir, "eval", "*", "eval.json"))):
-        res = _read_json_checked(ep)
+    for label, ed in run.final_comparisons():
+        res = _read_json_checked(ed.result)
         if res.get("kind") == "pairwise":
-            data.finals[os.path.basename(os.path.dirname(ep))] = res
+            data.finals[label] = res
     return data
 
 
@@ -117,14 +99,14 @@ def expand_dirs(dirs: list[str]) -> tuple[list[RunData], dict[str, dict]]:
     """Run directories (experiment directories expand to their runs) and the experiment-level comparisons."""
     runs, comparisons = [], {}
     for d in dirs:
-        exp = os.path.join(d, "experiment.json")
-        if os.path.exists(exp):
-            info = _read_json_checked(exp)
+        exp = ExperimentDir(d)
+        if exp.record.exists():
+            info = _read_json_checked(exp.record)
             for label, sub in info.get("runs", {}).items():
                 p = sub if os.path.isabs(sub) else os.path.join(d, sub)
                 runs.append(load_run(p, name=label))
-            for ep in sorted(glob.glob(os.path.join(d, "compare", "*", "eval.json"))):
-                comparisons[os.path.basename(os.path.dirname(ep))] = _read_json_checked(ep)
+            for label, ed in exp.comparisons():
+                comparisons[label] = _read_json_checked(ed.result)
         else:
             runs.append(load_run(d))
     names = [r.name for r in runs]
@@ -160,6 +142,20 @@ def _empty(ax, msg: str):
     ax.set_yticks([])
 
 
+def _axes(ax, xlabel: str, ylabel: str, its) -> None:
+    """Label a per-iteration plot, with its legend and iteration ticks."""
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.legend(fontsize=8)
+    _iter_axis(ax, its)
+
+
+def _save(plt, fig, path: str) -> None:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def _iter_axis(ax, its) -> None:
     """Integer iteration ticks with half a step of room, also when there is a single iteration."""
     its = sorted(set(its))
@@ -190,11 +186,8 @@ def plot_winrate(runs: list[RunData], path: str) -> None:
     if n_lines:
         a1.axhline(0.5, color="0.6", ls="--", lw=1)
         a1.set_ylim(-0.02, 1.02)
-        a1.set_xlabel("iteration")
-        a1.set_ylabel("win rate (ties = 1/2)")
         a1.set_title("Win rate vs baseline (95% bootstrap CI)")
-        a1.legend(fontsize=8)
-        _iter_axis(a1, [t for r in runs for per in r.pairwise.values() for t in per])
+        _axes(a1, "iteration", "win rate (ties = 1/2)", [t for r in runs for per in r.pairwise.values() for t in per])
     else:
         _empty(a1, "no pairwise evals found\n(RUN/iter_XX/compare/<label>/eval.json)")
         a1.set_title("Win rate vs baseline")
@@ -208,17 +201,12 @@ def plot_winrate(runs: list[RunData], path: str) -> None:
                 r.name, off)
         k += 1
     if n_lines:
-        a2.set_xlabel("iteration (0 = seed model)")
-        a2.set_ylabel("mean held-out judge score")
         a2.set_title("Held-out score (95% bootstrap CI)")
-        a2.legend(fontsize=8)
-        _iter_axis(a2, [t for r in runs for t in r.heldout])
+        _axes(a2, "iteration (0 = seed model)", "mean held-out judge score", [t for r in runs for t in r.heldout])
     else:
         _empty(a2, "no held-out evals found\n(RUN/eval_base, RUN/iter_XX/heldout)")
         a2.set_title("Held-out score")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(plt, fig, path)
 
 
 def _series(r: RunData, *keys):
@@ -245,17 +233,12 @@ def plot_lengths(runs: list[RunData], path: str) -> None:
                     drawn = True
                     xs += its
         if drawn:
-            ax.set_xlabel("iteration")
-            ax.set_ylabel("characters (mean)")
-            ax.legend(fontsize=8)
-            _iter_axis(ax, xs)
+            _axes(ax, "iteration", "characters (mean)", xs)
             ax.set_ylim(bottom=0)
         else:
             _empty(ax, "no metrics.json with these fields")
         ax.set_title(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(plt, fig, path)
 
 
 def plot_valid_rate(runs: list[RunData], path: str) -> None:
@@ -281,16 +264,12 @@ def plot_valid_rate(runs: list[RunData], path: str) -> None:
             drawn = True
     if drawn:
         ax.set_ylim(-0.02, 1.02)
-        ax.set_xlabel("iteration (0 = seed model, held-out only)")
-        ax.set_ylabel("fraction of outputs")
-        ax.legend(fontsize=8)
-        _iter_axis(ax, [t for r in runs for t in list(r.metrics) + list(r.heldout)])
+        _axes(ax, "iteration (0 = seed model, held-out only)", "fraction of outputs",
+              [t for r in runs for t in list(r.metrics) + list(r.heldout)])
     else:
         _empty(ax, "no valid-rate data found")
     ax.set_title("Valid-format rate per iteration")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(plt, fig, path)
 
 
 def plot_scores(runs: list[RunData], path: str) -> None:
@@ -333,9 +312,7 @@ def plot_scores(runs: list[RunData], path: str) -> None:
         ax.legend(handles=[Patch(color=c, alpha=0.5, label=lbl) for c, lbl in labels.items() if c in colors],
                   fontsize=8)
         ax.set_title(f"{r.name}: judge scores of chosen vs rejected")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(plt, fig, path)
 
 
 def _latest_pairwise(r: RunData) -> tuple[str, dict] | None:
@@ -404,9 +381,7 @@ def plot_categories(runs: list[RunData], comparisons: dict[str, dict], path: str
             ax.set_ylabel("mean held-out score (95% CI)")
             ax.set_title("Held-out score per category")
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(plt, fig, path)
 
 
 # ----------------------------------------------------------------------------------------------------- markdown

@@ -39,11 +39,12 @@ AlpacaEval's leaderboard LC values.
 """
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import numpy as np
 
 __all__ = [
+    "mean",
     "win_rate",
     "bootstrap_ci",
     "bradley_terry",
@@ -51,6 +52,12 @@ __all__ = [
     "length_controlled_win_rate_ci",
     "summarize_outcomes",
 ]
+
+
+def mean(xs: Iterable[float | None]) -> float | None:
+    """Mean of the values that are not None; None when there are none (the one mean of run statistics)."""
+    kept = [x for x in xs if x is not None]
+    return float(np.mean(kept)) if kept else None
 
 
 def _sigmoid(x: np.ndarray) -> np.ndarray:

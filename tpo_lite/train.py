@@ -46,10 +46,10 @@ from typing import Optional
 
 import torch
 
-from tpo_lite.errors import TpoError, require_finite
+from tpo_lite.errors import TpoError, require_finite, require_seed
 from tpo_lite.jsonl import read_json, write_json_atomic
-
-LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust")
+from tpo_lite.rundir import IterationDir
+from tpo_lite.ops.dpo import LOSS_TYPES
 SCHEDULES = ("cosine", "linear", "constant")
 REF_CACHE_VERSION = 1
 # |initial margin| above this (reward units, i.e. beta * log-ratio) means policy and reference disagree
@@ -96,7 +96,7 @@ class TrainConfig:
         "help": "Longest prompt + completion in tokens; longer ones are cut (completion end first, keeping at "
                 "least half of max_length for it, then the prompt's beginning)."})
     seed: int = field(default=0, metadata={
-        "help": "Seed of the LoRA initialisation, dropout and the order of the pairs in each epoch."})
+        "help": "Seed of the LoRA initialisation, dropout and the order of the pairs in each epoch; 0 .. 2**32 - 1."})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay of the LoRA weights."})
     max_grad_norm: float = field(default=1.0, metadata={
         "help": "Clip the global gradient norm to this before each step; 0 = no clipping."})
@@ -114,6 +114,7 @@ class TrainConfig:
 
     def __post_init__(self):
         require_finite(self)
+        require_seed(self)
         checks = [
             ("beta", self.beta > 0, "must be > 0"),
             ("loss_type", self.loss_type in LOSS_TYPES, f"must be one of {', '.join(LOSS_TYPES)}"),
@@ -217,15 +218,33 @@ def _scored_hidden(model, batch):
     return hidden.reshape(-1, hidden.shape[-1])[batch["rows"]]
 
 
-def sequence_logps(model, seqs, pad_id: int, head: dict) -> torch.Tensor:
+@dataclass(frozen=True)
+class LMHead:
+    """The model's LM head as the fused ops take it: ``weight[V, d]`` and the logits' scale and softcap."""
+
+    weight: torch.Tensor
+    logit_scale: float = 1.0
+    softcap: Optional[float] = None
+
+    @classmethod
+    def of(cls, model) -> "LMHead":
+        from tpo_lite.models import lm_head_options, lm_head_weight
+
+        return cls(lm_head_weight(model), **lm_head_options(model))
+
+    def options(self) -> dict:
+        """``logit_scale`` and ``softcap`` as keyword arguments of the ops."""
+        return {"logit_scale": self.logit_scale, "softcap": self.softcap}
+
+
+def completion_logps(model, seqs, pad_id: int, head: LMHead) -> torch.Tensor:
     """Summed completion log-probs (float32) of each (prompt, completion) in ``seqs``, through the fused op."""
     from tpo_lite.ops import fused_linear_logprobs
-    from tpo_lite.ops.dpo import sequence_logps as segment_sums
+    from tpo_lite.ops.dpo import segment_sums
 
-    batch = collate(seqs, pad_id, head["weight"].device)
+    batch = collate(seqs, pad_id, head.weight.device)
     h = _scored_hidden(model, batch)
-    logp = fused_linear_logprobs(h, head["weight"], batch["targets"], logit_scale=head["logit_scale"],
-                                 softcap=head["softcap"])
+    logp = fused_linear_logprobs(h, head.weight, batch["targets"], **head.options())
     sums, _ = segment_sums(logp.float(), batch["segments"], len(seqs))
     return sums
 
@@ -259,7 +278,7 @@ def _save_ref_cache(path: Path, key: dict, logps: dict) -> None:
     os.replace(tmp, path)
 
 
-def reference_logps(model, items: list[_Pair], batch_size: int, pad_id: int, head: dict, base_only: bool,
+def reference_logps(model, items: list[_Pair], batch_size: int, pad_id: int, head: LMHead, base_only: bool,
                     progress: bool = True) -> dict:
     """{prompt_id: (chosen, rejected)} summed log-probs of the model as loaded, in eval mode, no grad.
 
@@ -277,7 +296,7 @@ def reference_logps(model, items: list[_Pair], batch_size: int, pad_id: int, hea
         bar = tqdm(total=len(items), desc="reference log-probs", unit="pair", disable=not progress)
         for i in range(0, len(items), batch_size):
             chunk = items[i:i + batch_size]
-            sums = sequence_logps(model, [p.chosen for p in chunk] + [p.rejected for p in chunk], pad_id, head)
+            sums = completion_logps(model, [p.chosen for p in chunk] + [p.rejected for p in chunk], pad_id, head)
             b = len(chunk)
             for j, p in enumerate(chunk):
                 out[p.pid] = (float(sums[j]), float(sums[b + j]))
@@ -330,7 +349,6 @@ def _seed_all(seed: int) -> None:
 
 # ------------------------------------------------------------------------------------- DPO checkpoints
 
-CHECKPOINT_NAME = "dpo_checkpoint.pt"
 CHECKPOINT_VERSION = 1
 
 
@@ -398,8 +416,8 @@ def _load_checkpoint(path: Path, key: str) -> Optional[dict]:
     return state
 
 
-def _remove_checkpoints(out_dir: Path) -> None:
-    for p in [out_dir / CHECKPOINT_NAME, *out_dir.glob(f".{CHECKPOINT_NAME}.tmp-*")]:
+def _remove_checkpoints(d: IterationDir) -> None:
+    for p in [d.dpo_checkpoint, *d.path.glob(f".{d.dpo_checkpoint.name}.tmp-*")]:
         p.unlink(missing_ok=True)
 
 
@@ -419,8 +437,9 @@ def _check_weights(named_params, step: int, total: int, epoch: int, epochs: int,
 
 
 def train_iteration(model_cfg, train_cfg: TrainConfig, pairs: list[dict], out_dir, init_adapter=None,
-                    progress: bool = True) -> dict:
-    """Train one DPO iteration on ``pairs`` (pairs.jsonl records) and save ``out_dir/adapter``.
+                    progress: bool = True, on_step=None) -> dict:
+    """Train one DPO iteration on ``pairs`` (pairs.jsonl records) and save ``out_dir/adapter``; ``out_dir`` is the
+    iteration's folder (a :class:`tpo_lite.rundir.IterationDir`, which names every file written here, or its path).
 
     ``init_adapter``: the adapter that sampled these pairs (None in iteration 1: a new LoRA). Returns the
     metrics (also stored in ``out_dir/adapter/DONE``): ``loss``, ``margins``, ``accuracy``,
@@ -433,23 +452,24 @@ def train_iteration(model_cfg, train_cfg: TrainConfig, pairs: list[dict], out_di
     ``lora_layers_compacted`` (:func:`tpo_lite.models.compact_lora_activations`) and ``memory``: the peak
     RSS (and CUDA peaks) of the model load, the reference pass and the DPO epochs
     (:class:`tpo_lite.memory.StageMemory` records).
+
+    ``on_step(history)``: called after each optimizer step with the per-step records so far (those of
+    ``adapter/history.json``; after a resume they start with the checkpoint's), e.g. experiment tracking.
     """
     from tqdm.auto import tqdm
 
     from tpo_lite.memory import StageMemory, trim_during_passes
     from tpo_lite.models import (
-        compact_lora_activations, decoder_layers, describe, enable_gradient_checkpointing, lm_head_options,
-        lm_head_weight, load_model)
+        compact_lora_activations, decoder_layers, describe, enable_gradient_checkpointing, load_model)
     from tpo_lite.ops import fused_dpo_loss
 
-    out_dir = Path(out_dir)
-    adapter_dir = out_dir / "adapter"
-    done = adapter_dir / "DONE"
+    d = out_dir if isinstance(out_dir, IterationDir) else IterationDir(out_dir)
+    out_dir, adapter_dir, done = d.path, d.adapter, d.adapter_done
     if done.is_file():
-        _remove_checkpoints(out_dir)  # a kill between DONE and the removal below left it
+        _remove_checkpoints(d)  # a kill between DONE and the removal below left it
         return read_json(done)
     if not pairs:
-        raise TpoError("no pairs to train on", path=str(out_dir / "pairs.jsonl"))
+        raise TpoError("no pairs to train on", path=str(d.pairs))
     if init_adapter is not None and not Path(init_adapter, "adapter_config.json").is_file():
         raise TpoError("not a peft adapter directory (no adapter_config.json)", path=str(init_adapter),
                        field="init_adapter")
@@ -465,14 +485,14 @@ def train_iteration(model_cfg, train_cfg: TrainConfig, pairs: list[dict], out_di
     dropouts_disabled = disable_dropout(model) if cfg.disable_dropout else 0
     # after disable_dropout: only LoRA layers whose dropout is off are changed
     lora_compacted = compact_lora_activations(model)
-    weight = lm_head_weight(model)
-    head = {"weight": weight, **lm_head_options(model)}
+    head = LMHead.of(model)
+    weight = head.weight
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    items = prepare_pairs(pairs, cfg.max_length, weight.shape[0], source=str(out_dir / "pairs.jsonl"))
+    items = prepare_pairs(pairs, cfg.max_length, weight.shape[0], source=str(d.pairs))
 
     # 1. reference log-probs, once, cached
     t_ref = time.time()
-    cache_path = out_dir / "ref_logps.pt"
+    cache_path = d.ref_logps
     key = _ref_key(model_cfg, cfg, init_adapter)
     ref = _load_ref_cache(cache_path, key)
     # in the order and batches of epoch 0, so the first step's policy pass sees the very same batch shapes
@@ -502,11 +522,10 @@ def train_iteration(model_cfg, train_cfg: TrainConfig, pairs: list[dict], out_di
     warmup = int(cfg.warmup_ratio * total)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg.lr_schedule, warmup, total))
     loss_kw = dict(beta=cfg.beta, loss_type=cfg.loss_type, label_smoothing=cfg.label_smoothing,
-                   nll_weight=cfg.nll_weight, average_log_prob=cfg.average_log_prob,
-                   logit_scale=head["logit_scale"], softcap=head["softcap"])
+                   nll_weight=cfg.nll_weight, average_log_prob=cfg.average_log_prob, **head.options())
 
     history, tokens, step, start_epoch, start_batch, seconds_before = [], 0, 0, 0, 0, 0.0
-    ckpt_path = out_dir / CHECKPOINT_NAME
+    ckpt_path = d.dpo_checkpoint
     ckpt_key = _checkpoint_key(model_cfg, cfg, init_adapter, items)
     ckpt = _load_checkpoint(ckpt_path, ckpt_key)
     if ckpt is not None:
@@ -558,6 +577,8 @@ def train_iteration(model_cfg, train_cfg: TrainConfig, pairs: list[dict], out_di
             rec = {k: v / len(group) for k, v in sums.items()}
             rec.update(step=step, epoch=epoch, lr=sched.get_last_lr()[0], grad_norm=grad_norm)
             history.append(rec)
+            if on_step is not None:
+                on_step(history)
             bar.set_postfix(loss=f"{rec['loss']:.4f}", margin=f"{rec['margins']:.3f}",
                             acc=f"{rec['accuracy']:.2f}")
             bar.update(1)
@@ -600,14 +621,14 @@ def train_iteration(model_cfg, train_cfg: TrainConfig, pairs: list[dict], out_di
     }
 
     # 3. save: adapter under a temporary name, renamed into place, then the DONE marker
-    tmp = out_dir / ".adapter.tmp"
+    tmp = d.adapter_tmp
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(str(tmp))
     write_json_atomic(tmp / "history.json", history)
     shutil.rmtree(adapter_dir, ignore_errors=True)
     os.replace(tmp, adapter_dir)
     write_json_atomic(done, metrics)
-    _remove_checkpoints(out_dir)
+    _remove_checkpoints(d)
     return metrics
 
 
@@ -624,7 +645,7 @@ def time_training_steps(model_cfgs: dict, tokens_per_sequence: int = 256, pairs:
     This is how the CPU default of ``ModelConfig.load_in_4bit`` was chosen (``python -m tpo_lite.train``).
     ``log``: optional callable that gets one line per step.
     """
-    from tpo_lite.models import describe, enable_gradient_checkpointing, lm_head_options, lm_head_weight, load_model
+    from tpo_lite.models import describe, enable_gradient_checkpointing, load_model
     from tpo_lite.ops import fused_dpo_loss
 
     runners = {}
@@ -635,14 +656,15 @@ def time_training_steps(model_cfgs: dict, tokens_per_sequence: int = 256, pairs:
         load_s = time.time() - t0
         if grad_checkpointing:
             enable_gradient_checkpointing(model)
-        weight = lm_head_weight(model)
+        head = LMHead.of(model)
+        weight = head.weight
         params = [p for p in model.parameters() if p.requires_grad]
         g = torch.Generator().manual_seed(seed)
         n_prompt = tokens_per_sequence // 4
         seqs = [(torch.randint(0, weight.shape[0], (n_prompt,), generator=g).tolist(),
                  torch.randint(0, weight.shape[0], (tokens_per_sequence - n_prompt,), generator=g).tolist())
                 for _ in range(2 * pairs)]
-        runners[name] = {"model": model, "weight": weight, "opts": lm_head_options(model),
+        runners[name] = {"model": model, "head": head,
                          "opt": torch.optim.AdamW(params, lr=1e-5), "batch": collate(seqs, 0, weight.device),
                          "ref": torch.full((2 * pairs,), -1000.0, device=weight.device), "times": [], "cpu": [],
                          "load_seconds": load_s}
@@ -651,12 +673,13 @@ def time_training_steps(model_cfgs: dict, tokens_per_sequence: int = 256, pairs:
         c = time.process_time()
         t = time.perf_counter()
         b = r["batch"]
-        out = fused_dpo_loss(_scored_hidden(r["model"], b), r["weight"], b["targets"], b["segments"], r["ref"],
-                             **r["opts"])
+        head = r["head"]
+        out = fused_dpo_loss(_scored_hidden(r["model"], b), head.weight, b["targets"], b["segments"], r["ref"],
+                             **head.options())
         out.loss.backward()
         r["opt"].step()
         r["opt"].zero_grad(set_to_none=True)
-        if r["weight"].device.type == "cuda":
+        if head.weight.device.type == "cuda":
             torch.cuda.synchronize()
         r["cpu"].append(time.process_time() - c)
         return time.perf_counter() - t

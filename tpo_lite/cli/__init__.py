@@ -4,12 +4,13 @@ import importlib
 import click
 
 # (module, command names) — imported lazily so `tpo-lite --help` stays fast and a broken optional
-# dependency only breaks its own command.
+# dependency only breaks its own command. Command NAME is `NAME_command` in its module.
 _COMMANDS = {
     "tpo_lite.cli.run_cmds": ["run", "generate", "judge", "pairs", "train"],
     "tpo_lite.cli.eval_cmds": ["eval", "report", "experiment"],
     "tpo_lite.cli.model_cmds": ["chat", "export"],
     "tpo_lite.cli.bench_cmds": ["bench"],
+    "tpo_lite.cli.examples_cmds": ["examples"],
 }
 
 
@@ -20,13 +21,7 @@ class _LazyGroup(click.Group):
     def get_command(self, ctx, name):
         for module, names in _COMMANDS.items():
             if name in names:
-                try:
-                    mod = importlib.import_module(module)
-                except ModuleNotFoundError as e:
-                    if e.name == module:
-                        return None  # not built yet
-                    raise
-                return getattr(mod, name.replace("-", "_") + "_command", None)
+                return vars(importlib.import_module(module))[name.replace("-", "_") + "_command"]
         return None
 
 
@@ -38,5 +33,6 @@ def main():
     The main job is `tpo-lite run CONFIG.toml`: sample K thought+response outputs per instruction, judge the
     responses only, build best-vs-worst pairs with length control, train DPO on a QLoRA adapter, repeat.
     Each stage also runs on its own (generate, judge, pairs, train). `eval` and `report` measure the result;
-    `chat` and `export` use it; `bench kernels` times the fused kernels.
+    `chat` and `export` use it; `bench kernels` times the fused kernels. `examples` copies the example
+    configs out to start from.
     """

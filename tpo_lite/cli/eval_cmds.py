@@ -21,10 +21,11 @@ def _slug(text: str) -> str:
 
 def _resolve_model(config, run_dir: Path, iteration: str, adapter: str | None) -> tuple[str | None, str, int | None]:
     """(adapter path or None, generator label, iteration number or None) for --iteration / --adapter."""
-    from .. import loop
     from ..errors import TpoError
+    from ..rundir import RunDir
+    from ..stages import final_adapter
 
-    name = run_dir.name
+    run, name = RunDir(run_dir), run_dir.name
     if adapter:
         if not os.path.isdir(adapter):
             raise TpoError("adapter directory not found", path=adapter, field="--adapter")
@@ -32,17 +33,17 @@ def _resolve_model(config, run_dir: Path, iteration: str, adapter: str | None) -
     if iteration == "seed":
         return None, "seed", None
     if iteration == "final":
-        ad = loop.adapter_for(run_dir, config.loop.iterations + 1, config)
+        ad = final_adapter(run_dir, config)
         if ad is None:
             raise TpoError("the run has no trained adapter yet; use --iteration seed to evaluate the seed model",
                            path=str(run_dir), field="--iteration")
-        t = int(Path(ad).parent.name[5:]) if Path(ad).parent.name.startswith("iter_") else None
+        t = run.iteration_of(ad)
         return ad, f"{name}-iter{t:02d}" if t else f"{name}-final", t
     try:
         t = int(iteration)
     except ValueError:
         raise TpoError(f"expected a number, 'seed' or 'final', got {iteration!r}", field="--iteration") from None
-    ad = loop.iter_dir(run_dir, t) / "adapter"
+    ad = run.iteration(t).adapter
     if not ad.is_dir():
         raise TpoError(f"iteration {t} has no adapter", path=str(ad), field="--iteration")
     return str(ad), f"{name}-iter{t:02d}", t
@@ -56,13 +57,14 @@ def _resolve_model(config, run_dir: Path, iteration: str, adapter: str | None) -
 @click.option("--adapter", type=click.Path(file_okay=False), default=None,
               help="Evaluate this LoRA adapter directory instead (overrides --iteration).")
 @click.option("--eval-set", default=None,
-              help="Eval set (overrides eval.eval_set): 'heldout' or an AlpacaEval / Arena-Hard / instruction file.")
+              help="Eval set (overrides eval.eval_set): 'heldout', an AlpacaEval / Arena-Hard / instruction file, "
+                   "or (with `datasets`) a data file, save_to_disk directory or Hub id.")
 @click.option("--baseline", default=None,
               help="Baseline answers (overrides eval.baseline_outputs): AlpacaEval-style outputs or an Arena-Hard "
                    "answer JSONL.")
 @click.option("--against", type=click.Path(exists=True), default=None,
-              help="Compare with another eval's outputs: a model_outputs.json (or the folder holding it) written "
-                   "by an earlier `tpo-lite eval`.")
+              help="Compare with another eval's outputs: the folder of an earlier `tpo-lite eval` (or a held-out "
+                   "folder of a run), or an AlpacaEval-style outputs file.")
 @click.option("--outputs", "outputs_path", type=click.Path(exists=True, dir_okay=False), default=None,
               help="Judge these AlpacaEval-style outputs instead of generating (e.g. to re-judge).")
 @click.option("--absolute", is_flag=True,
@@ -84,12 +86,12 @@ def eval_command(target, iteration, adapter, eval_set, baseline, against, output
     settings (greedy by default; see `eval.*` in `tpo-lite run --list-options`); an output with a format error
     is re-sampled up to eval.format_retries times, and one still without a parseable response counts as a loss
     (score 0 in --absolute). Outputs are appended to OUT/outputs.jsonl as they finish, so the same command
-    resumes a killed eval; they are written as AlpacaEval-style model_outputs.json (+ model_thoughts.jsonl).
+    resumes a killed eval; they are also exported as AlpacaEval-style model_outputs.json.
     The judge ([eval_judge], else [judge]) sees the original instruction and the responses only. Results:
     eval.json and eval.md.
     """
     from .. import evaluate as ev
-    from ..errors import TpoError
+    from ..rundir import EvalDir, RunDir
 
     overrides = list(overrides)
     if eval_set:
@@ -98,12 +100,8 @@ def eval_command(target, iteration, adapter, eval_set, baseline, against, output
         overrides.append(f"eval.baseline_outputs={json.dumps(baseline)}")
     config, run_dir = _open(target, overrides, None, None)
     ecfg = config.eval
-    items = ev.load_eval_set(ecfg.eval_set, ecfg.eval_format, baseline=ecfg.baseline_outputs or None,
-                             max_instructions=ecfg.max_instructions)
-    if against and os.path.isdir(against):
-        against = os.path.join(against, ev.MODEL_OUTPUTS)
-        if not os.path.exists(against):
-            raise TpoError(f"no {ev.MODEL_OUTPUTS} in this folder", path=os.path.dirname(against), field="--against")
+    items = ev.load_configured_eval_set(ecfg, baseline=ecfg.baseline_outputs or None,
+                                        echo=lambda line: click.echo(line, err=True))
     has_baseline = all(it.baseline is not None for it in items)
     mode = "absolute" if absolute or (not against and not has_baseline) else "pairwise"
     other = ev.read_outputs(against) if against else (ev.baseline_outputs(items) if mode == "pairwise" else None)
@@ -113,24 +111,24 @@ def eval_command(target, iteration, adapter, eval_set, baseline, against, output
         gen, t = outputs[0].generator if outputs else "model", None
     else:
         ad, gen, t = _resolve_model(config, Path(run_dir), str(iteration), adapter)
-    if out_dir is None:
-        set_name = _slug(Path(ecfg.eval_set).stem)
-        if mode == "pairwise" and t is not None:
-            out_dir = Path(run_dir) / f"iter_{t:02d}" / "compare" / f"vs_{_slug(other[0].generator)}"
-        elif mode == "pairwise":
-            out_dir = Path(run_dir) / "eval" / f"{_slug(gen)}_vs_{_slug(other[0].generator)}"
-        else:
-            out_dir = Path(run_dir) / "eval" / f"{_slug(gen)}_{set_name}_absolute"
-    out_dir = Path(out_dir)
+    run = RunDir(run_dir)
+    if out_dir is not None:
+        out = EvalDir(out_dir)
+    elif mode == "pairwise" and t is not None:
+        out = run.iteration(t).compare(f"vs_{_slug(other[0].generator)}")
+    elif mode == "pairwise":
+        out = run.eval(f"{_slug(gen)}_vs_{_slug(other[0].generator)}")
+    else:
+        out = run.eval(f"{_slug(gen)}_{_slug(Path(ecfg.eval_set).stem)}_absolute")
     if not outputs_path:
         # The one generation path (also the loop's held-out score): the run's sampling backend, format retries,
         # outputs.jsonl appended as it goes so a killed eval resumes.
-        outputs = ev.model_outputs(config, items, out_dir / "outputs.jsonl", adapter=ad, generator=gen,
+        outputs = ev.model_outputs(config, items, out.outputs, adapter=ad, generator=gen,
                                    progress=not no_progress, echo=lambda s: click.echo(s, err=True), desc="eval")
-    ev.write_model_outputs(out_dir, outputs)
+    export = ev.write_model_outputs(out, outputs)
 
     # Cache beside the outputs: a re-run (or an interrupted one) never asks the judge twice.
-    judge = ev.make_eval_judge(config, cache_path=out_dir / "judge_cache.sqlite", echo=click.echo)
+    judge = ev.make_eval_judge(config, cache_path=out.judge_cache, echo=click.echo)
     if mode == "absolute":
         result = ev.absolute_eval(items, outputs, judge, ecfg)
     else:
@@ -141,9 +139,9 @@ def eval_command(target, iteration, adapter, eval_set, baseline, against, output
         from ..fingerprint import model_environment
 
         result["environment"] = model_environment(config.model)
-    jp, mp = ev.write_result(out_dir, result, ev.decoding_record(ecfg, config.sampling))
+    jp, mp = ev.write_result(out, result, ev.decoding_record(ecfg, config.sampling))
     click.echo(open(mp, encoding="utf-8").read())
-    click.echo(f"written: {jp}, {mp}, {out_dir / ev.MODEL_OUTPUTS}", err=True)
+    click.echo(f"written: {jp}, {mp}, {export}", err=True)
 
 
 @click.command("report", context_settings={"max_content_width": 100})
@@ -183,7 +181,7 @@ def experiment_command(config, name, run_dir, overrides, allow_config_change, no
     """
     from ..config import load_config
     from ..experiment import run_experiment
-    from ..loop import resolve_run_dir
+    from ..rundir import resolve_run_dir
 
     cfg = load_config(config, list(overrides), name=name)
     exp = resolve_run_dir(cfg, run_dir)

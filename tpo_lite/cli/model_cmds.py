@@ -24,6 +24,23 @@ def _model_cfg(model, dtype, load_in_4bit, device):
     return ModelConfig(path=model, dtype=dtype, load_in_4bit=four, device=device)
 
 
+def adapter_base_model(adapter: str) -> str:
+    """The base model a peft adapter was trained on: ``base_model_name_or_path`` of its adapter_config.json, as
+    peft's ``AutoPeftModel`` reads it; a TpoError (use --model) when it is missing or a path that is gone."""
+    from ..errors import TpoError
+    from ..models import check_adapter_dir
+
+    cfg_path = check_adapter_dir(adapter) / "adapter_config.json"
+    base = json.loads(cfg_path.read_text(encoding="utf-8")).get("base_model_name_or_path")
+    if not isinstance(base, str) or not base.strip():
+        raise TpoError("has no base_model_name_or_path: give the base model with --model", path=str(cfg_path),
+                       field="--adapter")
+    if os.path.isabs(os.path.expanduser(base)) and not os.path.exists(os.path.expanduser(base)):
+        raise TpoError(f"names the base model {base}, which does not exist here: give it with --model",
+                       path=str(cfg_path), field="--adapter")
+    return base
+
+
 def _from_run(ctx, run, model, dtype, load_in_4bit, device, template, prefill, system_prompt, adapter):
     """Resolve the model config, prompt config and adapter, from ``--run`` where given; options the user typed
     override the run's values. Returns (ModelConfig, PromptConfig, adapter path or None, RunConfig or None,
@@ -39,11 +56,13 @@ def _from_run(ctx, run, model, dtype, load_in_4bit, device, template, prefill, s
     def typed(name):
         return ctx.get_parameter_source(name) not in (ParameterSource.DEFAULT, ParameterSource.DEFAULT_MAP)
 
+    if run is None and adapter is not None and not typed("model"):
+        model = adapter_base_model(adapter)
     mcfg = _model_cfg(model, dtype, load_in_4bit, device)
     pcfg = PromptConfig(template=template or "generic", prefill_thought_header=prefill, system_prompt=system_prompt)
     if run is None:
         return mcfg, pcfg, adapter, None, None
-    from .. import loop
+    from ..stages import final_adapter
     from ..errors import TpoError
     from .run_cmds import _open
 
@@ -57,7 +76,7 @@ def _from_run(ctx, run, model, dtype, load_in_4bit, device, template, prefill, s
                                                    ("system_prompt", "system_prompt")) if typed(opt)}
     pcfg = dataclasses.replace(config.prompts, **pchanges)
     if adapter is None:
-        adapter = loop.adapter_for(run_dir, config.loop.iterations + 1, config)
+        adapter = final_adapter(run_dir, config)
         if adapter is None:
             raise TpoError("the run has no trained adapter yet", path=str(run_dir), field="--run")
     return mcfg, pcfg, adapter, config, run_dir
@@ -104,11 +123,13 @@ def _prompts(argv_prompts):
                    "final adapter from this run (options typed on the command line override them).")
 @click.option("--model", default="smollm2", show_default=True,
               help="Base model: 'smollm2' (embedded default), an HF model directory (also one written by "
-                   "`tpo-lite export`, whose chat template already wraps prompts) or a .gguf file.")
+                   "`tpo-lite export`, whose chat template already wraps prompts) or a .gguf file. With --adapter "
+                   "and no --model (nor --run): the adapter's base model (base_model_name_or_path in its "
+                   "adapter_config.json, as peft's AutoPeftModel reads it).")
 @click.option("--adapter", type=NulSafePath(exists=True, file_okay=False), default=None,
               help="LoRA adapter directory to put on the base (e.g. runs/NAME/iter_02/adapter).")
 @click.option("--template", default=None,
-              help="Thought template the model was trained with: generic, specific, specific_tags, direct or a "
+              help="Thought template the model was trained with: generic, specific, specific_tags, think, direct or a "
                    ".toml file [default: generic; for an exported model, the template it was exported with].")
 @click.option("--prefill-thought-header/--no-prefill-thought-header", default=False, show_default=True,
               help="Start the assistant turn with the template's thought header (use it if the run did).")
@@ -183,7 +204,8 @@ def chat_command(ctx, prompt, run, model, adapter, template, prefill_thought_hea
             prompt_text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         else:
             prompt_text = build_prompt(tokenizer, text, tpl, prefill_thought_header=pcfg.prefill_thought_header,
-                                       system_prompt=pcfg.system_prompt)
+                                       system_prompt=pcfg.system_prompt,
+                                       chat_template_kwargs=pcfg.chat_template_kwargs)
         job = make_job(f"chat-{n}", prompt_text, tokenizer, scfg)
         (_, (sample,)), = sampler.sample([job], 1)
         parsed = parse_output(sample.text, tpl, finish_reason=sample.finish_reason)
@@ -214,11 +236,12 @@ def chat_command(ctx, prompt, run, model, adapter, template, prefill_thought_hea
               help="Take the model, template, pre-fill, system prompt and the final adapter from this run "
                    "(options typed on the command line override them).")
 @click.option("--model", default="smollm2", show_default=True,
-              help="Base model the adapter was trained on: 'smollm2', an HF model directory or a .gguf file.")
+              help="Base model the adapter was trained on: 'smollm2', an HF model directory or a .gguf file. "
+                   "Without --model (nor --run): base_model_name_or_path of the adapter's adapter_config.json.")
 @click.option("--adapter", type=NulSafePath(exists=True, file_okay=False), default=None,
               help="LoRA adapter directory to merge (e.g. runs/NAME/iter_02/adapter); required without --run.")
 @click.option("--template", default="generic", show_default=True,
-              help="Thought template the model was trained with (generic, specific, specific_tags, direct or a "
+              help="Thought template the model was trained with (generic, specific, specific_tags, think, direct or a "
                    ".toml file); the exported chat template applies it.")
 @click.option("--prefill-thought-header/--no-prefill-thought-header", default=False, show_default=True,
               help="Make the chat template start the assistant turn with the thought header (as the run did).")
@@ -243,8 +266,9 @@ def export_command(ctx, out_dir, run, model, adapter, template, prefill_thought_
                    save_dtype, device, overwrite):
     """Write a standalone model to OUT_DIR: the LoRA adapter merged into the base weights (peft
     merge_and_unload; dequantised first if the base was trained in 4-bit), the tokenizer with a chat template
-    that wraps the last user message in the thought prompt by itself (`enable_thinking=False` turns it off),
-    and a README model card explaining the output format and how to strip the thought.
+    that wraps the last user message in the thought prompt by itself (`tpo_thought_prompt=False` turns it
+    off), and a README model card explaining the output format, what splits it when served, and how to strip
+    the thought.
 
     The result loads with plain transformers (AutoModelForCausalLM / AutoTokenizer) or vLLM, and
     `tpo-lite chat --model OUT_DIR` uses it directly.

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import click
 
-from ..errors import TpoError
+from ..errors import TpoError, os_error
 
 _SET_HELP = ("Override one config option, e.g. --set sampling.k=4 --set train.learning_rate=1e-5 (repeatable). VALUE is "
              "TOML (numbers, true/false, [lists], \"strings\"); a bare word is taken as a string.")
@@ -35,7 +35,8 @@ def refuse_nul(**named) -> None:
 
 
 def _fail_cleanly(fn):
-    """Turn TpoError into one line on stderr + exit 2; Ctrl-C into a resume hint + exit 130."""
+    """Turn TpoError (and a disk-full / permission OSError, :func:`tpo_lite.errors.os_error`) into one line on
+    stderr + exit 2; Ctrl-C into a resume hint + exit 130."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
@@ -43,6 +44,12 @@ def _fail_cleanly(fn):
             return fn(*args, **kwargs)
         except TpoError as e:
             click.echo(f"error: {e}", err=True)
+            sys.exit(2)
+        except OSError as e:
+            err = os_error(e)
+            if err is None:
+                raise
+            click.echo(f"error: {err}", err=True)
             sys.exit(2)
         except KeyboardInterrupt:
             click.echo("\ninterrupted; finished records are on disk, run the same command again to resume",
@@ -80,7 +87,7 @@ def _common(fn):
 def _open(target: str, overrides, name, run_dir):
     """TARGET is a config TOML or a run directory (then its saved config.toml is used)."""
     from ..config import load_config
-    from ..loop import resolve_run_dir
+    from ..rundir import resolve_run_dir
 
     # Here, with the option's name, not as a ValueError from the first file operation.
     refuse_nul(**{"TARGET": target, "--run-dir": run_dir, "loop.name": name})
@@ -131,7 +138,9 @@ def run_command(config, dry_run, name, overrides, run_dir, allow_config_change, 
     run(cfg, rd, progress=not no_progress, echo=click.echo, allow_config_change=allow_config_change)
 
 
-def _stage_command(stage: str, summary: str):
+def _stage_command(stage: str):
+    from ..stages import STAGES
+
     @click.command(stage, context_settings={"max_content_width": 100})
     @click.argument("target", metavar="CONFIG.toml|RUN_DIR")
     @click.option("--iteration", "-i", type=click.IntRange(min=1), default=None,
@@ -140,46 +149,34 @@ def _stage_command(stage: str, summary: str):
     @_common
     @_fail_cleanly
     def command(target, iteration, name, overrides, run_dir, allow_config_change, no_progress):
-        from .. import loop
+        from ..guard import prepare_run_dir
+        from ..jsonl import write_json_atomic
+        from ..metrics import format_table, iteration_metrics
+        from ..rundir import RunDir
+        from ..stages import first_unfinished
 
         cfg, rd = _open(target, overrides, name, run_dir)
-        t = iteration
+        t = iteration or first_unfinished(stage, rd, cfg.loop.iterations)
         if t is None:
-            t = next((i for i in range(1, cfg.loop.iterations + 1) if not loop.is_done(loop.iter_dir(rd, i), stage)),
-                     None)
-            if t is None:
-                click.echo(f"'{stage}' has finished for all {cfg.loop.iterations} iterations of {rd}")
-                return
-        progress = not no_progress
-        with loop.run_lock(rd):
-            loop.prepare_run_dir(cfg, rd, allow_config_change, click.echo)
-            if stage == "generate":
-                info = loop.generate_stage(cfg, rd, t, progress, click.echo)
-            elif stage == "judge":
-                info = loop.judge_stage(cfg, rd, t, progress, click.echo)
-            elif stage == "pairs":
-                info = loop.pairs_stage(cfg, rd, t, click.echo)
-            else:
-                info = loop.train_stage(cfg, rd, t, progress, click.echo)
-            m = loop.iteration_metrics(rd, t)
-            from ..jsonl import write_json_atomic
-
-            write_json_atomic(loop.iter_dir(rd, t) / "metrics.json", m)
-        click.echo(loop.format_table([m]))
+            click.echo(f"'{stage}' has finished for all {cfg.loop.iterations} iterations of {rd}")
+            return
+        run = RunDir(rd)
+        with run.lock():
+            prepare_run_dir(cfg, rd, allow_config_change, click.echo)
+            info = STAGES[stage].run(cfg, rd, t, progress=not no_progress, echo=click.echo)
+            m = iteration_metrics(rd, t)
+            write_json_atomic(run.iteration(t).metrics, m)
+        click.echo(format_table([m]))
         return info
 
-    command.help = (f"{summary}\n\nTARGET is a run config (the run directory is then <loop.runs_root>/<loop.name>) or "
-                    "an existing run directory (its config.toml is used). Finished work is kept: the stage "
-                    "resumes where it stopped and does nothing if its DONE marker exists.")
+    command.help = (f"{STAGES[stage].help}\n\nTARGET is a run config (the run directory is then "
+                    "<loop.runs_root>/<loop.name>) or an existing run directory (its config.toml is used). "
+                    "Finished work is kept: the stage resumes where it stopped and does nothing if its DONE marker "
+                    "exists.")
     return command
 
 
-generate_command = _stage_command(
-    "generate", "Sample sampling.k outputs per planned instruction of one iteration (samples.jsonl), with the "
-                "adapter of the previous iteration.")
-judge_command = _stage_command(
-    "judge", "Score the responses (never the thoughts) of one iteration's samples (judgements.jsonl).")
-pairs_command = _stage_command(
-    "pairs", "Select length-controlled best-vs-worst pairs of one iteration (pairs.jsonl, pairs.trl.jsonl).")
-train_command = _stage_command(
-    "train", "Train the LoRA adapter with DPO on one iteration's pairs (adapter/, metrics).")
+generate_command = _stage_command("generate")
+judge_command = _stage_command("judge")
+pairs_command = _stage_command("pairs")
+train_command = _stage_command("train")

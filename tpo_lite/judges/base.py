@@ -1,8 +1,10 @@
-"""The judge interface: score an instruction's responses, and (pairwise-capable judges) compare two.
+"""The judge interface: score an instruction's responses, and (judges that declare it) compare two.
 
 A judge sees only the user's *original* instruction (``Instruction.instruction``, not the thought-wrapped
 prompt) and the *responses*; thoughts are never passed to a judge. A response of ``None`` is an invalid
 sample (no parseable response): its score is ``None`` and it is never sent to a model or a server.
+
+What a judge can do is declared by its class (:class:`Capabilities`), never guessed from its attributes.
 """
 from __future__ import annotations
 
@@ -10,12 +12,12 @@ import hashlib
 import json
 import math
 from dataclasses import dataclass, field
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, ClassVar
 
 from ..errors import TpoError
 
-__all__ = ["JudgeResult", "Judge", "PairwiseJudgeProtocol", "instruction_text", "instruction_checks",
-           "fingerprint", "sigmoid"]
+__all__ = ["JudgeResult", "Judge", "Capabilities", "instruction_text", "instruction_checks", "fingerprint",
+           "sigmoid"]
 
 
 @dataclass
@@ -32,26 +34,40 @@ class JudgeResult:
             raise ValueError(f"JudgeResult: {len(self.scores)} scores but {len(self.details)} details")
 
 
-@runtime_checkable
-class Judge(Protocol):
-    """What the loop needs from a judge."""
+@dataclass(frozen=True)
+class Capabilities:
+    """What a judge can do; each judge class declares its own."""
+
+    # score() of a response does not depend on the other responses of the call (a reward, the checks passed);
+    # False: scores are relative within one call (Bradley-Terry), so compare responses, not scores.
+    scores_absolute: bool
+    # compare(instruction, a, b) gives P(a better than b).
+    compares_pairs: bool
+    # A learned proxy (a model) rather than the instruction's own verifiable checks: optimising it and then
+    # evaluating with it measures reward hacking.
+    learned: bool
+
+
+class Judge:
+    """Base of every judge: ``name``, the class's :attr:`capabilities`, :meth:`score` and, when
+    ``capabilities.compares_pairs``, :meth:`compare`."""
 
     name: str
+    capabilities: ClassVar[Capabilities]
+    identity: str = ""  # cache identity: name + every setting that can change a score ("" = just the name)
 
     def score(self, instruction: Any, responses: list[str | None]) -> JudgeResult:
         """One score per response (``None`` where the response is ``None``)."""
-        ...
-
-
-@runtime_checkable
-class PairwiseJudgeProtocol(Protocol):
-    """What evaluation needs from a judge that can compare two responses."""
-
-    name: str
+        raise NotImplementedError
 
     def compare(self, instruction: Any, response_a: str, response_b: str) -> float:
-        """Probability that ``response_a`` is better than ``response_b`` (0.5 = tie)."""
-        ...
+        """Probability that ``response_a`` (shown first) is better than ``response_b`` (0.5 = tie)."""
+        raise TpoError(f"judge {self.name} cannot compare two responses; use comparison = 'score'",
+                       field="comparison")
+
+    def escape(self, text: str, field: str = "response") -> str:
+        """``text`` as the judge is shown it (a model judge escapes special-token strings); unchanged here."""
+        return text
 
 
 def instruction_text(instruction: Any) -> str:
@@ -72,7 +88,7 @@ def instruction_checks(instruction: Any) -> Any:
         return None
     if isinstance(instruction, dict):
         return instruction.get("checks")
-    return getattr(instruction, "checks", None)
+    return instruction.checks
 
 
 def fingerprint(*parts: Any) -> str:

@@ -20,7 +20,7 @@ import threading
 from typing import Any, Iterable
 
 from ..errors import TpoError
-from .base import JudgeResult, fingerprint, instruction_checks, instruction_text
+from .base import Capabilities, Judge, JudgeResult, fingerprint, instruction_checks, instruction_text
 
 __all__ = ["JudgementCache", "CachedJudge", "cache_key"]
 
@@ -140,31 +140,33 @@ class JudgementCache:
             self._db.close()
 
 
-class CachedJudge:
-    """Wraps a per-response judge (each score depends only on its own instruction and response).
+class CachedJudge(Judge):
+    """Wraps a per-response judge (each score depends only on its own instruction and response), with the inner
+    judge's capabilities.
 
     ``identity`` is the judge's cache identity (name + score-relevant config); it defaults to the inner
-    judge's ``identity`` attribute or, failing that, its ``name``. Only responses missing from the cache are
+    judge's ``identity`` attribute or, without one, its ``name``. Only responses missing from the cache are
     sent to the inner judge, in one call, and stored as soon as it returns.
     """
 
-    def __new__(cls, inner: Any, cache: JudgementCache, identity: str | None = None):
-        # Only a judge that can compare gets a (cached) compare(): hasattr(judge, "compare") stays truthful.
-        if cls is CachedJudge and callable(getattr(inner, "compare", None)):
-            cls = _CachedComparingJudge
-        return super().__new__(cls)
-
-    def __init__(self, inner: Any, cache: JudgementCache, identity: str | None = None):
+    def __init__(self, inner: Judge, cache: JudgementCache, identity: str | None = None):
+        if not inner.capabilities.scores_absolute:
+            # a score that depends on the other responses of the call cannot be cached per response
+            raise TpoError(f"judge {inner.name} scores responses relative to each other; it cannot be cached "
+                           "per response")
         self.inner = inner
         self.cache = cache
         self.name = inner.name
-        self.identity = identity or getattr(inner, "identity", None) or inner.name
+        self.identity = identity or inner.identity or inner.name
+
+    @property
+    def capabilities(self) -> Capabilities:  # type: ignore[override]
+        return self.inner.capabilities
 
     def _escaped(self, text: str, field: str = "response") -> bool:
         """True if the inner judge shows ``text`` escaped (it held special-token strings). Such a text gets keys
         of its own: an entry cached for the unescaped, forgeable text is never reused."""
-        escape = getattr(self.inner, "escape", None)
-        return escape is not None and escape(text, field) != text
+        return self.inner.escape(text, field) != text
 
     def score(self, instruction: Any, responses: list[str | None]) -> JudgeResult:
         esc = self._escaped(instruction_text(instruction), "instruction")
@@ -192,17 +194,9 @@ class CachedJudge:
                 details.append(found[k]["details"])
         return JudgeResult(scores, details)
 
-    def __getattr__(self, item):
-        # Anything else (e.g. a judge's kind or config) is the inner judge's; never its compare().
-        if item in ("inner", "compare"):
-            raise AttributeError(item)
-        return getattr(self.inner, item)
-
-
-class _CachedComparingJudge(CachedJudge):
-    """A :class:`CachedJudge` whose inner judge can also compare two responses."""
-
     def compare(self, instruction: Any, response_a: str, response_b: str) -> float:
+        if not self.capabilities.compares_pairs:
+            return self.inner.compare(instruction, response_a, response_b)  # the inner judge's refusal
         esc = (self._escaped(instruction_text(instruction), "instruction") or self._escaped(response_a)
                or self._escaped(response_b))
         key = cache_key(self.identity + ":compare" + (":escaped" if esc else ""), instruction, response_a,

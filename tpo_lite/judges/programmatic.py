@@ -15,20 +15,21 @@ from __future__ import annotations
 from typing import Any
 
 from tpo_lite.errors import TpoError
-from tpo_lite.judges.base import JudgeResult, fingerprint, instruction_checks, instruction_text
+from tpo_lite.judges.base import Capabilities, Judge, JudgeResult, fingerprint, instruction_checks, instruction_text
 from tpo_lite.judges.checks import run_check, validate_check
 
 # Bump when a check's semantics change, so cached judgements made with the old rules are not reused.
 CHECKS_VERSION = 1
 
 
-class ProgrammaticJudge:
+class ProgrammaticJudge(Judge):
     """Scores responses by the fraction of the instruction's checks they pass, plus a near-miss tie-breaker.
 
     ``tie_weight`` (in [0, 1)) scales the near-miss credit of failed checks; 0 gives the bare pass fraction.
     """
 
     name = "programmatic"
+    capabilities = Capabilities(scores_absolute=True, compares_pairs=True, learned=False)
 
     def __init__(self, tie_weight: float = 0.25):
         if not 0.0 <= tie_weight < 1.0:
@@ -39,8 +40,8 @@ class ProgrammaticJudge:
     def _checks(self, instruction: Any) -> list[dict]:
         checks = instruction_checks(instruction)
         if not checks:
-            iid = getattr(instruction, "id", None) or (instruction.get("id") if isinstance(instruction, dict)
-                                                       else None)
+            iid = (None if isinstance(instruction, str) else
+                   instruction.get("id") if isinstance(instruction, dict) else instruction.id)
             raise TpoError("the programmatic judge needs verifiable checks, but this instruction has none "
                            f"(instruction {iid or instruction_text(instruction)[:60]!r}); use an instruction set "
                            "with 'checks' or another judge", field="checks")

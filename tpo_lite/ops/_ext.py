@@ -3,8 +3,10 @@
 Order for the CPU kernels: ``tpo_lite._C`` (built by ``pip install .``), then a JIT compile of
 ``csrc/cpu/*.cpp`` with ``torch.utils.cpp_extension.load`` (ninja; cached in ``$TORCH_EXTENSIONS_DIR`` or
 ``~/.cache/tpo_lite/torch_extensions``, so only the first call pays for the compile), else ``None``, after
-which the ops use the pure-PyTorch reference and this module emits one warning saying why. The CUDA kernels
-(``tpo_lite._C_cuda``, ``csrc/cuda/``) are found the same way. Set ``TPO_LITE_NO_JIT=1`` to skip the JIT step.
+which the ops use the pure-PyTorch reference and this module emits one warning saying why and what fixes it.
+The CUDA kernels (``tpo_lite._C_cuda``, ``csrc/cuda/``) are found the same way; without nvcc there is no JIT
+attempt. The sources are those of the installed package (``tpo_lite/csrc``, shipped in the sdist and wheel),
+else the checkout's ``csrc/`` (:func:`source_dir`). Set ``TPO_LITE_NO_JIT=1`` to skip the JIT step.
 """
 from __future__ import annotations
 
@@ -18,8 +20,6 @@ from typing import Dict, Optional
 _lock = threading.Lock()
 _cache: Dict[str, Optional[ModuleType]] = {}
 _warned: Dict[str, bool] = {}
-
-_REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 # Both the setup.py build and the JIT build use these; target_clones in the sources picks the ISA at load
 # time, so no -march flag is needed.
@@ -58,6 +58,32 @@ def _jit(name: str, sources: list, cuda: bool) -> ModuleType:
     return cpp_extension.load(**kwargs)
 
 
+def source_dir() -> Optional[str]:
+    """The kernel sources the JIT compiles: the installed package's ``tpo_lite/csrc``, else the checkout's
+    ``csrc/``; None when neither is there."""
+    from ..packaged import packaged_dir
+
+    path = packaged_dir("csrc")
+    return str(path) if path is not None else None
+
+
+def _cuda_home() -> Optional[str]:
+    """torch's CUDA toolkit root (CUDA_HOME / CUDA_PATH, else nvcc's on PATH, else /usr/local/cuda if it exists);
+    None without one (always None for a CPU-only torch)."""
+    from torch.utils import cpp_extension
+
+    return cpp_extension.CUDA_HOME
+
+
+def _no_nvcc_fix() -> str:
+    import torch
+
+    return (f"Fix: install the CUDA toolkit (nvcc) for torch's CUDA {torch.version.cuda}, set CUDA_HOME to it "
+            "(e.g. /usr/local/cuda) and reinstall with `pip install --no-build-isolation .` (or just start "
+            "again: the kernels then JIT-compile on first use), or install a tpo-lite wheel built with CUDA for "
+            "this torch.")
+
+
 def _load(kind: str) -> Optional[ModuleType]:
     """kind: 'cpu' or 'cuda'. Returns the module or None (after one warning)."""
     modname, subdir = ("_C", "cpu") if kind == "cpu" else ("_C_cuda", "cuda")
@@ -68,13 +94,21 @@ def _load(kind: str) -> Optional[ModuleType]:
     except ImportError as e:
         import_error = e
     reason = f"tpo_lite.{modname} is not built ({import_error})"
+    fix = "Build it with `pip install --no-build-isolation .`."
     if os.environ.get("TPO_LITE_NO_JIT"):
         reason += "; JIT compile disabled by TPO_LITE_NO_JIT"
+    elif kind == "cuda" and _cuda_home() is None:
+        # without nvcc a JIT attempt can only fail (after importing the whole toolchain); say what is missing
+        reason += "; no CUDA compiler to JIT-compile it: nvcc was not found (CUDA_HOME is not set, nvcc not on PATH)"
+        fix = _no_nvcc_fix()
     else:
         pattern = ("*.cpp",) if kind == "cpu" else ("*.cu", "*.cpp")
-        sources = sorted(s for p in pattern for s in glob.glob(os.path.join(_REPO_ROOT, "csrc", subdir, p)))
+        root = source_dir()
+        sources = sorted(s for p in pattern for s in glob.glob(os.path.join(root, subdir, p))) if root else []
         if not sources:
-            reason += f"; no sources to JIT-compile under {os.path.join(_REPO_ROOT, 'csrc', subdir)}"
+            reason += ("; no sources to JIT-compile (neither tpo_lite/csrc in the installed package nor csrc/ "
+                       f"in a checkout has {subdir}/{'|'.join(pattern)})")
+            fix = "Reinstall tpo-lite from its sdist or wheel (they carry the sources)."
         else:
             try:
                 return _jit(f"tpo_lite{modname}", sources, cuda=(kind == "cuda"))
@@ -84,8 +118,7 @@ def _load(kind: str) -> Optional[ModuleType]:
         _warned[kind] = True
         warnings.warn(
             f"tpo_lite: {reason}. Falling back to the pure-PyTorch reference for the {kind.upper()} fused ops "
-            "(correct but materialises the N x V logits: slow and memory-hungry). "
-            "Build with `pip install --no-build-isolation .`.",
+            f"(correct but materialises the N x V logits: slow and memory-hungry). {fix}",
             RuntimeWarning,
             stacklevel=3,
         )

@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 
 LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust")
+_NO_IGNORE = -(2**63)  # an ignore_index no token id equals
 
 
 @dataclass
@@ -43,6 +44,7 @@ class DPOOutput:
 
 
 def _check_loss_args(loss_type: str, beta: float, label_smoothing: float, nll_weight: float) -> None:
+    # The ops are a public API: checked once per call at their entry (TrainConfig checks a run's options).
     if loss_type not in LOSS_TYPES:
         raise ValueError(f"dpo loss_type: unknown {loss_type!r}; expected one of {', '.join(LOSS_TYPES)}")
     if not beta > 0:
@@ -90,7 +92,13 @@ def dpo_loss(
         raise ValueError("dpo_loss: empty batch (B = 0)")
     if nll_weight > 0 and nll_chosen is None:
         raise ValueError("dpo_loss nll_chosen: required when nll_weight > 0")
+    return _dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta, loss_type, label_smoothing,
+                     nll_chosen, nll_weight)
 
+
+def _dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta, loss_type, label_smoothing,
+              nll_chosen, nll_weight) -> DPOOutput:
+    """:func:`dpo_loss` on arguments already checked."""
     dtype = torch.float64 if policy_chosen.dtype == torch.float64 else torch.float32
     pc, pr = policy_chosen.to(dtype), policy_rejected.to(dtype)
     rc, rr = ref_chosen.to(dtype).detach(), ref_rejected.to(dtype).detach()
@@ -129,7 +137,7 @@ def dpo_loss(
     return DPOOutput(loss=loss, metrics={k: v.detach() for k, v in metrics.items()})
 
 
-def sequence_logps(
+def segment_sums(
     token_logps: torch.Tensor, segment_ids: torch.Tensor, num_sequences: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-sequence sums of ``token_logps[M]`` by ``segment_ids[M]`` (all in [0, num_sequences)) and counts."""
@@ -160,7 +168,7 @@ def fused_dpo_loss(
     the caller); ``weight[V, d]`` is the LM head; ``segment_ids[N]`` says which sequence each position belongs
     to: 0..B-1 are the chosen completions of pairs 0..B-1, B..2B-1 the rejected ones in the same order, -1 an
     ignored position (prompt, padding). Only positions with ``segment_ids >= 0`` go through the LM head
-    (``tpo_lite.ops.fused_linear_logprobs``). ``ref_logps[2B]`` are the reference model's *summed* log-probs of
+    (``tpo_lite.ops.fused_linear_logprobs``, which refuses a kept target outside ``[0, V)``). ``ref_logps[2B]`` are the reference model's *summed* log-probs of
     the same 2B sequences, in the same order (the cached form, whatever the loss type).
 
     Sequence log-probs are the sums of the token log-probs; with ``average_log_prob`` (and always for
@@ -196,18 +204,16 @@ def fused_dpo_loss(
     seg_kept = seg[keep]
     h_kept = hidden[keep]
     t_kept = targets.long()[keep]
-    vocab = weight.shape[0]
-    if t_kept.numel() and (int(t_kept.min()) < 0 or int(t_kept.max()) >= vocab):
-        raise ValueError(f"fused_dpo_loss targets: kept positions must be in [0, {vocab}), got range "
-                         f"[{int(t_kept.min())}, {int(t_kept.max())}]")
     counts = torch.bincount(seg_kept, minlength=num_seq)
     if bool((counts == 0).any()):
         empty = torch.nonzero(counts == 0).flatten().tolist()
         raise ValueError(f"fused_dpo_loss segment_ids: sequences {empty} have no scored token (every "
                          f"sequence 0..{num_seq - 1} needs at least one position)")
-    token_logps = fused_linear_logprobs(h_kept, weight, t_kept, logit_scale=logit_scale, softcap=softcap)
+    # segment_ids alone say which positions count: no kept target may pass as ignored (-100 included)
+    token_logps = fused_linear_logprobs(h_kept, weight, t_kept, ignore_index=_NO_IGNORE, logit_scale=logit_scale,
+                                        softcap=softcap)
     out_dtype = torch.float64 if token_logps.dtype == torch.float64 else torch.float32
-    sums, _ = sequence_logps(token_logps.to(out_dtype), seg_kept, num_seq)
+    sums, _ = segment_sums(token_logps.to(out_dtype), seg_kept, num_seq)
     ref = ref_logps.to(device=sums.device, dtype=out_dtype).detach()
     if average_log_prob or loss_type == "ipo":
         policy = sums / counts.to(out_dtype)
@@ -217,7 +223,7 @@ def fused_dpo_loss(
     nll_chosen = None
     if nll_weight > 0:
         nll_chosen = -sums[:b] / counts[:b].to(out_dtype)
-    out = dpo_loss(policy[:b], policy[b:], ref[:b], ref[b:], beta=beta, loss_type=loss_type,
-                   label_smoothing=label_smoothing, nll_chosen=nll_chosen, nll_weight=nll_weight)
+    out = _dpo_loss(policy[:b], policy[b:], ref[:b], ref[b:], beta, loss_type, label_smoothing, nll_chosen,
+                    nll_weight)
     out.metrics["tokens"] = counts.sum().to(torch.float32)
     return out
