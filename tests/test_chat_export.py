@@ -11,6 +11,7 @@ from tpo_lite.cli.model_cmds import chat_command, export_command
 from tpo_lite.export import thought_chat_template
 from tpo_lite.parsing import parse_output
 from tpo_lite.prompts import build_prompt, get_template
+from tpo_lite.rundir import RunDir
 
 CORPUS = [
     "Here is my thought process: think about the question carefully.",
@@ -37,16 +38,11 @@ def tiny_tokenizer(chat_template=SIMPLE_TEMPLATE):
 def tiny_dirs(tmp_path_factory):
     """(base model dir, adapter dir): a tiny llama with SmolLM2's chat template and a non-zero LoRA."""
     from peft import LoraConfig, get_peft_model
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from tiny_models import tiny_llama
 
     root = tmp_path_factory.mktemp("tiny")
     tok = tiny_tokenizer(SMOL_TEMPLATE)
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                      initializer_range=0.2, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
-                      bos_token_id=None, tie_word_embeddings=False)
-    model = LlamaForCausalLM(cfg)
+    model = tiny_llama(len(tok), tokenizer=tok, max_position_embeddings=256, initializer_range=0.2)
     base_dir, adapter_dir = root / "base", root / "adapter"
     model.save_pretrained(base_dir)
     tok.save_pretrained(base_dir)
@@ -95,7 +91,7 @@ def test_thought_chat_template_wraps_only_last_user_turn_and_can_be_switched_off
     assert template.wrap("second") in text
     assert text.endswith("<|im_start|>assistant\n" + template.thought_header)
     plain = tiny_tokenizer()
-    assert tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True, enable_thinking=False) == \
+    assert tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True, tpo_thought_prompt=False) == \
         plain.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
     # A system message the user gives is kept; no generation prompt -> no pre-fill.
     no_gen = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=False)
@@ -137,7 +133,7 @@ def test_export_merges_and_writes_thought_chat_template(tiny_dirs, tmp_path):
     assert info["template"] == "generic" and info["prefill_thought_header"] is True
     assert info["dequantized_from_4bit"] is False and info["dtype"] == "float32"
     card = (out / "README.md").read_text()
-    assert "Here is my response:" in card and "enable_thinking=False" in card
+    assert "Here is my response:" in card and "tpo_thought_prompt=False" in card
     # The stripping recipe in the card works on a real output.
     code = re.search(r"```python\n(.*?)```", card, re.S).group(1)
     ns = {}
@@ -255,11 +251,12 @@ def fake_run(tmp_path, base_dir, adapter_dir):
     """A run directory with a config and one finished iteration whose adapter is the tiny LoRA."""
     import shutil
 
-    rd = tmp_path / "runs" / "tiny"
-    (rd / "iter_01").mkdir(parents=True)
-    shutil.copytree(adapter_dir, rd / "iter_01" / "adapter")
-    (rd / "iter_01" / "train.done.json").write_text("{}")
-    (rd / "config.toml").write_text(
+    run = RunDir(tmp_path / "runs" / "tiny")
+    it = run.iteration(1)
+    shutil.copytree(adapter_dir, it.adapter)
+    it.mark_done("train", {"adapter": str(it.adapter)})
+    rd = run.path
+    run.config.write_text(
         f'[model]\npath = "{base_dir}"\ndtype = "float32"\nload_in_4bit = false\ndevice = "cpu"\n'
         '[prompts]\ntemplate = "generic"\nprefill_thought_header = true\n'
         '[sampling]\nmax_new_tokens = 30\nthought_budget = 5\n'
@@ -274,12 +271,12 @@ def test_run_option_takes_model_template_and_final_adapter(tiny_dirs, tmp_path):
     r = run_export([str(out), "--run", str(rd)])
     assert r.exit_code == 0, r.output
     info = json.loads((out / "tpo_lite_export.json").read_text())
-    assert info["adapter"] == str((rd / "iter_01" / "adapter").resolve())
+    assert info["adapter"] == str(RunDir(rd).iteration(1).adapter.resolve())
     assert info["prefill_thought_header"] is True and info["dtype"] == "float32"
     # chat --run: the run's prompt (pre-filled), adapter, max_new_tokens and thought budget.
     common = ["--temperature", "0", "--jsonl"]
     a = run_chat(["--run", str(rd)] + common, "Name a colour.\n")
-    b = run_chat(["--model", str(base_dir), "--adapter", str(rd / "iter_01" / "adapter"), "--dtype", "float32",
+    b = run_chat(["--model", str(base_dir), "--adapter", str(RunDir(rd).iteration(1).adapter), "--dtype", "float32",
                   "--prefill-thought-header", "--max-new-tokens", "30", "--thought-budget", "5"] + common,
                  "Name a colour.\n")
     assert a.exit_code == 0 and b.exit_code == 0, (a.output, b.output)
@@ -294,7 +291,7 @@ def test_run_option_takes_model_template_and_final_adapter(tiny_dirs, tmp_path):
 def test_run_without_trained_adapter_is_an_error(tiny_dirs, tmp_path):
     base_dir, adapter_dir = tiny_dirs
     rd = fake_run(tmp_path, base_dir, adapter_dir)
-    (rd / "iter_01" / "train.done.json").unlink()
+    RunDir(rd).iteration(1).marker("train").unlink()
     r = run_export([str(tmp_path / "o"), "--run", str(rd)])
     assert r.exit_code == 2 and "no trained adapter" in r.output
     r = run_export([str(tmp_path / "o"), "--model", str(base_dir)])

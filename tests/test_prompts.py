@@ -18,15 +18,12 @@ CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }
 @pytest.fixture(scope="module")
 def tiny_tokenizer():
     """A word-level fast tokenizer with a ChatML chat template (no download)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
+    from tokenizers import pre_tokenizers
+    from tiny_models import word_level_tokenizer
 
-    vocab = {"[UNK]": 0, "<|im_start|>": 1, "<|im_end|>": 2}
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    t = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", eos_token="<|im_end|>")
-    t.chat_template = CHATML
-    return t
+    return word_level_tokenizer(["[UNK]", "<|im_start|>", "<|im_end|>"], "[UNK]",
+                                pre_tokenizer=pre_tokenizers.Whitespace(), chat_template=CHATML, unk_token="[UNK]",
+                                eos_token="<|im_end|>")
 
 
 @pytest.fixture(scope="module")

@@ -5,9 +5,17 @@ A TPO model only thinks when its prompt is wrapped in the thought template it wa
 tokenizer's chat template therefore wraps the **last user message** in that template (and, if the run pre-filled
 the assistant turn with the thought header, appends the header after the generation prompt), so any
 ``apply_chat_template`` user -- transformers pipelines, vLLM, TGI -- gets thoughts without knowing about TPO.
-Pass ``enable_thinking=False`` to ``apply_chat_template`` (the variable Qwen3 uses for the same purpose) to get
-the original, unwrapped prompt. Earlier user turns are left as they are (the model was trained on single turns
-and earlier assistant turns hold responses only).
+Pass ``tpo_thought_prompt=False`` to ``apply_chat_template`` to get the seed's own, unwrapped prompt (a variable
+of our own, so a seed template's ``enable_thinking`` keeps its meaning). While the thought prompt is on, the
+run's ``prompts.chat_template_kwargs`` are the defaults of the seed template's variables, so the exported
+template renders exactly the training prompt. Earlier user turns are left as they are (the model was trained
+on single turns and earlier assistant turns hold responses only).
+
+The model card says per output format what splits the output, and only what is true: for ``think``, vLLM's
+``deepseek_r1`` / ``qwen3`` reasoning parsers -- when the tokenizer has ``<think>`` and ``</think>`` as single
+tokens, which those parsers need; for the generic markers, vLLM's ``granite`` parser only when the model writes
+the thought header itself (a pre-filled header is in the prompt, and that parser then returns the whole output,
+thought included, as the content).
 
 OUT_DIR is guarded: it may not be, contain or lie inside the adapter, the run directory around it, the base
 model or the current directory, and ``overwrite`` replaces only a previous export (a folder holding
@@ -22,15 +30,19 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 from pathlib import Path
 
 from tpo_lite.errors import TpoError
+from tpo_lite.prompts import GENERIC_RESPONSE_MARKER, GENERIC_THOUGHT_HEADER, THINK_CLOSE, THINK_OPEN
+from tpo_lite.rundir import RunDir
 
 EXPORT_INFO = "tpo_lite_export.json"
 _IN_PROGRESS = ".tpo_lite_export_in_progress"  # marks the temporary sibling as ours, so a rerun may remove it
 _FIELD = "OUT_DIR"
+# The exported template's switch for the thought prompt: not a seed template's own variable (Qwen3's
+# enable_thinking), which the seed template must keep reading with its own meaning.
+THOUGHT_PROMPT_VAR = "tpo_thought_prompt"
 
 
 def _jinja_str(text: str) -> str:
@@ -39,24 +51,39 @@ def _jinja_str(text: str) -> str:
     return json.dumps(text, ensure_ascii=True)
 
 
+def _jinja_literal(value) -> str:
+    # chat_template_kwargs values (checked by prompts.check_chat_template_kwargs): JSON literals are Jinja
+    # literals too (true/false, numbers, strings, lists, dicts with string keys).
+    return json.dumps(value, ensure_ascii=True)
+
+
 def thought_chat_template(base_template: str, template, prefill_thought_header: bool = False,
-                          system_prompt: str | None = None) -> str:
+                          system_prompt: str | None = None, chat_template_kwargs: dict | None = None) -> str:
     """A chat template that renders exactly what :func:`tpo_lite.prompts.build_prompt` builds.
 
     ``base_template`` is the model's own chat template; ``template`` the thought :class:`~tpo_lite.prompts
     .Template`. The result wraps the last user message with ``template.wrap``; inserts ``system_prompt`` as a
     system message when the conversation has none; appends the thought header after the generation prompt
-    when ``prefill_thought_header``. All of it only while ``enable_thinking`` is undefined or true.
+    when ``prefill_thought_header``; gives each ``chat_template_kwargs`` variable its value unless the caller
+    passes it. All of it only while ``tpo_thought_prompt`` (:data:`THOUGHT_PROMPT_VAR`) is undefined or true.
     """
+    from tpo_lite.prompts import check_chat_template_kwargs
+
     if not base_template:
         raise TpoError("the tokenizer has no chat template to extend", field="model.path")
+    kwargs = check_chat_template_kwargs(dict(chat_template_kwargs or {}))
     prefix, suffix = template.wrapper.split("{instruction}")
-    on = "(enable_thinking is not defined or enable_thinking)"
+    on = f"({THOUGHT_PROMPT_VAR} is not defined or {THOUGHT_PROMPT_VAR})"
     # No whitespace between tags and no whitespace-control dashes: nothing of the base template's own
     # leading/trailing text may be stripped.
     pre = (
-        "{# tpo-lite: wrap the last user message in the thought prompt (enable_thinking=false turns it off) #}"
+        f"{{# tpo-lite: wrap the last user message in the thought prompt ({THOUGHT_PROMPT_VAR}=false turns it "
+        "off) #}"
         f"{{% if {on} %}}"
+    )
+    for key, value in kwargs.items():  # the run's values, unless the caller gives its own
+        pre += f"{{% if {key} is not defined %}}{{% set {key} = {_jinja_literal(value)} %}}{{% endif %}}"
+    pre += (
         "{% set _tpo = namespace(msgs=[], last=-1) %}"
         "{% for m in messages %}{% if m['role'] == 'user' %}{% set _tpo.last = loop.index0 %}{% endif %}{% endfor %}"
     )
@@ -78,28 +105,81 @@ def thought_chat_template(base_template: str, template, prefill_thought_header: 
     return pre + base_template + post
 
 
+def think_tags_are_tokens(tokenizer) -> bool:
+    """True if ``<think>`` and ``</think>`` are single, non-special tokens of ``tokenizer``: what vLLM's
+    deepseek_r1 / qwen3 reasoning parsers need (they look both up in ``get_vocab()`` and raise without them,
+    vllm/reasoning/basic_parsers.py ``BaseThinkingReasoningParser.__init__``; streaming finds them by token id),
+    and a special token would be dropped from the decoded output text."""
+    vocab = tokenizer.get_vocab()
+    special = set(getattr(tokenizer, "all_special_tokens", ()) or ())
+    return all(t in vocab and t not in special for t in (THINK_OPEN, THINK_CLOSE))
+
+
+def _serving_note(template, prefill_thought_header: bool, think_tokens: bool) -> str:
+    """What splits the output when served -- only what is true for this format (see the module docstring)."""
+    if template.response_marker == THINK_CLOSE:
+        rule = ("Their rule (`BaseThinkingReasoningParser.extract_reasoning` in vllm/reasoning/basic_parsers.py): "
+                "drop the output up to its first `<think>`, if it has one (a `<think>` pre-filled by the chat "
+                "template is in the prompt, not the output, and needs none), then split at the first "
+                "`</think>`; without `</think>` the whole output is reasoning. They also split where a thought "
+                "*quotes* the tag (`\"</think>\"`), which tpo-lite does not count as the end of the thought.")
+        if think_tokens:
+            return ("\n## Serving\n\nvLLM's `deepseek_r1` and `qwen3` reasoning parsers read this format: "
+                    "`vllm serve THIS_DIR --reasoning-parser deepseek_r1` (or `qwen3`) returns the thought as "
+                    "the message's reasoning and the response as its content. " + rule + "\n")
+        return ("\n## Serving\n\nvLLM's `deepseek_r1` / `qwen3` reasoning parsers read this format only with a "
+                "tokenizer that has `<think>` and `</think>` as single, non-special tokens: they look both up in "
+                "the vocabulary and raise an error without them (`BaseThinkingReasoningParser.__init__` in "
+                "vllm/reasoning/basic_parsers.py). This model's tokenizer does not have them, so split the text "
+                "yourself (below). " + rule + "\n")
+    if template.response_marker == GENERIC_RESPONSE_MARKER and template.thought_header == GENERIC_THOUGHT_HEADER:
+        if prefill_thought_header:
+            return ("\n## Serving\n\nDo not use vLLM's `granite` reasoning parser with this model: it splits only "
+                    f"outputs that contain `{GENERIC_THOUGHT_HEADER}`, and this model's chat template writes that "
+                    "header into the prompt, so the parser would return the whole output, thought included, as "
+                    "the content. Split the text yourself (below).\n")
+        return ("\n## Serving\n\nvLLM's `granite` reasoning parser (`--reasoning-parser granite`) splits an output "
+                f"only when the model itself wrote `{GENERIC_THOUGHT_HEADER}` (or `Here's my thought process:`, "
+                f"exactly so, without markdown) before `{GENERIC_RESPONSE_MARKER}` (or `Here's my response:`); "
+                "any other output comes back whole, thought included, as the content. tpo-lite also accepts an "
+                "output without the thought header, other letter case and markdown around the markers, so "
+                "split the text yourself (below) to get every response.\n")
+    return ""
+
+
 def model_card(template, base_model: str, adapter: str, prefill_thought_header: bool,
-               system_prompt: str | None) -> str:
-    """The README.md of an exported model: output format, how to strip the thought, provenance."""
+               system_prompt: str | None, think_tokens: bool = False,
+               chat_template_kwargs: dict | None = None) -> str:
+    """The README.md of an exported model: output format, what splits it when served, how to strip the thought,
+    provenance. ``think_tokens``: :func:`think_tags_are_tokens` of the exported tokenizer."""
     marker = template.response_marker
-    header = template.thought_header
+    header = template.thought_header.strip() if template.thought_header else None
     if marker is None:
         fmt = ("This model was exported with the `direct` template: there is no thought section, the whole "
                "output is the response.")
         strip = ""
     else:
-        fmt = (f"The output is `thought` + `{marker}` + `response`"
-               + (f"; the thought may start with `{header}`" + (" (the chat template already writes it at the "
-                                                                 "start of the assistant turn)"
-                                                                 if prefill_thought_header else "")
-                  if header else "")
-               + ". Only the response is meant for the user.")
+        if marker == THINK_CLOSE:
+            fmt = ("The output is `<think>` + line end + `thought` + line end + `</think>` + blank line + "
+                   "`response` (the format of DeepSeek-R1 and Qwen3)"
+                   + ("; the chat template already writes the `<think>` and its line end at the start of the "
+                      "assistant turn, so the output starts inside the thought" if prefill_thought_header else "")
+                   + ". Only the response is meant for the user.")
+            matching = "matched exactly"
+        else:
+            fmt = (f"The output is `thought` + `{marker}` + `response`"
+                   + (f"; the thought may start with `{header}`" + (" (the chat template already writes it at the "
+                                                                     "start of the assistant turn)"
+                                                                     if prefill_thought_header else "")
+                      if header else "")
+                   + ". Only the response is meant for the user.")
+            matching = ("matched case-insensitively; `Here is` also appears as `Here's`, sometimes in markdown "
+                        "emphasis")
         which = "first" if template.marker_wins == "first" else "last"
         strip = f"""
 ## Stripping the thought
 
-Split at the **{which}** `{marker}` (matched case-insensitively; `Here is` also appears as `Here's`,
-sometimes in markdown emphasis). An output without the marker has no usable response.
+Split at the **{which}** `{marker}` ({matching}). An output without the marker has no usable response.
 
 ```python
 import re
@@ -116,11 +196,11 @@ def split_thought(text):
 
 With tpo-lite installed: `tpo_lite.parsing.parse_output(text, tpo_lite.prompts.get_template("{template.name}"))`.
 """
-        if template.name == "generic":
-            strip += ("\nThe generic markers are the ones IBM Granite models use, so vLLM's `granite` reasoning "
-                      "parser (`vllm serve ... --reasoning-parser granite`) splits the output too.\n")
+    serving = _serving_note(template, prefill_thought_header, think_tokens)
     sys_note = (f"\nThe chat template also inserts this system prompt when the conversation has none: "
                 f"`{system_prompt}`\n" if system_prompt else "")
+    kw_note = (f"\nThe seed template's variables were set to `{json.dumps(chat_template_kwargs)}` in training; the "
+               "chat template uses these values unless you pass your own.\n" if chat_template_kwargs else "")
     return f"""---
 library_name: transformers
 tags: [tpo, thought-preference-optimization, tpo-lite]
@@ -144,12 +224,13 @@ The tokenizer's chat template wraps the **last user message** in the thought pro
 ```
 
 so `tokenizer.apply_chat_template(messages, add_generation_prompt=True)` is all you need. Pass
-`enable_thinking=False` to get the unwrapped prompt (the model then answers without thoughts, as its base did).
-{sys_note}
+`{THOUGHT_PROMPT_VAR}=False` to get the base's own, unwrapped prompt (the model then answers without thoughts, as
+its base did).
+{sys_note}{kw_note}
 ## Output format
 
 {fmt}
-{strip}"""
+{serving}{strip}"""
 
 
 def _protected(adapter: Path, model_cfg, run_dir) -> list[tuple[Path, str]]:
@@ -157,8 +238,9 @@ def _protected(adapter: Path, model_cfg, run_dir) -> list[tuple[Path, str]]:
     out = [(adapter, "adapter being exported")]
     if run_dir is not None:
         out.append((Path(run_dir), "run directory"))
-    if re.fullmatch(r"iter_\d+", adapter.resolve().parent.name):  # RUN/iter_XX/adapter: its run too
-        out.append((adapter.resolve().parent.parent, "run directory of the adapter"))
+    run = RunDir(adapter.resolve().parent.parent)
+    if run.iteration_of(adapter.resolve()) is not None:  # RUN/iter_XX/adapter: its run too
+        out.append((run.path, "run directory of the adapter"))
     if model_cfg.path and os.path.exists(model_cfg.path):
         out.append((Path(model_cfg.path), "base model"))
     return out
@@ -248,8 +330,9 @@ def export_model(model_cfg, adapter: str | os.PathLike, out_dir: str | os.PathLi
     for p in merged.parameters():
         p.requires_grad_(False)
 
+    kwargs = dict(getattr(prompt_cfg, "chat_template_kwargs", None) or {})
     tokenizer.chat_template = thought_chat_template(
-        tokenizer.chat_template, template, prompt_cfg.prefill_thought_header, prompt_cfg.system_prompt)
+        tokenizer.chat_template, template, prompt_cfg.prefill_thought_header, prompt_cfg.system_prompt, kwargs)
 
     tmp = _own_sibling(out, ".tmp-export")
     try:
@@ -259,7 +342,7 @@ def export_model(model_cfg, adapter: str | os.PathLike, out_dir: str | os.PathLi
         tokenizer.save_pretrained(tmp)
         (tmp / "README.md").write_text(
             model_card(template, model_cfg.path, str(adapter), prompt_cfg.prefill_thought_header,
-                       prompt_cfg.system_prompt), encoding="utf-8")
+                       prompt_cfg.system_prompt, think_tags_are_tokens(tokenizer), kwargs), encoding="utf-8")
     except OSError as e:  # a full disk, a read-only folder
         shutil.rmtree(tmp, ignore_errors=True)
         raise TpoError(f"cannot write the export: {e.strerror or e}", path=out, field=_FIELD) from None
@@ -268,7 +351,8 @@ def export_model(model_cfg, adapter: str | os.PathLike, out_dir: str | os.PathLi
         "wrapper": template.wrapper, "thought_header": template.thought_header,
         "response_marker": template.response_marker, "marker_wins": template.marker_wins,
         "prefill_thought_header": bool(prompt_cfg.prefill_thought_header),
-        "system_prompt": prompt_cfg.system_prompt, "dequantized_from_4bit": bool(four_bit),
+        "system_prompt": prompt_cfg.system_prompt, "chat_template_kwargs": kwargs,
+        "dequantized_from_4bit": bool(four_bit),
         "dtype": str(target).replace("torch.", ""),
     }
     (tmp / EXPORT_INFO).write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")

@@ -7,17 +7,19 @@ Grammar (per template; the marker regexes come from :func:`tpo_lite.prompts.mark
     specific  output   := thought "<R>" response ["</R>"]
     specific_tags output := [preamble] ["<internal thought>"] thought ["</internal thought>"] "<response>" response
                             ["</response>"]      (closing tags: the template's thought_close / response_close)
+    think     output   := [preamble] ["<think>"] thought "</think>" response      (tags matched exactly)
     direct    output   := response
     file      as generic, with the file's thought_header / response_marker (no response_marker = direct)
 
 Marker matching: case-insensitive; "Here is" or "Here's"/"Here’s"; any whitespace between words and around
 the marker (stripped from thought and response); optional markdown around it (``**Here is my response:**``,
-``### Here's my response``: without the colon only when the marker ends its line).
+``### Here's my response``: without the colon only when the marker ends its line). ``think``'s tags are
+matched exactly (no other case, spacing or markdown), as the servers' parsers match them.
 
 A marker directly inside quotes (a quote right before *and* right after it: ``after "Here is my
 response:"``) is a *mention*, not a use: weak models often echo
-the instruction's wording, and the echo must not split the output. This is the one place we differ from
-vLLM's granite parser, which would split at the echo.
+the instruction's wording, and the echo must not split the output. This is where we differ from vLLM's
+granite parser and its deepseek_r1 / qwen3 parsers (for ``think``), which split at the echo too.
 
 :func:`response_marker_uses` is the one rule for "is the response marker used in this text": the parser
 calls it on the finished output (``final=True``), the samplers' budget forcing and response budget on the
@@ -26,7 +28,8 @@ marker for the parser too.
 
 Which marker wins when the response marker appears more than once: ``template.marker_wins``. ``generic``
 uses the **first** (the thought is the shortest span ending at a response marker, exactly as vLLM's granite
-parser's ``(.*?)Here is my response:(.*)``), so later repeats stay inside the response; ``specific`` uses the
+parser's ``(.*?)Here is my response:(.*)``), so later repeats stay inside the response; ``think`` the **first**
+``</think>`` too (vLLM's deepseek_r1 / qwen3 parsers ``partition`` at it); ``specific`` uses the
 **last** ``<R>`` (the thoughts contain a draft that may itself be labelled ``<R>``; the final response is the
 one after the last marker).
 

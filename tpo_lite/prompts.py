@@ -11,6 +11,10 @@ Built-in templates (the prompts of Wu et al. 2024, "Thinking LLMs", Fig. 2):
 ``specific_tags``
     The same request with the markers of an earlier version of the paper: the thoughts inside
     ``<internal thought>`` ... ``</internal thought>``, the final response after ``<response>``.
+``think``
+    The thought inside ``<think>`` ... ``</think>``, the response after ``</think>``: the output format of
+    DeepSeek-R1 and Qwen3, which vLLM's ``deepseek_r1`` / ``qwen3`` reasoning parsers split. The tags are
+    matched exactly (case and spelling), as those parsers do.
 ``direct``
     No thoughts (the paper's baseline): the instruction is sent as is and the whole output is the response.
 
@@ -49,6 +53,8 @@ TAGS_THOUGHT_HEADER = "<internal thought>"
 TAGS_THOUGHT_CLOSE = "</internal thought>"
 TAGS_RESPONSE_MARKER = "<response>"
 TAGS_RESPONSE_CLOSE = "</response>"
+THINK_OPEN = "<think>"
+THINK_CLOSE = "</think>"
 
 # Paper, Fig. 2 (generic thought prompt); the query follows on its own line.
 GENERIC_WRAPPER = (
@@ -72,7 +78,22 @@ SPECIFIC_TAGS_WRAPPER = (
     "\"<response>\".\n\nUser query: {instruction}"
 )
 
-BUILTIN_TEMPLATES = ("generic", "specific", "specific_tags", "direct")
+# The generic prompt asking for the <think> format; the sentence naming the tags is ours.
+THINK_WRAPPER = (
+    "Respond to the following user query in a comprehensive and detailed way. You can write down your thought "
+    "process before responding. Write your thoughts between \"<think>\" and \"</think>\", then write your "
+    "response after \"</think>\".\n\nUser query: {instruction}"
+)
+
+BUILTIN_TEMPLATES = ("generic", "specific", "specific_tags", "think", "direct")
+# Names a config cannot give in chat_template_kwargs: apply_chat_template's own arguments, the template's
+# conversation variable, the exported template's own names (tpo_lite.export.THOUGHT_PROMPT_VAR, _tpo).
+_RESERVED_KWARGS = frozenset({
+    "conversation", "messages", "tools", "documents", "chat_template", "add_generation_prompt",
+    "continue_final_message", "tokenize", "padding", "truncation", "max_length", "return_tensors", "return_dict",
+    "return_assistant_tokens_mask", "tokenizer_kwargs", "tpo_thought_prompt", "_tpo",
+    # Jinja's own words: not variable names
+    "true", "false", "none", "True", "False", "None", "and", "or", "not", "in", "is", "if", "else"})
 
 
 @dataclass
@@ -85,14 +106,17 @@ class PromptConfig:
                           "'Here is my thought process:' / 'Here is my response:'), 'specific' (thoughts "
                           "with a draft and its evaluation, final response after '<R>'), 'specific_tags' "
                           "(the same, thoughts inside '<internal thought>...</internal thought>', final "
-                          "response after '<response>'), 'direct' (no "
+                          "response after '<response>'), 'think' (thoughts inside '<think>...</think>', "
+                          "response after '</think>': the format vLLM's deepseek_r1 / qwen3 reasoning "
+                          "parsers read), 'direct' (no "
                           "thoughts: the instruction as is, the whole output is the response), or the path "
                           "of a TOML template file (keys: wrapper with {instruction}, thought_header, "
                           "response_marker, marker_wins; see docs/templates.md)."},
     )
     prefill_thought_header: bool = field(
         default=False,
-        metadata={"help": "Append the template's thought header (e.g. 'Here is my thought process:') to the "
+        metadata={"help": "Append the template's thought header (e.g. 'Here is my thought process:'; "
+                          "'<think>' and a line end for 'think') to the "
                           "assistant turn of the prompt, so the model starts inside its thoughts. Helps weak "
                           "seed models find the format; no effect for templates without a thought header "
                           "('specific', 'direct')."},
@@ -102,8 +126,17 @@ class PromptConfig:
         metadata={"help": "System message put before the user turn. Unset: none is passed, so the model's "
                           "chat template applies its own default (SmolLM2's adds one)."},
     )
+    chat_template_kwargs: dict = field(
+        default_factory=dict,
+        metadata={"help": "Extra variables for the seed model's chat template, passed to its "
+                          "apply_chat_template wherever a prompt is built (generation, evaluation, chat) and kept "
+                          "as defaults in the exported chat template, e.g. {enable_thinking = false} so a Qwen3 "
+                          "seed does not think natively on top of the template's thoughts. Values: strings, "
+                          "numbers, booleans, or arrays / tables of them. Empty: none."},
+    )
 
     def __post_init__(self):
+        check_chat_template_kwargs(self.chat_template_kwargs)
         # Fail when the config is loaded, not mid-run: a built-in name or a readable, valid template file.
         if self.template in BUILTIN:
             return
@@ -128,7 +161,9 @@ class Template:
     texts with :func:`marker_regex`. ``thought_close`` / ``response_close`` are optional closing tags
     (``</internal thought>``, ``</R>``): the default response pattern takes a ``thought_close`` right before
     the response marker as part of the marker (so it is not in the thought), and the parser drops a
-    ``response_close`` that ends the response; both are matched with :func:`tag_regex`.
+    ``response_close`` that ends the response; both are matched with :func:`tag_regex`. ``forced_text``: what
+    budget forcing appends after a cut-off thought (None = ``thought_close``, then the response marker on its
+    own line; read it as :attr:`forced_response_text`).
     """
 
     name: str
@@ -140,6 +175,7 @@ class Template:
     response_pattern: str | None = None
     thought_close: str | None = None
     response_close: str | None = None
+    forced_text: str | None = None
 
     def __post_init__(self):
         if self.wrapper.count("{instruction}") != 1:
@@ -161,9 +197,12 @@ class Template:
 
     @property
     def forced_response_text(self) -> str:
-        """What budget forcing appends after a cut-off thought to start the response (marker on its own line)."""
+        """What budget forcing appends after a cut-off thought to start the response (by default the marker on
+        its own line). It ends with a line end: alone, that line end completes a marker the model wrote."""
         if self.response_marker is None:
             raise TpoError(f"template {self.name!r} has no response marker to force", field="prompts.template")
+        if self.forced_text is not None:
+            return self.forced_text
         close = "\n" + self.thought_close if self.thought_close else ""
         return close + "\n\n" + self.response_marker + "\n"
 
@@ -254,6 +293,18 @@ BUILTIN = {
         thought_close=TAGS_THOUGHT_CLOSE,
         response_close=TAGS_RESPONSE_CLOSE,
     ),
+    "think": Template(
+        name="think",
+        wrapper=THINK_WRAPPER,
+        thought_header=THINK_OPEN + "\n",  # pre-filled, the thought starts on its own line
+        response_marker=THINK_CLOSE,
+        # The thought is everything up to the first </think>, as vLLM's deepseek_r1 / qwen3 parsers split
+        # (str.partition); the tags are matched exactly, as there ((?-i:) undoes the templates' IGNORECASE).
+        marker_wins="first",
+        thought_pattern=f"(?-i:{re.escape(THINK_OPEN)})",
+        response_pattern=f"(?-i:{re.escape(THINK_CLOSE)})",
+        forced_text="\n" + THINK_CLOSE + "\n\n",  # <think>\n thought \n</think>\n\n response
+    ),
     "direct": Template(name="direct", wrapper="{instruction}"),
 }
 
@@ -327,14 +378,60 @@ def get_template(cfg: PromptConfig | str) -> Template:
     return load_template_file(name)
 
 
+def check_chat_template_kwargs(kwargs) -> dict:
+    """``kwargs`` (``prompts.chat_template_kwargs``), checked: a table whose keys are names a chat template can
+    read (not one of apply_chat_template's own arguments) and whose values are strings, numbers, booleans or
+    arrays / tables of them -- what TOML gives and what the exported chat template can write as a literal."""
+    if not isinstance(kwargs, dict):
+        raise TpoError(f"expected a table, got {type(kwargs).__name__}", field="prompts.chat_template_kwargs")
+
+    def check_value(v, where):
+        if isinstance(v, float) and (v != v or v in (float("inf"), float("-inf"))):
+            raise TpoError("must be finite", field=where)
+        if isinstance(v, (list, tuple)):
+            for i, x in enumerate(v):
+                check_value(x, f"{where}[{i}]")
+        elif isinstance(v, dict):
+            for k, x in v.items():
+                if not isinstance(k, str):
+                    raise TpoError("table keys must be strings", field=where)
+                check_value(x, f"{where}.{k}")
+        elif not isinstance(v, (str, bool, int, float)):
+            raise TpoError(f"expected a string, number, boolean, array or table, got {type(v).__name__}",
+                           field=where)
+
+    for key, value in kwargs.items():
+        where = f"prompts.chat_template_kwargs.{key}"
+        if not isinstance(key, str) or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key):
+            raise TpoError("not a name a chat template can read (letters, digits, _)", field=where)
+        if key in _RESERVED_KWARGS:
+            raise TpoError("is set by tpo-lite itself, not a chat template variable", field=where)
+        check_value(value, where)
+    return kwargs
+
+
+def check_tokenizer_keeps_markers(tokenizer, template: Template) -> None:
+    """Refuse a template whose marker is a special token of ``tokenizer``: outputs are decoded without special
+    tokens, so the marker would vanish from every output text and no output could be split."""
+    special = set(getattr(tokenizer, "all_special_tokens", ()) or ())
+    for marker in (template.thought_header, template.response_marker):
+        if marker and marker.strip() in special:
+            raise TpoError(f"the tokenizer marks {marker.strip()!r} as a special token, which decoded outputs "
+                           "drop, so no output could be split; use another template or a tokenizer where it is "
+                           "a normal (added) token", field="prompts.template")
+
+
 def build_prompt(tokenizer, instruction: str, template: Template | PromptConfig | str,
-                 prefill_thought_header: bool = False, system_prompt: str | None = None) -> str:
+                 prefill_thought_header: bool = False, system_prompt: str | None = None,
+                 chat_template_kwargs: dict | None = None) -> str:
     """The full prompt text for one instruction: the wrapped instruction through the model's chat template.
 
     ``template`` may be a :class:`Template`, a template name / file path, or a :class:`PromptConfig` (whose
-    ``prefill_thought_header`` and ``system_prompt`` are then used unless given here). The chat template is
-    applied with ``add_generation_prompt=True``; with ``prefill_thought_header`` the template's thought header
-    is appended right after it (no trailing whitespace, so the model picks its own next token). The result is
+    ``prefill_thought_header``, ``system_prompt`` and ``chat_template_kwargs`` are then used unless given
+    here). The chat template is applied with ``add_generation_prompt=True`` and ``chat_template_kwargs`` as
+    extra template variables; with ``prefill_thought_header`` the template's thought header
+    is appended right after it (nothing more: ``think``'s header is ``<think>`` with its line end; the others
+    end without whitespace, so the model picks its own next token). The result is
     meant to be tokenised with ``add_special_tokens=False`` since the chat template already added them.
     Special-token strings inside ``instruction`` (``<|im_end|>`` ...) are escaped
     (:func:`tpo_lite.special_tokens.escape_special_tokens`): the instruction cannot forge a chat turn, and the
@@ -343,6 +440,8 @@ def build_prompt(tokenizer, instruction: str, template: Template | PromptConfig 
     if isinstance(template, PromptConfig):
         prefill_thought_header = prefill_thought_header or template.prefill_thought_header
         system_prompt = system_prompt if system_prompt is not None else template.system_prompt
+        if chat_template_kwargs is None:
+            chat_template_kwargs = template.chat_template_kwargs
         template = get_template(template)
     elif isinstance(template, str):
         template = get_template(template)
@@ -351,13 +450,15 @@ def build_prompt(tokenizer, instruction: str, template: Template | PromptConfig 
     if not getattr(tokenizer, "chat_template", None):
         raise TpoError("the tokenizer has no chat template; use an instruct model or set one on the tokenizer",
                        field="model")
+    check_tokenizer_keeps_markers(tokenizer, template)
+    kwargs = check_chat_template_kwargs(dict(chat_template_kwargs or {}))
     messages = []
     if system_prompt:
         messages.append({"role": "system", "content": system_prompt})
     from .special_tokens import escape_special_tokens
 
     messages.append({"role": "user", "content": template.wrap(escape_special_tokens(instruction, tokenizer))})
-    prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, **kwargs)
     if prefill_thought_header and template.thought_header:
         prompt += template.thought_header
     return prompt
