@@ -32,14 +32,10 @@ def tiny_tokenizer():
 
 
 def tiny_model(tokenizer, seed=0, init=0.2):
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from tiny_models import tiny_llama
 
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                      initializer_range=init, eos_token_id=tokenizer.eos_token_id,
-                      pad_token_id=tokenizer.pad_token_id, bos_token_id=None, tie_word_embeddings=False)
-    return LlamaForCausalLM(cfg).eval()
+    return tiny_llama(len(tokenizer), seed=seed, tokenizer=tokenizer, max_position_embeddings=512,
+                      initializer_range=init).eval()
 
 
 @pytest.fixture(scope="module")
@@ -176,8 +172,8 @@ def test_bad_sampling_table_in_a_run_config_names_file_line_field(tmp_path):
     with pytest.raises(TpoError) as e:
         load_config(p)
     assert str(e.value).startswith(f"{p}:4: sampling.thought_budget: must be >= 1 and below max_new_tokens")
-    p.write_text('[sampling]\nbackend = "vllm"\n')
-    with pytest.raises(TpoError, match=r":2: sampling.backend: must be one of 'local', 'openai'"):
+    p.write_text('[sampling]\nbackend = "sglang"\n')
+    with pytest.raises(TpoError, match=r":2: sampling.backend: must be one of 'local', 'openai', 'vllm'"):
         load_config(p)
 
 

@@ -1,5 +1,6 @@
 """Sample K thought+response outputs per instruction: a local transformers backend and an OpenAI-compatible
-server backend (vLLM), with per-sample seeds and optional budget forcing.
+server backend (vLLM), with per-sample seeds and optional budget forcing. The in-process vLLM backend
+(:mod:`tpo_lite.vllm_backend`) sends the server backend's requests to an engine in this process.
 
 Both samplers take :class:`PromptJob` s (the chat-templated prompt, its token ids and one seed per sample) and
 yield ``(prompt_id, [Sample, ...])`` as soon as all K samples of a prompt are done (local backend: when its
@@ -24,7 +25,8 @@ or batching of the prompts), so a resumed run draws the same samples for the pro
 Budget forcing (``thought_budget``). The thought is sampled until the model writes the template's response
 marker itself (then nothing is forced), a ``thought_stop`` string, EOS, or ``thought_budget`` generated
 tokens; in the last three cases the EOS (if any) is dropped and ``template.forced_response_text`` (the
-response marker on its own line) is appended -- to the text *and* the token ids, so DPO trains on it -- and
+response marker on its own line; for ``think``, ``</think>`` on its own line and a blank line) is appended --
+to the text *and* the token ids, so DPO trains on it -- and
 the response is sampled after it. ``Sample.forced`` records it. "The model wrote the marker" is decided by
 the parser's own rule, :func:`tpo_lite.parsing.response_marker_uses`, on the whole text so far in streaming
 mode (a marker that the next characters could still undo, such as ``...Here is my response`` before ``to
@@ -57,10 +59,10 @@ import time
 import urllib.error
 import urllib.request
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields, replace
 from typing import Iterator
 
-from tpo_lite.errors import TpoError, require_finite
+from tpo_lite.errors import TpoError, require_finite, require_seed
 from tpo_lite.parsing import response_marker_uses
 
 
@@ -69,10 +71,12 @@ class SamplingConfig:
     """The ``[sampling]`` table of a run config."""
 
     backend: str = field(default="local", metadata={
-        "choices": ("local", "openai"),
+        "choices": ("local", "openai", "vllm"),
         "help": "'local': sample with transformers in this process (batched, the K samples of a prompt share "
                 "it); 'openai': POST /v1/completions to an OpenAI-compatible server such as vLLM (the "
-                "scale-out path; see base_url)."})
+                "scale-out path; see base_url); 'vllm': an offline vLLM engine in this process on the GPU "
+                "(needs the vllm package; built for each generation stage and shut down after it, so DPO "
+                "training gets the GPU; see the vllm_* options)."})
     k: int = field(default=8, metadata={"help": "Outputs sampled per instruction (the paper's K)."})
     temperature: float = field(default=0.8, metadata={
         "help": "Sampling temperature; 0 = greedy (argmax, seeds then do not matter)."})
@@ -110,10 +114,11 @@ class SamplingConfig:
                 "redoes a batch bit for bit; below k, one prompt's samples in chunks of batch_size. Larger "
                 "batches decode faster per token on a CPU (SmolLM2-135M: 96 rows ~1.3x the tokens/s of 32) but "
                 "hold more KV cache, and a crash loses the batch in flight (its prompts are yielded when it "
-                "ends)."})
+                "ends). vllm backend: max(1, batch_size // k) whole prompts per engine call (vLLM batches "
+                "them itself; their records are written when the call ends)."})
     seed: int = field(default=0, metadata={
         "help": "Run seed. Sample i of prompt p uses a seed hashed from (seed, p, i), so a resumed run "
-                "reproduces the samples it redoes."})
+                "reproduces the samples it redoes. 0 .. 2**32 - 1."})
     base_url: str = field(default="http://127.0.0.1:8000/v1", metadata={
         "help": "OpenAI backend: server URL up to and including /v1 (vLLM: `vllm serve MODEL --enable-lora`)."})
     api_key_env: str = field(default="OPENAI_API_KEY", metadata={
@@ -134,10 +139,25 @@ class SamplingConfig:
     adapter_name: str = field(default="tpo", metadata={
         "help": "OpenAI backend: prefix of the LoRA name under which each iteration's adapter is loaded into "
                 "vLLM via /v1/load_lora_adapter (needs VLLM_ALLOW_RUNTIME_LORA_UPDATING=True and "
-                "--enable-lora); a hash of the adapter path is appended so every adapter gets its own name."})
+                "--enable-lora); hashes of the adapter's path and of its files are appended, so every "
+                "adapter gets its own name and one retrained at the same path is never served stale. "
+                "vllm backend: prefix of the LoRARequest name; a hash of the adapter's files is appended."})
+    vllm_gpu_memory_utilization: float = field(default=0.85, metadata={
+        "help": "vllm backend: share of the GPU's memory the engine may take (weights, activations, KV "
+                "cache), vLLM's gpu_memory_utilization. Below vLLM's 0.9 because this process's own CUDA "
+                "context and allocator cache share the GPU with it."})
+    vllm_max_lora_rank: int = field(default=16, metadata={
+        "help": "vllm backend: the largest LoRA rank the engine can serve (vLLM's max_lora_rank; one of the "
+                "ranks vLLM supports: 8, 16, 32, 64, ...). Must be >= model.lora_r; a larger adapter is "
+                "refused before sampling."})
+    vllm_max_model_len: int | None = field(default=None, metadata={
+        "help": "vllm backend: context length the engine reserves KV cache for (vLLM's max_model_len); "
+                "unset = the model's own. Set it to about the longest prompt + max_new_tokens when the "
+                "model's context (e.g. 128k) does not fit the KV cache."})
 
     def __post_init__(self):
         require_finite(self)
+        require_seed(self)
         positive = ("k", "max_new_tokens", "batch_size", "concurrency")
         for name in positive:
             if getattr(self, name) < 1:
@@ -163,11 +183,18 @@ class SamplingConfig:
             raise TpoError(f"expected an http:// or https:// URL, got {self.base_url!r}", field="base_url")
         if not self.adapter_name:
             raise TpoError("must not be empty", field="adapter_name")
+        if not 0 < self.vllm_gpu_memory_utilization <= 1:
+            raise TpoError(f"must be in (0, 1], got {self.vllm_gpu_memory_utilization}",
+                           field="vllm_gpu_memory_utilization")
+        for name in ("vllm_max_lora_rank", "vllm_max_model_len"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise TpoError(f"must be >= 1, got {getattr(self, name)}", field=name)
 
 
 @dataclass
 class Sample:
-    """One sampled output (see the module docstring for token_ids / finish_reason / forced)."""
+    """One sampled output (see the module docstring for token_ids / finish_reason / forced); once parsed
+    (:meth:`parsed`) also its thought, response and validity: a sample of ``samples.jsonl``."""
 
     index: int
     seed: int
@@ -175,9 +202,28 @@ class Sample:
     token_ids: list[int]
     finish_reason: str
     forced: bool = False
+    thought: str | None = None
+    response: str | None = None
+    valid: bool = False
+    invalid_reason: str | None = None
 
-    def to_dict(self) -> dict:
-        return asdict(self)
+    def parsed(self, template) -> Sample:
+        """This sample with the parser's split (:func:`tpo_lite.parsing.parse_output`)."""
+        from tpo_lite.parsing import parse_output
+
+        p = parse_output(self.text, template, self.finish_reason)
+        return replace(self, token_ids=list(self.token_ids), forced=bool(self.forced), thought=p.thought,
+                       response=p.response, valid=bool(p.valid), invalid_reason=p.invalid_reason)
+
+    @classmethod
+    def from_record(cls, rec: dict) -> Sample:
+        d = {"seed": None, "finish_reason": None, **rec}
+        return cls(**{f.name: d[f.name] for f in fields(cls) if f.name in d})
+
+    def to_record(self) -> dict:
+        """The ``samples.jsonl`` form, in its key order."""
+        return {k: getattr(self, k) for k in ("index", "seed", "text", "token_ids", "thought", "response", "valid",
+                                               "invalid_reason", "finish_reason", "forced")}
 
 
 @dataclass
@@ -265,7 +311,7 @@ class _Forcing:
 
     def __init__(self, template, tokenizer, cfg: SamplingConfig):
         if template is None or template.response_marker is None:
-            name = getattr(template, "name", None)
+            name = template.name if template is not None else None
             raise TpoError(f"budget forcing needs a template with a response marker (template {name!r} has "
                            "none)", field="sampling.thought_budget")
         self.template = template
@@ -890,7 +936,7 @@ class OpenAISampler:
                               field="sampling.base_url")
         return data
 
-    def _resolve_model(self) -> str:
+    def _served_model_name(self) -> str:
         with self._lock:
             if self.model_name is None:
                 models = self.list_models()
@@ -902,9 +948,16 @@ class OpenAISampler:
 
     # -- adapters ---------------------------------------------------------------------------------------
     def adapter_lora_name(self, path: str | os.PathLike) -> str:
-        """The LoRA name used for the adapter at ``path``: ``adapter_name`` + a hash of the absolute path."""
-        digest = hashlib.sha1(os.path.abspath(os.fspath(path)).encode()).hexdigest()[:10]
-        return f"{self.cfg.adapter_name}-{digest}"
+        """The LoRA name used for the adapter at ``path``: ``adapter_name`` + a hash of the absolute path + a
+        hash of the adapter's files (:func:`tpo_lite.rundir.adapter_digest`; none for a path that is not a
+        directory here, a server-side adapter). vLLM keeps serving what it loaded under a name, so an adapter
+        retrained at the same path must get a new name."""
+        from .rundir import adapter_digest
+
+        path = os.path.abspath(os.fspath(path))
+        name = f"{self.cfg.adapter_name}-{hashlib.sha1(path.encode()).hexdigest()[:10]}"
+        content = adapter_digest(path)
+        return f"{name}-{content[:12]}" if content else name
 
     def ensure_adapter(self, path: str | os.PathLike, name: str | None = None) -> str:
         """Make the server serve the LoRA adapter at ``path`` (loading it via /v1/load_lora_adapter when it is
@@ -940,7 +993,7 @@ class OpenAISampler:
     # -- sampling ---------------------------------------------------------------------------------------
     def _complete(self, prompt_ids: list[int], max_tokens: int, seed: int, stop: list[str]) -> dict:
         body = {
-            "model": self._resolve_model(),
+            "model": self._served_model_name(),
             "prompt": prompt_ids,
             "max_tokens": max_tokens,
             "temperature": self.cfg.temperature,
@@ -1016,7 +1069,21 @@ class OpenAISampler:
             return _token_end(lambda x: self.tokenizer.decode(x, skip_special_tokens=True), ids, char_end)
 
     def _one(self, job: PromptJob, index: int) -> Sample:
-        """One sample in as many requests as it takes: the thought (budget forcing: up to thought_budget
+        """One sample: each request of :meth:`_requests` is one POST /completions."""
+        steps = self._requests(job, index)
+        try:
+            request = next(steps)
+            while True:
+                request = steps.send(self._complete(*request))
+        except StopIteration as done:
+            return done.value
+
+    def _requests(self, job: PromptJob, index: int):
+        """One sample in as many completion requests as it takes, as a generator that does no I/O: it yields
+        ``(prompt_ids, max_tokens, seed, stops)``, is sent back the completion's choice (``text``,
+        ``token_ids``, ``finish_reason``, ``stop_reason`` as in vLLM's answer) and returns the
+        :class:`Sample`; the transport is the caller's (HTTP here, batched engine calls in
+        :class:`tpo_lite.vllm_backend.VLLMSampler`). The thought (budget forcing: up to thought_budget
         tokens, stopping at the response marker's literal forms and thought_stop), then the response (up to
         max_new_tokens in all, or response_budget tokens after the marker). A marker stop that the parser's
         rule does not count as a use yet (a quoted mention, or a quote before it with the next character
@@ -1042,7 +1109,7 @@ class OpenAISampler:
             finish, hit = "length", None  # a thought with no budget left ends as if cut by it
             if room > 0:
                 t, new, finish, hit = self._parse_choice(
-                    self._complete(job.prompt_token_ids + ids, room, req_seed, stops), stops)
+                    (yield job.prompt_token_ids + ids, room, req_seed, stops), stops)
                 # A different but derived seed per request: a continuation must not replay the random stream.
                 req_seed = (req_seed * 31 + 7) & 0x7FFFFFFF
                 if not new:  # would loop for ever
@@ -1080,7 +1147,7 @@ class OpenAISampler:
         k = k or self.cfg.k
         _check_jobs(jobs, k)
         jobs = [job for job in jobs if job.prompt_id not in skip]
-        self._resolve_model()
+        self._served_model_name()
         done: dict[int, list] = {}
         pool = ThreadPoolExecutor(max_workers=self.cfg.concurrency, thread_name_prefix="tpo-sample")
         try:
@@ -1129,12 +1196,18 @@ def _error_detail(e: urllib.error.HTTPError) -> str:
 def make_sampler(cfg: SamplingConfig, tokenizer, template=None, model=None, adapter=None, progress=True):
     """The sampler ``cfg.backend`` names. Local: ``model`` is required (load it with the adapter already
     applied). OpenAI: when ``adapter`` (a saved peft adapter directory) is given it is loaded into the server
-    first and refused loudly if the server cannot serve it."""
+    first and refused loudly if the server cannot serve it. vLLM (:class:`tpo_lite.vllm_backend.VLLMSampler`):
+    the engine loads the model from where ``tokenizer`` was loaded, ``adapter`` is served as a LoRA request."""
     if cfg.backend == "local":
         if model is None:
             raise TpoError("the local backend needs a loaded model", field="sampling.backend")
         return LocalSampler(model, tokenizer, cfg, template, progress=progress)
-    sampler = OpenAISampler(cfg, tokenizer, template, progress=progress)
+    if cfg.backend == "vllm":
+        from tpo_lite.vllm_backend import VLLMSampler  # imports vllm only now: an optional dependency
+
+        sampler = VLLMSampler(cfg, tokenizer, template, progress=progress)
+    else:
+        sampler = OpenAISampler(cfg, tokenizer, template, progress=progress)
     if adapter is not None:
         sampler.ensure_adapter(adapter)
     return sampler
