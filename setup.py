@@ -16,23 +16,31 @@ if not os.environ.get("TPO_LITE_NO_EXT"):
     # no -std flag: torch passes its own standard (C++20 for torch 2.13) and a later -std=c++17 would override
     # it; no -march flag: csrc/cpu uses target_clones to pick AVX-512 / AVX2 at load time
     cxx_flags = ["-O3", "-fopenmp"]
-    cpu_sources = sorted(os.path.join("csrc", "cpu", f) for f in os.listdir("csrc/cpu") if f.endswith(".cpp"))
+
+    def files(folder, *suffixes):
+        return sorted(os.path.join(folder, f) for f in os.listdir(folder) if f.endswith(suffixes))
+
+    # The headers (csrc/common.h, shared by both builds, is included by relative path): listed as depends so
+    # that a header change rebuilds the extension (setuptools compares only sources and depends with the .so).
+    headers = [*files("csrc", ".h"), *files(os.path.join("csrc", "cpu"), ".h"),
+               *files(os.path.join("csrc", "cuda"), ".cuh")]
+    cpu_sources = files(os.path.join("csrc", "cpu"), ".cpp")
     if cpu_sources:
         ext_modules.append(
             cpp_extension.CppExtension(
-                "tpo_lite._C", cpu_sources, extra_compile_args={"cxx": cxx_flags}, extra_link_args=["-fopenmp"]
+                "tpo_lite._C", cpu_sources, depends=headers, extra_compile_args={"cxx": cxx_flags},
+                extra_link_args=["-fopenmp"],
             )
         )
     import torch
 
-    cuda_sources = sorted(
-        os.path.join("csrc", "cuda", f) for f in os.listdir("csrc/cuda") if f.endswith((".cu", ".cpp"))
-    )
+    cuda_sources = files(os.path.join("csrc", "cuda"), ".cu", ".cpp")
     if cuda_sources and torch.version.cuda and cpp_extension.CUDA_HOME:
         ext_modules.append(
             cpp_extension.CUDAExtension(
                 "tpo_lite._C_cuda",
                 cuda_sources,
+                depends=headers,
                 # No --use_fast_math: the online log-sum-exp needs accurate exp/log/tanh for logits up to 1e4.
                 # No -std flag, as for the CPU part: torch passes its own (C++20 for torch 2.13; the sources also
                 # build as C++17, which tests/test_cuda_compile.py checks).
@@ -47,9 +55,17 @@ setup(
     name="tpo-lite",
     version="0.1.0",
     description="Thought Preference Optimization (TPO) on one GPU: fused QLoRA DPO kernels and the TPO loop",
-    packages=find_packages(include=["tpo_lite", "tpo_lite.*"]),
-    package_data={"tpo_lite": ["data/*.jsonl", "data/*.txt"]},
-    include_package_data=True,
+    # csrc/ and examples/ stay at the repo root (one copy); the sdist and the wheel carry them as tpo_lite/csrc
+    # (the JIT builds from it when no compiled extension fits) and tpo_lite/examples (`tpo-lite examples`).
+    packages=[*find_packages(include=["tpo_lite", "tpo_lite.*"]), "tpo_lite.csrc", "tpo_lite.examples"],
+    package_dir={"tpo_lite.csrc": "csrc", "tpo_lite.examples": "examples"},
+    package_data={
+        "tpo_lite": ["data/*.jsonl", "data/*.txt"],
+        "tpo_lite.csrc": ["*.h", "cpu/*.cpp", "cpu/*.h", "cuda/*.cu", "cuda/*.cpp", "cuda/*.cuh"],
+        "tpo_lite.examples": ["*.toml"],
+    },
+    # only the files above: MANIFEST.in's extras (the CMake build, csrc/bench) are for the sdist
+    include_package_data=False,
     python_requires=">=3.10",
     install_requires=[
         "torch>=2.4",
@@ -65,7 +81,10 @@ setup(
         "matplotlib>=3.7",
         "numpy",
     ],
-    extras_require={"test": ["pytest"]},
+    # loop.report_to's trackers are optional: `pip install tpo-lite[tensorboard]` (or trackio, wandb)
+    # datasets: training instructions / eval sets from the `datasets` library (tpo_lite/datasets_source.py)
+    extras_require={"test": ["pytest", "tensorboard", "datasets>=2.19"], "tensorboard": ["tensorboard"],
+                    "trackio": ["trackio"], "wandb": ["wandb"], "datasets": ["datasets>=2.19"]},
     entry_points={"console_scripts": ["tpo-lite=tpo_lite.cli:main"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
