@@ -41,10 +41,9 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
-import torch
-
+# torch is imported inside the functions that run: `tpo-lite bench kernels --help` must not load it.
 METHODS = ("fused", "eager", "compiled", "liger", "floor")
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = ("float32", "bfloat16", "float16")  # torch dtype names
 # The full grid of the issue; the GPU default.
 GPU_SHAPES = [(n, d, v) for n in (1024, 4096) for d in (576, 896, 2048) for v in (49152, 151936, 262144)]
 # CPU default: the target case of the issue (N=2048, d=896, V=151936; fp32 and bf16), which fits in memory
@@ -137,6 +136,7 @@ class Unavailable(Exception):
 
 def make_inputs(n: int, d: int, v: int, dtype: torch.dtype, device: str, seed: int):
     """Hidden [n,d] (requires grad), frozen head [v,d], targets [n]; logits have a std of about 2."""
+    import torch
     g = torch.Generator(device="cpu").manual_seed(seed)
     hidden = torch.randn(n, d, generator=g).to(device=device, dtype=dtype).requires_grad_(True)
     weight = (torch.randn(v, d, generator=g) * (2.0 / math.sqrt(d))).to(device=device, dtype=dtype)
@@ -146,6 +146,7 @@ def make_inputs(n: int, d: int, v: int, dtype: torch.dtype, device: str, seed: i
 
 def eager_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """The plain PyTorch way: logits -> log_softmax (fp32) -> gather."""
+    import torch
     logits = (hidden @ weight.t()).float()
     return torch.log_softmax(logits, dim=-1).gather(1, targets.unsqueeze(1)).squeeze(1)
 
@@ -169,6 +170,7 @@ def _floor_chunk(n: int, v: int, elem: int, max_bytes: int) -> int:
 def build_step(method: str, hidden, weight, targets, cfg: KernelBenchConfig) -> Callable[[], None]:
     """One training step of `method` (fwd + bwd into hidden.grad; the floor returns its [N, d] product instead);
     raises Unavailable when the method cannot run here."""
+    import torch
     if method == "fused":
         from tpo_lite.ops import fused_linear_logprobs
 
@@ -231,6 +233,7 @@ def build_step(method: str, hidden, weight, targets, cfg: KernelBenchConfig) -> 
 
 
 def _sync(device: str) -> None:
+    import torch
     if device == "cuda":
         torch.cuda.synchronize()
 
@@ -275,13 +278,14 @@ def memory_method(device: str) -> str:
 
 def _memory_child(spec: dict) -> dict:
     """Runs in the subprocess: one case, one method -> {"peak_extra_bytes": int} or {"error": str}."""
+    import torch
     import resource
 
     cfg = KernelBenchConfig(**spec["cfg"])
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
     n, d, v = spec["shape"]
-    hidden, weight, targets = make_inputs(n, d, v, DTYPES[spec["dtype"]], "cpu", cfg.seed)
+    hidden, weight, targets = make_inputs(n, d, v, getattr(torch, spec["dtype"]), "cpu", cfg.seed)
     try:
         step = build_step(spec["method"], hidden, weight, targets, cfg)
     except Unavailable as e:
@@ -317,6 +321,7 @@ def _measure_memory_cpu(shape, dtype: str, method: str, cfg: KernelBenchConfig) 
 
 
 def _measure_memory_cuda(step: Callable[[], None], hidden: torch.Tensor) -> dict:
+    import torch
     hidden.grad = None
     gc.collect()
     torch.cuda.synchronize()
@@ -334,6 +339,7 @@ def _measure_memory_cuda(step: Callable[[], None], hidden: torch.Tensor) -> dict
 
 
 def _device_name(device: str) -> str:
+    import torch
     if device == "cuda":
         return torch.cuda.get_device_name()
     name = platform.processor() or platform.machine()
@@ -362,8 +368,9 @@ def _ratios(methods: Dict[str, dict]) -> Dict[str, float]:
 
 def run_case(shape, dtype_name: str, device: str, cfg: KernelBenchConfig, log: Callable[[str], None]) -> dict:
     """Times (and measures memory of) every method on one (N, d, V, dtype) case."""
+    import torch
     n, d, v = shape
-    hidden, weight, targets = make_inputs(n, d, v, DTYPES[dtype_name], device, cfg.seed)
+    hidden, weight, targets = make_inputs(n, d, v, getattr(torch, dtype_name), device, cfg.seed)
     methods: Dict[str, dict] = {}
     steps: Dict[str, Callable[[], None]] = {}
     for m in cfg.methods:
@@ -427,6 +434,7 @@ def run_case(shape, dtype_name: str, device: str, cfg: KernelBenchConfig, log: C
 
 
 def resolve_device(device: str) -> str:
+    import torch
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda" and not torch.cuda.is_available():
@@ -436,6 +444,7 @@ def resolve_device(device: str) -> str:
 
 def run_kernel_benchmark(cfg: KernelBenchConfig, log: Callable[[str], None] = print) -> dict:
     """Runs every (shape, dtype) case of `cfg` and returns the result dict (the JSON written by the CLI)."""
+    import torch
     device = resolve_device(cfg.device)
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
