@@ -6,6 +6,7 @@ import pytest
 
 from tpo_lite.errors import TpoError
 from tpo_lite.pairs import PairsConfig, select_pairs, to_trl
+from tpo_lite.records import Judgement, PromptSamples
 from tpo_lite.scoring import adjusted_scores, auto_rho, best_and_worst, response_length, rho_grid, zscores
 
 
@@ -18,6 +19,10 @@ def _sample(i, response, valid=True):
 
 
 def _record(pid, responses, valid=None):
+    return PromptSamples.from_record(_record_dict(pid, responses, valid))
+
+
+def _record_dict(pid, responses, valid=None):
     valid = valid or [True] * len(responses)
     return {"prompt_id": pid, "instruction": "Do it.", "category": "c", "checks": [],
             "prompt_text": f"<prompt {pid}>", "prompt_token_ids": [7, 8, 9],
@@ -25,7 +30,7 @@ def _record(pid, responses, valid=None):
 
 
 def _judgement(pid, scores):
-    return {"prompt_id": pid, "judge": "test", "scores": scores, "details": [{} for _ in scores]}
+    return Judgement(pid, "test", scores, [{} for _ in scores])
 
 
 def _words(n):
@@ -128,31 +133,31 @@ def test_select_pairs_invalid_is_rejected_and_record_schema():
     juds = [_judgement("p1", [3.0, None, 2.0, 1.0])]
     # A valid-vs-valid pair exists: the rejected output is the worst valid one, whatever the share.
     (p,), stats = select_pairs(recs, juds, PairsConfig(rho=0.0, max_invalid_rejected=1.0))
-    assert (p["chosen_index"], p["rejected_index"]) == (0, 3) and p["rejected_valid"] is True
-    assert p["rejected_invalid_reason"] is None and stats["rejected_invalid"] == 0
-    assert p["chosen_adjusted"] == pytest.approx(np.sqrt(1.5))
+    assert (p.chosen_index, p.rejected_index) == (0, 3) and p.rejected_valid is True
+    assert p.rejected_invalid_reason is None and stats["rejected_invalid"] == 0
+    assert p.chosen_adjusted == pytest.approx(np.sqrt(1.5))
     # Only one valid output: the parse failure is the rejected one (a share of 1 allows it).
-    for s in recs[0]["samples"][2:]:
-        s["valid"], s["invalid_reason"] = False, "no_response_marker"
+    for s in recs[0].samples[2:]:
+        s.valid, s.invalid_reason = False, "no_response_marker"
     pairs, stats = select_pairs(recs, juds, PairsConfig(rho=0.0, max_invalid_rejected=1.0))
     assert len(pairs) == 1
     p = pairs[0]
-    assert (p["chosen_index"], p["rejected_index"]) == (0, 1)
-    assert p["chosen_text"] == recs[0]["samples"][0]["text"]  # the whole output: thought + response
-    assert "thought process" in p["chosen_text"] and p["rejected_text"] == "garbled 1"
-    assert p["chosen_token_ids"] == [0, 1, 2] and p["rejected_token_ids"] == [1, 2, 3]
-    assert p["prompt_text"] == "<prompt p1>" and p["prompt_token_ids"] == [7, 8, 9]
-    assert p["chosen_score"] == 3.0 and p["rejected_score"] is None and p["rejected_adjusted"] is None
-    assert p["chosen_adjusted"] == 0.0  # z over the one valid output
-    assert p["rho"] == 0.0 and p["rejected_valid"] is False
-    assert p["rejected_invalid_reason"] == "no response marker"
+    assert (p.chosen_index, p.rejected_index) == (0, 1)
+    assert p.chosen_text == recs[0].samples[0].text  # the whole output: thought + response
+    assert "thought process" in p.chosen_text and p.rejected_text == "garbled 1"
+    assert p.chosen_token_ids == [0, 1, 2] and p.rejected_token_ids == [1, 2, 3]
+    assert p.prompt_text == "<prompt p1>" and p.prompt_token_ids == [7, 8, 9]
+    assert p.chosen_score == 3.0 and p.rejected_score is None and p.rejected_adjusted is None
+    assert p.chosen_adjusted == 0.0  # z over the one valid output
+    assert p.rho == 0.0 and p.rejected_valid is False
+    assert p.rejected_invalid_reason == "no response marker"
     for key in ("prompt_id", "prompt_text", "prompt_token_ids", "chosen_index", "rejected_index", "chosen_text",
                 "rejected_text", "chosen_token_ids", "rejected_token_ids", "chosen_score", "rejected_score",
                 "chosen_adjusted", "rejected_adjusted", "rho"):
-        assert key in p
+        assert key in p.to_record()
     assert stats["rejected_invalid"] == 1 == stats["rejected_parse_failure"] and stats["pairs"] == 1
     assert stats["samples"] == 4 and stats["valid_samples"] == 1 and stats["valid_rate"] == 0.25
-    assert to_trl(p) == {"prompt": "<prompt p1>", "chosen": p["chosen_text"], "rejected": "garbled 1"}
+    assert to_trl(p) == {"prompt": "<prompt p1>", "chosen": p.chosen_text, "rejected": "garbled 1"}
 
 
 def test_select_pairs_drop_rules_and_counts():
@@ -173,33 +178,33 @@ def test_select_pairs_drop_rules_and_counts():
         _judgement("one_valid_one_invalid", [0.2, None]),
     ]
     pairs, stats = select_pairs(recs, juds, PairsConfig(rho=0.0, min_gap=0.1, max_invalid_rejected=1.0))
-    assert [p["prompt_id"] for p in pairs] == ["kept", "one_valid_one_invalid"]
+    assert [p.prompt_id for p in pairs] == ["kept", "one_valid_one_invalid"]
     assert (stats["dropped_all_invalid"], stats["dropped_one_valid"], stats["dropped_tie"],
             stats["dropped_low_gap"]) == (1, 1, 1, 1)
     assert stats["groups"] == 6 and stats["pairs"] == 2 and stats["rejected_invalid"] == 1
     kept = pairs[0]
-    assert (kept["chosen_index"], kept["rejected_index"]) == (1, 0)
+    assert (kept.chosen_index, kept.rejected_index) == (1, 0)
 
 
 def test_invalid_sample_with_a_score_is_still_invalid():
     recs = [_record("p", ["a", "b", "c"], valid=[True, False, True])]
     juds = [_judgement("p", [0.1, 99.0, 0.5])]  # a judge that scored the unparseable output anyway
     pairs, _ = select_pairs(recs, juds, PairsConfig(rho=0.0))
-    assert (pairs[0]["chosen_index"], pairs[0]["rejected_index"]) == (2, 0)
+    assert (pairs[0].chosen_index, pairs[0].rejected_index) == (2, 0)
 
 
 def test_length_control_prefers_short_among_equals():
     recs = [_record("p", [_words(50), _words(5), _words(10), _words(60)])]
     juds = [_judgement("p", [1.0, 1.0, 0.0, 0.0])]
     (p0,), _ = select_pairs(recs, juds, PairsConfig(rho=0.0))
-    assert (p0["chosen_index"], p0["rejected_index"]) == (0, 2)  # no control: ties by index
+    assert (p0.chosen_index, p0.rejected_index) == (0, 2)  # no control: ties by index
     (p1,), s1 = select_pairs(recs, juds, PairsConfig(rho=0.1))
-    assert (p1["chosen_index"], p1["rejected_index"]) == (1, 3)  # short good chosen, long bad rejected
-    assert (p1["chosen_length"], p1["rejected_length"]) == (5, 60)
+    assert (p1.chosen_index, p1.rejected_index) == (1, 3)  # short good chosen, long bad rejected
+    assert (p1.chosen_length, p1.rejected_length) == (5, 60)
     assert s1["chosen_length_mean"] == 5 and s1["rejected_length_mean"] == 60
     # chars unit gives the same order here; the recorded unit follows the config
     (p2,), _ = select_pairs(recs, juds, PairsConfig(rho=0.1, length_unit="chars"))
-    assert p2["length_unit"] == "chars" and p2["chosen_length"] == len(_words(5))
+    assert p2.length_unit == "chars" and p2.chosen_length == len(_words(5))
 
 
 def test_rho_auto_over_the_iteration():
@@ -214,7 +219,7 @@ def test_rho_auto_over_the_iteration():
     assert stats["rho_auto"] is True and stats["rho_auto_satisfied"] is True
     assert 0.0 < stats["rho"] <= 0.5
     assert stats["chosen_length_mean_both_valid"] <= stats["rejected_length_mean"]
-    assert all(p["rho"] == stats["rho"] for p in pairs)
+    assert all(p.rho == stats["rho"] for p in pairs)
     _, s0 = select_pairs(recs, juds, PairsConfig(rho=0.0))
     assert s0["chosen_length_mean_both_valid"] > s0["rejected_length_mean"]
     # The smallest: one grid step less leaves the chosen longer.
@@ -233,7 +238,7 @@ def test_tokens_unit_needs_tokenizer():
             return text.split()
 
     (p,), _ = select_pairs(recs, juds, PairsConfig(length_unit="tokens", rho=0.2), tokenizer=Tok())
-    assert p["chosen_length"] == 2
+    assert p.chosen_length == 2
 
 
 @pytest.mark.parametrize("juds, match", [
@@ -264,28 +269,28 @@ def test_pairs_config_validation_and_help():
 def _mixed_record(pid, kinds, responses=None):
     """kinds: per sample 'v' (valid), 't' (cut off by the token limit) or 'p' (parse failure: no marker)."""
     responses = responses or [f"r{i}" for i in range(len(kinds))]
-    rec = _record(pid, responses, valid=[k == "v" for k in kinds])
+    rec = _record_dict(pid, responses, valid=[k == "v" for k in kinds])
     for s, k in zip(rec["samples"], kinds):
         if k == "t":
             s.update(invalid_reason="truncated", finish_reason="length")
         elif k == "p":
             s.update(invalid_reason="no_response_marker")
-    return rec
+    return PromptSamples.from_record(rec)
 
 
 def test_truncated_output_is_never_rejected_by_default():
     recs = [_mixed_record("two_valid", "vtv"), _mixed_record("one_valid", "tv")]
     juds = [_judgement("two_valid", [1.0, None, 0.0]), _judgement("one_valid", [None, 1.0])]
     pairs, stats = select_pairs(recs, juds, PairsConfig(rho=0.0, max_invalid_rejected=1.0))
-    assert [(p["prompt_id"], p["chosen_index"], p["rejected_index"]) for p in pairs] == [("two_valid", 0, 2)]
-    assert pairs[0]["rejected_valid"] is True
+    assert [(p.prompt_id, p.chosen_index, p.rejected_index) for p in pairs] == [("two_valid", 0, 2)]
+    assert pairs[0].rejected_valid is True
     assert stats["dropped_one_valid"] == 1 and stats["rejected_invalid"] == 0
     assert stats["truncated_samples"] == 2 and stats["parse_failure_samples"] == 0
     # Asked for: a cut-off output may be the rejected one too (within the share).
     pairs, stats = select_pairs(recs, juds, PairsConfig(rho=0.0, max_invalid_rejected=1.0,
                                                         truncated_as_rejected=True))
-    assert [(p["prompt_id"], p["rejected_index"]) for p in pairs] == [("two_valid", 2), ("one_valid", 0)]
-    assert pairs[1]["rejected_valid"] is False and pairs[1]["rejected_invalid_reason"] == "truncated"
+    assert [(p.prompt_id, p.rejected_index) for p in pairs] == [("two_valid", 2), ("one_valid", 0)]
+    assert pairs[1].rejected_valid is False and pairs[1].rejected_invalid_reason == "truncated"
     assert stats["rejected_truncated"] == 1 and stats["rejected_parse_failure"] == 0
 
 
@@ -300,11 +305,11 @@ def test_parse_failures_as_rejected_are_capped_by_share():
         juds.append(_judgement(f"one{k}", [best if c == "v" else None for c in kinds]))
     pairs, stats = select_pairs(recs, juds, PairsConfig(rho=0.0))  # default share 0.1
     assert PairsConfig().max_invalid_rejected == 0.1 and PairsConfig().truncated_as_rejected is False
-    invalid = [p for p in pairs if not p["rejected_valid"]]
+    invalid = [p for p in pairs if not p.rejected_valid]
     # 18 valid pairs + n <= 0.1 * (18 + n) -> n = 2: the groups with the best chosen scores (0.9, 0.7)
-    assert [(p["prompt_id"], p["rejected_index"]) for p in invalid] == [("one1", 0), ("one3", 2)]
-    assert all(p["rejected_invalid_reason"] == "no_response_marker" for p in invalid)
-    assert all(p["rejected_index"] == 2 for p in pairs if p["prompt_id"].startswith("ok"))
+    assert [(p.prompt_id, p.rejected_index) for p in invalid] == [("one1", 0), ("one3", 2)]
+    assert all(p.rejected_invalid_reason == "no_response_marker" for p in invalid)
+    assert all(p.rejected_index == 2 for p in pairs if p.prompt_id.startswith("ok"))
     assert stats["pairs"] == 20 and stats["rejected_parse_failure"] == 2 == stats["rejected_invalid"]
     assert stats["dropped_one_valid"] == 2 and stats["invalid_rejected_refused"] == 2
     assert stats["rejected_parse_failure"] <= 0.1 * stats["pairs"]

@@ -4,7 +4,8 @@
 persistent judgement cache (:mod:`tpo_lite.judges.cache`) when ``cache`` is on and a cache path is known.
 Kinds: ``programmatic`` (verifiable checks, :mod:`.programmatic`), ``reward_model`` (any HF
 sequence-classification RM, :mod:`.reward_model`), ``pairwise`` (an LLM asked "A or B?" in both orders,
-local or OpenAI-compatible server, Bradley-Terry scores, :mod:`.pairwise`). See docs/judging.md.
+local or OpenAI-compatible server, Bradley-Terry scores, :mod:`.pairwise`), ``function`` (a Python reward
+function called like TRL's ``reward_funcs``, :mod:`.function`). See docs/judging.md.
 """
 from __future__ import annotations
 
@@ -14,20 +15,50 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from ..errors import TpoError, require_finite
-from .base import Judge, JudgeResult, instruction_text  # noqa: F401  (re-exported)
+from .base import Capabilities, Judge, JudgeResult, instruction_text  # noqa: F401  (re-exported)
 
-__all__ = ["JudgeConfig", "make_judge", "Judge", "JudgeResult", "instruction_text"]
+__all__ = ["JudgeConfig", "KINDS", "make_judge", "judge_class", "Judge", "Capabilities", "JudgeResult",
+           "instruction_text"]
+
+KINDS = ("programmatic", "reward_model", "pairwise", "function")
+
+
+def _check_template_kwargs(kwargs) -> None:
+    """``chat_template_kwargs``: a table of names to values a chat template (and a JSON request) can hold."""
+    import json
+
+    if not isinstance(kwargs, dict):
+        raise TpoError(f"expected a table, got {type(kwargs).__name__}", field="chat_template_kwargs")
+    for key, value in kwargs.items():
+        if not isinstance(key, str) or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key):
+            raise TpoError(f"{key!r} is not a name a chat template can read (letters, digits, _)",
+                           field="chat_template_kwargs")
+        try:
+            json.dumps(value, allow_nan=False)
+        except (TypeError, ValueError) as e:
+            raise TpoError(f"not a JSON value ({e})", field=f"chat_template_kwargs.{key}") from None
 
 
 @dataclass
 class JudgeConfig:
     """The ``[judge]`` table."""
 
-    kind: Literal["programmatic", "reward_model", "pairwise"] = field(default="programmatic", metadata={
+    kind: Literal["programmatic", "reward_model", "pairwise", "function"] = field(default="programmatic", metadata={
         "help": "Which judge scores the responses: 'programmatic' (the instruction's verifiable checks; needs "
                 "instructions with checks, no model), 'reward_model' (an HF sequence-classification reward model, "
-                "score = its scalar logit) or 'pairwise' (an LLM judge asked which of two responses is better, "
-                "both orders, per-sample scores from a Bradley-Terry fit)."})
+                "score = its scalar output, see score_field), 'pairwise' (an LLM judge asked which of two "
+                "responses is better, both orders, per-sample scores from a Bradley-Terry fit) or 'function' (your "
+                "Python reward function, see function)."})
+    function: str = field(default="", metadata={
+        "help": "Function judge: the reward function as 'module:function' (imported; the current directory is "
+                "searched too) or 'path/to/file.py:function', called like TRL's reward_funcs once per "
+                "instruction: f(prompts=[instruction] * n, completions=[response, ...], checks=[checks] * n) "
+                "(only the arguments it names unless it takes **kwargs), returning one float per completion "
+                "(None = not scored: that sample counts as invalid). Scores are cached per response."})
+    function_learned: bool = field(default=False, metadata={
+        "help": "Function judge: declare the function a learned proxy (it runs a model) rather than a "
+                "verifiable check, so evaluating with the judge the run optimised warns of reward hacking. Off by "
+                "default: a reward function is usually a rule."})
     tie_weight: float = field(default=0.25, metadata={
         "help": "Programmatic judge: weight in [0, 1) of the near-miss credit of failed checks (score = (passed + "
                 "tie_weight * mean closeness of the failed) / n_checks); 0 = the bare fraction of checks passed."})
@@ -41,6 +72,16 @@ class JudgeConfig:
                 "'cuda:1', ..."})
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = field(default="auto", metadata={
         "help": "Weights dtype of a local judge model; 'auto' = bfloat16 on CUDA, float32 on CPU."})
+    trust_remote_code: bool = field(default=False, metadata={
+        "help": "Reward model: run the Python code the model repository ships (config.json auto_map, e.g. "
+                "ArmoRM's modeling_custom.py) when loading it. Only for code you trust. Off: such a model is "
+                "refused, naming this option (transformers would otherwise load a stock class without the "
+                "custom head, or fail)."})
+    score_field: str = field(default="auto", metadata={
+        "help": "Reward model: the field of the model's output holding the reward, one value per sequence: "
+                "'auto' (a 'score' field when the output has one -- multi-objective reward models such as ArmoRM "
+                "put their gated preference score there, next to the per-objective 'rewards', which are kept in "
+                "the judgement details -- else 'logits'), 'score', 'logits' or another output field name."})
     max_length: int = field(default=4096, metadata={
         "help": "Reward model: longest (instruction + response) conversation in tokens; longer ones are cut at "
                 "the end and flagged 'truncated' in the judgement details."})
@@ -61,9 +102,19 @@ class JudgeConfig:
         "help": "First retry waits this many seconds, each further retry twice as long."})
     concurrency: int = field(default=4, metadata={
         "help": "Judge-server requests in flight at once."})
+    max_tokens: int = field(default=8, metadata={
+        "help": "Pairwise judge on a server: most tokens the judge may generate per comparison. A reasoning "
+                "model thinks before its verdict: give it thousands (e.g. 4096). The verdict is read from the "
+                "final answer only (reasoning_content, or the <think>...</think> block, is skipped); an answer cut "
+                "off before a verdict counts as a tie, flagged 'cut_off'."})
+    chat_template_kwargs: dict = field(default_factory=dict, metadata={
+        "help": "Pairwise judge: variables for the judge model's chat template (a local model's "
+                "apply_chat_template; a server gets them as the request's chat_template_kwargs, as vLLM "
+                "accepts), e.g. {enable_thinking = false} to turn a Qwen3 judge's thinking off. Empty: none."})
     server_logprobs: bool = field(default=True, metadata={
-        "help": "Ask the judge server for top log-probs of the answer token and read P(A) from them; off (or "
-                "when the server returns none) the answer text is parsed: A -> 1, B -> 0, neither -> 0.5."})
+        "help": "Ask the judge server for top log-probs of the answer token and read P(A) from them (after "
+                "the reasoning of a reasoning model); off (or when the server returns none) the final answer's "
+                "text is parsed: A -> 1, B -> 0, neither -> 0.5."})
     pair_schedule: str = field(default="all", metadata={
         "help": "Which pairs of an instruction's valid responses the pairwise judge compares (each in both "
                 "orders): 'all' (K(K-1)/2 pairs), 'round_robin' (each with its neighbour in a cycle, K pairs) or "
@@ -86,10 +137,9 @@ class JudgeConfig:
 
     def __post_init__(self):
         require_finite(self)
-        if self.kind not in ("programmatic", "reward_model", "pairwise"):
-            raise TpoError(f"unknown judge kind {self.kind!r}; use programmatic, reward_model or pairwise",
-                           field="kind")
-        for name in ("batch_size", "max_length", "concurrency"):
+        if self.kind not in KINDS:
+            raise TpoError(f"unknown judge kind {self.kind!r}; use {', '.join(KINDS)}", field="kind")
+        for name in ("batch_size", "max_length", "concurrency", "max_tokens"):
             if getattr(self, name) < 1:
                 raise TpoError(f"must be >= 1, got {getattr(self, name)}", field=name)
         if not 0.0 <= self.tie_weight < 1.0:
@@ -108,6 +158,16 @@ class JudgeConfig:
                            "(N >= 1)", field="pair_schedule")
         if self.kind == "reward_model" and not self.model:
             raise TpoError("the reward_model judge needs a model path", field="model")
+        if self.kind == "function":
+            from .function import parse_function_spec
+
+            if not self.function:
+                raise TpoError("the function judge needs function = 'module:function' or 'file.py:function'",
+                               field="function")
+            parse_function_spec(self.function, field="function")  # the form (and a file) now; imported when built
+        if self.score_field != "auto" and not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", self.score_field):
+            raise TpoError(f"expected 'auto' or an output field name, got {self.score_field!r}", field="score_field")
+        _check_template_kwargs(self.chat_template_kwargs)
         if self.kind == "pairwise":
             if not self.base_url and not self.model:
                 raise TpoError("the pairwise judge needs a local model or a server base_url", field="model")
@@ -138,6 +198,31 @@ class JudgeConfig:
         return t
 
 
+def judge_class(kind: str | JudgeConfig) -> type[Judge]:
+    """The judge class of a ``JudgeConfig`` (or of a bare ``kind``); its ``capabilities`` say what such a judge
+    can do. A function judge's class depends on ``function_learned``; a bare ``"function"`` gives the default
+    (not learned) one."""
+    cfg = kind if isinstance(kind, JudgeConfig) else None
+    kind = cfg.kind if cfg is not None else kind
+    if kind == "programmatic":
+        from .programmatic import ProgrammaticJudge
+
+        return ProgrammaticJudge
+    if kind == "reward_model":
+        from .reward_model import RewardModelJudge
+
+        return RewardModelJudge
+    if kind == "pairwise":
+        from .pairwise import PairwiseJudge
+
+        return PairwiseJudge
+    if kind == "function":
+        from .function import FunctionJudge, LearnedFunctionJudge
+
+        return LearnedFunctionJudge if cfg is not None and cfg.function_learned else FunctionJudge
+    raise TpoError(f"unknown judge kind {kind!r}; use {', '.join(KINDS)}", field="kind")
+
+
 def make_judge(cfg: JudgeConfig, cache_path: str | os.PathLike | None = None, *, model=None, tokenizer=None) -> Judge:
     """Build the judge ``cfg`` describes.
 
@@ -158,10 +243,16 @@ def make_judge(cfg: JudgeConfig, cache_path: str | os.PathLike | None = None, *,
         from .reward_model import RewardModelJudge
 
         if model is not None:
-            judge = RewardModelJudge(model, tokenizer, batch_size=cfg.batch_size, max_length=cfg.max_length)
+            judge = RewardModelJudge(model, tokenizer, batch_size=cfg.batch_size, max_length=cfg.max_length,
+                                     score_field=cfg.score_field)
         else:
             judge = RewardModelJudge.from_pretrained(cfg.model, batch_size=cfg.batch_size, device=cfg.device,
-                                                     dtype=cfg.dtype, max_length=cfg.max_length)
+                                                     dtype=cfg.dtype, max_length=cfg.max_length,
+                                                     trust_remote_code=cfg.trust_remote_code,
+                                                     score_field=cfg.score_field)
+        return CachedJudge(judge, cache) if cache is not None else judge
+    if cfg.kind == "function":
+        judge = judge_class(cfg).from_spec(cfg.function)
         return CachedJudge(judge, cache) if cache is not None else judge
     from .pairwise import LocalPairBackend, PairwiseJudge, ServerPairBackend
 
@@ -169,12 +260,14 @@ def make_judge(cfg: JudgeConfig, cache_path: str | os.PathLike | None = None, *,
         backend = ServerPairBackend(cfg.base_url, cfg.served_model, api_key_env=cfg.api_key_env,
                                     timeout_s=cfg.timeout_s, max_retries=cfg.max_retries,
                                     retry_backoff_s=cfg.retry_backoff_s, concurrency=cfg.concurrency,
-                                    use_logprobs=cfg.server_logprobs)
+                                    use_logprobs=cfg.server_logprobs, max_tokens=cfg.max_tokens,
+                                    chat_template_kwargs=cfg.chat_template_kwargs)
     elif model is not None:
-        backend = LocalPairBackend(model, tokenizer, batch_size=cfg.batch_size)
+        backend = LocalPairBackend(model, tokenizer, batch_size=cfg.batch_size,
+                                   chat_template_kwargs=cfg.chat_template_kwargs)
     else:
         backend = LocalPairBackend.from_pretrained(cfg.model, batch_size=cfg.batch_size, device=cfg.device,
-                                                   dtype=cfg.dtype)
+                                                   dtype=cfg.dtype, chat_template_kwargs=cfg.chat_template_kwargs)
     # The pairwise judge caches each ordered comparison itself (its scores depend on the whole group).
     return PairwiseJudge(backend, template=cfg.resolved_template(), pair_schedule=cfg.pair_schedule,
                          seed=cfg.seed, bt_l2=cfg.bt_l2, cache=cache)

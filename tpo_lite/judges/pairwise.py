@@ -11,10 +11,15 @@ a turn of the judge's conversation.
   the judge's chat-templated prompt: ``P(A) = m_A / (m_A + m_B)`` where ``m_X`` is the probability mass of
   the single-token spellings of the letter (``"A"``, ``" A"``). ``m_A + m_B`` is kept in the details as
   ``answer_mass`` (low mass = the judge did not really answer with a letter).
-* Server backend (an OpenAI-compatible ``/chat/completions`` endpoint, e.g. vLLM): greedy, a few tokens,
-  with ``top_logprobs`` when ``server_logprobs`` is on (then read like the local backend); otherwise, or when
+* Server backend (an OpenAI-compatible ``/chat/completions`` endpoint, e.g. vLLM): greedy, ``max_tokens``
+  tokens (a few; thousands for a reasoning model), the judge's ``chat_template_kwargs`` in the request, with
+  ``top_logprobs`` when ``server_logprobs`` is on (then read like the local backend); otherwise, or when
   the server returns no log-probs, the first standalone ``A``/``B`` in the answer gives 1 or 0, and an
-  answer with neither letter counts as a tie (0.5, flagged ``unparsed``). Requests run ``concurrency`` at a
+  answer with neither letter counts as a tie (0.5, flagged ``unparsed``, and ``cut_off`` when the token
+  limit stopped it). The verdict is read from the *final answer* only (:func:`final_answer`): a reasoning
+  model's thoughts (``reasoning_content`` / ``reasoning`` when the server splits them, else a
+  ``<think>...</think>`` block) weigh both letters before deciding, so neither their text nor their
+  log-probs count. Requests run ``concurrency`` at a
   time with a timeout; connection errors, timeouts, HTTP 408/429/5xx and malformed replies are retried up
   to ``max_retries`` times with exponential backoff, then a :class:`~tpo_lite.errors.TpoError` names the
   server and the last error. Finished comparisons are already in the cache, so a rerun resumes.
@@ -47,11 +52,11 @@ from typing import Any, Callable
 from ..errors import TpoError
 from ..special_tokens import escape_control_markup, escape_special_tokens
 from ..stats import bradley_terry
-from .base import JudgeResult, fingerprint, instruction_text
+from .base import Capabilities, Judge, JudgeResult, fingerprint, instruction_text
 from .cache import JudgementCache, cache_key
 
-__all__ = ["DEFAULT_JUDGE_TEMPLATE", "PairwiseJudge", "LocalPairBackend", "ServerPairBackend", "schedule_pairs",
-           "parse_choice"]
+__all__ = ["DEFAULT_JUDGE_TEMPLATE", "PairwiseJudge", "PairBackend", "LocalPairBackend", "ServerPairBackend",
+           "schedule_pairs", "parse_choice", "final_answer"]
 
 DEFAULT_JUDGE_TEMPLATE = """You are comparing two AI responses to the same user instruction.
 Decide which response is better: more helpful, correct and complete, and follows every constraint in the instruction. Do not prefer a response because it is longer.
@@ -131,6 +136,39 @@ def parse_choice(text: str) -> str | None:
     return m.group(1) if m else None
 
 
+THINK_END = "</think>"
+
+
+def final_answer(message: dict) -> tuple[str, bool]:
+    """``(final answer, reasoned)`` of a chat reply ``message``: its content without the reasoning.
+
+    A server with a reasoning parser (vLLM ``--reasoning-parser``) already moves the reasoning to
+    ``reasoning_content`` (``reasoning`` in newer vLLM) and leaves the answer in ``content``; without one the
+    content holds the ``<think>...</think>`` block, cut here at the first ``</think>`` as vLLM's parsers do
+    (its opening tag may sit in the prompt, as Qwen3's and DeepSeek-R1's templates put it). An opened block
+    that never closes is reasoning cut off before any answer: the final answer is empty."""
+    content = message.get("content") or ""
+    reasoned = bool(message.get("reasoning_content") or message.get("reasoning"))
+    end = content.find(THINK_END)
+    if end >= 0:
+        return content[end + len(THINK_END):].strip(), True
+    if content.lstrip().startswith("<think>"):
+        return "", True
+    return content, reasoned
+
+
+def _answer_logprobs(tokens: list[dict], reasoned: bool) -> list[dict]:
+    """The log-prob entries of the final answer: after the token that ends the reasoning. A server's
+    log-probs cover every generated token, the reasoning's too; with reasoning but no ``</think>`` token to
+    find (another reasoning format), none (the answer text is parsed instead)."""
+    if not reasoned:
+        return tokens
+    for k, tok in enumerate(tokens):
+        if THINK_END in (tok.get("token") or ""):
+            return tokens[k + 1:]
+    return []
+
+
 def _letter_ids(tokenizer, letter: str) -> list[int]:
     ids = set()
     for spelling in (letter, " " + letter):
@@ -140,15 +178,37 @@ def _letter_ids(tokenizer, letter: str) -> list[int]:
     return sorted(ids)
 
 
-class LocalPairBackend:
+class PairBackend:
+    """Where the pairwise judge's prompts go: ``judge(prompts, on_result)`` calls ``on_result(k, P(A), details)``
+    once per prompt. ``kind`` and ``model_id`` name it; ``use_logprobs`` (None = no such choice) is part of
+    the judge's identity."""
+
+    kind: str
+    model_id: str
+    use_logprobs: bool | None = None
+    # Further settings that can change a verdict (chat_template_kwargs, a server's max_tokens), part of the
+    # judge's identity when not empty.
+    options: dict = {}
+
+    def escape(self, text: str, field: str = "response") -> str:
+        """User text as the judge model is shown it; unchanged here."""
+        return text
+
+    def judge(self, prompts: list[str], on_result: ResultCallback) -> None:
+        raise NotImplementedError
+
+
+class LocalPairBackend(PairBackend):
     """Reads P(A) from a local causal LM's next-token probabilities (batched, left-padded)."""
 
     kind = "local"
 
-    def __init__(self, model, tokenizer, batch_size: int = 8):
+    def __init__(self, model, tokenizer, batch_size: int = 8, chat_template_kwargs: dict | None = None):
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.batch_size = int(batch_size)
+        self.chat_template_kwargs = dict(chat_template_kwargs or {})
+        self.options = {"chat_template_kwargs": self.chat_template_kwargs} if self.chat_template_kwargs else {}
         self.a_ids = _letter_ids(tokenizer, "A")
         self.b_ids = _letter_ids(tokenizer, "B")
         if not self.a_ids or not self.b_ids:
@@ -160,7 +220,7 @@ class LocalPairBackend:
 
     @classmethod
     def from_pretrained(cls, path: str, batch_size: int = 8, device: str = "auto",
-                        dtype: str = "auto") -> "LocalPairBackend":
+                        dtype: str = "auto", chat_template_kwargs: dict | None = None) -> "LocalPairBackend":
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         from .reward_model import resolve_device_dtype
@@ -174,7 +234,7 @@ class LocalPairBackend:
             model = AutoModelForCausalLM.from_pretrained(path, dtype=dt).to(dev)
         except (OSError, ValueError) as e:
             raise TpoError(f"cannot load the judge model: {e}", path=path, field="judge.model") from e
-        return cls(model, tok, batch_size=batch_size)
+        return cls(model, tok, batch_size=batch_size, chat_template_kwargs=chat_template_kwargs)
 
     def escape(self, text: str, field: str = "response") -> str:
         """User text as the judge model sees it: its special-token strings escaped (no forged turns)."""
@@ -183,7 +243,7 @@ class LocalPairBackend:
     def render(self, prompt: str) -> list[int]:
         if getattr(self.tokenizer, "chat_template", None):
             text = self.tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
-                                                      add_generation_prompt=True)
+                                                      add_generation_prompt=True, **self.chat_template_kwargs)
             return self.tokenizer(text, add_special_tokens=False)["input_ids"]
         return self.tokenizer(prompt + "\nAnswer:")["input_ids"]
 
@@ -212,14 +272,15 @@ class LocalPairBackend:
                     on_result(k, float(p_a[r]), {"answer_mass": float(mass[r])})
 
 
-class ServerPairBackend:
+class ServerPairBackend(PairBackend):
     """Asks an OpenAI-compatible chat endpoint (urllib; bounded retries with backoff, then a clear error)."""
 
     kind = "server"
 
     def __init__(self, base_url: str, served_model: str, api_key_env: str = "OPENAI_API_KEY",
                  timeout_s: float = 60.0, max_retries: int = 3, retry_backoff_s: float = 1.0,
-                 concurrency: int = 4, use_logprobs: bool = True, max_tokens: int = 8):
+                 concurrency: int = 4, use_logprobs: bool = True, max_tokens: int = 8,
+                 chat_template_kwargs: dict | None = None):
         if not base_url:
             raise TpoError("the server judge needs base_url", field="judge.base_url")
         if not served_model:
@@ -234,6 +295,13 @@ class ServerPairBackend:
         self.concurrency = max(1, int(concurrency))
         self.use_logprobs = bool(use_logprobs)
         self.max_tokens = int(max_tokens)
+        self.chat_template_kwargs = dict(chat_template_kwargs or {})
+        # Only what differs from the defaults: caches of judges that predate these settings stay valid.
+        self.options = {}
+        if self.max_tokens != 8:
+            self.options["max_tokens"] = self.max_tokens
+        if self.chat_template_kwargs:
+            self.options["chat_template_kwargs"] = self.chat_template_kwargs
         self.model_id = served_model
 
     def escape(self, text: str, field: str = "response") -> str:
@@ -274,16 +342,20 @@ class ServerPairBackend:
     def ask(self, prompt: str) -> tuple[float, dict]:
         payload: dict[str, Any] = {"model": self.served_model, "temperature": 0.0, "max_tokens": self.max_tokens,
                                    "messages": [{"role": "user", "content": prompt}]}
+        if self.chat_template_kwargs:
+            payload["chat_template_kwargs"] = self.chat_template_kwargs  # what vLLM reads (extra_body)
         if self.use_logprobs:
             payload["logprobs"] = True
             payload["top_logprobs"] = 5
         data = self._post(payload)
         choice = data["choices"][0]
-        text = ((choice.get("message") or {}).get("content")) or ""
+        text, reasoned = final_answer(choice.get("message") or {})
         detail: dict[str, Any] = {"answer": text[:50]}
-        content = ((choice.get("logprobs") or {}).get("content")) or []
+        if reasoned:
+            detail["reasoned"] = True
+        content = _answer_logprobs(((choice.get("logprobs") or {}).get("content")) or [], reasoned)
         if self.use_logprobs and content:
-            # The first generated token that is a letter choice carries the preference.
+            # The first generated token of the answer that is a letter choice carries the preference.
             for tok in content:
                 tops = tok.get("top_logprobs") or []
                 ma = sum(math.exp(t["logprob"]) for t in tops if t.get("token", "").strip() == "A")
@@ -294,6 +366,8 @@ class ServerPairBackend:
         c = parse_choice(text)
         if c is None:
             detail["unparsed"] = True
+            if choice.get("finish_reason") == "length":
+                detail["cut_off"] = True  # out of max_tokens before a verdict (a reasoning model needs more)
             return 0.5, detail
         return (1.0 if c == "A" else 0.0), detail
 
@@ -310,12 +384,13 @@ class ServerPairBackend:
                 raise
 
 
-class PairwiseJudge:
-    """Compares responses two at a time with ``backend`` and turns the comparisons into per-sample scores."""
+class PairwiseJudge(Judge):
+    """Compares responses two at a time with ``backend`` and turns the comparisons into per-sample scores
+    (Bradley-Terry log-strengths, relative within one call)."""
 
-    kind = "pairwise"
+    capabilities = Capabilities(scores_absolute=False, compares_pairs=True, learned=True)
 
-    def __init__(self, backend, template: str = DEFAULT_JUDGE_TEMPLATE, pair_schedule: str = "all",
+    def __init__(self, backend: PairBackend, template: str = DEFAULT_JUDGE_TEMPLATE, pair_schedule: str = "all",
                  seed: int = 0, bt_l2: float = 0.1, cache: JudgementCache | None = None):
         check_template(template)
         schedule_pairs(3, pair_schedule)  # validates the schedule string now, not mid-run
@@ -326,17 +401,16 @@ class PairwiseJudge:
         self.bt_l2 = float(bt_l2)
         self.cache = cache
         self.name = f"pairwise:{backend.model_id}"
-        self.identity = fingerprint("pairwise", backend.kind, backend.model_id, template,
-                                    getattr(backend, "use_logprobs", None))
+        self.identity = fingerprint("pairwise", backend.kind, backend.model_id, template, backend.use_logprobs,
+                                    *([backend.options] if backend.options else []))
 
     def _prob_a(self, instruction: Any, ordered: list[tuple[str, str]]) -> tuple[list[float], list[dict]]:
         """P(A wins) for each ordered (response_a, response_b), through the cache."""
         text = instruction_text(instruction)
-        escape = getattr(self.backend, "escape", None)
         shown: dict[str, str] = {}  # text -> as shown to the judge (special-token strings escaped)
         for t, field in [(text, "instruction")] + [(r, "response") for pair in ordered for r in pair]:
             if t not in shown:
-                shown[t] = escape(t, field) if escape is not None else t
+                shown[t] = self.backend.escape(t, field)
         # A prompt whose text had to be escaped is another prompt than before: never reuse an entry cached for
         # the unescaped (forgeable) version.
         keys = [cache_key(self.identity + (":escaped" if any(shown[t] != t for t in (text, a, b)) else ""),
@@ -383,7 +457,10 @@ class PairwiseJudge:
         for i, j in pairs:
             ordered.append((i, j))
             ordered.append((j, i))
-        probs, _ = self._prob_a(instruction, [(responses[valid[a]], responses[valid[b]]) for a, b in ordered])
+        probs, judged = self._prob_a(instruction, [(responses[valid[a]], responses[valid[b]]) for a, b in ordered])
+        # Ordered judgements without a verdict (ties by default); shown so a too small max_tokens is seen.
+        unparsed = sum(bool(d.get("unparsed")) for d in judged)
+        cut_off = sum(bool(d.get("cut_off")) for d in judged)
         comps = [(a, b, p) for (a, b), p in zip(ordered, probs)]
         theta = bradley_terry(len(valid), comps, l2=self.bt_l2)
         bias = (sum(probs) / len(probs) - 0.5) if probs else 0.0
@@ -398,4 +475,6 @@ class PairwiseJudge:
             scores[i] = float(theta[k])
             details[i] = {"bt": float(theta[k]), "comparisons": n_comp[k],
                           "mean_pref": pref[k] / n_comp[k] if n_comp[k] else None, "position_bias": bias}
+            if unparsed:
+                details[i].update(unparsed=unparsed, cut_off=cut_off)
         return JudgeResult(scores, details)
