@@ -1,16 +1,26 @@
 """Builds tpo_lite and its kernel extension.
 
 Install with ``pip install --no-build-isolation .`` so the extension compiles against the torch you already
-have (an isolated build would fetch a different torch). The CPU extension is always built; the CUDA one when
-torch has CUDA and nvcc is found. Set ``TPO_LITE_NO_EXT=1`` to skip compiling (the wrapper then JIT-compiles
-on first use, or falls back to the PyTorch reference with a warning).
+have. The CPU extension is always built; the CUDA one when torch has CUDA and nvcc is found. With
+``TPO_LITE_NO_EXT=1``, or in a build environment without torch (an isolated build), nothing is compiled: a
+pure-python wheel, whose kernels JIT-compile from the sources the package carries on first use (else the ops
+fall back to the PyTorch reference with a warning). docs/kernels-build.md: the sdist and wheels, and their test.
 """
+import importlib.util
 import os
+import sys
 
 from setuptools import find_packages, setup
 
 ext_modules, cmdclass = [], {}
-if not os.environ.get("TPO_LITE_NO_EXT"):
+compile_ext = not os.environ.get("TPO_LITE_NO_EXT")
+if compile_ext and importlib.util.find_spec("torch") is None:
+    # an isolated build (`pip install .`, `python -m build`) has no torch: build the pure wheel rather than fail
+    print("setup.py: torch is not importable in this build environment (an isolated build?), so the kernel "
+          "extension is not compiled: the kernels JIT-compile on first use. To compile them now, install torch "
+          "first and build with --no-build-isolation.", file=sys.stderr)
+    compile_ext = False
+if compile_ext:
     from torch.utils import cpp_extension
 
     # no -std flag: torch passes its own standard (C++20 for torch 2.13) and a later -std=c++17 would override

@@ -50,8 +50,9 @@ def examples_command(dest, overwrite):
     for f in files:
         shutil.copyfile(f, dest / f.name)
     click.echo(f"copied {len(files)} example configs to {dest}:")
+    width = max(len(str(dest / f.name)) for f in files)
     for f in files:
-        click.echo(f"  {dest / f.name}  {_summary(f)}")
+        click.echo(f"  {str(dest / f.name):<{width}}  {_summary(f)}")
 
 
 def _listing() -> str:
