@@ -1,5 +1,6 @@
-"""Shared test setup: the `device` parametrisation, the `cuda` marker's skip, and fixtures over the one tiny-model
-builder (tests/tiny_models.py). The markers themselves are registered once, in pyproject.toml."""
+"""Shared test setup: the `device` parametrisation, the `cuda` marker's skip, fixtures over the one tiny-model
+builder (tests/tiny_models.py) and the `scripted` sampler of CLI runs. The markers themselves are registered once,
+in pyproject.toml."""
 import pytest
 import torch
 
@@ -22,6 +23,15 @@ def pytest_collection_modifyitems(config, items):
 def device(request):
     """Each test that takes it runs once per device: "cpu", and "cuda" (skipped without a GPU)."""
     return request.param
+
+
+@pytest.fixture
+def scripted(monkeypatch):
+    """Runs and stage commands sample with test_loop's scripted sampler (a random model never writes the markers)."""
+    import tpo_lite.loop as loop
+    from test_loop import scripted_factory
+
+    monkeypatch.setattr(loop, "run_sampler", scripted_factory())
 
 
 @pytest.fixture(scope="module")

@@ -17,15 +17,12 @@ import torch
 from tpo_lite.errors import TpoError
 from tpo_lite.rundir import RunDir
 
-REPO = Path(__file__).resolve().parents[1]
 CORPUS = [
     "Here is my thought process: I should answer briefly and follow every rule.",
     "Here is my response: the answer is short and clear. hello world apples and pears.",
     "List three fruits in lowercase, answer in at most ten words.",
     "Write A Title In Capitals. Then explain, with bullets - one - two.",
 ]
-CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-                 "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 WORDS = "apple pear plum fig kiwi lime lemon melon grape peach".split()
 
 
@@ -33,7 +30,7 @@ def build_tiny_model(path: Path, seed: int = 0) -> Path:
     """A byte-level BPE tokenizer (vocab ~300, chat template) and a random 2-layer llama, saved to ``path``."""
     from tiny_models import byte_bpe_tokenizer, tiny_llama
 
-    fast = byte_bpe_tokenizer(CORPUS, CHAT_TEMPLATE, vocab_size=300)
+    fast = byte_bpe_tokenizer(CORPUS, vocab_size=300)
     model = tiny_llama(len(fast), seed=seed, tokenizer=fast, max_position_embeddings=512)
     path.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(path)
@@ -102,9 +99,7 @@ def scripted_factory(delay: float = 0.0):
 def write_config(tmp: Path, model_dir: Path, train: Path, heldout: Path, extra: str = "", iterations: int = 2,
                  name: str = "t") -> Path:
     text = f"""
-[model]
-path = "{model_dir}"
-{MODEL_EXTRA}
+{model_table(model_dir)}
 
 [prompts]
 template = "generic"
@@ -142,9 +137,14 @@ n_boot = 200
     return p
 
 
-# Filled in once the models/train configs have landed (fp32 base, small LoRA, one epoch).
-MODEL_EXTRA = 'dtype = "float32"\nload_in_4bit = false\nlora_r = 4\nlora_alpha = 8.0\nlora_dropout = 0.0\ndevice = "cpu"'
-TRAIN_EXTRA = 'learning_rate = 1e-3\nbatch_size = 2\ngrad_accum = 1\nepochs = 1'
+def model_table(model_dir) -> str:
+    """The [model] table of the tests' run configs (also test_vllm_backend's and test_think_format's): an fp32 base
+    with a small LoRA on the CPU."""
+    return (f'[model]\npath = "{model_dir}"\ndtype = "float32"\nload_in_4bit = false\nlora_r = 4\nlora_alpha = 8.0\n'
+            'lora_dropout = 0.0\ndevice = "cpu"')
+
+
+TRAIN_EXTRA = 'learning_rate = 1e-3\nbatch_size = 2\ngrad_accum = 1\nepochs = 1'  # one epoch: seconds on a CPU
 
 
 @pytest.fixture(scope="module")

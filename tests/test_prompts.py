@@ -6,13 +6,12 @@ import re
 
 import pytest
 
+from tiny_models import CHATML
 from tpo_lite.errors import TpoError
 from tpo_lite.parsing import parse_output
 from tpo_lite.prompts import (BUILTIN, GENERIC_RESPONSE_MARKER, GENERIC_THOUGHT_HEADER, PromptConfig, Template,
                               build_prompt, get_template, load_template_file, marker_regex)
 
-CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 
 
 @pytest.fixture(scope="module")

@@ -29,14 +29,6 @@ def tiny(tmp_path_factory):
     return model_dir, train, heldout
 
 
-@pytest.fixture
-def scripted(monkeypatch):
-    """CLI runs sample with the scripted sampler of test_loop (a random model never writes the markers)."""
-    import tpo_lite.loop as loop
-
-    monkeypatch.setattr(loop, "run_sampler", scripted_factory())
-
-
 def load(cfg_path, *overrides):
     from tpo_lite.config import load_config
 
@@ -62,6 +54,14 @@ def error_line(res, *parts) -> str:
 
 def run_dir(tmp_path) -> Path:
     return tmp_path / "runs" / "t"
+
+
+def staged(tiny, tmp_path, upto: str) -> tuple[Path, Path]:
+    """A 1-iteration run config and its run directory, iteration 1's stages run up to and including ``upto``."""
+    cfg_path = write_config(tmp_path, *tiny, iterations=1)
+    rd = run_dir(tmp_path)
+    stages(load(cfg_path, *NO_EVAL), rd, upto)
+    return cfg_path, rd
 
 
 def stages(cfg, rd, upto: str) -> None:
@@ -159,10 +159,7 @@ def test_heldout_of_other_weights_at_the_same_path_is_not_reused(tiny, tmp_path)
 
 @pytest.mark.parametrize("damage", ["torn", "deleted"])
 def test_damaged_samples_after_generate_done_are_refused(tiny, tmp_path, scripted, damage):
-    model_dir, train, heldout = tiny
-    cfg_path = write_config(tmp_path, model_dir, train, heldout, iterations=1)
-    rd = run_dir(tmp_path)
-    stages(load(cfg_path, *NO_EVAL), rd, "generate")
+    cfg_path, rd = staged(tiny, tmp_path, "generate")
     samples = RunDir(rd).iteration(1).samples
     if damage == "torn":
         lost = tear_last_line(samples)
@@ -176,10 +173,7 @@ def test_damaged_samples_after_generate_done_are_refused(tiny, tmp_path, scripte
 
 @pytest.mark.parametrize("damage", ["torn", "deleted"])
 def test_damaged_pairs_after_pairs_done_are_refused(tiny, tmp_path, damage):
-    model_dir, train, heldout = tiny
-    cfg_path = write_config(tmp_path, model_dir, train, heldout, iterations=1)
-    rd = run_dir(tmp_path)
-    stages(load(cfg_path, *NO_EVAL), rd, "pairs")
+    cfg_path, rd = staged(tiny, tmp_path, "pairs")
     pairs = RunDir(rd).iteration(1).pairs
     assert pairs.read_text().count("\n") >= 1
     if damage == "torn":
@@ -191,12 +185,29 @@ def test_damaged_pairs_after_pairs_done_are_refused(tiny, tmp_path, damage):
     assert not (RunDir(rd).iteration(1).adapter).exists() and not (RunDir(rd).iteration(1).marker("train")).exists()
 
 
+def test_bad_score_in_judgements_names_the_run_file(tiny, tmp_path):
+    # A hand edit after the judge stage (a marker of an older run: counts only, no sha256 to catch it): the pairs
+    # stage refuses the score naming this run's judgements.jsonl, not a bare file name.
+    from tpo_lite.stages import STAGES
+
+    cfg_path, rd = staged(tiny, tmp_path, "judge")
+    d = RunDir(rd).iteration(1)
+    lines = d.judgements.read_text().splitlines(keepends=True)
+    rec = json.loads(lines[0])
+    rec["scores"][0] = "high"
+    d.judgements.write_text(json.dumps(rec) + "\n" + "".join(lines[1:]))
+    marker = d.read_marker("judge")
+    del marker["files"]
+    d.marker("judge").write_text(json.dumps(marker))
+    with pytest.raises(TpoError) as e:
+        STAGES["pairs"].run(load(cfg_path, *NO_EVAL), rd, 1, **QUIET)
+    assert e.value.path == str(d.judgements) and e.value.field == f"prompt_id={rec['prompt_id']}.scores[0]"
+    assert not d.pairs.exists()
+
+
 @pytest.mark.parametrize("damage", ["deleted", "changed"])
 def test_damaged_adapter_is_refused_never_replaced_by_the_seed(tiny, tmp_path, scripted, damage):
-    model_dir, train, heldout = tiny
-    cfg_path = write_config(tmp_path, model_dir, train, heldout, iterations=1)
-    rd = run_dir(tmp_path)
-    stages(load(cfg_path, *NO_EVAL), rd, "train")
+    cfg_path, rd = staged(tiny, tmp_path, "train")
     adapter = RunDir(rd).iteration(1).adapter
     if damage == "deleted":
         shutil.rmtree(adapter)
@@ -236,10 +247,7 @@ def test_sample_record_not_in_the_plan_is_refused(tiny, tmp_path, scripted):
 def test_judgement_record_not_sampled_is_refused(tiny, tmp_path):
     from tpo_lite.jsonl import append_record
 
-    model_dir, train, heldout = tiny
-    cfg_path = write_config(tmp_path, model_dir, train, heldout, iterations=1)
-    rd = run_dir(tmp_path)
-    stages(load(cfg_path, *NO_EVAL), rd, "generate")
+    cfg_path, rd = staged(tiny, tmp_path, "generate")
     judgements = RunDir(rd).iteration(1).judgements
     append_record(judgements, {"prompt_id": "intruder", "judge": "programmatic", "scores": [1.0, 0.0, 0.5, 0.2],
                                "details": [{}] * 4})
@@ -319,10 +327,7 @@ def test_run_from_before_run_json_checks_its_plans_against_the_training_set(tiny
 
 
 def test_deleted_config_toml_is_refused(tiny, tmp_path, scripted):
-    model_dir, train, heldout = tiny
-    cfg_path = write_config(tmp_path, model_dir, train, heldout, iterations=1)
-    rd = run_dir(tmp_path)
-    stages(load(cfg_path, *NO_EVAL), rd, "generate")  # K = 4
+    cfg_path, rd = staged(tiny, tmp_path, "generate")  # K = 4
     RunDir(rd).config.unlink()
     res = cli("run", cfg_path, "--no-progress", "--set", "sampling.k=8", "--set", "loop.iterations=2",
               *[f"--set={o}" for o in NO_EVAL])

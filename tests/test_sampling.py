@@ -21,14 +21,12 @@ CORPUS = [
     "The quick brown fox jumps over the lazy dog. STOP now. <R> done </R>",
     "Respond to the following user query in a comprehensive and detailed way.",
 ]
-CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-                 "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 
 
 def tiny_tokenizer():
     from tiny_models import byte_bpe_tokenizer
 
-    return byte_bpe_tokenizer(CORPUS, CHAT_TEMPLATE)
+    return byte_bpe_tokenizer(CORPUS)
 
 
 def tiny_model(tokenizer, seed=0, init=0.2):

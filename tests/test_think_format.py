@@ -292,6 +292,7 @@ def _instructions(path: Path, n: int, prefix: str) -> Path:
 
 
 def test_think_run_through_the_loop_and_export_split_like_vllm(tmp_path):
+    from test_loop import model_table
     from tpo_lite.cli.model_cmds import export_command
     from tpo_lite.config import load_config
     from tpo_lite.jsonl import read_records
@@ -304,14 +305,7 @@ def test_think_run_through_the_loop_and_export_split_like_vllm(tmp_path):
     heldout = _instructions(tmp_path / "heldout.jsonl", 2, "ho")
     cfg_path = tmp_path / "cfg.toml"
     cfg_path.write_text(f"""
-[model]
-path = "{model_dir}"
-dtype = "float32"
-load_in_4bit = false
-lora_r = 4
-lora_alpha = 8.0
-lora_dropout = 0.0
-device = "cpu"
+{model_table(model_dir)}
 
 [prompts]
 template = "think"

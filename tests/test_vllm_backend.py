@@ -39,8 +39,6 @@ CORPUS = [
     "The quick brown fox jumps over the lazy dog. STOP now.",
     "Respond to the following user query in a comprehensive and detailed way.",
 ]
-CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-                 "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 
 
 # ------------------------------------------------------------------------------------------ the fake vllm
@@ -281,7 +279,7 @@ def model_dir(tmp_path_factory):
     from tiny_models import byte_bpe_tokenizer
 
     path = tmp_path_factory.mktemp("vllm_tiny") / "model"
-    tok = byte_bpe_tokenizer(CORPUS, CHAT_TEMPLATE)
+    tok = byte_bpe_tokenizer(CORPUS)
     torch.manual_seed(0)
     mcfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
@@ -487,7 +485,7 @@ def test_engine_lives_while_sampling_and_is_shut_down_after(fake_vllm, tok):
 
 def write_run(tmp_path: Path) -> tuple[Path, Path]:
     """A 2-iteration run config on the vllm backend over a tiny model: (config path, model directory)."""
-    from test_loop import build_tiny_model, write_instructions
+    from test_loop import build_tiny_model, model_table, write_instructions
 
     model_dir = build_tiny_model(tmp_path / "model")
     tr = write_instructions(tmp_path / "train.jsonl", 10, "tr")
@@ -496,14 +494,7 @@ def write_run(tmp_path: Path) -> tuple[Path, Path]:
     ho.write_text("".join(json.dumps({**r, "instruction": "Held out: " + r["instruction"]}) + "\n" for r in recs))
     cfg_path = tmp_path / "cfg.toml"
     cfg_path.write_text(f"""
-[model]
-path = "{model_dir}"
-dtype = "float32"
-load_in_4bit = false
-lora_r = 4
-lora_alpha = 8.0
-lora_dropout = 0.0
-device = "cpu"
+{model_table(model_dir)}
 
 [prompts]
 template = "generic"
@@ -590,7 +581,7 @@ def test_real_vllm_on_a_tiny_model(tmp_path):
 
     from tiny_models import byte_bpe_tokenizer
 
-    tok = byte_bpe_tokenizer(CORPUS, CHAT_TEMPLATE)
+    tok = byte_bpe_tokenizer(CORPUS)
     torch.manual_seed(0)  # head_dim 64: a size every vLLM attention backend takes
     mcfg = LlamaConfig(vocab_size=len(tok), hidden_size=256, intermediate_size=512, num_hidden_layers=2,
                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,

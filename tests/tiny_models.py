@@ -6,6 +6,9 @@ make_tiny_model saves the common pair as an HF directory (conftest.py's `tiny_di
 import torch
 
 VOCAB = 300
+# The ChatML chat template of the tests' tokenizers (SmolLM2's format)
+CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 
 # hidden size, MLP size, layers, attention heads, key/value heads
 SIZES = {"small": (64, 128, 2, 4, 2), "micro": (32, 64, 1, 2, 1)}
@@ -58,7 +61,7 @@ def make_tiny_model(path, seed=0, tie=True):
     return path
 
 
-def byte_bpe_tokenizer(corpus, chat_template, vocab_size=320):
+def byte_bpe_tokenizer(corpus, chat_template=CHATML, vocab_size=320):
     """A byte-level BPE tokenizer trained on ``corpus`` with ChatML-style special tokens and a chat template."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast

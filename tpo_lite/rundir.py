@@ -77,6 +77,23 @@ def _finished(root: Path, *parents: str) -> list:
     return [(r.parent.name, EvalDir(r.parent)) for p in parents for r in sorted(root.glob(f"{p}/*/eval.json"))]
 
 
+class _Folder:
+    """A folder of the layout that holds comparisons (``compare/<label>/``); ``os.fspath`` works on it."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+
+    def __fspath__(self) -> str:
+        return os.fspath(self.path)
+
+    def compare(self, label: str) -> EvalDir:
+        return EvalDir(self.path / "compare" / label)
+
+    def comparisons(self) -> list[tuple[str, EvalDir]]:
+        """(label, folder) of every finished ``compare/<label>/``, sorted by label."""
+        return _finished(self.path, "compare")
+
+
 class EvalDir:
     """A folder of generated outputs and their score (held-out, validation, `tpo-lite eval`, comparisons)."""
 
@@ -118,11 +135,12 @@ class EvalDir:
         return stale
 
 
-class IterationDir:
+class IterationDir(_Folder):
     """``iter_XX/`` of a run (``t`` = XX); also the output folder of :func:`tpo_lite.train.train_iteration`."""
 
     def __init__(self, path: str | os.PathLike, t: int | None = None):
-        self.path, self.t = Path(path), t
+        super().__init__(path)
+        self.t = t
         self.name = self.path.name
         self.plan = self.path / "plan.json"
         self.samples = self.path / "samples.jsonl"
@@ -137,13 +155,6 @@ class IterationDir:
         self.metrics = self.path / "metrics.json"
         self.heldout = EvalDir(self.path / "heldout")
         self.validation = EvalDir(self.path / "validation")
-
-    def compare(self, label: str) -> EvalDir:
-        return EvalDir(self.path / "compare" / label)
-
-    def comparisons(self) -> list[tuple[str, EvalDir]]:
-        """(label, folder) of every finished comparison of this iteration, sorted by label."""
-        return _finished(self.path, "compare")
 
     def read_plan(self) -> list[dict] | None:
         """The instructions of plan.json, None before the iteration is planned. A plan.json that is not
@@ -246,11 +257,11 @@ class IterationDir:
         return str(self.adapter)
 
 
-class RunDir:
+class RunDir(_Folder):
     """A run directory (see the module docstring)."""
 
     def __init__(self, path: str | os.PathLike):
-        self.path = Path(path)
+        super().__init__(path)
         self.config = self.path / "config.toml"
         self.run_record = self.path / "run.json"
         self.summary = self.path / "summary.json"
@@ -259,9 +270,6 @@ class RunDir:
         self.tracking = self.path / "tracking"  # the default loop.tracking_dir
         self.eval_base = EvalDir(self.path / "eval_base")
         self.eval_final = EvalDir(self.path / "eval_final")
-
-    def __fspath__(self) -> str:
-        return os.fspath(self.path)
 
     def iteration(self, t: int) -> IterationDir:
         return IterationDir(self.path / f"iter_{t:02d}", t)
@@ -280,9 +288,6 @@ class RunDir:
             return None
         m = _ITER.match(Path(adapter).parent.name)
         return int(m.group(1)) if m and Path(adapter).name == "adapter" else None
-
-    def compare(self, label: str) -> EvalDir:
-        return EvalDir(self.path / "compare" / label)
 
     def eval(self, label: str) -> EvalDir:
         return EvalDir(self.path / "eval" / label)
@@ -326,23 +331,17 @@ class RunDir:
             os.close(fd)  # closing releases the flock
 
 
-class ExperimentDir:
+class ExperimentDir(_Folder):
     """An experiment directory: two run directories and their comparisons (see :mod:`tpo_lite.experiment`)."""
 
     def __init__(self, path: str | os.PathLike):
-        self.path = Path(path)
+        super().__init__(path)
         self.record = self.path / "experiment.json"
         self.table = self.path / "table1.md"
         self.judge_cache = self.path / "judge_cache.sqlite"
 
     def run(self, label: str) -> RunDir:
         return RunDir(self.path / label)
-
-    def compare(self, label: str) -> EvalDir:
-        return EvalDir(self.path / "compare" / label)
-
-    def comparisons(self) -> list[tuple[str, EvalDir]]:
-        return _finished(self.path, "compare")
 
 
 def resolve_run_dir(config, run_dir: str | os.PathLike | None = None) -> Path:

@@ -37,9 +37,6 @@ class Stage:
     run: Callable[..., dict]
     help: str
 
-    def is_done(self, run_dir, t: int) -> bool:
-        return RunDir(run_dir).iteration(t).is_done(self.name)
-
     def check_needs(self, run_dir, t: int) -> None:
         if self.needs is None or t + self.needs[1] < 1:
             return
@@ -57,8 +54,9 @@ def _measured(stage: str):
     def wrap(fn):
         @functools.wraps(fn)
         def inner(config, run_dir, t, *args, **kwargs):
-            if RunDir(run_dir).iteration(t).is_done(stage):
-                return RunDir(run_dir).iteration(t).read_marker(stage)
+            it = RunDir(run_dir).iteration(t)
+            if it.is_done(stage):
+                return it.read_marker(stage)
             STAGES[stage].check_needs(run_dir, t)
             from .memory import StageMemory
 
@@ -70,7 +68,7 @@ def _measured(stage: str):
 
 def first_unfinished(stage: str, run_dir, iterations: int) -> int | None:
     """The first iteration (1..``iterations``) where ``stage`` has not finished; None when all have."""
-    return next((t for t in range(1, iterations + 1) if not STAGES[stage].is_done(run_dir, t)), None)
+    return next((t for t in range(1, iterations + 1) if not RunDir(run_dir).iteration(t).is_done(stage)), None)
 
 
 # ------------------------------------------------------------------------------------------------ adapters
@@ -109,14 +107,6 @@ def final_adapter(run_dir, config: RunConfig) -> str | None:
 
 
 # -------------------------------------------------------------------------------------------------- stages
-
-def _progress(iterable, total: int, desc: str, enabled: bool, unit: str = "prompt"):
-    if not enabled:
-        return iterable
-    from tqdm.auto import tqdm
-
-    return tqdm(iterable, total=total, desc=desc, unit=unit, dynamic_ncols=True, file=sys.stderr)
-
 
 def _read(path, cls) -> dict:
     """``{prompt_id: cls record}`` of a record file this stage appends to (what a killed run left)."""
@@ -229,7 +219,10 @@ def judge_stage(config: RunConfig, run_dir, t: int, progress: bool = True,
             judge = make_judge(config.judge, cache_path=run_dir.judge_cache)
         name = str(judge.name)
         echo(f"[iter {t}] judge: {len(todo)} of {len(samples)} instructions to judge with {name}")
-        for rec in _progress(todo, len(todo), f"iter {t} judging", progress):
+        from tqdm.auto import tqdm
+
+        for rec in tqdm(todo, desc=f"iter {t} judging", unit="prompt", dynamic_ncols=True, file=sys.stderr,
+                        disable=not progress):
             responses = [s.response if s.valid else None for s in rec.samples]
             # Judges read .instruction / .checks of an Instruction or these keys of a dict.
             inst = {"id": rec.prompt_id, "instruction": rec.instruction, "category": rec.category or "",

@@ -1,19 +1,46 @@
 """`tpo-lite bench ...`: benchmarks. `bench kernels` times the fused log-prob kernels (tpo_lite.bench.kernels),
 `bench sampling` the local sampler (tpo_lite.bench.sampling)."""
 import dataclasses
+import functools
+import importlib
 
 import click
 
-from tpo_lite.bench.kernels import METHODS, KernelBenchConfig
+from tpo_lite.bench.kernels import METHODS
 
 
-def _help(name: str) -> str:
-    # The option's documentation lives once, in the config field's metadata.
-    return {f.name: f.metadata["help"] for f in dataclasses.fields(KernelBenchConfig)}[name]
+def _field_help(module: str, cls: str, name: str) -> str:
+    # The option's documentation lives once, in the config field's metadata. The bench modules import neither
+    # torch nor transformers at module level: --help stays fast.
+    config = getattr(importlib.import_module(f"tpo_lite.bench.{module}"), cls)
+    return {f.name: f.metadata["help"] for f in dataclasses.fields(config)}[name]
+
+
+_help = functools.partial(_field_help, "kernels", "KernelBenchConfig")
+_train_help = functools.partial(_field_help, "train", "TrainBenchConfig")
+_sampling_help = functools.partial(_field_help, "sampling", "SamplingBenchConfig")
 
 
 def _split(value):
     return [x for item in value for x in item.split(",") if x]
+
+
+def _config(cls, methods, **kwargs):
+    """``cls(**kwargs)`` with the --methods given (repeatable or comma-separated); a bad value is a usage error."""
+    try:
+        return cls(**kwargs, **({"methods": _split(methods)} if methods else {}))
+    except ValueError as e:
+        raise click.UsageError(str(e))
+
+
+def _report(result: dict, format_table, out) -> None:
+    """Print the benchmark's table; write everything as JSON to ``out`` when given."""
+    from tpo_lite.jsonl import write_json_atomic
+
+    click.echo(format_table(result))
+    if out:
+        write_json_atomic(out, result)
+        click.echo(f"wrote {out}", err=True)
 
 
 @click.group("bench")
@@ -42,8 +69,7 @@ def kernels_command(device, shapes, dtypes, methods, repeats, warmup, memory, th
     states): medians of interleaved runs, peak extra memory, and the ratios fused/eager and fused/floor.
     Prints a table; --out also writes everything as JSON.
     """
-    from tpo_lite.bench.kernels import format_table, parse_shapes, run_kernel_benchmark
-    from tpo_lite.jsonl import write_json_atomic
+    from tpo_lite.bench.kernels import KernelBenchConfig, format_table, parse_shapes, run_kernel_benchmark
 
     try:
         kwargs = dict(device=device, repeats=repeats, warmup=warmup, memory=memory, threads=threads, seed=seed)
@@ -51,23 +77,11 @@ def kernels_command(device, shapes, dtypes, methods, repeats, warmup, memory, th
             kwargs["shapes"] = parse_shapes(shapes)
         if dtypes:
             kwargs["dtypes"] = _split(dtypes)
-        if methods:
-            kwargs["methods"] = _split(methods)
-        cfg = KernelBenchConfig(**kwargs)
-        result = run_kernel_benchmark(cfg, log=lambda line: click.echo(line, err=True))
+        cfg = _config(KernelBenchConfig, methods, **kwargs)
+        result = run_kernel_benchmark(cfg, log=lambda line: click.echo(line, err=True))  # "cuda requested": usage
     except ValueError as e:
         raise click.UsageError(str(e))
-    click.echo(format_table(result))
-    if out:
-        write_json_atomic(out, result)
-        click.echo(f"wrote {out}", err=True)
-
-
-def _train_help(name: str) -> str:
-    # tpo_lite.bench.train imports neither torch nor transformers at module level: --help stays fast.
-    from tpo_lite.bench.train import TrainBenchConfig
-
-    return {f.name: f.metadata["help"] for f in dataclasses.fields(TrainBenchConfig)}[name]
+    _report(result, format_table, out)
 
 
 @bench_command.command("train")
@@ -99,32 +113,16 @@ def train_command(model, dtype, load_in_4bit, device, pairs, n_pairs, max_length
     and the medians and ratios reported. Prints a table; --out also writes everything as JSON.
     """
     from tpo_lite.bench.train import TrainBenchConfig, format_table, run_train_benchmark
-    from tpo_lite.jsonl import write_json_atomic
 
-    try:
-        kwargs = dict(model=model, dtype=dtype, load_in_4bit=load_in_4bit, device=device, pairs=pairs or "",
-                      n_pairs=n_pairs, max_length=max_length, batch_size=batch_size, grad_accum=grad_accum,
-                      lora_r=lora_r, repeats=repeats, threads=threads, seed=seed, trl_python=trl_python,
-                      timeout_s=timeout_s)
-        if methods:
-            kwargs["methods"] = tuple(_split(methods))
-        cfg = TrainBenchConfig(**kwargs)
-    except ValueError as e:
-        raise click.UsageError(str(e))
+    cfg = _config(TrainBenchConfig, methods, model=model, dtype=dtype, load_in_4bit=load_in_4bit, device=device,
+                  pairs=pairs or "", n_pairs=n_pairs, max_length=max_length, batch_size=batch_size,
+                  grad_accum=grad_accum, lora_r=lora_r, repeats=repeats, threads=threads, seed=seed,
+                  trl_python=trl_python, timeout_s=timeout_s)
     result = run_train_benchmark(cfg, log=lambda line: click.echo(line, err=True))
-    click.echo(format_table(result))
-    if out:
-        write_json_atomic(out, result)
-        click.echo(f"wrote {out}", err=True)
+    _report(result, format_table, out)
     failed = [m for m, v in result["methods"].items() if v["status"].startswith("failed")]
     if failed:
         raise click.ClickException(f"failed: {', '.join(failed)} (see the JSON / messages above)")
-
-
-def _sampling_help(name: str) -> str:
-    from tpo_lite.bench.sampling import SamplingBenchConfig
-
-    return {f.name: f.metadata["help"] for f in dataclasses.fields(SamplingBenchConfig)}[name]
 
 
 @bench_command.command("sampling")
@@ -163,16 +161,7 @@ def sampling_command(out, methods, **kwargs):
     examples/smollm2_cpu.toml samples them.
     """
     from tpo_lite.bench.sampling import SamplingBenchConfig, format_table, run_sampling_benchmark
-    from tpo_lite.jsonl import write_json_atomic
 
-    try:
-        if methods:
-            kwargs["methods"] = _split(methods)
-        cfg = SamplingBenchConfig(**kwargs)
-    except ValueError as e:
-        raise click.UsageError(str(e))
+    cfg = _config(SamplingBenchConfig, methods, **kwargs)
     result = run_sampling_benchmark(cfg, log=lambda line: click.echo(line, err=True))
-    click.echo(format_table(result))
-    if out:
-        write_json_atomic(out, result)
-        click.echo(f"wrote {out}", err=True)
+    _report(result, format_table, out)
