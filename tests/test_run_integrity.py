@@ -413,3 +413,37 @@ def test_non_utf8_template_file_names_the_file(tiny, tmp_path):
     res = cli("generate", cfg_path, "--set", f"prompts.template={bad}")
     error_line(res, bad, "prompts.template", "UTF-8")
     assert not (run_dir(tmp_path) / "config.toml").exists()
+
+
+def test_heldout_of_the_same_adapter_by_another_path_is_reused(tiny, tmp_path, monkeypatch):
+    """One adapter named by a relative and by an absolute path is one model: its held-out result (and partial
+    outputs) are reused, not set aside and generated again (an experiment resumed with another run-dir spelling
+    re-scored every iteration)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from tpo_lite.heldout import heldout_stage
+
+    model_dir, train, heldout = tiny
+    cfg = load(write_config(tmp_path, model_dir, train, heldout))
+    rd = run_dir(tmp_path)
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_pretrained(model_dir)
+    get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"], init_lora_weights=False)
+                   ).save_pretrained(tmp_path / "adapter")
+    monkeypatch.chdir(tmp_path)
+    out = RunDir(rd).iteration(1).heldout
+    first = heldout_stage(cfg, rd, out, "adapter", "iter01", **QUIET)
+    logs = []
+    again = heldout_stage(cfg, rd, out, str(tmp_path / "adapter"), "iter01", progress=False, echo=logs.append)
+    assert not any("scoring" in line for line in logs), logs  # not set aside as another model's
+    assert again["items"] == first["items"]
+    # partial outputs of the relative spelling resume under the absolute one
+    out.result.unlink()
+    lines = out.outputs.read_text(encoding="utf-8").splitlines(keepends=True)
+    out.outputs.write_text("".join(lines[:1]), encoding="utf-8")
+    logs.clear()
+    resumed = heldout_stage(cfg, rd, out, str(tmp_path / "adapter"), "iter01", progress=False, echo=logs.append)
+    assert not any("scoring" in line for line in logs), logs
+    assert resumed["items"] == first["items"]

@@ -504,7 +504,10 @@ def output_from_record(rec: dict, generator: str | None = None) -> ModelOutput:
 
 
 def _generation_settings(config, adapter: str | None, scfg, ecfg: EvalConfig) -> dict:
-    settings = {"adapter": adapter, "model": dataclasses.asdict(config.model),
+    from .rundir import adapter_digest
+
+    # The adapter by content: its relative and absolute paths are one model; other weights at one path are not.
+    settings = {"adapter": adapter_digest(adapter) or adapter, "model": dataclasses.asdict(config.model),
                 "prompts": dataclasses.asdict(config.prompts),
                 "sampling": {k: v for k, v in dataclasses.asdict(scfg).items() if k not in _OPERATIONAL},
                 "format_retries": ecfg.format_retries, "retry_temperature": ecfg.retry_temperature,

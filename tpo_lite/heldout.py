@@ -57,11 +57,24 @@ def make_heldout_judge(config: RunConfig, run_dir, items, echo: Callable[[str], 
     return ProgrammaticJudge(tie_weight=0.0)
 
 
+def same_producer(a: dict | None, b: dict | None) -> bool:
+    """Whether two held-out results come from the same weights and settings. The adapter's *path* does not
+    count when its content digest is known (``runs/x/iter_01/adapter`` and its absolute path are one model);
+    a server-side adapter (no digest here) is known by its name only."""
+    if a is None or b is None:
+        return a is b
+
+    def key(p):
+        return p.get("settings_sha256"), p.get("adapter_sha256") or p.get("adapter")
+
+    return key(a) == key(b)
+
+
 def existing_heldout(run_dir, producer: dict, dirs=None) -> EvalDir | None:
     """A finished held-out result of ``producer`` (same adapter weights, same eval settings) in this run (or in
     ``dirs``), if any."""
     for dd in dirs if dirs is not None else RunDir(run_dir).heldout_dirs():
-        if dd.result.exists() and dd.read_producer() == producer:
+        if dd.result.exists() and same_producer(dd.read_producer(), producer):
             return dd
     return None
 
@@ -86,7 +99,7 @@ def heldout_stage(config: RunConfig, run_dir, out_dir, adapter: str | None, labe
     producer = heldout_producer(config, adapter, items)
     if out.has_work():
         old = out.read_producer()
-        if old == producer:
+        if same_producer(old, producer):
             if out.result.exists():
                 return read_json(out.result)
         else:

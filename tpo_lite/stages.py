@@ -87,7 +87,7 @@ def adapter_for(run_dir, t: int, config: RunConfig) -> str | None:
             r = it.validation.read_result() if ad is not None else None
             if r is not None:
                 prod = r.get("producer")
-                if prod is not None and (prod.get("adapter"), prod.get("adapter_sha256")) != (ad, adapter_digest(ad)):
+                if prod is not None and (prod.get("adapter_sha256") or prod.get("adapter")) != (adapter_digest(ad) or ad):
                     raise TpoError(f"scored {prod.get('adapter') or 'the seed model'}, not iteration {s}'s adapter as "
                                    "it is now; `tpo-lite run` scores it again", path=str(it.validation.result))
                 if r["mean_score"] > best_score:
