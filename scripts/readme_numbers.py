@@ -25,10 +25,27 @@ def _slim(result: dict | None) -> dict | None:
     return {k: v for k, v in result.items() if k not in ("items",)}
 
 
-def record(run_dir: Path, command: str, wall_seconds: float, load: str) -> dict:
+def stage_seconds(summary: dict) -> dict:
+    """Seconds each stage took in this run's own records (iter_XX/metrics.json memory records), summed over the
+    iterations; stages read back from an earlier process are not in them."""
+    out: dict = {}
+    for m in summary["iterations"]:
+        for stage, rec in (m.get("memory") or {}).items():
+            if isinstance(rec, dict) and "seconds" in rec:
+                out[stage] = round(out.get(stage, 0.0) + rec["seconds"], 2)
+    return out
+
+
+def record(run_dir: Path, command: str, wall_seconds: float | None, load: str, timing_note: str = "") -> dict:
+    """``wall_seconds`` None: the run was not one uninterrupted process; ``timing_note`` says what is known."""
     summary = json.loads((run_dir / "summary.json").read_text(encoding="utf-8"))
+    for m in summary["iterations"]:  # the per-iteration memory records are in metrics.json, not summary.json
+        f = run_dir / f"iter_{m['iteration']:02d}" / "metrics.json"
+        if "memory" not in m and f.exists():
+            m["memory"] = json.loads(f.read_text(encoding="utf-8")).get("memory")
     env = (summary.get("heldout_before") or summary.get("heldout_after") or {}).get("environment")
-    return {"command": command, "wall_seconds": wall_seconds, "load": load,
+    return {"command": command, "wall_seconds": wall_seconds, "timing_note": timing_note,
+            "stage_seconds": stage_seconds(summary), "load": load,
             "commit": (env or {}).get("tpo_lite_commit"), "environment": env,
             "iterations": summary["iterations"],
             "heldout_before": _slim(summary.get("heldout_before")),
@@ -90,8 +107,13 @@ def render(rec: dict) -> str:
     cpu = env.get("cpu") or {}
     lines += ["", f"Measured on commit `{rec.get('commit')}`, {cpu.get('model', '?')} "
                   f"({', '.join(cpu.get('kernel_flags') or [])}), {env.get('threads')} threads, torch "
-                  f"{env.get('torch')}, {env.get('dtype')} weights; machine load: {rec.get('load')}; wall time "
-                  f"{rec['wall_seconds'] / 60:.1f} min for `{rec['command']}`."]
+                  f"{env.get('torch')}, {env.get('dtype')} weights; machine load: {rec.get('load')}; "
+                  + (f"wall time {rec['wall_seconds'] / 60:.1f} min for `{rec['command']}`."
+                     if rec.get("wall_seconds") is not None else
+                     f"command `{rec['command']}`; {rec.get('timing_note') or 'wall time not measured'}.")]
+    if rec.get("stage_seconds"):
+        lines.append("Stage times in this run's records: " + ", ".join(
+            f"{k} {v / 60:.1f} min" for k, v in rec["stage_seconds"].items() if v >= 1) + ".")
     return "\n".join(lines)
 
 
@@ -101,14 +123,16 @@ def main(argv=None) -> int:
     r = sub.add_parser("record", help="write the record of a measured run")
     r.add_argument("run_dir", type=Path)
     r.add_argument("--command", required=True)
-    r.add_argument("--wall-seconds", type=float, required=True)
+    r.add_argument("--wall-seconds", type=float, default=None,
+                   help="wall time of the command as one uninterrupted process (omit if it was not)")
+    r.add_argument("--timing-note", default="", help="what is known of the timing when --wall-seconds is omitted")
     r.add_argument("--load", required=True, help="what else ran on the machine")
     r.add_argument("--out", type=Path, required=True)
     p = sub.add_parser("render", help="print the README tables of a record")
     p.add_argument("record", type=Path)
     args = ap.parse_args(argv)
     if args.cmd == "record":
-        rec = record(args.run_dir, args.command, args.wall_seconds, args.load)
+        rec = record(args.run_dir, args.command, args.wall_seconds, args.load, args.timing_note)
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(rec, indent=1) + "\n", encoding="utf-8")
         print(f"wrote {args.out}", file=sys.stderr)

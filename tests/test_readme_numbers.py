@@ -40,3 +40,30 @@ def test_record_and_render(tmp_path):
     assert "| after 1 TPO iteration | 0.300 [0.250, 0.350] | 95.0% |" in md
     assert "| DPO initial margin | 0.0000 |" in md and "| training instructions x K | 48 x 4 |" in md
     assert "commit `abc123`" in md and "30.0 min" in md and "load: idle" in md
+
+
+def test_record_without_one_wall_time_says_so_and_sums_stage_times(tmp_path):
+    mod = _module()
+    summary = _summary()
+    summary["iterations"][0]["memory"] = {"generate": {"seconds": 120.0}, "train": {"seconds": 300.0},
+                                          "judge": {"seconds": 0.1}}
+    (tmp_path / "summary.json").write_text(json.dumps(summary))
+    rec = mod.record(tmp_path, "tpo-lite run x.toml", None, "loaded", "resumed twice")
+    assert rec["stage_seconds"] == {"generate": 120.0, "train": 300.0, "judge": 0.1}
+    md = mod.render(json.loads(json.dumps(rec)))
+    assert "wall time" not in md
+    assert "command `tpo-lite run x.toml`; resumed twice." in md
+    assert "Stage times in this run's records: generate 2.0 min, train 5.0 min." in md
+
+
+def test_readme_holds_the_rendered_record():
+    """The README's measured block is exactly what `render` makes of docs/measured/main_command.json."""
+    root = SCRIPT.parents[1]
+    rec_path = root / "docs" / "measured" / "main_command.json"
+    readme = (root / "README.md").read_text(encoding="utf-8")
+    if not rec_path.exists():
+        assert "<!-- measured:main_command -->" in readme
+        return
+    md = _module().render(json.loads(rec_path.read_text(encoding="utf-8")))
+    block = readme.split("<!-- measured:main_command -->")[1].split("<!-- /measured -->")[0]
+    assert md in block
