@@ -43,7 +43,9 @@ def record(run_dir: Path, command: str, wall_seconds: float | None, load: str, t
         f = run_dir / f"iter_{m['iteration']:02d}" / "metrics.json"
         if "memory" not in m and f.exists():
             m["memory"] = json.loads(f.read_text(encoding="utf-8")).get("memory")
-    env = (summary.get("heldout_before") or summary.get("heldout_after") or {}).get("environment")
+    # the final score's environment: the seed's may come from an earlier process (reused by its settings hash)
+    envs = [(summary.get(k) or {}).get("environment") for k in ("heldout_after", "heldout_before")]
+    env = next((e for e in envs if e and e.get("tpo_lite_commit")), next((e for e in envs if e), None))
     return {"command": command, "wall_seconds": wall_seconds, "timing_note": timing_note,
             "stage_seconds": stage_seconds(summary), "load": load,
             "commit": (env or {}).get("tpo_lite_commit"), "environment": env,
@@ -106,7 +108,7 @@ def render(rec: dict) -> str:
     env = rec.get("environment") or {}
     cpu = env.get("cpu") or {}
     lines += ["", f"Measured on commit `{rec.get('commit')}`, {cpu.get('model', '?')} "
-                  f"({', '.join(cpu.get('kernel_flags') or [])}), {env.get('threads')} threads, torch "
+                  f"({', '.join(cpu.get('kernel_flags') or [])}), {env.get('threads')} thread{'' if env.get('threads') == 1 else 's'}, torch "
                   f"{env.get('torch')}, {env.get('dtype')} weights; machine load: {rec.get('load')}; "
                   + (f"wall time {rec['wall_seconds'] / 60:.1f} min for `{rec['command']}`."
                      if rec.get("wall_seconds") is not None else
