@@ -733,6 +733,12 @@ def test_reward_hacking_warning_rules():
     assert ev.reward_hacking_warning(cfg(rm, JudgeConfig(kind="programmatic"))) is None
     assert ev.reward_hacking_warning(cfg(JudgeConfig(kind="programmatic"))) is None
     assert ev.eval_judge_config(cfg(rm)) is rm and ev.eval_judge_config(cfg(rm, pw)) is pw
+    # a reward function declared learned (it runs a model) warns when it also evaluates; another function not
+    fn = JudgeConfig(kind="function", function="my_rewards:rm_score", function_learned=True)
+    assert "my_rewards:rm_score" in ev.reward_hacking_warning(cfg(fn))
+    assert ev.reward_hacking_warning(cfg(fn, JudgeConfig(kind="function", function="my_rewards:other",
+                                                         function_learned=True))) is None
+    assert ev.reward_hacking_warning(cfg(JudgeConfig(kind="function", function="my_rewards:rule"))) is None
 
 
 def test_eval_passes_the_response_budget_through():

@@ -603,7 +603,8 @@ def eval_judge_config(config):
 
 def _same_judge(a, b) -> bool:
     # The same learned proxy: same kind and the same weights (local model, or the same served model).
-    return (a.kind, a.model, a.base_url, a.served_model) == (b.kind, b.model, b.base_url, b.served_model)
+    key = lambda c: (c.kind, c.model, c.base_url, c.served_model, c.function)  # noqa: E731
+    return key(a) == key(b)
 
 
 def reward_hacking_warning(config) -> str | None:
@@ -613,9 +614,9 @@ def reward_hacking_warning(config) -> str | None:
     from .judges import judge_class
 
     cfg = eval_judge_config(config)
-    if not judge_class(cfg.kind).capabilities.learned or not _same_judge(cfg, config.judge):
+    if not judge_class(cfg).capabilities.learned or not _same_judge(cfg, config.judge):
         return None
-    what = cfg.model or f"{cfg.served_model} at {cfg.base_url}"
+    what = cfg.model or cfg.function or f"{cfg.served_model} at {cfg.base_url}"
     return (f"warning: evaluating with the {cfg.kind} judge the run optimised ({what}): this measures reward "
             "hacking, not quality; set [eval_judge]")
 
