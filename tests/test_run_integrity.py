@@ -447,3 +447,34 @@ def test_heldout_of_the_same_adapter_by_another_path_is_reused(tiny, tmp_path, m
     resumed = heldout_stage(cfg, rd, out, str(tmp_path / "adapter"), "iter01", progress=False, echo=logs.append)
     assert not any("scoring" in line for line in logs), logs
     assert resumed["items"] == first["items"]
+
+
+def test_heldout_eval_merges_the_adapter_once(tiny, tmp_path, monkeypatch):
+    """The greedy and the retry sampler share one merged copy of the adapter; the unmerged model is not kept
+    beside it (it was: the loaded model plus one merged copy per sampler, three sets of weights)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    import tpo_lite.models as models
+    from tpo_lite.heldout import heldout_stage
+
+    model_dir, train, heldout = tiny
+    cfg = load(write_config(tmp_path, model_dir, train, heldout), "eval.format_retries=2")
+    torch.manual_seed(0)
+    get_peft_model(AutoModelForCausalLM.from_pretrained(model_dir),
+                   LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"], init_lora_weights=False)
+                   ).save_pretrained(tmp_path / "adapter")
+    merged, real = [], models.sampling_copy
+
+    def counting(model):
+        out = real(model)
+        if out is not model:
+            merged.append(out)
+        return out
+
+    monkeypatch.setattr(models, "sampling_copy", counting)
+    res = heldout_stage(cfg, run_dir(tmp_path), RunDir(run_dir(tmp_path)).iteration(1).heldout,
+                        str(tmp_path / "adapter"), "iter01", **QUIET)
+    assert res["model_lengths"]["n_retried"] > 0  # the retry sampler was used too
+    assert len(merged) == 1

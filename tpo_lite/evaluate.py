@@ -565,6 +565,9 @@ def model_outputs(config, items: Sequence[EvalItem], path: str | os.PathLike, ad
              f"{backend} backend, up to {ecfg.format_retries} format retries)")
         if backend == "local":
             model, tok = models.load_model(config.model, adapter=adapter)
+            # One merged copy for the greedy and the retry sampler, and the unmerged model dropped: each
+            # LocalSampler would otherwise merge its own copy beside the loaded model (three sets of weights).
+            model = models.sampling_copy(model)
         else:  # the server serves the adapter; only the tokenizer is needed here
             model, tok = None, models.load_tokenizer(config.model)
         template = get_template(config.prompts)
