@@ -167,8 +167,7 @@ def test_function_judge_capabilities_follow_function_learned(tmp_path):
 
 # ------------------------------------------------------------------------ reward model with its own code
 
-CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+from tiny_models import CHATML  # noqa: E402
 
 CONFIGURATION_PY = '''
 from transformers import LlamaConfig

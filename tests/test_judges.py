@@ -24,10 +24,7 @@ from tpo_lite.judges.pairwise import (
 from tpo_lite.judges.reward_model import RewardModelJudge
 from tpo_lite.stats import bradley_terry
 
-CHATML = (
-    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
+from tiny_models import CHATML  # noqa: E402
 
 
 class Inst:
