@@ -2,8 +2,8 @@
 
 Each stage owns a ``@dataclass`` config in its own module (``ModelConfig`` in ``models``, ``PromptConfig`` in
 ``prompts``, ...). :class:`RunConfig` composes them as TOML tables ``[model] [prompts] [sampling] [judge]
-[pairs] [train] [loop] [eval]`` and the optional ``[eval_judge]``. Every field's
-``metadata["help"]`` is its only documentation: ``tpo-lite run --list-options``, the resolved
+[pairs] [train] [loop] [eval]`` and the optional ``[eval_judge]``. Every field is an
+:func:`tpo_lite.options.option` whose help text is its only documentation: ``tpo-lite run --list-options``, the resolved
 ``runs/NAME/config.toml`` and docs/running.md are generated from it.
 
 Validation is strict: an unknown table or key, or a value of the wrong type, raises :class:`TpoError` naming
@@ -34,79 +34,77 @@ from .prompts import PromptConfig
 from .sampling import SamplingConfig
 from .tracking import report_backends
 from .train import TrainConfig
+from .options import option
 
 
 @dataclass
 class LoopConfig:
     """The iteration loop and the run directory."""
 
-    name: str = field(default="tpo", metadata={"help": "Run name; the run directory is <runs_root>/<name>."})
-    runs_root: str = field(default="runs", metadata={
-        "help": "Folder that holds run directories (relative paths are relative to the current directory)."})
-    iterations: int = field(default=1, metadata={
-        "help": "Number of TPO iterations (sample -> judge -> pairs -> DPO). Iteration t samples with the "
-                "adapter of iteration t-1 and keeps training it."})
-    prompts_per_iteration: int = field(default=32, metadata={
-        "help": "Training instructions sampled per iteration (each gets sampling.k outputs)."})
-    train_instructions: str = field(default="", metadata={
-        "help": "Training instructions: a JSONL/JSON file ({\"id\", \"instruction\", \"category\", \"checks\"}), "
-                "or, with the optional `datasets` library (pip install 'tpo-lite[datasets]'), a .parquet/.csv/"
-                ".tsv/.arrow file, a save_to_disk directory or a Hub dataset id (read from the HF cache when "
-                "offline); empty = the embedded training set."})
-    train_split: str = field(default="", metadata={
-        "help": "Split of a `datasets` source of train_instructions (e.g. 'train_prefs' for "
-                "HuggingFaceH4/ultrafeedback_binarized); empty = its only split."})
-    instruction_column: str = field(default="instruction", metadata={
-        "help": "Field (column) of train_instructions that holds the instruction text, e.g. 'prompt' for "
-                "UltraFeedback."})
-    id_column: str = field(default="id", metadata={
-        "help": "Field (column) of train_instructions with unique instruction ids (the key of every record of a "
-                "run). A `datasets` source without it gets ids row-<index>; a JSON/JSONL file must have it."})
-    category_column: str = field(default="category", metadata={
-        "help": "Field (column) of train_instructions with the category (optional; missing = 'uncategorised')."})
-    fresh_instructions: bool = field(default=True, metadata={
-        "help": "Use new training instructions in every iteration (as the paper does); false = the same "
-                "prompts_per_iteration instructions every iteration. When the set runs out it wraps around "
-                "(with a warning)."})
-    shuffle: bool = field(default=True, metadata={
-        "help": "Shuffle the training set (with loop.seed) before slicing it into iterations."})
-    eval_before: bool = field(default=True, metadata={
-        "help": "Score the seed model (no adapter) on the held-out set before iteration 1 (the set, decoding, "
-                "judge comparison and CIs come from the [eval] table; the judge from loop.heldout_judge)."})
-    eval_after: bool = field(default=True, metadata={
-        "help": "Score the final model on the held-out set after the last iteration."})
-    eval_every_iteration: bool = field(default=False, metadata={
-        "help": "Score the held-out set after every iteration (otherwise only after the last one)."})
-    heldout_judge: Literal["auto", "programmatic", "judge"] = field(default="auto", metadata={
-        "choices": ("auto", "programmatic", "judge"),
-        "help": "Judge of the held-out before/after score: 'programmatic' (verifiable checks; mean fraction "
-                "passed, an invalid output scores 0), 'judge' (the evaluation judge: [eval_judge] if the config "
-                "has that table, else [judge]), or 'auto' = programmatic when every held-out instruction has "
-                "checks, else the evaluation judge."})
-    validation_instructions: int = field(default=0, metadata={
-        "help": "Instructions carved out of the training set (the last N of its seed-shuffled order), never "
-                "trained on: after every iteration the model is scored on them like on the held-out set "
-                "(iter_XX/validation/, the 'validation score' row). keep_best selects on this score, so the "
-                "reported held-out score is not the one the choice was made on. 0 = no validation split."})
-    keep_best: bool = field(default=False, metadata={
-        "help": "Carry forward the adapter with the best validation score (needs validation_instructions > 0) "
-                "instead of the last one; the final model is then that adapter, and its held-out score is "
-                "reported. false = each iteration continues from the previous one (the paper)."})
-    seed: int = field(default=0, metadata={
-        "help": "Seed of the training-instruction shuffle (per-sample seeds come from sampling.seed); "
-                "0 .. 2**32 - 1."})
-    report_to: str | list[str] = field(default_factory=list, metadata={
-        "help": "Experiment trackers that get the run's metrics: 'tensorboard', 'trackio', 'wandb' (one name or a "
-                "list; [] or 'none' = none). Each needs its package (`pip install tensorboard`, ...). Sent: every "
-                "DPO step's loss, margins, accuracy, rewards, lr and grad norm (x = DPO steps counted across "
-                "iterations), every number of each iteration's metrics.json (x = iteration; valid / forced / "
-                "cut-off rates, thought and response lengths, pair stats, held-out score, step 0 = the seed "
-                "model) and the final held-out score and change. A resume sends nothing twice; a tracker error "
-                "is a warning, never a stopped run. wandb follows its own variables (WANDB_MODE=offline, "
-                "WANDB_PROJECT, ...); docs/running.md."})
-    tracking_dir: str = field(default="", metadata={
-        "help": "Folder of this run's tracking files (tensorboard/ event files, wandb files, logged.json: what "
-                "was sent, so a resume sends nothing twice); empty = <run_dir>/tracking."})
+    name: str = option("tpo", "Run name; the run directory is <runs_root>/<name>.")
+    runs_root: str = option("runs",
+        "Folder that holds run directories (relative paths are relative to the current directory).")
+    iterations: int = option(1,
+        "Number of TPO iterations (sample -> judge -> pairs -> DPO). Iteration t samples with the "
+        "adapter of iteration t-1 and keeps training it.")
+    prompts_per_iteration: int = option(32,
+        "Training instructions sampled per iteration (each gets sampling.k outputs).")
+    train_instructions: str = option("",
+        "Training instructions: a JSONL/JSON file ({\"id\", \"instruction\", \"category\", \"checks\"}), "
+        "or, with the optional `datasets` library (pip install 'tpo-lite[datasets]'), a .parquet/.csv/"
+        ".tsv/.arrow file, a save_to_disk directory or a Hub dataset id (read from the HF cache when "
+        "offline); empty = the embedded training set.")
+    train_split: str = option("",
+        "Split of a `datasets` source of train_instructions (e.g. 'train_prefs' for "
+        "HuggingFaceH4/ultrafeedback_binarized); empty = its only split.")
+    instruction_column: str = option("instruction",
+        "Field (column) of train_instructions that holds the instruction text, e.g. 'prompt' for "
+        "UltraFeedback.")
+    id_column: str = option("id",
+        "Field (column) of train_instructions with unique instruction ids (the key of every record of a "
+        "run). A `datasets` source without it gets ids row-<index>; a JSON/JSONL file must have it.")
+    category_column: str = option("category",
+        "Field (column) of train_instructions with the category (optional; missing = 'uncategorised').")
+    fresh_instructions: bool = option(True,
+        "Use new training instructions in every iteration (as the paper does); false = the same "
+        "prompts_per_iteration instructions every iteration. When the set runs out it wraps around "
+        "(with a warning).")
+    shuffle: bool = option(True, "Shuffle the training set (with loop.seed) before slicing it into iterations.")
+    eval_before: bool = option(True,
+        "Score the seed model (no adapter) on the held-out set before iteration 1 (the set, decoding, "
+        "judge comparison and CIs come from the [eval] table; the judge from loop.heldout_judge).")
+    eval_after: bool = option(True, "Score the final model on the held-out set after the last iteration.")
+    eval_every_iteration: bool = option(False,
+        "Score the held-out set after every iteration (otherwise only after the last one).")
+    heldout_judge: Literal["auto", "programmatic", "judge"] = option("auto",
+        "Judge of the held-out before/after score: 'programmatic' (verifiable checks; mean fraction "
+        "passed, an invalid output scores 0), 'judge' (the evaluation judge: [eval_judge] if the config "
+        "has that table, else [judge]), or 'auto' = programmatic when every held-out instruction has "
+        "checks, else the evaluation judge.", choices=("auto", "programmatic", "judge"))
+    validation_instructions: int = option(0,
+        "Instructions carved out of the training set (the last N of its seed-shuffled order), never "
+        "trained on: after every iteration the model is scored on them like on the held-out set "
+        "(iter_XX/validation/, the 'validation score' row). keep_best selects on this score, so the "
+        "reported held-out score is not the one the choice was made on. 0 = no validation split.")
+    keep_best: bool = option(False,
+        "Carry forward the adapter with the best validation score (needs validation_instructions > 0) "
+        "instead of the last one; the final model is then that adapter, and its held-out score is "
+        "reported. false = each iteration continues from the previous one (the paper).")
+    seed: int = option(0,
+        "Seed of the training-instruction shuffle (per-sample seeds come from sampling.seed); "
+        "0 .. 2**32 - 1.")
+    report_to: str | list[str] = option(factory=list, help=
+        "Experiment trackers that get the run's metrics: 'tensorboard', 'trackio', 'wandb' (one name or a "
+        "list; [] or 'none' = none). Each needs its package (`pip install tensorboard`, ...). Sent: every "
+        "DPO step's loss, margins, accuracy, rewards, lr and grad norm (x = DPO steps counted across "
+        "iterations), every number of each iteration's metrics.json (x = iteration; valid / forced / "
+        "cut-off rates, thought and response lengths, pair stats, held-out score, step 0 = the seed "
+        "model) and the final held-out score and change. A resume sends nothing twice; a tracker error "
+        "is a warning, never a stopped run. wandb follows its own variables (WANDB_MODE=offline, "
+        "WANDB_PROJECT, ...); docs/running.md.")
+    tracking_dir: str = option("",
+        "Folder of this run's tracking files (tensorboard/ event files, wandb files, logged.json: what "
+        "was sent, so a resume sends nothing twice); empty = <run_dir>/tracking.")
 
     def __post_init__(self):
         require_finite(self)  # no float option today; one added later is checked too

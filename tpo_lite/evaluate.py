@@ -48,7 +48,7 @@ import json
 import math
 import os
 from collections import defaultdict, deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 import numpy as np
@@ -61,6 +61,7 @@ from .evalsets import (FORMATS, UNCATEGORISED, EvalItem, category_name, detect_f
 from .jsonl import append_record, read_json, read_records, write_json_atomic, write_text_atomic
 from .judges.base import Judge
 from .stats import mean
+from .options import option
 
 COMPARISONS = ("auto", "score", "pairwise")
 
@@ -72,107 +73,64 @@ _FLOAT_TIE = 1e-6  # relative score difference below which a 'score' comparison 
 class EvalConfig:
     """The ``[eval]`` table: what to evaluate on and how to decode and judge it."""
 
-    eval_set: str = field(
-        default="heldout",
-        metadata={"help": "Eval set: 'heldout' (the embedded held-out instructions with verifiable checks) or a "
-                          "path to an AlpacaEval JSON/JSONL, an Arena-Hard question JSONL or an instruction JSONL; "
-                          "with the optional `datasets` library (pip install 'tpo-lite[datasets]') also a .parquet/"
-                          ".csv/.tsv/.arrow file, a save_to_disk directory or a Hub dataset id (read from the HF "
-                          "cache when offline), in any of these formats."},
-    )
-    eval_split: str = field(
-        default="",
-        metadata={"help": "Split of a `datasets` source of eval_set (e.g. 'eval'); empty = its only split."},
-    )
-    instruction_column: str = field(
-        default="",
-        metadata={"help": "Field (column) of eval_set that holds the instruction, renamed to 'instruction' before "
-                          "the format is read (e.g. 'prompt'); empty = the format's own fields."},
-    )
-    eval_format: str = field(
-        default="auto",
-        metadata={"choices": FORMATS, "help": "Format of eval_set: 'auto' (guessed from the first record's keys), 'alpaca_eval', "
-                          "'arena_hard' or 'instructions'."},
-    )
-    baseline_outputs: str = field(
-        default="",
-        metadata={"help": "Optional file of baseline answers: an AlpacaEval-style model_outputs.json/JSONL "
-                          "(matched by instruction text) or an Arena-Hard answer JSONL (matched by uid). Empty: "
-                          "use the 'output' field of an AlpacaEval eval set, if any."},
-    )
-    max_instructions: int = field(
-        default=0,
-        metadata={"help": "Evaluate only the first N instructions of the eval set; 0 = all (the default). Every "
-                          "evaluation prints how many of how many it scores."},
-    )
-    max_new_tokens: int = field(
-        default=0,
-        metadata={"help": "Token limit of each eval output (thought + response; with a response budget only the part "
-                          "up to the response marker); 0 = the [sampling] table's limit. An output cut off before "
-                          "EOS is invalid (re-sampled while format_retries allow, then a loss)."},
-    )
-    temperature: float = field(
-        default=0.0,
-        metadata={"help": "Decoding temperature for eval generation; 0 = greedy (deterministic), the default."},
-    )
-    top_p: float = field(
-        default=1.0,
-        metadata={"help": "Nucleus sampling mass for eval generation (only used when temperature > 0)."},
-    )
-    seed: int = field(
-        default=0,
-        metadata={"help": "Seed of eval generation (output i uses seed + i) and of the bootstrap resampling; "
-                          "0 .. 2**32 - 1."},
-    )
-    batch_size: int = field(
-        default=8,
-        metadata={"help": "Prompts generated together by the local sampler during eval (fixed groups in eval-set "
-                          "order, so a resumed eval regenerates a group in the same batch layout)."},
-    )
-    format_retries: int = field(
-        default=2,
-        metadata={"help": "Re-sample an eval output with a format error (no response marker, empty response, or cut "
-                          "off by the token limit) up to this many times, as the paper does: the first valid try is "
-                          "kept, else the last try counts (a loss). Retry r of item i uses a seed hashed from "
-                          "(eval.seed, i, r) and retry_temperature / retry_top_p. 0 = off. Each output records its "
-                          "number of tries."},
-    )
-    retry_temperature: float = field(
-        default=0.8,
-        metadata={"help": "Decoding temperature of the format retries; must be > 0 (a greedy retry would repeat the "
-                          "failed output)."},
-    )
-    retry_top_p: float = field(
-        default=0.95,
-        metadata={"help": "Nucleus sampling mass of the format retries."},
-    )
-    response_budget: int = field(
-        default=0,
-        metadata={"help": "Tokens the response of an eval output may use after its response marker (sets "
-                          "sampling.response_budget for eval generation); 0 = the [sampling] table's value. One "
-                          "value for TPO and direct outputs, so only the thought has a budget of its own."},
-    )
-    comparison: str = field(
-        default="auto",
-        metadata={"choices": COMPARISONS, "help": "How the judge compares two responses: 'score' (score difference of a reward model or "
-                          "the programmatic judge), 'pairwise' (a pairwise judge asked in both orders) or 'auto' "
-                          "(pairwise when the judge's scores are relative within a group, as the pairwise judge's "
-                          "Bradley-Terry scores are, else score)."},
-    )
-    tie_margin: float = field(
-        default=0.0,
-        metadata={"help": "In 'score' comparisons, a score difference with |diff| <= tie_margin is a tie (half a "
-                          "win). 0 = only equal scores tie (up to float rounding, 1e-6 relative); identical "
-                          "responses always tie."},
-    )
-    n_boot: int = field(
-        default=2000,
-        metadata={"help": "Bootstrap replicates for the confidence intervals (resampling instructions)."},
-    )
-    alpha: float = field(
-        default=0.05,
-        metadata={"help": "1 - confidence level of the intervals (0.05 gives 95% CIs)."},
-    )
+    eval_set: str = option("heldout",
+        "Eval set: 'heldout' (the embedded held-out instructions with verifiable checks) or a "
+        "path to an AlpacaEval JSON/JSONL, an Arena-Hard question JSONL or an instruction JSONL; "
+        "with the optional `datasets` library (pip install 'tpo-lite[datasets]') also a .parquet/"
+        ".csv/.tsv/.arrow file, a save_to_disk directory or a Hub dataset id (read from the HF "
+        "cache when offline), in any of these formats.")
+    eval_split: str = option("", "Split of a `datasets` source of eval_set (e.g. 'eval'); empty = its only split.")
+    instruction_column: str = option("",
+        "Field (column) of eval_set that holds the instruction, renamed to 'instruction' before "
+        "the format is read (e.g. 'prompt'); empty = the format's own fields.")
+    eval_format: str = option("auto",
+        "Format of eval_set: 'auto' (guessed from the first record's keys), 'alpaca_eval', "
+        "'arena_hard' or 'instructions'.", choices=FORMATS)
+    baseline_outputs: str = option("",
+        "Optional file of baseline answers: an AlpacaEval-style model_outputs.json/JSONL "
+        "(matched by instruction text) or an Arena-Hard answer JSONL (matched by uid). Empty: "
+        "use the 'output' field of an AlpacaEval eval set, if any.")
+    max_instructions: int = option(0,
+        "Evaluate only the first N instructions of the eval set; 0 = all (the default). Every "
+        "evaluation prints how many of how many it scores.")
+    max_new_tokens: int = option(0,
+        "Token limit of each eval output (thought + response; with a response budget only the part "
+        "up to the response marker); 0 = the [sampling] table's limit. An output cut off before "
+        "EOS is invalid (re-sampled while format_retries allow, then a loss).")
+    temperature: float = option(0.0,
+        "Decoding temperature for eval generation; 0 = greedy (deterministic), the default.")
+    top_p: float = option(1.0, "Nucleus sampling mass for eval generation (only used when temperature > 0).")
+    seed: int = option(0,
+        "Seed of eval generation (output i uses seed + i) and of the bootstrap resampling; "
+        "0 .. 2**32 - 1.")
+    batch_size: int = option(8,
+        "Prompts generated together by the local sampler during eval (fixed groups in eval-set "
+        "order, so a resumed eval regenerates a group in the same batch layout).")
+    format_retries: int = option(2,
+        "Re-sample an eval output with a format error (no response marker, empty response, or cut "
+        "off by the token limit) up to this many times, as the paper does: the first valid try is "
+        "kept, else the last try counts (a loss). Retry r of item i uses a seed hashed from "
+        "(eval.seed, i, r) and retry_temperature / retry_top_p. 0 = off. Each output records its "
+        "number of tries.")
+    retry_temperature: float = option(0.8,
+        "Decoding temperature of the format retries; must be > 0 (a greedy retry would repeat the "
+        "failed output).")
+    retry_top_p: float = option(0.95, "Nucleus sampling mass of the format retries.")
+    response_budget: int = option(0,
+        "Tokens the response of an eval output may use after its response marker (sets "
+        "sampling.response_budget for eval generation); 0 = the [sampling] table's value. One "
+        "value for TPO and direct outputs, so only the thought has a budget of its own.")
+    comparison: str = option("auto",
+        "How the judge compares two responses: 'score' (score difference of a reward model or "
+        "the programmatic judge), 'pairwise' (a pairwise judge asked in both orders) or 'auto' "
+        "(pairwise when the judge's scores are relative within a group, as the pairwise judge's "
+        "Bradley-Terry scores are, else score).", choices=COMPARISONS)
+    tie_margin: float = option(0.0,
+        "In 'score' comparisons, a score difference with |diff| <= tie_margin is a tie (half a "
+        "win). 0 = only equal scores tie (up to float rounding, 1e-6 relative); identical "
+        "responses always tie.")
+    n_boot: int = option(2000, "Bootstrap replicates for the confidence intervals (resampling instructions).")
+    alpha: float = option(0.05, "1 - confidence level of the intervals (0.05 gives 95% CIs).")
 
     def __post_init__(self):
         # Field names only (no "eval." prefix): tpo_lite.config adds the table name, file and line.

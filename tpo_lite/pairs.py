@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal, Sequence
 
 from .errors import TpoError, require_finite
@@ -39,6 +39,7 @@ from .records import Judgement, Pair, PromptSamples
 from .sampling import Sample
 from .scoring import LENGTH_UNITS, adjusted_scores, auto_rho, best_and_worst, response_length, rho_grid
 from .stats import mean
+from .options import option
 
 __all__ = ["PairsConfig", "select_pairs", "to_trl"]
 
@@ -47,31 +48,30 @@ __all__ = ["PairsConfig", "select_pairs", "to_trl"]
 class PairsConfig:
     """The ``[pairs]`` table."""
 
-    rho: float | str = field(default="auto", metadata={
-        "help": "Length-control strength: per instruction score' = z(score) - rho * z(response length) over its "
-                "valid outputs. A number >= 0 (0 = no length control), or 'auto' = the smallest rho on a grid "
-                "over [0, 0.5] that makes the chosen responses on average no longer than the rejected ones over "
-                "the whole iteration (0.5 is used, and reported, if none does)."})
-    rho_grid_step: float = field(default=0.01, metadata={
-        "help": "Step of the rho = 'auto' search grid over [0, 0.5]."})
-    length_unit: Literal["words", "chars", "tokens"] = field(default="words", metadata={
-        "help": "Unit of the response length used by length control: 'words' (whitespace-separated, the "
-                "default), 'chars', or 'tokens' (the policy tokenizer, without special tokens). The thought "
-                "is never counted: only the response is judged."})
-    min_gap: float = field(default=0.0, metadata={
-        "help": "Keep an instruction's pair only when the chosen raw score exceeds the rejected raw score by "
-                "more than this (raw judge units; a rejected sample that is invalid always qualifies). 0 drops "
-                "exact ties and pairs inverted by length control."})
-    max_invalid_rejected: float = field(default=0.1, metadata={
-        "help": "Largest share of an iteration's pairs whose rejected output is invalid, in [0, 1]. An invalid "
-                "output is the rejected one only in an instruction that has no kept valid-vs-valid pair (e.g. a "
-                "single valid output), taking those with the fewest valid outputs, then the best chosen score, "
-                "first; the others are dropped. 0 = rejected outputs are always valid (the paper keeps parse "
-                "failures at <= 10% of the pairs)."})
-    truncated_as_rejected: bool = field(default=False, metadata={
-        "help": "Let an output cut off by the token limit (invalid_reason 'truncated') be the rejected one, "
-                "within max_invalid_rejected. false = only parse failures (no response marker, empty "
-                "response) may be rejected: a cut-off output is invalid for its length, not its content."})
+    rho: float | str = option("auto",
+        "Length-control strength: per instruction score' = z(score) - rho * z(response length) over its "
+        "valid outputs. A number >= 0 (0 = no length control), or 'auto' = the smallest rho on a grid "
+        "over [0, 0.5] that makes the chosen responses on average no longer than the rejected ones over "
+        "the whole iteration (0.5 is used, and reported, if none does).")
+    rho_grid_step: float = option(0.01, "Step of the rho = 'auto' search grid over [0, 0.5].")
+    length_unit: Literal["words", "chars", "tokens"] = option("words",
+        "Unit of the response length used by length control: 'words' (whitespace-separated, the "
+        "default), 'chars', or 'tokens' (the policy tokenizer, without special tokens). The thought "
+        "is never counted: only the response is judged.")
+    min_gap: float = option(0.0,
+        "Keep an instruction's pair only when the chosen raw score exceeds the rejected raw score by "
+        "more than this (raw judge units; a rejected sample that is invalid always qualifies). 0 drops "
+        "exact ties and pairs inverted by length control.")
+    max_invalid_rejected: float = option(0.1,
+        "Largest share of an iteration's pairs whose rejected output is invalid, in [0, 1]. An invalid "
+        "output is the rejected one only in an instruction that has no kept valid-vs-valid pair (e.g. a "
+        "single valid output), taking those with the fewest valid outputs, then the best chosen score, "
+        "first; the others are dropped. 0 = rejected outputs are always valid (the paper keeps parse "
+        "failures at <= 10% of the pairs).")
+    truncated_as_rejected: bool = option(False,
+        "Let an output cut off by the token limit (invalid_reason 'truncated') be the rejected one, "
+        "within max_invalid_rejected. false = only parse failures (no response marker, empty "
+        "response) may be rejected: a cut-off output is invalid for its length, not its content.")
 
     def __post_init__(self):
         require_finite(self)

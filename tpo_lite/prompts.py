@@ -40,11 +40,12 @@ from __future__ import annotations
 import os
 import re
 import tomllib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 
 from tpo_lite.errors import TpoError
+from .options import option
 
 GENERIC_THOUGHT_HEADER = "Here is my thought process:"
 GENERIC_RESPONSE_MARKER = "Here is my response:"
@@ -100,40 +101,32 @@ _RESERVED_KWARGS = frozenset({
 class PromptConfig:
     """The ``[prompts]`` table of a run config."""
 
-    template: str = field(
-        default="generic",
-        metadata={"help": "Thought template: 'generic' (paper's generic prompt, Granite-compatible markers "
-                          "'Here is my thought process:' / 'Here is my response:'), 'specific' (thoughts "
-                          "with a draft and its evaluation, final response after '<R>'), 'specific_tags' "
-                          "(the same, thoughts inside '<internal thought>...</internal thought>', final "
-                          "response after '<response>'), 'think' (thoughts inside '<think>...</think>', "
-                          "response after '</think>': the format vLLM's deepseek_r1 / qwen3 reasoning "
-                          "parsers read), 'direct' (no "
-                          "thoughts: the instruction as is, the whole output is the response), or the path "
-                          "of a TOML template file (keys: wrapper with {instruction}, thought_header, "
-                          "response_marker, marker_wins; see docs/templates.md)."},
-    )
-    prefill_thought_header: bool = field(
-        default=False,
-        metadata={"help": "Append the template's thought header (e.g. 'Here is my thought process:'; "
-                          "'<think>' and a line end for 'think') to the "
-                          "assistant turn of the prompt, so the model starts inside its thoughts. Helps weak "
-                          "seed models find the format; no effect for templates without a thought header "
-                          "('specific', 'direct')."},
-    )
-    system_prompt: str | None = field(
-        default=None,
-        metadata={"help": "System message put before the user turn. Unset: none is passed, so the model's "
-                          "chat template applies its own default (SmolLM2's adds one)."},
-    )
-    chat_template_kwargs: dict = field(
-        default_factory=dict,
-        metadata={"help": "Extra variables for the seed model's chat template, passed to its "
-                          "apply_chat_template wherever a prompt is built (generation, evaluation, chat) and kept "
-                          "as defaults in the exported chat template, e.g. {enable_thinking = false} so a Qwen3 "
-                          "seed does not think natively on top of the template's thoughts. Values: strings, "
-                          "numbers, booleans, or arrays / tables of them. Empty: none."},
-    )
+    template: str = option("generic",
+        "Thought template: 'generic' (paper's generic prompt, Granite-compatible markers "
+        "'Here is my thought process:' / 'Here is my response:'), 'specific' (thoughts "
+        "with a draft and its evaluation, final response after '<R>'), 'specific_tags' "
+        "(the same, thoughts inside '<internal thought>...</internal thought>', final "
+        "response after '<response>'), 'think' (thoughts inside '<think>...</think>', "
+        "response after '</think>': the format vLLM's deepseek_r1 / qwen3 reasoning "
+        "parsers read), 'direct' (no "
+        "thoughts: the instruction as is, the whole output is the response), or the path "
+        "of a TOML template file (keys: wrapper with {instruction}, thought_header, "
+        "response_marker, marker_wins; see docs/templates.md).")
+    prefill_thought_header: bool = option(False,
+        "Append the template's thought header (e.g. 'Here is my thought process:'; "
+        "'<think>' and a line end for 'think') to the "
+        "assistant turn of the prompt, so the model starts inside its thoughts. Helps weak "
+        "seed models find the format; no effect for templates without a thought header "
+        "('specific', 'direct').")
+    system_prompt: str | None = option(None,
+        "System message put before the user turn. Unset: none is passed, so the model's "
+        "chat template applies its own default (SmolLM2's adds one).")
+    chat_template_kwargs: dict = option(factory=dict, help=
+        "Extra variables for the seed model's chat template, passed to its "
+        "apply_chat_template wherever a prompt is built (generation, evaluation, chat) and kept "
+        "as defaults in the exported chat template, e.g. {enable_thinking = false} so a Qwen3 "
+        "seed does not think natively on top of the template's thoughts. Values: strings, "
+        "numbers, booleans, or arrays / tables of them. Empty: none.")
 
     def __post_init__(self):
         check_chat_template_kwargs(self.chat_template_kwargs)

@@ -59,101 +59,98 @@ import time
 import urllib.error
 import urllib.request
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, fields, replace
 from typing import Iterator
 
 from tpo_lite.errors import TpoError, require_finite, require_seed
 from tpo_lite.parsing import response_marker_uses
+from .options import option
 
 
 @dataclass
 class SamplingConfig:
     """The ``[sampling]`` table of a run config."""
 
-    backend: str = field(default="local", metadata={
-        "choices": ("local", "openai", "vllm"),
-        "help": "'local': sample with transformers in this process (batched, the K samples of a prompt share "
-                "it); 'openai': POST /v1/completions to an OpenAI-compatible server such as vLLM (the "
-                "scale-out path; see base_url); 'vllm': an offline vLLM engine in this process on the GPU "
-                "(needs the vllm package; built for each generation stage and shut down after it, so DPO "
-                "training gets the GPU; see the vllm_* options)."})
-    k: int = field(default=8, metadata={"help": "Outputs sampled per instruction (the paper's K)."})
-    temperature: float = field(default=0.8, metadata={
-        "help": "Sampling temperature; 0 = greedy (argmax, seeds then do not matter)."})
-    top_p: float = field(default=0.95, metadata={
-        "help": "Nucleus sampling: sample from the smallest set of tokens whose probability reaches top_p "
-                "(1.0 = the whole vocabulary)."})
-    max_new_tokens: int = field(default=512, metadata={
-        "help": "Token limit of one whole output (thought + forced marker + response, EOS included). An "
-                "output cut by it has finish_reason 'length' and is invalid. With response_budget set it "
-                "limits only the output up to the response marker (the thought, when thought_budget is "
-                "unset)."})
-    thought_budget: int | None = field(default=None, metadata={
-        "help": "Budget forcing: unset = off. Else the thought is sampled until the model writes the "
-                "response marker itself (as the parser counts it: a quoted mention does not count), a "
-                "thought_stop string, EOS or this many tokens; then the template's response marker is "
-                "appended (to text and token ids, recorded as forced=true) and the response is sampled. Must "
-                "be below max_new_tokens; needs a template with a response marker."})
-    response_budget: int | None = field(default=None, metadata={
-        "help": "Unset = off. Else, once the response marker is in the output (written by the model, as "
-                "the parser counts it, or forced by thought_budget), the response gets up to this many more "
-                "tokens (EOS included): the whole output is then limited to (its tokens up to and including "
-                "the marker) + response_budget instead of max_new_tokens, so a long thought cannot eat the "
-                "response's tokens. An output cut by it has finish_reason 'length' and is invalid. With or "
-                "without budget forcing. A template without a response marker ('direct') has no thought: "
-                "its whole output is the response, limited to response_budget tokens."})
-    thought_stop: list[str] = field(default_factory=list, metadata={
-        "help": "Budget forcing only: strings that end the thought early (the response marker is then "
-                "forced right after them)."})
-    stop: list[str] = field(default_factory=list, metadata={
-        "help": "Strings that end an output (finish_reason 'stop'; the string is kept in the text). Empty = "
-                "stop at EOS only."})
-    batch_size: int = field(default=64, metadata={
-        "help": "Local backend: samples decoded together. A batch is batch_size // k consecutive whole "
-                "prompts (left padded; all their K samples), fixed by the prompt order alone, so a resume "
-                "redoes a batch bit for bit; below k, one prompt's samples in chunks of batch_size. Larger "
-                "batches decode faster per token on a CPU (SmolLM2-135M: 96 rows ~1.3x the tokens/s of 32) but "
-                "hold more KV cache, and a crash loses the batch in flight (its prompts are yielded when it "
-                "ends). vllm backend: max(1, batch_size // k) whole prompts per engine call (vLLM batches "
-                "them itself; their records are written when the call ends)."})
-    seed: int = field(default=0, metadata={
-        "help": "Run seed. Sample i of prompt p uses a seed hashed from (seed, p, i), so a resumed run "
-                "reproduces the samples it redoes. 0 .. 2**32 - 1."})
-    base_url: str = field(default="http://127.0.0.1:8000/v1", metadata={
-        "help": "OpenAI backend: server URL up to and including /v1 (vLLM: `vllm serve MODEL --enable-lora`)."})
-    api_key_env: str = field(default="OPENAI_API_KEY", metadata={
-        "help": "OpenAI backend: environment variable holding the API key sent as a Bearer token (unset or "
-                "empty variable = no Authorization header, as for a local vLLM)."})
-    served_model: str | None = field(default=None, metadata={
-        "help": "OpenAI backend: model name of the base model on the server; unset = the first model that "
-                "GET /v1/models lists."})
-    concurrency: int = field(default=16, metadata={
-        "help": "OpenAI backend: requests in flight at once (one request per sample)."})
-    timeout_s: float = field(default=600.0, metadata={
-        "help": "OpenAI backend: seconds to wait for one HTTP response before the try counts as failed."})
-    max_retries: int = field(default=3, metadata={
-        "help": "OpenAI backend: retries after a failed try (connection error, timeout, HTTP 408/429/5xx) "
-                "before giving up with an error; other HTTP errors fail at once."})
-    backoff_s: float = field(default=2.0, metadata={
-        "help": "OpenAI backend: wait before retry r (r = 0, 1, ...) is backoff_s * 2**r seconds."})
-    adapter_name: str = field(default="tpo", metadata={
-        "help": "OpenAI backend: prefix of the LoRA name under which each iteration's adapter is loaded into "
-                "vLLM via /v1/load_lora_adapter (needs VLLM_ALLOW_RUNTIME_LORA_UPDATING=True and "
-                "--enable-lora); hashes of the adapter's path and of its files are appended, so every "
-                "adapter gets its own name and one retrained at the same path is never served stale. "
-                "vllm backend: prefix of the LoRARequest name; a hash of the adapter's files is appended."})
-    vllm_gpu_memory_utilization: float = field(default=0.85, metadata={
-        "help": "vllm backend: share of the GPU's memory the engine may take (weights, activations, KV "
-                "cache), vLLM's gpu_memory_utilization. Below vLLM's 0.9 because this process's own CUDA "
-                "context and allocator cache share the GPU with it."})
-    vllm_max_lora_rank: int = field(default=16, metadata={
-        "help": "vllm backend: the largest LoRA rank the engine can serve (vLLM's max_lora_rank; one of the "
-                "ranks vLLM supports: 8, 16, 32, 64, ...). Must be >= model.lora_r; a larger adapter is "
-                "refused before sampling."})
-    vllm_max_model_len: int | None = field(default=None, metadata={
-        "help": "vllm backend: context length the engine reserves KV cache for (vLLM's max_model_len); "
-                "unset = the model's own. Set it to about the longest prompt + max_new_tokens when the "
-                "model's context (e.g. 128k) does not fit the KV cache."})
+    backend: str = option("local",
+        "'local': sample with transformers in this process (batched, the K samples of a prompt share "
+        "it); 'openai': POST /v1/completions to an OpenAI-compatible server such as vLLM (the "
+        "scale-out path; see base_url); 'vllm': an offline vLLM engine in this process on the GPU "
+        "(needs the vllm package; built for each generation stage and shut down after it, so DPO "
+        "training gets the GPU; see the vllm_* options).", choices=("local", "openai", "vllm"))
+    k: int = option(8, "Outputs sampled per instruction (the paper's K).")
+    temperature: float = option(0.8, "Sampling temperature; 0 = greedy (argmax, seeds then do not matter).")
+    top_p: float = option(0.95,
+        "Nucleus sampling: sample from the smallest set of tokens whose probability reaches top_p "
+        "(1.0 = the whole vocabulary).")
+    max_new_tokens: int = option(512,
+        "Token limit of one whole output (thought + forced marker + response, EOS included). An "
+        "output cut by it has finish_reason 'length' and is invalid. With response_budget set it "
+        "limits only the output up to the response marker (the thought, when thought_budget is "
+        "unset).")
+    thought_budget: int | None = option(None,
+        "Budget forcing: unset = off. Else the thought is sampled until the model writes the "
+        "response marker itself (as the parser counts it: a quoted mention does not count), a "
+        "thought_stop string, EOS or this many tokens; then the template's response marker is "
+        "appended (to text and token ids, recorded as forced=true) and the response is sampled. Must "
+        "be below max_new_tokens; needs a template with a response marker.")
+    response_budget: int | None = option(None,
+        "Unset = off. Else, once the response marker is in the output (written by the model, as "
+        "the parser counts it, or forced by thought_budget), the response gets up to this many more "
+        "tokens (EOS included): the whole output is then limited to (its tokens up to and including "
+        "the marker) + response_budget instead of max_new_tokens, so a long thought cannot eat the "
+        "response's tokens. An output cut by it has finish_reason 'length' and is invalid. With or "
+        "without budget forcing. A template without a response marker ('direct') has no thought: "
+        "its whole output is the response, limited to response_budget tokens.")
+    thought_stop: list[str] = option(factory=list, help=
+        "Budget forcing only: strings that end the thought early (the response marker is then "
+        "forced right after them).")
+    stop: list[str] = option(factory=list, help=
+        "Strings that end an output (finish_reason 'stop'; the string is kept in the text). Empty = "
+        "stop at EOS only.")
+    batch_size: int = option(64,
+        "Local backend: samples decoded together. A batch is batch_size // k consecutive whole "
+        "prompts (left padded; all their K samples), fixed by the prompt order alone, so a resume "
+        "redoes a batch bit for bit; below k, one prompt's samples in chunks of batch_size. Larger "
+        "batches decode faster per token on a CPU (SmolLM2-135M: 96 rows ~1.3x the tokens/s of 32) but "
+        "hold more KV cache, and a crash loses the batch in flight (its prompts are yielded when it "
+        "ends). vllm backend: max(1, batch_size // k) whole prompts per engine call (vLLM batches "
+        "them itself; their records are written when the call ends).")
+    seed: int = option(0,
+        "Run seed. Sample i of prompt p uses a seed hashed from (seed, p, i), so a resumed run "
+        "reproduces the samples it redoes. 0 .. 2**32 - 1.")
+    base_url: str = option("http://127.0.0.1:8000/v1",
+        "OpenAI backend: server URL up to and including /v1 (vLLM: `vllm serve MODEL --enable-lora`).")
+    api_key_env: str = option("OPENAI_API_KEY",
+        "OpenAI backend: environment variable holding the API key sent as a Bearer token (unset or "
+        "empty variable = no Authorization header, as for a local vLLM).")
+    served_model: str | None = option(None,
+        "OpenAI backend: model name of the base model on the server; unset = the first model that "
+        "GET /v1/models lists.")
+    concurrency: int = option(16, "OpenAI backend: requests in flight at once (one request per sample).")
+    timeout_s: float = option(600.0,
+        "OpenAI backend: seconds to wait for one HTTP response before the try counts as failed.")
+    max_retries: int = option(3,
+        "OpenAI backend: retries after a failed try (connection error, timeout, HTTP 408/429/5xx) "
+        "before giving up with an error; other HTTP errors fail at once.")
+    backoff_s: float = option(2.0, "OpenAI backend: wait before retry r (r = 0, 1, ...) is backoff_s * 2**r seconds.")
+    adapter_name: str = option("tpo",
+        "OpenAI backend: prefix of the LoRA name under which each iteration's adapter is loaded into "
+        "vLLM via /v1/load_lora_adapter (needs VLLM_ALLOW_RUNTIME_LORA_UPDATING=True and "
+        "--enable-lora); hashes of the adapter's path and of its files are appended, so every "
+        "adapter gets its own name and one retrained at the same path is never served stale. "
+        "vllm backend: prefix of the LoRARequest name; a hash of the adapter's files is appended.")
+    vllm_gpu_memory_utilization: float = option(0.85,
+        "vllm backend: share of the GPU's memory the engine may take (weights, activations, KV "
+        "cache), vLLM's gpu_memory_utilization. Below vLLM's 0.9 because this process's own CUDA "
+        "context and allocator cache share the GPU with it.")
+    vllm_max_lora_rank: int = option(16,
+        "vllm backend: the largest LoRA rank the engine can serve (vLLM's max_lora_rank; one of the "
+        "ranks vLLM supports: 8, 16, 32, 64, ...). Must be >= model.lora_r; a larger adapter is "
+        "refused before sampling.")
+    vllm_max_model_len: int | None = option(None,
+        "vllm backend: context length the engine reserves KV cache for (vLLM's max_model_len); "
+        "unset = the model's own. Set it to about the longest prompt + max_new_tokens when the "
+        "model's context (e.g. 128k) does not fit the KV cache.")
 
     def __post_init__(self):
         require_finite(self)

@@ -40,7 +40,7 @@ import random
 import shutil
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -50,6 +50,7 @@ from tpo_lite.errors import TpoError, require_finite, require_seed
 from tpo_lite.jsonl import read_json, write_json_atomic
 from tpo_lite.rundir import IterationDir
 from tpo_lite.ops.dpo import LOSS_TYPES
+from .options import option
 SCHEDULES = ("cosine", "linear", "constant")
 REF_CACHE_VERSION = 1
 # |initial margin| above this (reward units, i.e. beta * log-ratio) means policy and reference disagree
@@ -61,56 +62,50 @@ INITIAL_MARGIN_TOLERANCE = 0.05
 class TrainConfig:
     """The ``[train]`` table of a run config."""
 
-    beta: float = field(default=0.1, metadata={
-        "help": "DPO beta: strength of the pull towards the reference (larger = stay closer)."})
-    loss_type: str = field(default="sigmoid", metadata={
-        "choices": LOSS_TYPES,
-        "help": "'sigmoid' (DPO; with label_smoothing = conservative DPO), 'ipo' (IPO on length-averaged "
-                "log-probs), 'hinge' (SLiC hinge), 'robust' (rDPO, unbiased under label noise with flip rate "
-                "label_smoothing)."})
-    label_smoothing: float = field(default=0.0, metadata={
-        "help": "Assumed probability that a preference label is flipped, in [0, 0.5): smooths 'sigmoid' "
-                "(cDPO) and is the noise rate of 'robust'; must be 0 for 'ipo' and 'hinge'."})
-    nll_weight: float = field(default=0.0, metadata={
-        "help": "Weight of an extra per-token NLL loss on the chosen outputs (RPO / iterative RPO); 0 = off."})
-    average_log_prob: bool = field(default=False, metadata={
-        "help": "Use per-token averaged instead of summed sequence log-probs in the loss (always on for ipo)."})
-    learning_rate: float = field(default=5e-5, metadata={"help": "Peak AdamW learning rate of the LoRA weights."})
-    epochs: int = field(default=1, metadata={"help": "Passes over this iteration's pairs."})
-    batch_size: int = field(default=2, metadata={
-        "help": "Pairs per forward/backward (each pair = 2 sequences); lower it if memory runs out."})
-    grad_accum: int = field(default=4, metadata={
-        "help": "Micro-batches accumulated per optimizer step (pairs per step = batch_size * grad_accum)."})
-    grad_checkpointing: bool = field(default=True, metadata={
-        "help": "Recompute each decoder layer in the backward instead of keeping its activations: the DPO "
-                "step's peak memory falls to about the model plus one layer's activations (SmolLM2-135M, "
-                "bf16, 2 pairs of <= 512 tokens per micro-batch, CPU: peak RSS 1.4-1.5 GB instead of 2.5 GB) "
-                "for one extra forward per micro-batch (about 1.3x the CPU time per step there). false = keep "
-                "them: faster when the memory is there (docs/training.md)."})
-    lr_schedule: str = field(default="cosine", metadata={
-        "choices": SCHEDULES,
-        "help": "Learning-rate decay after warmup: 'cosine' (to 0), 'linear' (to 0) or 'constant'."})
-    warmup_ratio: float = field(default=0.1, metadata={
-        "help": "Fraction of the optimizer steps with a linear warmup from 0 to learning_rate."})
-    max_length: int = field(default=1024, metadata={
-        "help": "Longest prompt + completion in tokens; longer ones are cut (completion end first, keeping at "
-                "least half of max_length for it, then the prompt's beginning)."})
-    seed: int = field(default=0, metadata={
-        "help": "Seed of the LoRA initialisation, dropout and the order of the pairs in each epoch; 0 .. 2**32 - 1."})
-    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay of the LoRA weights."})
-    max_grad_norm: float = field(default=1.0, metadata={
-        "help": "Clip the global gradient norm to this before each step; 0 = no clipping."})
-    disable_dropout: bool = field(default=True, metadata={
-        "help": "Set every dropout of the model to 0 while training DPO (the model's own and the LoRA "
-                "dropout, also that of an adapter loaded from a previous iteration, which keeps the "
-                "lora_dropout it was created with), as TRL's disable_dropout: the policy pass then computes "
-                "the same function as the cached reference pass (eval mode), so the margins start at exactly "
-                "0. false = keep them (the policy is then a noisy version of the reference)."})
-    checkpoint_every: int = field(default=10, metadata={
-        "help": "Write a DPO checkpoint (LoRA weights, optimizer, LR schedule, RNG states, position, metrics so "
-                "far) to iter_XX/dpo_checkpoint.pt every this many optimizer steps; a killed run resumes from "
-                "the last one and ends with the adapter an uninterrupted run gives. Deleted once the adapter is "
-                "saved. 0 = never (a killed run restarts the iteration's DPO)."})
+    beta: float = option(0.1, "DPO beta: strength of the pull towards the reference (larger = stay closer).")
+    loss_type: str = option("sigmoid",
+        "'sigmoid' (DPO; with label_smoothing = conservative DPO), 'ipo' (IPO on length-averaged "
+        "log-probs), 'hinge' (SLiC hinge), 'robust' (rDPO, unbiased under label noise with flip rate "
+        "label_smoothing).", choices=LOSS_TYPES)
+    label_smoothing: float = option(0.0,
+        "Assumed probability that a preference label is flipped, in [0, 0.5): smooths 'sigmoid' "
+        "(cDPO) and is the noise rate of 'robust'; must be 0 for 'ipo' and 'hinge'.")
+    nll_weight: float = option(0.0,
+        "Weight of an extra per-token NLL loss on the chosen outputs (RPO / iterative RPO); 0 = off.")
+    average_log_prob: bool = option(False,
+        "Use per-token averaged instead of summed sequence log-probs in the loss (always on for ipo).")
+    learning_rate: float = option(5e-5, "Peak AdamW learning rate of the LoRA weights.")
+    epochs: int = option(1, "Passes over this iteration's pairs.")
+    batch_size: int = option(2, "Pairs per forward/backward (each pair = 2 sequences); lower it if memory runs out.")
+    grad_accum: int = option(4,
+        "Micro-batches accumulated per optimizer step (pairs per step = batch_size * grad_accum).")
+    grad_checkpointing: bool = option(True,
+        "Recompute each decoder layer in the backward instead of keeping its activations: the DPO "
+        "step's peak memory falls to about the model plus one layer's activations (SmolLM2-135M, "
+        "bf16, 2 pairs of <= 512 tokens per micro-batch, CPU: peak RSS 1.4-1.5 GB instead of 2.5 GB) "
+        "for one extra forward per micro-batch (about 1.3x the CPU time per step there). false = keep "
+        "them: faster when the memory is there (docs/training.md).")
+    lr_schedule: str = option("cosine",
+        "Learning-rate decay after warmup: 'cosine' (to 0), 'linear' (to 0) or 'constant'.", choices=SCHEDULES)
+    warmup_ratio: float = option(0.1, "Fraction of the optimizer steps with a linear warmup from 0 to learning_rate.")
+    max_length: int = option(1024,
+        "Longest prompt + completion in tokens; longer ones are cut (completion end first, keeping at "
+        "least half of max_length for it, then the prompt's beginning).")
+    seed: int = option(0,
+        "Seed of the LoRA initialisation, dropout and the order of the pairs in each epoch; 0 .. 2**32 - 1.")
+    weight_decay: float = option(0.0, "AdamW weight decay of the LoRA weights.")
+    max_grad_norm: float = option(1.0, "Clip the global gradient norm to this before each step; 0 = no clipping.")
+    disable_dropout: bool = option(True,
+        "Set every dropout of the model to 0 while training DPO (the model's own and the LoRA "
+        "dropout, also that of an adapter loaded from a previous iteration, which keeps the "
+        "lora_dropout it was created with), as TRL's disable_dropout: the policy pass then computes "
+        "the same function as the cached reference pass (eval mode), so the margins start at exactly "
+        "0. false = keep them (the policy is then a noisy version of the reference).")
+    checkpoint_every: int = option(10,
+        "Write a DPO checkpoint (LoRA weights, optimizer, LR schedule, RNG states, position, metrics so "
+        "far) to iter_XX/dpo_checkpoint.pt every this many optimizer steps; a killed run resumes from "
+        "the last one and ends with the adapter an uninterrupted run gives. Deleted once the adapter is "
+        "saved. 0 = never (a killed run restarts the iteration's DPO).")
 
     def __post_init__(self):
         require_finite(self)

@@ -38,8 +38,9 @@ import statistics
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from ..options import option
 
 # torch is imported inside the functions that run: `tpo-lite bench kernels --help` must not load it.
 METHODS = ("fused", "eager", "compiled", "liger", "floor")
@@ -53,36 +54,31 @@ CPU_SHAPES = [(2048, 896, 151936)]
 
 @dataclass
 class KernelBenchConfig:
-    device: str = field(default="auto", metadata={"help": "cpu, cuda, or auto (cuda when available)."})
-    shapes: Optional[List[Tuple[int, int, int]]] = field(
-        default=None,
-        metadata={"help": "Cases as N,d,V triples (tokens, hidden size, vocab). Default: on the GPU the grid "
-                          "N in {1024,4096} x d in {576,896,2048} x V in {49152,151936,262144}; on the CPU "
-                          "2048,896,151936."},
-    )
-    dtypes: List[str] = field(
-        default_factory=lambda: ["float32", "bfloat16"],
-        metadata={"help": "Input dtypes to run every shape in: float32, bfloat16, float16."},
-    )
-    methods: List[str] = field(
-        default_factory=lambda: list(METHODS),
-        metadata={"help": "Methods to compare: fused, eager, compiled (torch.compile of eager), liger "
-                          "(Liger-Kernel, GPU only), floor (the two bare matrix products)."},
-    )
-    repeats: int = field(default=5, metadata={"help": "Timed fwd+bwd runs per method (interleaved); the median "
-                                                      "is reported. At least 1; use >= 5 for numbers you report."})
-    warmup: int = field(default=1, metadata={"help": "Untimed runs per method before timing (torch.compile "
-                                                     "compiles in the first)."})
-    memory: bool = field(default=True, metadata={"help": "Measure peak extra memory per method (CPU: one fresh "
-                                                         "subprocess per case and method)."})
-    threads: int = field(default=0, metadata={"help": "torch CPU threads (0: torch's default)."})
-    seed: int = field(default=0, metadata={"help": "Seed for the random inputs."})
-    floor_max_bytes: int = field(
-        default=4 << 30,
-        metadata={"help": "The floor materialises the N x V product when it is at most this many bytes; above "
-                          "it the two products run over 16384-column vocab chunks (same FLOPs)."},
-    )
-    child_timeout_s: float = field(default=900.0, metadata={"help": "Time limit of one CPU memory subprocess."})
+    device: str = option("auto", "cpu, cuda, or auto (cuda when available).")
+    shapes: Optional[List[Tuple[int, int, int]]] = option(None,
+        "Cases as N,d,V triples (tokens, hidden size, vocab). Default: on the GPU the grid "
+        "N in {1024,4096} x d in {576,896,2048} x V in {49152,151936,262144}; on the CPU "
+        "2048,896,151936.")
+    dtypes: List[str] = option(factory=lambda: ["float32", "bfloat16"], help=
+        "Input dtypes to run every shape in: float32, bfloat16, float16.")
+    methods: List[str] = option(factory=lambda: list(METHODS), help=
+        "Methods to compare: fused, eager, compiled (torch.compile of eager), liger "
+        "(Liger-Kernel, GPU only), floor (the two bare matrix products).")
+    repeats: int = option(5,
+        "Timed fwd+bwd runs per method (interleaved); the median "
+        "is reported. At least 1; use >= 5 for numbers you report.")
+    warmup: int = option(1,
+        "Untimed runs per method before timing (torch.compile "
+        "compiles in the first).")
+    memory: bool = option(True,
+        "Measure peak extra memory per method (CPU: one fresh "
+        "subprocess per case and method).")
+    threads: int = option(0, "torch CPU threads (0: torch's default).")
+    seed: int = option(0, "Seed for the random inputs.")
+    floor_max_bytes: int = option(4 << 30,
+        "The floor materialises the N x V product when it is at most this many bytes; above "
+        "it the two products run over 16384-column vocab chunks (same FLOPs).")
+    child_timeout_s: float = option(900.0, "Time limit of one CPU memory subprocess.")
 
     def __post_init__(self):
         if self.device not in ("auto", "cpu", "cuda"):

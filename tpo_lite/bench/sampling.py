@@ -29,43 +29,43 @@ import platform
 import statistics
 import time
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, List, Optional
+from ..options import option
 
 METHODS = ("sampler", "reference", "generate")
 
 
 @dataclass
 class SamplingBenchConfig:
-    model: str = field(default="smollm2", metadata={
-        "help": "Model: 'smollm2' (the embedded default), an HF model directory or a .gguf file (as [model] "
-                "path)."})
-    adapter: Optional[str] = field(default=None, metadata={
-        "help": "A peft LoRA adapter directory to sample with (e.g. runs/NAME/iter_01/adapter); unset = the "
-                "bare model."})
-    dtype: str = field(default="auto", metadata={"help": "Model dtype, as [model] dtype."})
-    device: str = field(default="auto", metadata={"help": "Torch device, as [model] device."})
-    instructions: str = field(default="train", metadata={
-        "help": "Prompts: the embedded set 'train' or 'heldout', or an instruction file (JSONL/JSON)."})
-    prompts: int = field(default=24, metadata={"help": "How many instructions (the first ones)."})
-    template: str = field(default="generic", metadata={"help": "Thought template, as [prompts] template."})
-    prefill_thought_header: bool = field(default=True, metadata={
-        "help": "Pre-fill the template's thought header, as [prompts] prefill_thought_header."})
-    k: int = field(default=4, metadata={"help": "Samples per prompt."})
-    temperature: float = field(default=0.8, metadata={"help": "Sampling temperature."})
-    top_p: float = field(default=0.95, metadata={"help": "Nucleus sampling top-p."})
-    max_new_tokens: int = field(default=224, metadata={"help": "Token limit of one output."})
-    thought_budget: Optional[int] = field(default=96, metadata={
-        "help": "Budget forcing for the sampler methods (0 or unset = off); generate never forces."})
-    batch_size: int = field(default=96, metadata={
-        "help": "Rows decoded together by 'sampler' and 'generate' (whole prompts: batch_size // k of them)."})
-    reference_batch_size: int = field(default=8, metadata={"help": "Rows per batch of 'reference'."})
-    methods: List[str] = field(default_factory=lambda: list(METHODS), metadata={
-        "help": "Methods to time: sampler, reference, generate."})
-    repeats: int = field(default=3, metadata={"help": "Timed runs per method (interleaved); medians reported."})
-    warmup: bool = field(default=True, metadata={"help": "Run each method once on the first prompt, untimed."})
-    threads: int = field(default=0, metadata={"help": "torch CPU threads (0: torch's default)."})
-    seed: int = field(default=0, metadata={"help": "Run seed of the sample seeds."})
+    model: str = option("smollm2",
+        "Model: 'smollm2' (the embedded default), an HF model directory or a .gguf file (as [model] "
+        "path).")
+    adapter: Optional[str] = option(None,
+        "A peft LoRA adapter directory to sample with (e.g. runs/NAME/iter_01/adapter); unset = the "
+        "bare model.")
+    dtype: str = option("auto", "Model dtype, as [model] dtype.")
+    device: str = option("auto", "Torch device, as [model] device.")
+    instructions: str = option("train",
+        "Prompts: the embedded set 'train' or 'heldout', or an instruction file (JSONL/JSON).")
+    prompts: int = option(24, "How many instructions (the first ones).")
+    template: str = option("generic", "Thought template, as [prompts] template.")
+    prefill_thought_header: bool = option(True,
+        "Pre-fill the template's thought header, as [prompts] prefill_thought_header.")
+    k: int = option(4, "Samples per prompt.")
+    temperature: float = option(0.8, "Sampling temperature.")
+    top_p: float = option(0.95, "Nucleus sampling top-p.")
+    max_new_tokens: int = option(224, "Token limit of one output.")
+    thought_budget: Optional[int] = option(96,
+        "Budget forcing for the sampler methods (0 or unset = off); generate never forces.")
+    batch_size: int = option(96,
+        "Rows decoded together by 'sampler' and 'generate' (whole prompts: batch_size // k of them).")
+    reference_batch_size: int = option(8, "Rows per batch of 'reference'.")
+    methods: List[str] = option(factory=lambda: list(METHODS), help="Methods to time: sampler, reference, generate.")
+    repeats: int = option(3, "Timed runs per method (interleaved); medians reported.")
+    warmup: bool = option(True, "Run each method once on the first prompt, untimed.")
+    threads: int = option(0, "torch CPU threads (0: torch's default).")
+    seed: int = option(0, "Run seed of the sample seeds.")
 
     def __post_init__(self):
         for name in ("prompts", "k", "max_new_tokens", "batch_size", "reference_batch_size", "repeats"):

@@ -34,9 +34,10 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional, Union
+from ..options import option
 
 METHODS = ("tpo-lite", "tpo-lite-nogc", "trl")
 _RESULT = "TPO_BENCH_RESULT "
@@ -44,33 +45,31 @@ _RESULT = "TPO_BENCH_RESULT "
 
 @dataclass
 class TrainBenchConfig:
-    model: str = field(default="smollm2", metadata={
-        "help": "Model to train ([model] path): 'smollm2', an HF directory or a .gguf file."})
-    dtype: str = field(default="auto", metadata={"help": "Model dtype, as [model] dtype."})
-    load_in_4bit: Union[bool, str] = field(default="auto", metadata={
-        "help": "NF4 base (QLoRA), as [model] load_in_4bit: true, false or auto (NF4 on CUDA only)."})
-    device: str = field(default="auto", metadata={"help": "Torch device, as [model] device."})
-    pairs: str = field(default="", metadata={
-        "help": "A pairs.jsonl of a run (its token ids are used); empty = synthetic pairs of random tokens: "
-                "prompts of max_length/8..max_length/4 tokens, completions of max_length/4..3*max_length/4."})
-    n_pairs: int = field(default=16, metadata={"help": "Pairs per run (the first n of --pairs)."})
-    max_length: int = field(default=512, metadata={"help": "Longest prompt + completion in tokens ([train])."})
-    batch_size: int = field(default=2, metadata={"help": "Pairs per micro-batch ([train] batch_size)."})
-    grad_accum: int = field(default=1, metadata={"help": "Micro-batches per optimizer step ([train])."})
-    lora_r: int = field(default=16, metadata={"help": "LoRA rank (all-linear targets)."})
-    lora_alpha: float = field(default=32.0, metadata={"help": "LoRA alpha."})
-    learning_rate: float = field(default=1e-4, metadata={"help": "Learning rate of both trainers."})
-    beta: float = field(default=0.1, metadata={"help": "DPO beta of both trainers."})
-    methods: tuple = field(default=("tpo-lite", "trl"), metadata={
-        "help": f"Methods to run, among {', '.join(METHODS)}."})
-    repeats: int = field(default=3, metadata={"help": "Runs per method (interleaved rounds); medians reported."})
-    threads: int = field(default=0, metadata={
-        "help": "torch threads in each run (0 = torch's default). On a busy shared CPU 1 is often fastest."})
-    seed: int = field(default=0, metadata={"help": "Seed of the synthetic pairs, the LoRA init and the order."})
-    trl_python: str = field(default="", metadata={
-        "help": "Python interpreter that runs the TRL method (one with trl installed, e.g. a separate venv); "
-                "empty = this one. tpo_lite is put on its PYTHONPATH."})
-    timeout_s: float = field(default=3600.0, metadata={"help": "Time limit of one run (seconds)."})
+    model: str = option("smollm2", "Model to train ([model] path): 'smollm2', an HF directory or a .gguf file.")
+    dtype: str = option("auto", "Model dtype, as [model] dtype.")
+    load_in_4bit: Union[bool, str] = option("auto",
+        "NF4 base (QLoRA), as [model] load_in_4bit: true, false or auto (NF4 on CUDA only).")
+    device: str = option("auto", "Torch device, as [model] device.")
+    pairs: str = option("",
+        "A pairs.jsonl of a run (its token ids are used); empty = synthetic pairs of random tokens: "
+        "prompts of max_length/8..max_length/4 tokens, completions of max_length/4..3*max_length/4.")
+    n_pairs: int = option(16, "Pairs per run (the first n of --pairs).")
+    max_length: int = option(512, "Longest prompt + completion in tokens ([train]).")
+    batch_size: int = option(2, "Pairs per micro-batch ([train] batch_size).")
+    grad_accum: int = option(1, "Micro-batches per optimizer step ([train]).")
+    lora_r: int = option(16, "LoRA rank (all-linear targets).")
+    lora_alpha: float = option(32.0, "LoRA alpha.")
+    learning_rate: float = option(1e-4, "Learning rate of both trainers.")
+    beta: float = option(0.1, "DPO beta of both trainers.")
+    methods: tuple = option(("tpo-lite", "trl"), f"Methods to run, among {', '.join(METHODS)}.")
+    repeats: int = option(3, "Runs per method (interleaved rounds); medians reported.")
+    threads: int = option(0,
+        "torch threads in each run (0 = torch's default). On a busy shared CPU 1 is often fastest.")
+    seed: int = option(0, "Seed of the synthetic pairs, the LoRA init and the order.")
+    trl_python: str = option("",
+        "Python interpreter that runs the TRL method (one with trl installed, e.g. a separate venv); "
+        "empty = this one. tpo_lite is put on its PYTHONPATH.")
+    timeout_s: float = option(3600.0, "Time limit of one run (seconds).")
 
     def __post_init__(self):
         self.methods = tuple(self.methods)

@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal
 
 from ..errors import TpoError, require_finite
 from .base import Capabilities, Judge, JudgeResult, instruction_text  # noqa: F401  (re-exported)
+from ..options import option
 
 __all__ = ["JudgeConfig", "KINDS", "make_judge", "judge_class", "Judge", "Capabilities", "JudgeResult",
            "instruction_text"]
@@ -43,97 +44,92 @@ def _check_template_kwargs(kwargs) -> None:
 class JudgeConfig:
     """The ``[judge]`` table."""
 
-    kind: Literal["programmatic", "reward_model", "pairwise", "function"] = field(default="programmatic", metadata={
-        "help": "Which judge scores the responses: 'programmatic' (the instruction's verifiable checks; needs "
-                "instructions with checks, no model), 'reward_model' (an HF sequence-classification reward model, "
-                "score = its scalar output, see score_field), 'pairwise' (an LLM judge asked which of two "
-                "responses is better, both orders, per-sample scores from a Bradley-Terry fit) or 'function' (your "
-                "Python reward function, see function)."})
-    function: str = field(default="", metadata={
-        "help": "Function judge: the reward function as 'module:function' (imported; the current directory is "
-                "searched too) or 'path/to/file.py:function', called like TRL's reward_funcs once per "
-                "instruction: f(prompts=[instruction] * n, completions=[response, ...], checks=[checks] * n) "
-                "(only the arguments it names unless it takes **kwargs), returning one float per completion "
-                "(None = not scored: that sample counts as invalid). Scores are cached per response."})
-    function_learned: bool = field(default=False, metadata={
-        "help": "Function judge: declare the function a learned proxy (it runs a model) rather than a "
-                "verifiable check, so evaluating with the judge the run optimised warns of reward hacking. Off by "
-                "default: a reward function is usually a rule."})
-    tie_weight: float = field(default=0.25, metadata={
-        "help": "Programmatic judge: weight in [0, 1) of the near-miss credit of failed checks (score = (passed + "
-                "tie_weight * mean closeness of the failed) / n_checks); 0 = the bare fraction of checks passed."})
-    model: str = field(default="", metadata={
-        "help": "Judge model: a local directory or hub id of the reward model (kind = 'reward_model') or of the "
-                "causal LM judge (kind = 'pairwise' without base_url). Unused by the programmatic judge."})
-    batch_size: int = field(default=8, metadata={
-        "help": "Sequences per forward pass of a local reward model or local pairwise judge."})
-    device: str = field(default="auto", metadata={
-        "help": "Torch device of a local judge model: 'auto' (CUDA when available, else CPU), 'cpu', 'cuda', "
-                "'cuda:1', ..."})
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = field(default="auto", metadata={
-        "help": "Weights dtype of a local judge model; 'auto' = bfloat16 on CUDA, float32 on CPU."})
-    trust_remote_code: bool = field(default=False, metadata={
-        "help": "Reward model: run the Python code the model repository ships (config.json auto_map, e.g. "
-                "ArmoRM's modeling_custom.py) when loading it. Only for code you trust. Off: such a model is "
-                "refused, naming this option (transformers would otherwise load a stock class without the "
-                "custom head, or fail)."})
-    score_field: str = field(default="auto", metadata={
-        "help": "Reward model: the field of the model's output holding the reward, one value per sequence: "
-                "'auto' (a 'score' field when the output has one -- multi-objective reward models such as ArmoRM "
-                "put their gated preference score there, next to the per-objective 'rewards', which are kept in "
-                "the judgement details -- else 'logits'), 'score', 'logits' or another output field name."})
-    max_length: int = field(default=4096, metadata={
-        "help": "Reward model: longest (instruction + response) conversation in tokens; longer ones are cut at "
-                "the end and flagged 'truncated' in the judgement details."})
-    base_url: str = field(default="", metadata={
-        "help": "Pairwise judge on an OpenAI-compatible server (e.g. vLLM): the API root such as "
-                "'http://127.0.0.1:8000/v1' ('/chat/completions' is appended). Empty = use the local model."})
-    api_key_env: str = field(default="OPENAI_API_KEY", metadata={
-        "help": "Name of the environment variable holding the server's API key (sent as a Bearer token when "
-                "set; the key itself never goes into a config file)."})
-    served_model: str = field(default="", metadata={
-        "help": "Model name the judge server serves (the 'model' field of each request)."})
-    timeout_s: float = field(default=60.0, metadata={
-        "help": "Seconds to wait for one judge-server reply before the attempt counts as failed."})
-    max_retries: int = field(default=3, metadata={
-        "help": "Retries per judge-server request after a connection error, timeout, HTTP 408/429/5xx or "
-                "malformed reply, before the run stops with an error (finished judgements stay cached)."})
-    retry_backoff_s: float = field(default=1.0, metadata={
-        "help": "First retry waits this many seconds, each further retry twice as long."})
-    concurrency: int = field(default=4, metadata={
-        "help": "Judge-server requests in flight at once."})
-    max_tokens: int = field(default=8, metadata={
-        "help": "Pairwise judge on a server: most tokens the judge may generate per comparison. A reasoning "
-                "model thinks before its verdict: give it thousands (e.g. 4096). The verdict is read from the "
-                "final answer only (reasoning_content, or the <think>...</think> block, is skipped); an answer cut "
-                "off before a verdict counts as a tie, flagged 'cut_off'."})
-    chat_template_kwargs: dict = field(default_factory=dict, metadata={
-        "help": "Pairwise judge: variables for the judge model's chat template (a local model's "
-                "apply_chat_template; a server gets them as the request's chat_template_kwargs, as vLLM "
-                "accepts), e.g. {enable_thinking = false} to turn a Qwen3 judge's thinking off. Empty: none."})
-    server_logprobs: bool = field(default=True, metadata={
-        "help": "Ask the judge server for top log-probs of the answer token and read P(A) from them (after "
-                "the reasoning of a reasoning model); off (or when the server returns none) the final answer's "
-                "text is parsed: A -> 1, B -> 0, neither -> 0.5."})
-    pair_schedule: str = field(default="all", metadata={
-        "help": "Which pairs of an instruction's valid responses the pairwise judge compares (each in both "
-                "orders): 'all' (K(K-1)/2 pairs), 'round_robin' (each with its neighbour in a cycle, K pairs) or "
-                "'random:N' (N random pairs per instruction, a random cycle first so every response is compared)."})
-    bt_l2: float = field(default=0.1, metadata={
-        "help": "Ridge on the Bradley-Terry log-strengths of the pairwise judge (a Gaussian prior of variance "
-                "1/bt_l2): keeps scores finite when one response wins every comparison."})
-    prompt_template: str = field(default="", metadata={
-        "help": "Pairwise judge prompt with the placeholders {instruction}, {response_a} and {response_b}; a "
-                "path to a text file holding it is also accepted. Empty = the built-in template "
-                "(tpo_lite.judges.pairwise.DEFAULT_JUDGE_TEMPLATE)."})
-    seed: int = field(default=0, metadata={
-        "help": "Seed of the 'random:N' pair schedule (combined with the instruction text, so reruns draw the "
-                "same pairs)."})
-    cache: bool = field(default=True, metadata={
-        "help": "Keep every judgement in a SQLite file keyed by a content hash of judge + config, instruction "
-                "and response(s), so nothing is judged twice, also across restarts."})
-    cache_path: str = field(default="", metadata={
-        "help": "Judgement cache file; empty = the run directory's judge_cache.sqlite (shared by iterations)."})
+    kind: Literal["programmatic", "reward_model", "pairwise", "function"] = option("programmatic",
+        "Which judge scores the responses: 'programmatic' (the instruction's verifiable checks; needs "
+        "instructions with checks, no model), 'reward_model' (an HF sequence-classification reward model, "
+        "score = its scalar output, see score_field), 'pairwise' (an LLM judge asked which of two "
+        "responses is better, both orders, per-sample scores from a Bradley-Terry fit) or 'function' (your "
+        "Python reward function, see function).")
+    function: str = option("",
+        "Function judge: the reward function as 'module:function' (imported; the current directory is "
+        "searched too) or 'path/to/file.py:function', called like TRL's reward_funcs once per "
+        "instruction: f(prompts=[instruction] * n, completions=[response, ...], checks=[checks] * n) "
+        "(only the arguments it names unless it takes **kwargs), returning one float per completion "
+        "(None = not scored: that sample counts as invalid). Scores are cached per response.")
+    function_learned: bool = option(False,
+        "Function judge: declare the function a learned proxy (it runs a model) rather than a "
+        "verifiable check, so evaluating with the judge the run optimised warns of reward hacking. Off by "
+        "default: a reward function is usually a rule.")
+    tie_weight: float = option(0.25,
+        "Programmatic judge: weight in [0, 1) of the near-miss credit of failed checks (score = (passed + "
+        "tie_weight * mean closeness of the failed) / n_checks); 0 = the bare fraction of checks passed.")
+    model: str = option("",
+        "Judge model: a local directory or hub id of the reward model (kind = 'reward_model') or of the "
+        "causal LM judge (kind = 'pairwise' without base_url). Unused by the programmatic judge.")
+    batch_size: int = option(8, "Sequences per forward pass of a local reward model or local pairwise judge.")
+    device: str = option("auto",
+        "Torch device of a local judge model: 'auto' (CUDA when available, else CPU), 'cpu', 'cuda', "
+        "'cuda:1', ...")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = option("auto",
+        "Weights dtype of a local judge model; 'auto' = bfloat16 on CUDA, float32 on CPU.")
+    trust_remote_code: bool = option(False,
+        "Reward model: run the Python code the model repository ships (config.json auto_map, e.g. "
+        "ArmoRM's modeling_custom.py) when loading it. Only for code you trust. Off: such a model is "
+        "refused, naming this option (transformers would otherwise load a stock class without the "
+        "custom head, or fail).")
+    score_field: str = option("auto",
+        "Reward model: the field of the model's output holding the reward, one value per sequence: "
+        "'auto' (a 'score' field when the output has one -- multi-objective reward models such as ArmoRM "
+        "put their gated preference score there, next to the per-objective 'rewards', which are kept in "
+        "the judgement details -- else 'logits'), 'score', 'logits' or another output field name.")
+    max_length: int = option(4096,
+        "Reward model: longest (instruction + response) conversation in tokens; longer ones are cut at "
+        "the end and flagged 'truncated' in the judgement details.")
+    base_url: str = option("",
+        "Pairwise judge on an OpenAI-compatible server (e.g. vLLM): the API root such as "
+        "'http://127.0.0.1:8000/v1' ('/chat/completions' is appended). Empty = use the local model.")
+    api_key_env: str = option("OPENAI_API_KEY",
+        "Name of the environment variable holding the server's API key (sent as a Bearer token when "
+        "set; the key itself never goes into a config file).")
+    served_model: str = option("", "Model name the judge server serves (the 'model' field of each request).")
+    timeout_s: float = option(60.0, "Seconds to wait for one judge-server reply before the attempt counts as failed.")
+    max_retries: int = option(3,
+        "Retries per judge-server request after a connection error, timeout, HTTP 408/429/5xx or "
+        "malformed reply, before the run stops with an error (finished judgements stay cached).")
+    retry_backoff_s: float = option(1.0, "First retry waits this many seconds, each further retry twice as long.")
+    concurrency: int = option(4, "Judge-server requests in flight at once.")
+    max_tokens: int = option(8,
+        "Pairwise judge on a server: most tokens the judge may generate per comparison. A reasoning "
+        "model thinks before its verdict: give it thousands (e.g. 4096). The verdict is read from the "
+        "final answer only (reasoning_content, or the <think>...</think> block, is skipped); an answer cut "
+        "off before a verdict counts as a tie, flagged 'cut_off'.")
+    chat_template_kwargs: dict = option(factory=dict, help=
+        "Pairwise judge: variables for the judge model's chat template (a local model's "
+        "apply_chat_template; a server gets them as the request's chat_template_kwargs, as vLLM "
+        "accepts), e.g. {enable_thinking = false} to turn a Qwen3 judge's thinking off. Empty: none.")
+    server_logprobs: bool = option(True,
+        "Ask the judge server for top log-probs of the answer token and read P(A) from them (after "
+        "the reasoning of a reasoning model); off (or when the server returns none) the final answer's "
+        "text is parsed: A -> 1, B -> 0, neither -> 0.5.")
+    pair_schedule: str = option("all",
+        "Which pairs of an instruction's valid responses the pairwise judge compares (each in both "
+        "orders): 'all' (K(K-1)/2 pairs), 'round_robin' (each with its neighbour in a cycle, K pairs) or "
+        "'random:N' (N random pairs per instruction, a random cycle first so every response is compared).")
+    bt_l2: float = option(0.1,
+        "Ridge on the Bradley-Terry log-strengths of the pairwise judge (a Gaussian prior of variance "
+        "1/bt_l2): keeps scores finite when one response wins every comparison.")
+    prompt_template: str = option("",
+        "Pairwise judge prompt with the placeholders {instruction}, {response_a} and {response_b}; a "
+        "path to a text file holding it is also accepted. Empty = the built-in template "
+        "(tpo_lite.judges.pairwise.DEFAULT_JUDGE_TEMPLATE).")
+    seed: int = option(0,
+        "Seed of the 'random:N' pair schedule (combined with the instruction text, so reruns draw the "
+        "same pairs).")
+    cache: bool = option(True,
+        "Keep every judgement in a SQLite file keyed by a content hash of judge + config, instruction "
+        "and response(s), so nothing is judged twice, also across restarts.")
+    cache_path: str = option("",
+        "Judgement cache file; empty = the run directory's judge_cache.sqlite (shared by iterations).")
 
     def __post_init__(self):
         require_finite(self)
