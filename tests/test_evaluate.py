@@ -1,13 +1,14 @@
-"""Tests for tpo_lite.evaluate: eval-set readers, alignment, comparisons, absolute eval, the real generation path."""
+"""Tests for tpo_lite.evaluate and tpo_lite.compare: eval-set readers, alignment, comparisons, absolute eval, the real
+generation path."""
 from __future__ import annotations
 
 import dataclasses
 import json
-import os
 
 import numpy as np
 import pytest
 
+from tpo_lite import compare as cp
 from tpo_lite import evalsets as es
 from tpo_lite import evaluate as ev
 from tpo_lite.errors import TpoError
@@ -147,7 +148,7 @@ def test_misaligned_outputs_are_refused():
     with pytest.raises(TpoError, match=r"do not line up.*1 outputs match no instruction \(first: 'something else'\)"):
         ev.align_outputs(items, stray)
     with pytest.raises(TpoError, match="no output"):
-        ev.compare_outputs(items, outs, outs[:2], _LengthJudge())
+        cp.compare_outputs(items, outs, outs[:2], _LengthJudge())
 
 
 def test_outputs_roundtrip_in_one_format(tmp_path):
@@ -209,7 +210,7 @@ def test_score_comparison_counts_and_invalid_as_loss():
     model = _outs(items, ["a b c", "a", "a b", "a b c d", "x y z", "q"], "m",
                   valid=[True, True, True, True, False, True])
     base = _outs(items, ["a b", "a b", "c d", "a", "p", "q"], "base")
-    r = ev.compare_outputs(items, model, base, _LengthJudge(), ev.EvalConfig(n_boot=200))
+    r = cp.compare_outputs(items, model, base, _LengthJudge(), ev.EvalConfig(n_boot=200))
     # outcomes: win, loss, tie, win, loss (invalid, not judged), tie
     assert [row["outcome"] for row in r["items"]] == [1.0, 0.0, 0.5, 1.0, 0.0, 0.5]
     assert (r["wins"], r["ties"], r["losses"]) == (2, 2, 2)
@@ -225,12 +226,12 @@ def test_score_comparison_counts_and_invalid_as_loss():
     # lengths are means over valid outputs, in characters
     assert r["model_lengths"]["response_chars_mean"] == pytest.approx(np.mean([5, 1, 3, 7, 1]))
     with pytest.raises(TpoError, match="cannot compare"):
-        ev.compare_outputs(items, model, base, _LengthJudge(), ev.EvalConfig(comparison="pairwise"))
+        cp.compare_outputs(items, model, base, _LengthJudge(), ev.EvalConfig(comparison="pairwise"))
 
 
 def test_tie_margin():
     items = _items(2)
-    r = ev.compare_outputs(items, _outs(items, ["a b c", "a"], "m"), _outs(items, ["a b", "a b c d"], "b"),
+    r = cp.compare_outputs(items, _outs(items, ["a b c", "a"], "m"), _outs(items, ["a b", "a b c d"], "b"),
                            _LengthJudge(), ev.EvalConfig(tie_margin=1.0, n_boot=50))
     assert [row["outcome"] for row in r["items"]] == [0.5, 0.0]
 
@@ -240,7 +241,7 @@ def test_pairwise_both_orders_and_position_bias():
     model = _outs(items, ["longer one", "s", "same", "longest of all"], "m")
     base = _outs(items, ["short", "longer", "sane", "x"], "b")  # item 2: equal length, different text
     judge = _BiasedPairwise(bias=0.1)
-    r = ev.compare_outputs(items, model, base, judge, ev.EvalConfig(n_boot=100))
+    r = cp.compare_outputs(items, model, base, judge, ev.EvalConfig(n_boot=100))
     assert r["comparison"] == "pairwise"
     assert len(judge.calls) == 8
     # the judge saw the original instruction and the two responses, in both orders
@@ -258,7 +259,7 @@ def test_pairwise_both_orders_and_position_bias():
         def compare(self, instruction, a, b):
             return 0.5
 
-    r = ev.compare_outputs(items, model, base, _Coin(), ev.EvalConfig(n_boot=50))
+    r = cp.compare_outputs(items, model, base, _Coin(), ev.EvalConfig(n_boot=50))
     assert r["position_bias"] == {"first_position_preferred": 0.5, "order_consistency": 1.0, "n_judged": 4}
     assert r["win_rate"] == 0.5 and r["ties"] == 4
 
@@ -283,7 +284,7 @@ def test_lc_win_rate_removes_a_pure_length_preference():
     base = [ev.ModelOutput(instruction=it.instruction, response="w" * 60, generator="b") for it in items]
     model = [ev.ModelOutput(instruction=it.instruction, response="w" * (60 + int(dk)), generator="m")
              for it, dk in zip(items, d)]
-    r = ev.compare_outputs(items, model, base, _LengthLovingPairwise(), ev.EvalConfig(n_boot=200))
+    r = cp.compare_outputs(items, model, base, _LengthLovingPairwise(), ev.EvalConfig(n_boot=200))
     expected = np.mean([(p + p) / 2 for p in 1.0 / (1.0 + np.exp(-d / 10.0))])
     assert r["win_rate"] == pytest.approx(expected) and r["win_rate"] > 0.65
     assert r["lc_win_rate"] == pytest.approx(0.5, abs=0.01)
@@ -295,7 +296,7 @@ def test_lc_win_rate_removes_a_pure_length_preference():
 def test_absolute_eval_mean_and_invalid_zero():
     items = _items(4)
     outs = _outs(items, ["a b", "a b c d", "zzz", "a"], "m", valid=[True, True, False, True])
-    r = ev.absolute_eval(items, outs, _LengthJudge(), ev.EvalConfig(n_boot=200))
+    r = cp.absolute_eval(items, outs, _LengthJudge(), ev.EvalConfig(n_boot=200))
     assert [row["score"] for row in r["items"]] == [2.0, 4.0, 0.0, 1.0]
     assert r["mean_score"] == pytest.approx(7 / 4)
     assert r["valid_rate"] == pytest.approx(0.75)
@@ -305,9 +306,9 @@ def test_absolute_eval_mean_and_invalid_zero():
 
 def test_write_result_json_and_markdown(tmp_path):
     items = _items(3)
-    r = ev.compare_outputs(items, _outs(items, ["a b c", "a", "a b"], "tpo"), _outs(items, ["a b", "a b", "a b"], "seed"),
+    r = cp.compare_outputs(items, _outs(items, ["a b c", "a", "a b"], "tpo"), _outs(items, ["a b", "a b", "a b"], "seed"),
                            _LengthJudge(), ev.EvalConfig(n_boot=50))
-    jp, mp = ev.write_result(tmp_path, r, ev.decoding_record(ev.EvalConfig()))
+    jp, mp = cp.write_result(tmp_path, r, cp.decoding_record(ev.EvalConfig()))
     back = json.loads(open(jp).read())
     assert back["win_rate"] == pytest.approx(0.5) and back["decoding"]["greedy"] is True
     md = open(mp).read()
@@ -335,37 +336,44 @@ def _tiny_model_and_tokenizer(tmp_path):
 
 
 def test_eval_tiny_random_model_real_path(tmp_path):
-    """Generation through the real sampler + parser + programmatic judge on a tiny random model."""
-    pytest.importorskip("tpo_lite.sampling")
+    """Generation through model_outputs (the real local sampler + parser) and the programmatic judge on a tiny
+    random model."""
+    pytest.importorskip("tpo_lite.models")
     judges = pytest.importorskip("tpo_lite.judges")
-    from tpo_lite.prompts import PromptConfig
+    from tpo_lite.config import load_config
 
-    model, tok = _tiny_model_and_tokenizer(tmp_path)
+    run_toml = _tiny_run_config(tmp_path)
     items = [es.EvalItem(id=f"h{k}", instruction=f"w{k} w{k + 1} answer yes", category=["c1", "c2"][k % 2],
                          checks=[{"type": "max_words", "value": 50}]) for k in range(4)]
-    ecfg = ev.EvalConfig(max_new_tokens=12, n_boot=100, batch_size=4)
     judge = judges.make_judge(judges.JudgeConfig(kind="programmatic"))
     results = {}
     for template in ("generic", "direct"):
-        outs = ev.generate_outputs(items, model, tok, PromptConfig(template=template), f"tiny-{template}", ecfg)
+        config = load_config(run_toml, [f"prompts.template={template}", "eval.max_new_tokens=12", "eval.batch_size=4"])
+        ecfg = config.eval
+
+        def generate(folder):
+            return ev.model_outputs(config, items, tmp_path / folder / "outputs.jsonl", generator=f"tiny-{template}",
+                                    progress=False, echo=lambda s: None)
+
+        outs = generate(template)
         assert [o.id for o in outs] == [it.id for it in items]
         for o in outs:
             assert o.finish_reason in ("eos", "stop", "length") and isinstance(o.text, str)
             if o.finish_reason == "length":
                 assert not o.valid  # cut off by the token limit -> invalid (a loss)
-        # greedy decoding is deterministic
-        again = ev.generate_outputs(items, model, tok, PromptConfig(template=template), f"tiny-{template}", ecfg)
+        # greedy decoding is deterministic: generated again (another folder), the same texts
+        again = generate(f"{template}-again")
         assert [o.text for o in again] == [o.text for o in outs]
         path = ev.write_model_outputs(tmp_path / template, outs)
         assert len(json.loads(open(path).read())) == 4
-        r = ev.absolute_eval(items, outs, judge, ecfg)
+        r = cp.absolute_eval(items, outs, judge, ecfg)
         assert r["n"] == 4 and 0.0 <= r["mean_score"] <= 1.0 and np.isfinite(r["mean_score_ci"]).all()
         assert r["valid_rate"] == pytest.approx(np.mean([o.valid for o in outs]))
         results[template] = ev.read_outputs(path)
-    cmp = ev.compare_outputs(items, results["generic"], results["direct"], judge, ev.EvalConfig(n_boot=100))
+    cmp = cp.compare_outputs(items, results["generic"], results["direct"], judge, ev.EvalConfig(n_boot=100))
     assert cmp["n"] == 4 and 0.0 <= cmp["win_rate"] <= 1.0
     assert cmp["win_rate"] == pytest.approx(np.mean([row["outcome"] for row in cmp["items"]]))
-    ev.write_result(tmp_path / "cmp", cmp)
+    cp.write_result(tmp_path / "cmp", cmp)
     assert json.loads((tmp_path / "cmp" / "eval.json").read_text())["n"] == 4
 
 
@@ -384,7 +392,7 @@ def test_compare_with_real_reward_model_and_pairwise_judges(tmp_path):
     bo = _outs(items, ["no w9", "yes yes", "a word", "w4 w5 w6 w7"], "b")
 
     rmj = RewardModelJudge(rm, tok)
-    r = ev.compare_outputs(items, mo, bo, rmj, ev.EvalConfig(n_boot=50))
+    r = cp.compare_outputs(items, mo, bo, rmj, ev.EvalConfig(n_boot=50))
     assert r["comparison"] == "score"
     for it, m, b, row in list(zip(items, mo, bo, r["items"]))[:3]:
         sm, sb = rmj.score(it, [m.response, b.response]).scores
@@ -394,7 +402,7 @@ def test_compare_with_real_reward_model_and_pairwise_judges(tmp_path):
     assert r["items"][3]["outcome"] == 0.5 and r["items"][3]["identical"] and not r["items"][3]["judged"]
 
     pj = PairwiseJudge(LocalPairBackend(model, tok))
-    r = ev.compare_outputs(items, mo, bo, pj, ev.EvalConfig(n_boot=50))
+    r = cp.compare_outputs(items, mo, bo, pj, ev.EvalConfig(n_boot=50))
     assert r["comparison"] == "pairwise"
     firsts = []
     for it, m, b, row in list(zip(items, mo, bo, r["items"]))[:3]:
@@ -544,7 +552,7 @@ def test_lc_win_rate_does_not_blame_format_failures_on_length():
     model = _outs(items, [chr(ord("a") + k) * n for k, n in enumerate(lengths)], "m", valid=[True] * 6 + [False] * 2)
     base = _outs(items, ["z" * 100] * 8, "b")
     p = dict(zip([it.instruction for it in items], [1.0, 1.0, 0.0, 0.0, 0.5, 0.5, 0.5, 0.5]))
-    r = ev.compare_outputs(items, model, base, _FixedPairwise(p, {o.response for o in model}), ev.EvalConfig(n_boot=200))
+    r = cp.compare_outputs(items, model, base, _FixedPairwise(p, {o.response for o in model}), ev.EvalConfig(n_boot=200))
     assert [row["outcome"] for row in r["items"]] == [1.0, 1.0, 0.0, 0.0, 0.5, 0.5, 0.0, 0.0]
     assert r["win_rate"] == pytest.approx(0.375)
     assert r["lc_win_rate"] == pytest.approx(0.375) and r["lc_fit_n"] == 6
@@ -587,17 +595,19 @@ def _scripted_factory(log, fails, stop_after=None):
 
 
 def test_format_errors_are_resampled_with_fresh_seeds(tmp_path):
-    from tpo_lite.prompts import PromptConfig
-
-    _, tok = _tiny_model_and_tokenizer(tmp_path)
+    pytest.importorskip("tpo_lite.models")
     items = [es.EvalItem(id=f"q{k}", instruction=f"w{k} answer") for k in range(4)]
     fails = {"q1": 1, "q2": 5}  # q1: one format error; q2: never valid
+
+    def generate(folder, log, *overrides):
+        config = _server_config(tmp_path, "sampling.concurrency=1", *overrides)
+        return ev.model_outputs(config, items, tmp_path / folder / "outputs.jsonl", generator="m", progress=False,
+                                echo=lambda s: None, sampler_factory=_scripted_factory(log, fails))
+
     runs = {}
     for bs in (4, 1):
         log = []
-        outs = ev.generate_outputs(items, None, tok, PromptConfig(template="generic"), "m",
-                                   ev.EvalConfig(batch_size=bs, seed=3), sampler_factory=_scripted_factory(log, fails))
-        runs[bs] = (outs, log)
+        runs[bs] = (generate(f"bs{bs}", log, f"eval.batch_size={bs}", "eval.seed=3"), log)
     outs, log = runs[4]
     assert [(o.tries, o.valid) for o in outs] == [(1, True), (2, True), (3, False), (1, True)]
     assert outs[2].invalid_reason and outs[2].text.startswith(_INVALID_TEXT)  # the last try counts
@@ -611,8 +621,7 @@ def test_format_errors_are_resampled_with_fresh_seeds(tmp_path):
     assert sorted(runs[1][1]) == sorted(log)
     # 0 retries = off
     log0 = []
-    outs0 = ev.generate_outputs(items, None, tok, PromptConfig(template="generic"), "m",
-                                ev.EvalConfig(format_retries=0), sampler_factory=_scripted_factory(log0, fails))
+    outs0 = generate("no-retries", log0, "eval.format_retries=0", "eval.batch_size=8")
     assert [o.tries for o in outs0] == [1] * 4 and len(log0) == 4 and not outs0[1].valid
     with pytest.raises(TpoError, match="retry_temperature: must be > 0"):
         ev.EvalConfig(retry_temperature=0.0)
@@ -622,15 +631,15 @@ def test_retries_reported_in_result_and_markdown(tmp_path):
     items = _items(4)
     outs = _outs(items, ["a b", "a b c", "", "a"], "m", valid=[True, True, False, True])
     outs[1].tries, outs[2].tries = 2, 3
-    r = ev.absolute_eval(items, outs, _LengthJudge(), ev.EvalConfig(n_boot=50))
+    r = cp.absolute_eval(items, outs, _LengthJudge(), ev.EvalConfig(n_boot=50))
     assert (r["model_lengths"]["n_retried"], r["model_lengths"]["n_invalid"]) == (2, 1)
     ev.write_model_outputs(tmp_path / "o", outs)
     assert [o.tries for o in ev.read_outputs(tmp_path / "o")] == [1, 2, 3, 1]
-    jp, mp = ev.write_result(tmp_path / "o", r, ev.decoding_record(ev.EvalConfig()))
+    jp, mp = cp.write_result(tmp_path / "o", r, cp.decoding_record(ev.EvalConfig()))
     assert "Format retries: 2 of 4 outputs had a format error and were re-sampled; 1 stayed invalid" in open(mp).read()
     assert json.loads(open(jp).read())["decoding"]["format_retries"] == 2
-    cmp = ev.compare_outputs(items, outs, _outs(items, ["x"] * 4, "b"), _LengthJudge(), ev.EvalConfig(n_boot=50))
-    assert "2 of 4 outputs had a format error" in ev.render_markdown(cmp)
+    cmp = cp.compare_outputs(items, outs, _outs(items, ["x"] * 4, "b"), _LengthJudge(), ev.EvalConfig(n_boot=50))
+    assert "2 of 4 outputs had a format error" in cp.render_markdown(cmp)
 
 
 def _server_config(tmp_path, *overrides):
@@ -725,20 +734,20 @@ def test_reward_hacking_warning_rules():
     def cfg(judge, eval_judge=None):
         return dataclasses.replace(RunConfig.default(), judge=judge, eval_judge=eval_judge)
 
-    assert "reward hacking" in ev.reward_hacking_warning(cfg(rm))
-    assert "judge at http://127.0.0.1:1/v1" in ev.reward_hacking_warning(cfg(pw))
-    assert "reward hacking" in ev.reward_hacking_warning(cfg(rm, JudgeConfig(kind="reward_model", model="/rm",
+    assert "reward hacking" in cp.reward_hacking_warning(cfg(rm))
+    assert "judge at http://127.0.0.1:1/v1" in cp.reward_hacking_warning(cfg(pw))
+    assert "reward hacking" in cp.reward_hacking_warning(cfg(rm, JudgeConfig(kind="reward_model", model="/rm",
                                                                              batch_size=2)))
-    assert ev.reward_hacking_warning(cfg(rm, JudgeConfig(kind="reward_model", model="/other-rm"))) is None
-    assert ev.reward_hacking_warning(cfg(rm, JudgeConfig(kind="programmatic"))) is None
-    assert ev.reward_hacking_warning(cfg(JudgeConfig(kind="programmatic"))) is None
-    assert ev.eval_judge_config(cfg(rm)) is rm and ev.eval_judge_config(cfg(rm, pw)) is pw
+    assert cp.reward_hacking_warning(cfg(rm, JudgeConfig(kind="reward_model", model="/other-rm"))) is None
+    assert cp.reward_hacking_warning(cfg(rm, JudgeConfig(kind="programmatic"))) is None
+    assert cp.reward_hacking_warning(cfg(JudgeConfig(kind="programmatic"))) is None
+    assert cp.eval_judge_config(cfg(rm)) is rm and cp.eval_judge_config(cfg(rm, pw)) is pw
     # a reward function declared learned (it runs a model) warns when it also evaluates; another function not
     fn = JudgeConfig(kind="function", function="my_rewards:rm_score", function_learned=True)
-    assert "my_rewards:rm_score" in ev.reward_hacking_warning(cfg(fn))
-    assert ev.reward_hacking_warning(cfg(fn, JudgeConfig(kind="function", function="my_rewards:other",
+    assert "my_rewards:rm_score" in cp.reward_hacking_warning(cfg(fn))
+    assert cp.reward_hacking_warning(cfg(fn, JudgeConfig(kind="function", function="my_rewards:other",
                                                          function_learned=True))) is None
-    assert ev.reward_hacking_warning(cfg(JudgeConfig(kind="function", function="my_rewards:rule"))) is None
+    assert cp.reward_hacking_warning(cfg(JudgeConfig(kind="function", function="my_rewards:rule"))) is None
 
 
 def test_eval_passes_the_response_budget_through():
@@ -751,7 +760,7 @@ def test_eval_passes_the_response_budget_through():
     scfg = ev.eval_sampling_config(run, ev.EvalConfig(response_budget=50, max_new_tokens=100))
     assert (scfg.response_budget, scfg.thought_budget, scfg.max_new_tokens) == (50, 40, 100)
     assert ev.retry_sampling_config(scfg, ev.EvalConfig()).response_budget == 50
-    assert ev.decoding_record(ev.EvalConfig(), run)["response_budget"] == 30
+    assert cp.decoding_record(ev.EvalConfig(), run)["response_budget"] == 30
     # The experiment: TPO and direct outputs get the same response budget; only TPO's thought has a budget.
     cfgs = experiment_configs(RunConfig.default().replace("sampling", response_budget=30, thought_budget=40))
     tpo, direct = (ev.eval_sampling_config(cfgs[k].sampling, cfgs[k].eval) for k in ("tpo", "direct"))

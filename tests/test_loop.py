@@ -536,6 +536,28 @@ def test_heldout_generates_through_the_sampling_backend(tiny, tmp_path, monkeypa
     assert len(recs) == 3 and all(r["tries"] >= 1 and r["generator"] == "iter01" for r in recs)
 
 
+def test_heldout_eval_hashes_the_adapter_once(tiny, tmp_path, monkeypatch):
+    """One held-out eval reads the adapter's weights for its digest once (its producer's), not again for the
+    generation settings of its outputs."""
+    from tpo_lite import rundir, sampling
+    from tpo_lite.heldout import heldout_stage
+
+    model_dir, train, heldout = tiny
+    cfg = _load(write_config(tmp_path, model_dir, train, heldout), "sampling.backend=openai")
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text("{}")
+    (adapter / "adapter_model.safetensors").write_bytes(b"weights")
+    hashed, real = [], rundir._sha256_file
+    monkeypatch.setattr(rundir, "_sha256_file", lambda path: hashed.append(path.name) or real(path))
+    monkeypatch.setattr(sampling, "make_sampler", lambda scfg, tokenizer, *a, **kw: ScriptedSampler(tokenizer))
+    rd = tmp_path / "runs" / "t"
+    res = heldout_stage(cfg, rd, RunDir(rd).iteration(1).heldout, str(adapter), "iter01", progress=False,
+                        echo=lambda s: None)
+    assert res["n"] == 3 and res["producer"]["adapter_sha256"]
+    assert sorted(hashed) == ["adapter_config.json", "adapter_model.safetensors"]
+
+
 def test_heldout_judge_is_the_eval_judge_and_warns_on_the_optimised_one(tiny, tmp_path, monkeypatch):
     from tpo_lite import judges
     from tpo_lite.heldout import make_heldout_judge

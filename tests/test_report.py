@@ -8,6 +8,7 @@ import pytest
 
 from tpo_lite import report
 from tpo_lite.errors import TpoError
+from tpo_lite.records import Judgement, Pair
 from tpo_lite.rundir import ExperimentDir, RunDir
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -41,6 +42,11 @@ def _absolute(score, ci, valid):
                              {"category": "lists", "n": 20, "mean_score": score - 0.1, "mean_score_ci": ci}]}
 
 
+def _pair(prompt_id, chosen, rejected):
+    return Pair(prompt_id, "q", [1], 0, 1, "a", "b c", [2], [3, 4], chosen, rejected, chosen, rejected, 0.0, True, None,
+                1, 2, "words")
+
+
 def _make_run(root, name, direct: bool):
     rd = RunDir(os.path.join(root, name))
     _dump(rd.eval_base.result, _absolute(0.41, [0.35, 0.47], 0.9))
@@ -54,10 +60,9 @@ def _make_run(root, name, direct: bool):
             "judge": {"mean_score": 0.5 + 0.05 * t},
             "pairs": {"pairs_kept": 30 + t, "chosen_response_chars": 240.0, "rejected_response_chars": 280.0 + t},
         })
-        _jsonl(d.pairs, [
-            {"prompt_id": f"p{k}", "chosen_score": 0.8 + 0.01 * k, "rejected_score": 0.3 + 0.02 * k} for k in range(8)])
-        _jsonl(d.judgements, [
-            {"prompt_id": f"p{k}", "judge": "programmatic", "scores": [0.3, None, 0.8]} for k in range(8)])
+        _jsonl(d.pairs, [_pair(f"p{k}", 0.8 + 0.01 * k, 0.3 + 0.02 * k).to_record() for k in range(8)])
+        _jsonl(d.judgements, [Judgement(f"p{k}", "programmatic", [0.3, None, 0.8], [{}, {}, {}]).to_record()
+                              for k in range(8)])
         _dump(d.heldout.result, _absolute(0.45 + 0.03 * t, [0.4, 0.55 + 0.03 * t], 0.8))
         wr = (0.52 if direct else 0.575) + 0.01 * t
         _dump(d.compare("vs_seed").result,
@@ -84,6 +89,11 @@ def test_report_on_constructed_experiment(tmp_path):
     assert "0.410 [0.350, 0.470]" in md  # seed held-out score
     assert "| 2 | 80.0% | 20.0% | 220 | 270 | 0.600 | 32 | 240 / 282 |" in md  # tpo iteration 2 metrics row
     assert "![Per category](categories.png)" in md
+    # the score plot's data: the pairs' chosen / rejected scores, the judgements' valid scores
+    tpo = report.load_run(os.path.join(exp, "tpo"))
+    assert tpo.pair_scores[2] == (pytest.approx([0.8 + 0.01 * k for k in range(8)]),
+                                  pytest.approx([0.3 + 0.02 * k for k in range(8)]))
+    assert tpo.sample_scores[1] == [0.3, 0.8] * 8
     # categories: the latest pairwise eval of each run + the experiment comparison
     metric, series = report.category_series(*report.expand_dirs([exp]))
     assert metric == "win_rate" and [s[0] for s in series] == ["tpo vs seed (iter 2)", "direct vs seed (iter 2)",
@@ -108,6 +118,12 @@ def test_report_bad_input(tmp_path):
     d.path.mkdir(parents=True)
     d.metrics.write_text("{ not json")
     with pytest.raises(TpoError, match=r"metrics.json:1: not valid JSON"):
+        report.make_report([tmp_path / "r"])
+    d.metrics.unlink()
+    rec = _pair("p0", 0.8, 0.3).to_record()
+    del rec["rho"]
+    _jsonl(d.pairs, [_pair("p1", 0.8, 0.3).to_record(), rec])
+    with pytest.raises(TpoError, match=r"pairs.jsonl:2: rho: missing"):
         report.make_report([tmp_path / "r"])
 
 

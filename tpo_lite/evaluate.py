@@ -1,45 +1,13 @@
-"""`tpo-lite eval`: loading an eval set, generation of the model's outputs, comparison with a judge, report data.
+"""`tpo-lite eval`'s inputs and outputs: the ``[eval]`` table (:class:`EvalConfig`), eval sets
+(:func:`load_eval_set`, any format of :mod:`tpo_lite.evalsets`, with baseline answers) and a model's outputs
+(:class:`ModelOutput`).
 
-The evidence TPO offers is the quality of the final *responses* (thoughts stripped) judged against a baseline,
-as in the paper's AlpacaEval / Arena-Hard tables. This module:
-
-1. reads an eval set (:func:`load_eval_set`) in any of the formats of :mod:`tpo_lite.evalsets` (AlpacaEval,
-   Arena-Hard, our instruction JSONL), with baseline answers from an Arena-Hard answer file or AlpacaEval-style
-   outputs when given.
-
-2. generates the model's outputs (:func:`model_outputs`, the one generation path of ``tpo-lite eval``, the
-   loop's held-out score and the experiment) through the run's own prompt template and sampling backend, with
-   the eval decoding settings of :class:`EvalConfig` (default greedy: ``temperature = 0``), appending them to a
-   resumable ``outputs.jsonl``, and strips the thoughts with :func:`tpo_lite.parsing.parse_output`. An output
-   with a format error is re-sampled up to ``eval.format_retries`` times (seeds from :func:`try_seed`); one
-   still without a parseable response is *invalid* and counts as a loss against any baseline (and as score 0
-   in an absolute evaluation).
-
-3. keeps the outputs in one format, ``outputs.jsonl`` (one :class:`ModelOutput` per line, thoughts, validity and
-   retries included; read back by :meth:`tpo_lite.rundir.EvalDir.read_outputs`), and exports AlpacaEval-style
-   ``model_outputs.json`` (``instruction``, ``output`` = response only, ``generator``, ``dataset``) beside it so
-   the official tools can be run on it (:func:`write_model_outputs`).
-
-4. compares with a judge (:func:`compare_outputs`; the evaluation judge is ``[eval_judge]``, else ``[judge]``,
-   see :func:`make_eval_judge`); the judge sees the original instruction and the two responses only, never a
-   thought:
-
-   * ``score`` -- the two responses are scored (reward model, programmatic) and the difference gives win
-     (> ``tie_margin``), tie (within it) or loss;
-   * ``pairwise`` -- a judge whose ``capabilities.compares_pairs``: asked in both orders; the outcome is the
-     mean of ``p(model wins)`` over the two orders, and the position bias (how often the *first* response is
-     preferred; 0.5 = no bias) and the order-consistency rate are reported.
-
-   The summary holds the win rate (ties as half), the length-controlled win rate
-   (:func:`tpo_lite.stats.length_controlled_win_rate`, fitted on valid-vs-valid instructions only), 95%
-   bootstrap CIs resampling instructions, a per-category table, mean response and thought lengths, the
-   invalid-format rate and the format-retry counts.
-
-5. or evaluates *absolutely* (:func:`absolute_eval`): the mean programmatic-judge score on the held-out set
-   with its bootstrap CI -- what ``tpo-lite run`` prints before vs after.
-
-Lengths are measured in **characters** of the response (or thought) text, the unit AlpacaEval uses, because the
-two sides of a comparison may come from models with different tokenizers.
+:func:`model_outputs` is the one generation path of ``tpo-lite eval``, the loop's held-out score and the
+experiment: the run's prompt template and sampling backend, the eval decoding settings (default greedy), format
+errors re-sampled, thoughts stripped by the parser; an output still invalid counts as a loss. Outputs are kept
+in one format, ``outputs.jsonl`` (read back by :meth:`tpo_lite.rundir.EvalDir.read_outputs`), with an
+AlpacaEval-style ``model_outputs.json`` export for the official tools (:func:`write_model_outputs`). Judging
+them is :mod:`tpo_lite.compare`.
 """
 from __future__ import annotations
 
@@ -51,22 +19,14 @@ from collections import defaultdict, deque
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
-import numpy as np
-
 from .errors import TpoError, require_finite, require_seed
 from .evalsets import (FORMATS, UNCATEGORISED, EvalItem, category_name, detect_format, eval_records,
-                       read_alpaca_eval,
-                       read_arena_hard, read_instruction_set, read_json_or_jsonl, record_location, require_str,
-                       resolve_eval_set)
+                       read_alpaca_eval, read_arena_hard, read_instruction_set, read_json_or_jsonl, record_location,
+                       require_str, resolve_eval_set)
 from .jsonl import append_record, read_json, read_records, write_json_atomic, write_text_atomic
-from .judges.base import Judge
-from .stats import mean
 from .options import option
 
 COMPARISONS = ("auto", "score", "pairwise")
-
-_FLOAT_TIE = 1e-6  # relative score difference below which a 'score' comparison is a tie (float rounding)
-
 
 
 @dataclass
@@ -366,39 +326,26 @@ def _groups(n: int, size: int) -> list[list[int]]:
     return [list(range(s, min(s + size, n))) for s in range(0, n, size)]
 
 
-def _sample_group(group: Sequence[tuple[int, EvalItem]], tokenizer, prompt_cfg, template, generator: str,
+def _sample_group(group: Sequence[tuple[int, EvalItem]], jobs: dict, template, generator: str,
                   ecfg: EvalConfig, sampler_for: Callable[[bool], Any]) -> list[ModelOutput]:
-    """One output per ``(index, item)`` of ``group``: sampled, parsed, and while invalid re-sampled up to
-    ``ecfg.format_retries`` times. All still-invalid items of the group are re-sampled together, so the batch
-    layout depends on the group alone and a resumed eval reproduces it. ``sampler_for(retry)`` gives the
-    sampler of first tries (False) or of retries (True)."""
-    from .parsing import parse_output
-    from .prompts import build_prompt
-    from .sampling import PromptJob
-
-    prompts = {}
-    for _, it in group:
-        text = build_prompt(tokenizer, it.instruction, prompt_cfg)
-        ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
-        if not ids:
-            raise TpoError("the prompt is empty after tokenisation", field=f"instruction {it.id}")
-        prompts[it.id] = (text, ids)
+    """One output per ``(index, item)`` of ``group`` (its prompt: ``jobs[item.id]``, a
+    :func:`tpo_lite.sampling.make_job` whose seeds are replaced per try): sampled, parsed, and while invalid
+    re-sampled up to ``ecfg.format_retries`` times. All still-invalid items of the group are re-sampled together,
+    so the batch layout depends on the group alone and a resumed eval reproduces it. ``sampler_for(retry)`` gives
+    the sampler of first tries (False) or of retries (True)."""
     outs: dict[str, ModelOutput] = {}
     pending = list(group)
     for attempt in range(ecfg.format_retries + 1):
-        jobs = [PromptJob(prompt_id=it.id, prompt_text=prompts[it.id][0], prompt_token_ids=prompts[it.id][1],
-                          seeds=[try_seed(ecfg.seed, i, attempt)]) for i, it in pending]
-        got = {pid: samples[0] for pid, samples in sampler_for(attempt > 0).sample(jobs, 1)}
+        tries = [dataclasses.replace(jobs[it.id], seeds=[try_seed(ecfg.seed, i, attempt)]) for i, it in pending]
+        got = {pid: samples[0] for pid, samples in sampler_for(attempt > 0).sample(tries, 1)}
         for _, it in pending:
             if it.id not in got:
                 raise TpoError(f"the sampler returned no output for {it.id}")
-            s = got[it.id]
-            parsed = parse_output(s.text, template, s.finish_reason)
-            outs[it.id] = ModelOutput(instruction=it.instruction, response=parsed.response or "", generator=generator,
-                                      category=it.category, id=it.id, thought=parsed.thought or "",
-                                      valid=bool(parsed.valid), invalid_reason=parsed.invalid_reason,
-                                      finish_reason=s.finish_reason, forced=s.forced,
-                                      text=s.text, tries=attempt + 1)
+            s = got[it.id].parsed(template)
+            outs[it.id] = ModelOutput(instruction=it.instruction, response=s.response or "", generator=generator,
+                                      category=it.category, id=it.id, thought=s.thought or "", valid=s.valid,
+                                      invalid_reason=s.invalid_reason, finish_reason=s.finish_reason,
+                                      forced=s.forced, text=s.text, tries=attempt + 1)
         pending = [(i, it) for i, it in pending if not outs[it.id].valid]
         if not pending:
             break
@@ -414,34 +361,6 @@ def _sampler_cache(make: Callable[[Any], Any], scfg, ecfg: EvalConfig) -> Callab
         return samplers[retry]
 
     return sampler_for
-
-
-def generate_outputs(items: Sequence[EvalItem], model, tokenizer, prompt_cfg, generator: str,
-                     ecfg: EvalConfig | None = None, sampling_cfg=None, progress: bool = False,
-                     sampler_factory=None) -> list[ModelOutput]:
-    """Generate one output per item in memory and parse it into thought and response (no file, no resume; the
-    commands use :func:`model_outputs`).
-
-    The local sampler runs ``model`` unless ``sampler_factory`` is given (the signature of
-    :func:`tpo_lite.sampling.make_sampler`; ``model`` may then be None). Decoding: ``ecfg.temperature`` (default
-    0 = greedy), ``ecfg.top_p``, ``ecfg.max_new_tokens``; output ``i`` uses seed ``ecfg.seed + i``; an output
-    with a format error is re-sampled (:attr:`EvalConfig.format_retries`, seeds from :func:`try_seed`). The
-    prompt is built with the run's template (``prompt_cfg``) and the parser of that template decides validity.
-    """
-    from .prompts import get_template
-    from .sampling import make_sampler
-
-    ecfg = ecfg or EvalConfig()
-    scfg = eval_sampling_config(sampling_cfg, ecfg)
-    template = get_template(prompt_cfg)
-    factory = sampler_factory or make_sampler
-    sampler_for = _sampler_cache(lambda c: factory(c, tokenizer, template, model=model, progress=progress),
-                                 scfg, ecfg)
-    outs = []
-    for g in _groups(len(items), ecfg.batch_size):
-        outs += _sample_group([(i, items[i]) for i in g], tokenizer, prompt_cfg, template, generator, ecfg,
-                              sampler_for)
-    return outs
 
 
 _OUTPUT_FIELDS = {f.name for f in dataclasses.fields(ModelOutput)}
@@ -461,11 +380,9 @@ def output_from_record(rec: dict, generator: str | None = None) -> ModelOutput:
     return o
 
 
-def _generation_settings(config, adapter: str | None, scfg, ecfg: EvalConfig) -> dict:
-    from .rundir import adapter_digest
-
-    # The adapter by content: its relative and absolute paths are one model; other weights at one path are not.
-    settings = {"adapter": adapter_digest(adapter) or adapter, "model": dataclasses.asdict(config.model),
+def _generation_settings(config, adapter_key: str | None, scfg, ecfg: EvalConfig) -> dict:
+    # adapter_key: the adapter by content (rundir.adapter_digest), else its path (server-side) or None (seed).
+    settings = {"adapter": adapter_key, "model": dataclasses.asdict(config.model),
                 "prompts": dataclasses.asdict(config.prompts),
                 "sampling": {k: v for k, v in dataclasses.asdict(scfg).items() if k not in _OPERATIONAL},
                 "format_retries": ecfg.format_retries, "retry_temperature": ecfg.retry_temperature,
@@ -475,29 +392,34 @@ def _generation_settings(config, adapter: str | None, scfg, ecfg: EvalConfig) ->
 
 def model_outputs(config, items: Sequence[EvalItem], path: str | os.PathLike, adapter: str | None = None,
                   generator: str = "model", progress: bool = True, echo: Callable[[str], None] = print,
-                  desc: str = "eval", sampler_factory=None) -> list[ModelOutput]:
+                  desc: str = "eval", sampler_factory=None, adapter_sha256: str | None = None) -> list[ModelOutput]:
     """The outputs of the run's model (with ``adapter``) on ``items``: the one generation path of ``tpo-lite
     eval``, the loop's held-out score and the experiment.
 
     ``config`` is the run config: ``[sampling] backend`` picks the sampler (:func:`tpo_lite.sampling.make_sampler`:
     the model loaded in this process, or an OpenAI-compatible server that must serve ``adapter``), ``[prompts]``
-    builds the prompts, ``[eval]`` sets decoding and format retries (:func:`generate_outputs`). Outputs are
+    builds the prompts, ``[eval]`` sets decoding and format retries (see :class:`EvalConfig`). Outputs are
     appended to ``path`` (``outputs.jsonl``, one record per item keyed by ``id``) as each group of
     ``eval.batch_size`` items finishes, so a killed eval resumes where it stopped; groups are fixed in eval-set
     order, and a partly written group is generated again whole (same batch layout, same outputs) and only its
     missing records appended. The generation settings are kept in ``outputs.meta.json`` beside it; a resume
     with different settings, or a record for another instruction under the same id, is refused. Nothing is
     loaded when every item already has its output. ``sampler_factory`` replaces
-    :func:`tpo_lite.sampling.make_sampler` (tests). Returns the outputs aligned with ``items``, labelled
-    ``generator``.
+    :func:`tpo_lite.sampling.make_sampler` (tests). ``adapter_sha256``: the adapter's
+    :func:`tpo_lite.rundir.adapter_digest` when the caller has it (the held-out producer), so one eval hashes
+    the adapter's weights once. Returns the outputs aligned with ``items``, labelled ``generator``.
     """
     from . import sampling
-    from .prompts import get_template
+    from .prompts import build_prompt, get_template
+    from .rundir import adapter_digest
+    from .sampling import make_job
 
     ecfg = config.eval
     path = os.fspath(path)
     scfg = eval_sampling_config(config.sampling, ecfg)
-    settings = _generation_settings(config, adapter, scfg, ecfg)
+    # By content: an adapter's relative and absolute paths are one model; other weights at one path are not.
+    digest = adapter_sha256 or adapter_digest(adapter)
+    settings = _generation_settings(config, digest or adapter, scfg, ecfg)
     meta = os.path.splitext(path)[0] + ".meta.json"
     done = read_records(path, key="id", required=OUTPUT_RECORD_KEYS) if os.path.exists(path) else {}
     if done and os.path.exists(meta):
@@ -542,336 +464,13 @@ def model_outputs(config, items: Sequence[EvalItem], path: str | os.PathLike, ad
 
             groups = tqdm(todo, desc=desc, unit="batch", dynamic_ncols=True)
         for g in groups:
-            for o in _sample_group([(i, items[i]) for i in g], tok, config.prompts, template, generator, ecfg,
-                                   sampler_for):
+            # The prompt -> job -> sample -> parse blocks of `tpo-lite chat` too.
+            jobs = {items[i].id: make_job(items[i].id, build_prompt(tok, items[i].instruction, config.prompts), tok,
+                                          scfg) for i in g}
+            for o in _sample_group([(i, items[i]) for i in g], jobs, template, generator, ecfg, sampler_for):
                 if o.id not in done:
                     append_record(path, dataclasses.asdict(o))
                     done[o.id] = dataclasses.asdict(o)
         del model
         done = read_records(path, key="id", required=OUTPUT_RECORD_KEYS)
     return [output_from_record(done[it.id], generator) for it in items]
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Judging
-# ----------------------------------------------------------------------------------------------------------------
-
-
-def eval_judge_config(config):
-    """The judge config of evaluations: the run's ``[eval_judge]`` table when it has one, else ``[judge]``."""
-    return config.eval_judge if config.eval_judge is not None else config.judge
-
-
-def _same_judge(a, b) -> bool:
-    # The same learned proxy: same kind and the same weights (local model, or the same served model).
-    key = lambda c: (c.kind, c.model, c.base_url, c.served_model, c.function)  # noqa: E731
-    return key(a) == key(b)
-
-
-def reward_hacking_warning(config) -> str | None:
-    """One warning line when evaluations would be judged by the learned judge (reward model or pairwise LLM)
-    the run optimised, else None. The programmatic judge checks the instruction's own verifiable constraints --
-    the task's ground truth, not a learned proxy (``capabilities.learned`` is False) -- and never warns."""
-    from .judges import judge_class
-
-    cfg = eval_judge_config(config)
-    if not judge_class(cfg).capabilities.learned or not _same_judge(cfg, config.judge):
-        return None
-    what = cfg.model or cfg.function or f"{cfg.served_model} at {cfg.base_url}"
-    return (f"warning: evaluating with the {cfg.kind} judge the run optimised ({what}): this measures reward "
-            "hacking, not quality; set [eval_judge]")
-
-
-def warn(echo: Callable[..., Any], line: str) -> None:
-    """Write one warning line through ``echo`` on stderr (``print`` and ``click.echo`` are sent there; any other
-    callable, e.g. a test's list.append, just receives the line)."""
-    import sys
-
-    if echo is print:
-        print(line, file=sys.stderr)
-    elif (getattr(echo, "__module__", None) or "").startswith("click"):
-        echo(line, err=True)
-    else:
-        echo(line)
-
-
-def make_eval_judge(config, cache_path: str | os.PathLike | None = None, echo: Callable[..., Any] | None = None):
-    """The evaluation judge (:func:`eval_judge_config`), cached in ``cache_path`` unless its config names
-    another cache; warns through ``echo`` when it is the learned judge the run optimised."""
-    from .judges import make_judge
-
-    line = reward_hacking_warning(config)
-    if line and echo is not None:
-        warn(echo, line)
-    return make_judge(eval_judge_config(config), cache_path=cache_path)
-
-
-def _score(judge, item: EvalItem, responses: list[str]) -> list[float | None]:
-    # An EvalItem carries .instruction and .checks like tpo_lite.instructions.Instruction, which is all a judge
-    # reads (tpo_lite.judges.base.instruction_text / instruction_checks): the original instruction, never a prompt.
-    res = judge.score(item, responses)
-    scores = list(res.scores)
-    if len(scores) != len(responses):
-        raise TpoError(f"judge {judge.name} returned {len(scores)} scores for {len(responses)} responses")
-    for s in scores:
-        if s is not None and not math.isfinite(float(s)):
-            raise TpoError(f"judge {judge.name} returned a non-finite score ({s}) for {item.id}")
-    return [None if s is None else float(s) for s in scores]
-
-
-def _comparison_mode(judge: Judge, requested: str) -> str:
-    caps = judge.capabilities
-    if requested == "pairwise" and not caps.compares_pairs:
-        raise TpoError(f"judge {judge.name} cannot compare two responses; use comparison = 'score'",
-                       field="comparison")
-    if requested != "auto":
-        return requested
-    # A reward model can also compare (sigmoid of the score difference), but its native output is a score; a
-    # judge whose scores are relative within one call (Bradley-Terry) is asked to compare.
-    return "score" if caps.scores_absolute else "pairwise"
-
-
-def _length_stats(outputs: Sequence[ModelOutput]) -> dict:
-    valid = [o for o in outputs if o.valid]
-    return {
-        "response_chars_mean": mean(len(o.response) for o in valid),
-        "thought_chars_mean": mean(len(o.thought) for o in valid),
-        "n_valid": len(valid),
-        "invalid_rate": 1.0 - len(valid) / len(outputs) if outputs else None,
-        "forced_rate": mean(float(o.forced) for o in outputs),
-        "n_retried": sum(1 for o in outputs if o.tries > 1),  # had a format error and were re-sampled
-        "n_invalid": len(outputs) - len(valid),  # still invalid after every try
-    }
-
-
-def compare_outputs(items: Sequence[EvalItem], model: Sequence[ModelOutput], baseline: Sequence[ModelOutput], judge,
-                    ecfg: EvalConfig | None = None, progress: Callable[[int, int], None] | None = None) -> dict:
-    """Judge ``model`` against ``baseline`` on ``items`` (all three aligned by :func:`align_outputs`).
-
-    Per instruction the outcome is 1 (model wins), 0.5 (tie) or 0 (loss), or for a pairwise judge the mean of
-    ``p(model wins)`` over both presentation orders. An invalid model output loses without being judged; an
-    invalid baseline output loses likewise; both invalid is a tie. Only valid-vs-valid instructions (items'
-    ``length_fit``) inform the length-controlled win rate; the others keep their fixed outcome
-    (:func:`tpo_lite.stats.length_controlled_win_rate`). Returns the JSON-ready summary (see module docstring)
-    with a per-item list under ``"items"``.
-    """
-    from .stats import summarize_outcomes
-
-    ecfg = ecfg or EvalConfig()
-    model = align_outputs(items, model, what=f"outputs of {model[0].generator if model else 'the model'}")
-    baseline = align_outputs(items, baseline, what=f"outputs of {baseline[0].generator if baseline else 'the baseline'}")
-    mode = _comparison_mode(judge, ecfg.comparison)
-    rows, first_pos, consistent = [], [], []
-    for k, (it, m, b) in enumerate(zip(items, model, baseline)):
-        row = {"id": it.id, "category": it.category, "model_valid": m.valid, "baseline_valid": b.valid,
-               "model_chars": len(m.response), "baseline_chars": len(b.response),
-               "model_thought_chars": len(m.thought)}
-        row["length_fit"] = m.valid and b.valid
-        if not m.valid or not b.valid:
-            outcome = 0.5 if (not m.valid and not b.valid) else (0.0 if not m.valid else 1.0)
-            row["judged"] = False
-        elif m.response == b.response:  # the same answer is a tie by definition; no judge noise can break it
-            outcome = 0.5
-            row.update(judged=False, identical=True)
-        elif mode == "score":
-            sm, sb = _score(judge, it, [m.response, b.response])
-            row.update(model_score=sm, baseline_score=sb, judged=True)
-            if sm is None or sb is None:  # the judge itself rejected a response: treat like an invalid output
-                outcome = 0.5 if sm is None and sb is None else (0.0 if sm is None else 1.0)
-                row["length_fit"] = False
-            else:
-                # Float noise (batched reward-model forwards differ in the last bits) must not decide a winner:
-                # differences within 1e-6 relative to the scores count as equal.
-                d = sm - sb
-                margin = ecfg.tie_margin + _FLOAT_TIE * max(1.0, abs(sm), abs(sb))
-                outcome = 1.0 if d > margin else (0.0 if d < -margin else 0.5)
-        else:
-            p_ab = float(judge.compare(it, m.response, b.response))
-            p_ba = float(judge.compare(it, b.response, m.response))
-            for p in (p_ab, p_ba):
-                if not (0.0 <= p <= 1.0):
-                    raise TpoError(f"judge {judge.name} returned p={p} outside [0, 1] for {it.id}")
-            outcome = (p_ab + (1.0 - p_ba)) / 2.0
-            first_pos.append((p_ab + p_ba) / 2.0)
-            # Same winner from the model's side in both orders (a tie in both counts as consistent).
-            consistent.append(float(np.sign(p_ab - 0.5) == np.sign(0.5 - p_ba)))
-            row.update(p_model_first=p_ab, p_baseline_first=p_ba, judged=True)
-        row["outcome"] = outcome
-        rows.append(row)
-        if progress:
-            progress(k + 1, len(items))
-    outcomes = [r["outcome"] for r in rows]
-    summary = summarize_outcomes(outcomes, [r["model_chars"] for r in rows], [r["baseline_chars"] for r in rows],
-                                 n_boot=ecfg.n_boot, alpha=ecfg.alpha, seed=ecfg.seed,
-                                 valid=[r["length_fit"] for r in rows])
-    per_cat = []
-    by_cat: dict[str, list[int]] = defaultdict(list)
-    for k, r in enumerate(rows):
-        by_cat[r["category"]].append(k)
-    for cat in sorted(by_cat):
-        idx = by_cat[cat]
-        s = summarize_outcomes([outcomes[k] for k in idx], n_boot=ecfg.n_boot, alpha=ecfg.alpha, seed=ecfg.seed)
-        per_cat.append({"category": cat, "n": s["n"], "win_rate": s["win_rate"], "win_rate_ci": s["win_rate_ci"],
-                        "wins": s["wins"], "ties": s["ties"], "losses": s["losses"]})
-    result = {
-        "kind": "pairwise",
-        "model": model[0].generator,
-        "baseline": baseline[0].generator,
-        "judge": judge.name,
-        "comparison": mode,
-        "confidence": 1.0 - ecfg.alpha,
-        **summary,
-        "per_category": per_cat,
-        "model_lengths": _length_stats(model),
-        "baseline_lengths": _length_stats(baseline),
-        "invalid_rate": _length_stats(model)["invalid_rate"],
-        "position_bias": None,
-        "items": rows,
-    }
-    if mode == "pairwise":
-        result["position_bias"] = {
-            "first_position_preferred": mean(first_pos),  # 0.5 = no bias
-            "order_consistency": mean(consistent),
-            "n_judged": len(first_pos),
-        }
-    return result
-
-
-def absolute_eval(items: Sequence[EvalItem], outputs: Sequence[ModelOutput], judge,
-                  ecfg: EvalConfig | None = None, invalid_score: float = 0.0) -> dict:
-    """Mean judge score of ``outputs`` on ``items`` with a bootstrap CI (resampling instructions).
-
-    Meant for the programmatic judge, whose score is the fraction of an instruction's checks passed (0..1): an
-    invalid output scores ``invalid_score`` (0 = the worst possible), so a model cannot gain by failing the
-    format. Returns ``{"kind": "absolute", "mean_score", "mean_score_ci", "valid_rate", "per_category", ...}``.
-    """
-    from .stats import bootstrap_ci
-
-    ecfg = ecfg or EvalConfig()
-    outputs = align_outputs(items, outputs, what=f"outputs of {outputs[0].generator if outputs else 'the model'}")
-    rows = []
-    for it, o in zip(items, outputs):
-        s = _score(judge, it, [o.response])[0] if o.valid else None
-        rows.append({"id": it.id, "category": it.category, "valid": o.valid,
-                     "score": invalid_score if s is None else s, "judge_score": s,
-                     "response_chars": len(o.response), "thought_chars": len(o.thought)})
-    scores = np.array([r["score"] for r in rows], dtype=np.float64)
-    per_cat = []
-    by_cat: dict[str, list[int]] = defaultdict(list)
-    for k, r in enumerate(rows):
-        by_cat[r["category"]].append(k)
-    for cat in sorted(by_cat):
-        v = scores[by_cat[cat]]
-        per_cat.append({"category": cat, "n": int(v.size), "mean_score": float(v.mean()),
-                        "mean_score_ci": list(bootstrap_ci(v, n_boot=ecfg.n_boot, alpha=ecfg.alpha, seed=ecfg.seed))})
-    lengths = _length_stats(outputs)
-    return {
-        "kind": "absolute",
-        "model": outputs[0].generator,
-        "judge": judge.name,
-        "confidence": 1.0 - ecfg.alpha,
-        "n": len(rows),
-        "mean_score": float(scores.mean()),
-        "mean_score_ci": list(bootstrap_ci(scores, n_boot=ecfg.n_boot, alpha=ecfg.alpha, seed=ecfg.seed)),
-        "valid_rate": 1.0 - lengths["invalid_rate"],
-        "invalid_rate": lengths["invalid_rate"],
-        "model_lengths": lengths,
-        "per_category": per_cat,
-        "items": rows,
-    }
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Writing results
-# ----------------------------------------------------------------------------------------------------------------
-
-
-def _pct(x: float | None) -> str:
-    return "n/a" if x is None else f"{100 * x:.1f}%"
-
-
-def _ci(ci) -> str:
-    return "n/a" if not ci else f"[{100 * ci[0]:.1f}, {100 * ci[1]:.1f}]"
-
-
-def _num(x: float | None, fmt: str = ".0f") -> str:
-    return "n/a" if x is None else format(x, fmt)
-
-
-def _retry_line(lengths: dict, n: int) -> str:
-    return (f"- Format retries: {lengths.get('n_retried', 0)} of {n} outputs had a format error and were re-sampled; "
-            f"{lengths.get('n_invalid', 0)} stayed invalid")
-
-
-def render_markdown(result: dict, decoding: dict | None = None) -> str:
-    """A human-readable Markdown version of a :func:`compare_outputs` / :func:`absolute_eval` result."""
-    conf = int(round(100 * result.get("confidence", 0.95)))
-    lines = []
-    if result["kind"] == "absolute":
-        lines += [f"# Absolute evaluation: {result['model']}", "",
-                  f"Judge: `{result['judge']}`, {result['n']} instructions.", "",
-                  f"- Mean score: **{result['mean_score']:.3f}** ({conf}% CI [{result['mean_score_ci'][0]:.3f}, "
-                  f"{result['mean_score_ci'][1]:.3f}]); invalid outputs score 0",
-                  f"- Valid-format rate: {_pct(result['valid_rate'])}"]
-        ml = result["model_lengths"]
-        lines.append(_retry_line(ml, result["n"]))
-        lines += [f"- Mean response length: {_num(ml['response_chars_mean'])} chars; mean thought length: "
-                  f"{_num(ml['thought_chars_mean'])} chars (valid outputs)", "",
-                  "| category | n | mean score | CI |", "|---|---:|---:|---|"]
-        for c in result["per_category"]:
-            lines.append(f"| {c['category']} | {c['n']} | {c['mean_score']:.3f} | "
-                         f"[{c['mean_score_ci'][0]:.3f}, {c['mean_score_ci'][1]:.3f}] |")
-    else:
-        lines += [f"# {result['model']} vs {result['baseline']}", "",
-                  f"Judge: `{result['judge']}` ({result['comparison']} comparison), {result['n']} instructions.", "",
-                  f"- Win rate (ties count half): **{_pct(result['win_rate'])}** ({conf}% CI "
-                  f"{_ci(result['win_rate_ci'])}); {result['wins']} wins, {result['ties']} ties, "
-                  f"{result['losses']} losses",
-                  f"- Length-controlled win rate: {_pct(result.get('lc_win_rate'))} ({conf}% CI "
-                  f"{_ci(result.get('lc_win_rate_ci'))})",
-                  f"- Invalid-format rate of {result['model']}: {_pct(result['invalid_rate'])} (each counts as a loss)",
-                  _retry_line(result["model_lengths"], result["n"])]
-        pb = result.get("position_bias")
-        if pb:
-            lines.append(f"- Position bias: the first-shown response is preferred "
-                         f"{_pct(pb['first_position_preferred'])} of the time (50% = unbiased); the two orders agree "
-                         f"on {_pct(pb['order_consistency'])} of instructions")
-        lines += ["", "| | mean response chars | mean thought chars | invalid rate |", "|---|---:|---:|---:|"]
-        for who, key in ((result["model"], "model_lengths"), (result["baseline"], "baseline_lengths")):
-            ml = result[key]
-            lines.append(f"| {who} | {_num(ml['response_chars_mean'])} | {_num(ml['thought_chars_mean'])} | "
-                         f"{_pct(ml['invalid_rate'])} |")
-        lines += ["", "| category | n | win rate | CI | W / T / L |", "|---|---:|---:|---|---|"]
-        for c in result["per_category"]:
-            lines.append(f"| {c['category']} | {c['n']} | {_pct(c['win_rate'])} | {_ci(c['win_rate_ci'])} | "
-                         f"{c['wins']} / {c['ties']} / {c['losses']} |")
-    if decoding:
-        lines += ["", "Decoding: " + ", ".join(f"{k}={v}" for k, v in decoding.items())]
-    return "\n".join(lines) + "\n"
-
-
-def write_result(out_dir, result: dict, decoding: dict | None = None) -> tuple[str, str]:
-    """Write ``eval.json`` and ``eval.md`` into ``out_dir`` (an :class:`~tpo_lite.rundir.EvalDir` or its path);
-    returns both paths."""
-    from .rundir import EvalDir
-
-    out = out_dir if isinstance(out_dir, EvalDir) else EvalDir(out_dir)
-    out.path.mkdir(parents=True, exist_ok=True)
-    if decoding:
-        result = {**result, "decoding": decoding}
-    write_json_atomic(out.result, result)
-    write_text_atomic(out.markdown, render_markdown(result, decoding))
-    return str(out.result), str(out.markdown)
-
-
-def decoding_record(ecfg: EvalConfig, sampling_cfg=None) -> dict:
-    """The decoding settings as written into eval.json, so a result says how its outputs were produced.
-
-    ``sampling_cfg`` (the run's SamplingConfig) supplies the token limit when ``ecfg.max_new_tokens`` is 0.
-    """
-    limit = ecfg.max_new_tokens or (sampling_cfg.max_new_tokens if sampling_cfg is not None else None)
-    budget = ecfg.response_budget or (sampling_cfg.response_budget if sampling_cfg is not None else None)
-    return {"temperature": ecfg.temperature, "greedy": ecfg.temperature == 0,
-            "top_p": ecfg.top_p if ecfg.temperature > 0 else 1.0, "max_new_tokens": limit,
-            "response_budget": budget, "seed": ecfg.seed, "format_retries": ecfg.format_retries,
-            "retry_temperature": ecfg.retry_temperature, "retry_top_p": ecfg.retry_top_p}

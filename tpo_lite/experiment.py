@@ -53,13 +53,14 @@ def experiment_configs(config) -> dict:
 
 
 def _compare(items, model, baseline, judge, ecfg, out: EvalDir, echo, sampling_cfg=None) -> dict:
-    from . import evaluate as ev
+    from .compare import compare_outputs, decoding_record, write_result
+    from .evaluate import write_model_outputs
 
     if out.result.exists():
         return read_json(out.result)
-    result = ev.compare_outputs(items, model, baseline, judge, ecfg)
-    ev.write_model_outputs(out, model)
-    ev.write_result(out, result, ev.decoding_record(ecfg, sampling_cfg))
+    result = compare_outputs(items, model, baseline, judge, ecfg)
+    write_model_outputs(out, model)
+    write_result(out, result, decoding_record(ecfg, sampling_cfg))
     echo(f"{result['model']} vs {result['baseline']}: win rate {100 * result['win_rate']:.1f}% "
          f"[{100 * result['win_rate_ci'][0]:.1f}, {100 * result['win_rate_ci'][1]:.1f}]")
     return result
@@ -108,8 +109,9 @@ def run_experiment(config, exp_dir: str | os.PathLike | None = None, progress: b
 
     ``sampler_factory`` and ``judge`` are passed to :func:`tpo_lite.loop.run` (tests use scripted ones).
     """
-    from . import evaluate as ev
     from . import loop
+    from .compare import decoding_record, make_eval_judge
+    from .evaluate import load_configured_eval_set
 
     exp = ExperimentDir(resolve_run_dir(config, exp_dir))
     exp.path.mkdir(parents=True, exist_ok=True)
@@ -121,9 +123,9 @@ def run_experiment(config, exp_dir: str | os.PathLike | None = None, progress: b
                                     allow_config_change=allow_config_change, sampler_factory=sampler_factory,
                                     judge=judge)
     ecfg = config.eval
-    items = ev.load_configured_eval_set(ecfg, echo=echo)
+    items = load_configured_eval_set(ecfg, echo=echo)
     if judge is None:  # [eval_judge] when set: the training judge's win rates measure reward hacking
-        judge = ev.make_eval_judge(config, cache_path=exp.judge_cache, echo=echo)
+        judge = make_eval_judge(config, cache_path=exp.judge_cache, echo=echo)
     base = exp.run("direct").eval_base
     seed = base.read_outputs("seed")
     if seed is None:
@@ -153,7 +155,7 @@ def run_experiment(config, exp_dir: str | os.PathLike | None = None, progress: b
                                 for (label, t), (_, r) in sorted(per_iter.items())},
               "heldout": {k: {"before": v[0] and v[0].get("mean_score"), "after": v[1] and v[1].get("mean_score")}
                           for k, v in heldout.items()},
-              "decoding": ev.decoding_record(ecfg, config.sampling)}
+              "decoding": decoding_record(ecfg, config.sampling)}
     write_json_atomic(exp.record, record)
     table = render_table(rows, heldout, tvd["judge"], 1.0 - ecfg.alpha)
     write_text_atomic(exp.table, table)

@@ -31,13 +31,14 @@ def heldout_producer(config: RunConfig, adapter: str | None, items) -> dict:
     the seed model) and a sha256 of the settings that shape the score (model, prompts, eval decoding and
     table, the held-out judge, the items). A result is reused only for an equal producer."""
     from . import evaluate as ev
+    from .compare import eval_judge_config
 
     ecfg = config.eval
     gen = ev._generation_settings(config, None, ev.eval_sampling_config(config.sampling, ecfg), ecfg)
     gen["sampling"].pop("k", None)  # one output per item: K does not shape the eval
     choice = _heldout_judge_choice(config, items)
     settings = {"generation": gen, "eval": dataclasses.asdict(ecfg), "heldout_judge": choice,
-                "judge": dataclasses.asdict(ev.eval_judge_config(config)) if choice == "judge" else None,
+                "judge": dataclasses.asdict(eval_judge_config(config)) if choice == "judge" else None,
                 "items": [[it.id, it.instruction, list(it.checks or [])] for it in items]}
     blob = json.dumps(settings, sort_keys=True, default=str).encode()
     return {"adapter": adapter, "adapter_sha256": adapter_digest(adapter),
@@ -48,7 +49,7 @@ def make_heldout_judge(config: RunConfig, run_dir, items, echo: Callable[[str], 
     """The judge of the held-out score (see loop.heldout_judge): 'judge' is the evaluation judge
     ([eval_judge], else [judge]; a warning through ``echo`` when it is the learned judge the run optimised)."""
     if _heldout_judge_choice(config, items) == "judge":
-        from .evaluate import make_eval_judge
+        from .compare import make_eval_judge
 
         return make_eval_judge(config, RunDir(run_dir).judge_cache, echo)
     from .judges.programmatic import ProgrammaticJudge
@@ -90,6 +91,7 @@ def heldout_stage(config: RunConfig, run_dir, out_dir, adapter: str | None, labe
     The result is keyed by :func:`heldout_producer` (producer.json, also in eval.json): an existing result or
     partial outputs of another producer are set aside (``<out_dir>.stale``) and scored again."""
     from . import evaluate as ev
+    from .compare import absolute_eval, decoding_record
 
     ecfg = config.eval
     reuse = items is None
@@ -123,14 +125,14 @@ def heldout_stage(config: RunConfig, run_dir, out_dir, adapter: str | None, labe
     out.path.mkdir(parents=True, exist_ok=True)
     write_json_atomic(out.producer, producer)  # before any output: partial outputs are keyed too
     # The same generation path as `tpo-lite eval` (sampling backend, format retries, resumable outputs.jsonl).
-    outputs = ev.model_outputs(config, items, out.outputs, adapter=adapter, generator=label,
-                               progress=progress, echo=echo, desc=f"held-out eval ({label})")
+    outputs = ev.model_outputs(config, items, out.outputs, adapter=adapter, generator=label, progress=progress,
+                               echo=echo, desc=f"held-out eval ({label})", adapter_sha256=producer["adapter_sha256"])
     if judge is None:
         judge = make_heldout_judge(config, run_dir, items, echo)
-    result = ev.absolute_eval(items, outputs, judge, ecfg)
+    result = absolute_eval(items, outputs, judge, ecfg)
     result["adapter"] = adapter
     result["producer"] = producer
-    result["decoding"] = ev.decoding_record(ecfg, config.sampling)
+    result["decoding"] = decoding_record(ecfg, config.sampling)
     result["environment"] = model_environment(config.model)  # greedy tokens depend on it (tpo_lite.fingerprint)
     write_json_atomic(out.result, result)
     return result
@@ -140,7 +142,7 @@ def validation_stage(config: RunConfig, run_dir, t: int, progress: bool = True,
                      echo: Callable[[str], None] = print, judge=None) -> dict:
     """Score the model after iteration ``t`` on the validation split (the iteration's ``validation`` folder),
     with the held-out machinery (decoding from [eval], the held-out judge); ``keep_best`` selects on this score."""
-    from .evaluate import EvalItem
+    from .evalsets import EvalItem
 
     items = [EvalItem(id=str(i.id), instruction=i.instruction, category=i.category or "", checks=list(i.checks or []))
              for i in validation_split(config, run_dir=run_dir)]

@@ -22,13 +22,17 @@ Lengths are in characters (as everywhere in evaluation).
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from dataclasses import dataclass, field
 
 from .errors import TpoError
 from .jsonl import read_json, read_records, write_text_atomic
-from .rundir import ExperimentDir, RunDir
+from .records import Judgement, Pair
+from .rundir import RECORD_KEYS, ExperimentDir, RunDir
+
+_PAIR_KEYS = tuple(f.name for f in dataclasses.fields(Pair))  # a Pair has no optional field
 
 
 @dataclass
@@ -42,7 +46,7 @@ class RunData:
     pairwise: dict[str, dict[int, dict]] = field(default_factory=dict)  # label -> iteration -> eval.json
     pair_scores: dict[int, tuple[list[float], list[float]]] = field(default_factory=dict)  # chosen, rejected
     sample_scores: dict[int, list[float]] = field(default_factory=dict)  # all valid judged scores
-    finals: dict[str, dict] = field(default_factory=dict)  # RUN/compare/<label>/eval.json
+    finals: dict[str, dict] = field(default_factory=dict)  # label -> pairwise RUN/{compare,eval}/<label>/eval.json
 
     @property
     def iterations(self) -> list[int]:
@@ -77,16 +81,12 @@ def load_run(run_dir: str | os.PathLike, name: str | None = None) -> RunData:
         for label, ed in d.comparisons():
             data.pairwise.setdefault(label, {})[t] = _read_json_checked(ed.result)
         if d.pairs.exists():
-            ch, rj = [], []
-            for rec in read_records(d.pairs):
-                for key, dst in (("chosen_score", ch), ("rejected_score", rj)):
-                    v = rec.get(key)
-                    if v is not None:
-                        dst.append(float(v))
-            data.pair_scores[t] = (ch, rj)
+            pairs = [Pair.from_record(r) for r in read_records(d.pairs, required=_PAIR_KEYS)]
+            data.pair_scores[t] = ([float(p.chosen_score) for p in pairs],
+                                   [float(p.rejected_score) for p in pairs if p.rejected_score is not None])
         if d.judgements.exists():
-            data.sample_scores[t] = [float(s) for rec in read_records(d.judgements) for s in rec.get("scores", [])
-                                     if s is not None]
+            recs = read_records(d.judgements, key="prompt_id", required=RECORD_KEYS[d.judgements.name]).values()
+            data.sample_scores[t] = [float(s) for r in recs for s in Judgement.from_record(r).scores if s is not None]
     # final comparisons: the experiment's compare/ and `tpo-lite eval` results outside an iteration (eval/)
     for label, ed in run.final_comparisons():
         res = _read_json_checked(ed.result)
@@ -297,11 +297,10 @@ def plot_scores(runs: list[RunData], path: str) -> None:
             _empty(ax, "no scored pairs or valid samples\n(every sample invalid?)")
             ax.set_title(f"{r.name}: judge scores of chosen vs rejected")
             continue
-        if data:
-            bp = ax.boxplot(data, positions=pos, widths=0.8, patch_artist=True, showmeans=True)
-            for patch, c in zip(bp["boxes"], colors):
-                patch.set_facecolor(c)
-                patch.set_alpha(0.5)
+        bp = ax.boxplot(data, positions=pos, widths=0.8, patch_artist=True, showmeans=True)
+        for patch, c in zip(bp["boxes"], colors):
+            patch.set_facecolor(c)
+            patch.set_alpha(0.5)
         ax.set_xticks(ticks, [str(t) for t in its])
         ax.set_xlim(min(ticks) - 1.5, max(ticks) + 1.5)
         ax.set_xlabel("iteration")
@@ -321,9 +320,8 @@ def _latest_pairwise(r: RunData) -> tuple[str, dict] | None:
         t = max(per)
         if best is None or t > best[0]:
             best = (t, f"{r.name} {label.replace('_', ' ')} (iter {t})", per[t])
-    for label, res in sorted(r.finals.items()):
-        if res.get("kind") == "pairwise":
-            best = (10 ** 9, f"{r.name} {label.replace('_', ' ')}", res)
+    for label, res in sorted(r.finals.items()):  # pairwise only (load_run)
+        best = (10 ** 9, f"{r.name} {label.replace('_', ' ')}", res)
     return None if best is None else (best[1], best[2])
 
 
@@ -448,7 +446,7 @@ def render_markdown(runs: list[RunData], comparisons: dict[str, dict], images: d
                          f"{_f(_get(m, 'pairs', 'rejected_response_chars'), '.0f')} |")
             L.append("")
         pw = [(label, t, per[t]) for label, per in sorted(r.pairwise.items()) for t in sorted(per)]
-        pw += [(label, None, res) for label, res in sorted(r.finals.items()) if res.get("kind") == "pairwise"]
+        pw += [(label, None, res) for label, res in sorted(r.finals.items())]
         if pw:
             L += ["| comparison | iteration | n | win rate [CI] | LC win rate [CI] | W / T / L | invalid |",
                   "|---|---:|---:|---|---|---|---:|"]

@@ -91,6 +91,7 @@ def eval_command(target, iteration, adapter, eval_set, baseline, against, output
     eval.json and eval.md.
     """
     from .. import evaluate as ev
+    from ..compare import absolute_eval, compare_outputs, decoding_record, make_eval_judge, write_result
     from ..rundir import EvalDir, RunDir
 
     overrides = list(overrides)
@@ -128,18 +129,18 @@ def eval_command(target, iteration, adapter, eval_set, baseline, against, output
     export = ev.write_model_outputs(out, outputs)
 
     # Cache beside the outputs: a re-run (or an interrupted one) never asks the judge twice.
-    judge = ev.make_eval_judge(config, cache_path=out.judge_cache, echo=click.echo)
+    judge = make_eval_judge(config, cache_path=out.judge_cache, echo=click.echo)
     if mode == "absolute":
-        result = ev.absolute_eval(items, outputs, judge, ecfg)
+        result = absolute_eval(items, outputs, judge, ecfg)
     else:
-        result = ev.compare_outputs(items, outputs, other, judge, ecfg)
+        result = compare_outputs(items, outputs, other, judge, ecfg)
     result["eval_set"] = ecfg.eval_set
     result["adapter"] = None if outputs_path else ad
     if not outputs_path:  # generated here: greedy tokens depend on the machine (tpo_lite.fingerprint)
         from ..fingerprint import model_environment
 
         result["environment"] = model_environment(config.model)
-    jp, mp = ev.write_result(out, result, ev.decoding_record(ecfg, config.sampling))
+    jp, mp = write_result(out, result, decoding_record(ecfg, config.sampling))
     click.echo(open(mp, encoding="utf-8").read())
     click.echo(f"written: {jp}, {mp}, {export}", err=True)
 

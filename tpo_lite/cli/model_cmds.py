@@ -168,7 +168,6 @@ def chat_command(ctx, prompt, run, model, adapter, template, prefill_thought_hea
     from ..errors import TpoError
     from ..export import read_export_info
     from ..models import load_model
-    from ..parsing import parse_output
     from ..prompts import build_prompt, get_template
     from ..sampling import LocalSampler, SamplingConfig, make_job
     from ..special_tokens import escape_special_tokens
@@ -206,25 +205,26 @@ def chat_command(ctx, prompt, run, model, adapter, template, prefill_thought_hea
             prompt_text = build_prompt(tokenizer, text, tpl, prefill_thought_header=pcfg.prefill_thought_header,
                                        system_prompt=pcfg.system_prompt,
                                        chat_template_kwargs=pcfg.chat_template_kwargs)
+        # The prompt -> job -> sample -> parse blocks of evaluate.model_outputs.
         job = make_job(f"chat-{n}", prompt_text, tokenizer, scfg)
         (_, (sample,)), = sampler.sample([job], 1)
-        parsed = parse_output(sample.text, tpl, finish_reason=sample.finish_reason)
+        sample = sample.parsed(tpl)
         if jsonl:
-            click.echo(json.dumps({"prompt": text, "thought": parsed.thought, "response": parsed.response,
-                                   "valid": parsed.valid, "invalid_reason": parsed.invalid_reason,
+            click.echo(json.dumps({"prompt": text, "thought": sample.thought, "response": sample.response,
+                                   "valid": sample.valid, "invalid_reason": sample.invalid_reason,
                                    "finish_reason": sample.finish_reason, "forced": sample.forced,
                                    "text": sample.text}, ensure_ascii=False))
             continue
-        response = parsed.response
-        if not parsed.valid:
+        response = sample.response
+        if not sample.valid:
             note = {"truncated": f"cut at --max-new-tokens={max_new_tokens}",
                     "no_response_marker": "no response marker; printing the whole output",
-                    "empty_response": "empty response"}.get(parsed.invalid_reason, parsed.invalid_reason)
+                    "empty_response": "empty response"}.get(sample.invalid_reason, sample.invalid_reason)
             click.echo(f"[{note}]", err=True)
-            if parsed.invalid_reason == "no_response_marker":
+            if sample.invalid_reason == "no_response_marker":
                 response = sample.text.strip()
-        if show_thoughts and tpl.response_marker and parsed.thought:
-            click.echo("Thought:\n" + parsed.thought + "\n\nResponse:")
+        if show_thoughts and tpl.response_marker and sample.thought:
+            click.echo("Thought:\n" + sample.thought + "\n\nResponse:")
         click.echo(response)
         click.echo()
         sys.stdout.flush()
