@@ -77,6 +77,17 @@ def _finished(root: Path, *parents: str) -> list:
     return [(r.parent.name, EvalDir(r.parent)) for p in parents for r in sorted(root.glob(f"{p}/*/eval.json"))]
 
 
+class _At:
+    """A path of the layout, declared once as a class attribute of its folder (``plan = _At("plan.json")``);
+    ``kind`` wraps it (:class:`EvalDir` for a result folder)."""
+
+    def __init__(self, name: str, kind=Path):
+        self.name, self.kind = name, kind
+
+    def __get__(self, folder, owner=None):
+        return self if folder is None else self.kind(folder.path / self.name)
+
+
 class _Folder:
     """A folder of the layout that holds comparisons (``compare/<label>/``); ``os.fspath`` works on it."""
 
@@ -97,15 +108,16 @@ class _Folder:
 class EvalDir:
     """A folder of generated outputs and their score (held-out, validation, `tpo-lite eval`, comparisons)."""
 
+    outputs = _At("outputs.jsonl")
+    outputs_meta = _At("outputs.meta.json")
+    producer = _At("producer.json")
+    result = _At("eval.json")
+    markdown = _At("eval.md")
+    alpaca_export = _At("model_outputs.json")
+    judge_cache = _At("judge_cache.sqlite")
+
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
-        self.outputs = self.path / "outputs.jsonl"
-        self.outputs_meta = self.path / "outputs.meta.json"
-        self.producer = self.path / "producer.json"
-        self.result = self.path / "eval.json"
-        self.markdown = self.path / "eval.md"
-        self.alpaca_export = self.path / "model_outputs.json"
-        self.judge_cache = self.path / "judge_cache.sqlite"
 
     def read_outputs(self, generator: str | None = None):
         """The outputs of ``outputs.jsonl`` as :class:`~tpo_lite.evaluate.ModelOutput`, in file order (labelled
@@ -138,23 +150,24 @@ class EvalDir:
 class IterationDir(_Folder):
     """``iter_XX/`` of a run (``t`` = XX); also the output folder of :func:`tpo_lite.train.train_iteration`."""
 
+    plan = _At("plan.json")
+    samples = _At("samples.jsonl")
+    judgements = _At("judgements.jsonl")
+    pairs = _At("pairs.jsonl")
+    pairs_trl = _At("pairs.trl.jsonl")
+    adapter = _At("adapter")
+    adapter_done = _At("adapter/DONE")
+    adapter_tmp = _At(".adapter.tmp")  # renamed into place once whole
+    ref_logps = _At("ref_logps.pt")
+    dpo_checkpoint = _At("dpo_checkpoint.pt")
+    metrics = _At("metrics.json")
+    heldout = _At("heldout", EvalDir)
+    validation = _At("validation", EvalDir)
+
     def __init__(self, path: str | os.PathLike, t: int | None = None):
         super().__init__(path)
         self.t = t
         self.name = self.path.name
-        self.plan = self.path / "plan.json"
-        self.samples = self.path / "samples.jsonl"
-        self.judgements = self.path / "judgements.jsonl"
-        self.pairs = self.path / "pairs.jsonl"
-        self.pairs_trl = self.path / "pairs.trl.jsonl"
-        self.adapter = self.path / "adapter"
-        self.adapter_done = self.adapter / "DONE"
-        self.adapter_tmp = self.path / ".adapter.tmp"  # renamed into place once whole
-        self.ref_logps = self.path / "ref_logps.pt"
-        self.dpo_checkpoint = self.path / "dpo_checkpoint.pt"
-        self.metrics = self.path / "metrics.json"
-        self.heldout = EvalDir(self.path / "heldout")
-        self.validation = EvalDir(self.path / "validation")
 
     def read_plan(self) -> list[dict] | None:
         """The instructions of plan.json, None before the iteration is planned. A plan.json that is not
@@ -260,16 +273,14 @@ class IterationDir(_Folder):
 class RunDir(_Folder):
     """A run directory (see the module docstring)."""
 
-    def __init__(self, path: str | os.PathLike):
-        super().__init__(path)
-        self.config = self.path / "config.toml"
-        self.run_record = self.path / "run.json"
-        self.summary = self.path / "summary.json"
-        self.lock_file = self.path / ".lock"
-        self.judge_cache = self.path / "judge_cache.sqlite"
-        self.tracking = self.path / "tracking"  # the default loop.tracking_dir
-        self.eval_base = EvalDir(self.path / "eval_base")
-        self.eval_final = EvalDir(self.path / "eval_final")
+    config = _At("config.toml")
+    run_record = _At("run.json")
+    summary = _At("summary.json")
+    lock_file = _At(".lock")
+    judge_cache = _At("judge_cache.sqlite")
+    tracking = _At("tracking")  # the default loop.tracking_dir
+    eval_base = _At("eval_base", EvalDir)
+    eval_final = _At("eval_final", EvalDir)
 
     def iteration(self, t: int) -> IterationDir:
         return IterationDir(self.path / f"iter_{t:02d}", t)
@@ -334,11 +345,9 @@ class RunDir(_Folder):
 class ExperimentDir(_Folder):
     """An experiment directory: two run directories and their comparisons (see :mod:`tpo_lite.experiment`)."""
 
-    def __init__(self, path: str | os.PathLike):
-        super().__init__(path)
-        self.record = self.path / "experiment.json"
-        self.table = self.path / "table1.md"
-        self.judge_cache = self.path / "judge_cache.sqlite"
+    record = _At("experiment.json")
+    table = _At("table1.md")
+    judge_cache = _At("judge_cache.sqlite")
 
     def run(self, label: str) -> RunDir:
         return RunDir(self.path / label)

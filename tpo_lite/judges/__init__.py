@@ -14,7 +14,7 @@ import re
 from dataclasses import dataclass
 from typing import Literal
 
-from ..errors import TpoError, require_finite
+from ..errors import TpoError, require, require_finite
 from .base import Capabilities, Judge, JudgeResult, instruction_text  # noqa: F401  (re-exported)
 from ..options import option
 
@@ -135,23 +135,18 @@ class JudgeConfig:
         require_finite(self)
         if self.kind not in KINDS:
             raise TpoError(f"unknown judge kind {self.kind!r}; use {', '.join(KINDS)}", field="kind")
-        for name in ("batch_size", "max_length", "concurrency", "max_tokens"):
-            if getattr(self, name) < 1:
-                raise TpoError(f"must be >= 1, got {getattr(self, name)}", field=name)
-        if not 0.0 <= self.tie_weight < 1.0:
-            raise TpoError(f"must be in [0, 1), got {self.tie_weight}", field="tie_weight")
-        if self.max_retries < 0:
-            raise TpoError(f"must be >= 0, got {self.max_retries}", field="max_retries")
-        if self.timeout_s <= 0:
-            raise TpoError(f"must be > 0, got {self.timeout_s}", field="timeout_s")
-        if self.retry_backoff_s < 0:
-            raise TpoError(f"must be >= 0, got {self.retry_backoff_s}", field="retry_backoff_s")
-        if self.bt_l2 <= 0:
-            raise TpoError(f"must be > 0 (a ridge keeps Bradley-Terry scores finite), got {self.bt_l2}",
-                           field="bt_l2")
-        if not (self.pair_schedule in ("all", "round_robin") or re.fullmatch(r"random:[1-9]\d*", self.pair_schedule)):
-            raise TpoError(f"unknown pair schedule {self.pair_schedule!r}; use all, round_robin or random:N "
-                           "(N >= 1)", field="pair_schedule")
+        require(self, [
+            *((name, getattr(self, name) >= 1, "must be >= 1")
+              for name in ("batch_size", "max_length", "concurrency", "max_tokens")),
+            ("tie_weight", 0.0 <= self.tie_weight < 1.0, "must be in [0, 1)"),
+            ("max_retries", self.max_retries >= 0, "must be >= 0"),
+            ("timeout_s", self.timeout_s > 0, "must be > 0"),
+            ("retry_backoff_s", self.retry_backoff_s >= 0, "must be >= 0"),
+            ("bt_l2", self.bt_l2 > 0, "must be > 0 (a ridge keeps Bradley-Terry scores finite)"),
+        ])
+        from .pairwise import check_schedule
+
+        check_schedule(self.pair_schedule, field="pair_schedule")
         if self.kind == "reward_model" and not self.model:
             raise TpoError("the reward_model judge needs a model path", field="model")
         if self.kind == "function":
@@ -230,27 +225,21 @@ def make_judge(cfg: JudgeConfig, cache_path: str | os.PathLike | None = None, *,
 
     path = cfg.cache_path or (os.fspath(cache_path) if cache_path is not None else "")
     cache = JudgementCache(path) if (cfg.cache and path) else None
-    if cfg.kind == "programmatic":
-        from .programmatic import ProgrammaticJudge
-
-        judge = ProgrammaticJudge(tie_weight=cfg.tie_weight)
-        return CachedJudge(judge, cache) if cache is not None else judge
-    if cfg.kind == "reward_model":
-        from .reward_model import RewardModelJudge
-
-        if model is not None:
-            judge = RewardModelJudge(model, tokenizer, batch_size=cfg.batch_size, max_length=cfg.max_length,
-                                     score_field=cfg.score_field)
+    cls = judge_class(cfg)
+    if cfg.kind != "pairwise":
+        if cfg.kind == "programmatic":
+            judge = cls(tie_weight=cfg.tie_weight)
+        elif cfg.kind == "function":
+            judge = cls.from_spec(cfg.function)
+        elif model is not None:
+            judge = cls(model, tokenizer, batch_size=cfg.batch_size, max_length=cfg.max_length,
+                        score_field=cfg.score_field)
         else:
-            judge = RewardModelJudge.from_pretrained(cfg.model, batch_size=cfg.batch_size, device=cfg.device,
-                                                     dtype=cfg.dtype, max_length=cfg.max_length,
-                                                     trust_remote_code=cfg.trust_remote_code,
-                                                     score_field=cfg.score_field)
+            judge = cls.from_pretrained(cfg.model, batch_size=cfg.batch_size, device=cfg.device, dtype=cfg.dtype,
+                                        max_length=cfg.max_length, trust_remote_code=cfg.trust_remote_code,
+                                        score_field=cfg.score_field)
         return CachedJudge(judge, cache) if cache is not None else judge
-    if cfg.kind == "function":
-        judge = judge_class(cfg).from_spec(cfg.function)
-        return CachedJudge(judge, cache) if cache is not None else judge
-    from .pairwise import LocalPairBackend, PairwiseJudge, ServerPairBackend
+    from .pairwise import LocalPairBackend, ServerPairBackend
 
     if cfg.base_url:
         backend = ServerPairBackend(cfg.base_url, cfg.served_model, api_key_env=cfg.api_key_env,
@@ -265,5 +254,5 @@ def make_judge(cfg: JudgeConfig, cache_path: str | os.PathLike | None = None, *,
         backend = LocalPairBackend.from_pretrained(cfg.model, batch_size=cfg.batch_size, device=cfg.device,
                                                    dtype=cfg.dtype, chat_template_kwargs=cfg.chat_template_kwargs)
     # The pairwise judge caches each ordered comparison itself (its scores depend on the whole group).
-    return PairwiseJudge(backend, template=cfg.resolved_template(), pair_schedule=cfg.pair_schedule,
-                         seed=cfg.seed, bt_l2=cfg.bt_l2, cache=cache)
+    return cls(backend, template=cfg.resolved_template(), pair_schedule=cfg.pair_schedule, seed=cfg.seed,
+               bt_l2=cfg.bt_l2, cache=cache)

@@ -33,6 +33,12 @@ class JudgeResult:
         if len(self.details) != len(self.scores):
             raise ValueError(f"JudgeResult: {len(self.scores)} scores but {len(self.details)} details")
 
+    @classmethod
+    def unscored(cls, responses: list[str | None]) -> "JudgeResult":
+        """The result a judge fills in: every score ``None``, details ``{"invalid": True}`` for a ``None``
+        (invalid) response, else ``{}``."""
+        return cls([None] * len(responses), [{"invalid": True} if r is None else {} for r in responses])
+
 
 @dataclass(frozen=True)
 class Capabilities:

@@ -183,16 +183,11 @@ class CachedJudge(Judge):
             new = {k: {"score": s, "details": d} for k, s, d in zip(todo_unique, res.scores, res.details)}
             self.cache.put_many(new)
             found.update(new)
-        scores: list[float | None] = []
-        details: list[dict] = []
-        for k in keys:
-            if k is None:
-                scores.append(None)
-                details.append({"invalid": True})
-            else:
-                scores.append(found[k]["score"])
-                details.append(found[k]["details"])
-        return JudgeResult(scores, details)
+        res = JudgeResult.unscored(responses)
+        for i, k in enumerate(keys):
+            if k is not None:
+                res.scores[i], res.details[i] = found[k]["score"], found[k]["details"]
+        return res
 
     def compare(self, instruction: Any, response_a: str, response_b: str) -> float:
         if not self.capabilities.compares_pairs:

@@ -1,10 +1,11 @@
 """Verifiable checks on a response (IFEval-style), used by the programmatic judge.
 
 A check is a dict ``{"type": NAME, **params}`` stored with an instruction (``checks`` in the instruction
-JSONL). Each check type below is one small function ``fn(response, **params) -> (passed, partial,
-observed)``: ``passed`` is the verdict, ``partial`` in [0, 1) is a closeness score used only when the check
-fails (how near the response came; the programmatic judge turns it into a small tie-breaker), and
-``observed`` is what was measured (kept in the judge details for inspection).
+JSONL). Each check type in :data:`CHECKS` (their meanings: docs/templates.md) is one small function
+``fn(response, **params) -> (passed, partial, observed)`` (``_count_check`` makes the bounds on a count):
+``passed`` is the verdict, ``partial`` in [0, 1) is a closeness score used only when the check fails (how
+near the response came; the programmatic judge turns it into a small tie-breaker), and ``observed`` is what
+was measured (kept in the judge details for inspection).
 
 Counting conventions (documented once, here):
 
@@ -27,6 +28,7 @@ from __future__ import annotations
 
 import json
 import math
+import operator
 import re
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -90,46 +92,16 @@ def _strip_wrappers(text: str) -> str:
 
 # ---- check functions: fn(response, **params) -> (passed, partial, observed) ----
 
-def max_words(response: str, value: int):
-    """At most ``value`` words."""
-    n = count_words(response)
-    return n <= value, _ratio_under(n, value), n
+def _count_check(count: Callable[[str], int], bound: str) -> Callable:
+    """The check "``count(response)`` is at most (``bound`` "max") / at least ("min") / exactly ("num")
+    ``value``", with that bound's partial credit."""
+    passes, partial = {"max": (operator.le, _ratio_under), "min": (operator.ge, _ratio_over),
+                       "num": (operator.eq, _ratio_exact)}[bound]
 
-
-def min_words(response: str, value: int):
-    """At least ``value`` words."""
-    n = count_words(response)
-    return n >= value, _ratio_over(n, value), n
-
-
-def max_sentences(response: str, value: int):
-    """At most ``value`` sentences."""
-    n = count_sentences(response)
-    return n <= value, _ratio_under(n, value), n
-
-
-def min_sentences(response: str, value: int):
-    """At least ``value`` sentences."""
-    n = count_sentences(response)
-    return n >= value, _ratio_over(n, value), n
-
-
-def num_sentences(response: str, value: int):
-    """Exactly ``value`` sentences."""
-    n = count_sentences(response)
-    return n == value, _ratio_exact(n, value), n
-
-
-def num_paragraphs(response: str, value: int):
-    """Exactly ``value`` paragraphs (blank-line separated)."""
-    n = len(paragraphs(response))
-    return n == value, _ratio_exact(n, value), n
-
-
-def num_bullets(response: str, value: int):
-    """Exactly ``value`` markdown bullet points."""
-    n = count_bullets(response)
-    return n == value, _ratio_exact(n, value) if n else 0.0, n
+    def check(response: str, value: int):
+        n = count(response)
+        return passes(n, value), partial(n, value), n
+    return check
 
 
 def include_words(response: str, words: list[str]):
@@ -204,7 +176,7 @@ def num_highlights(response: str, min_count: int):
 def num_sections(response: str, value: int, splitter: str = "Section"):
     """Exactly ``value`` sections, each starting on a line with ``splitter`` and a number (``Section 1``)."""
     n = len(re.findall(rf"^[ \t#*]*{re.escape(splitter)}[ \t]+\d+", response, re.IGNORECASE | re.MULTILINE))
-    return n == value, _ratio_exact(n, value) if n else 0.0, n
+    return n == value, _ratio_exact(n, value), n
 
 
 def postscript(response: str, marker: str = "P.S."):
@@ -283,24 +255,21 @@ class CheckType:
     fn: Callable
     params: dict
 
-    @property
-    def doc(self) -> str:
-        return (self.fn.__doc__ or "").strip()
-
 
 _INT = (int,)
 _NUM = (int, float)
 _STR = (str,)
 _LIST = (list,)
+_VALUE = {"value": (_INT, True)}
 
 CHECKS: dict[str, CheckType] = {
-    "max_words": CheckType(max_words, {"value": (_INT, True)}),
-    "min_words": CheckType(min_words, {"value": (_INT, True)}),
-    "max_sentences": CheckType(max_sentences, {"value": (_INT, True)}),
-    "min_sentences": CheckType(min_sentences, {"value": (_INT, True)}),
-    "num_sentences": CheckType(num_sentences, {"value": (_INT, True)}),
-    "num_paragraphs": CheckType(num_paragraphs, {"value": (_INT, True)}),
-    "num_bullets": CheckType(num_bullets, {"value": (_INT, True)}),
+    "max_words": CheckType(_count_check(count_words, "max"), _VALUE),
+    "min_words": CheckType(_count_check(count_words, "min"), _VALUE),
+    "max_sentences": CheckType(_count_check(count_sentences, "max"), _VALUE),
+    "min_sentences": CheckType(_count_check(count_sentences, "min"), _VALUE),
+    "num_sentences": CheckType(_count_check(count_sentences, "num"), _VALUE),
+    "num_paragraphs": CheckType(_count_check(lambda r: len(paragraphs(r)), "num"), _VALUE),
+    "num_bullets": CheckType(_count_check(count_bullets, "num"), _VALUE),
     "include_words": CheckType(include_words, {"words": (_LIST, True)}),
     "exclude_words": CheckType(exclude_words, {"words": (_LIST, True)}),
     "keyword_frequency": CheckType(keyword_frequency, {"word": (_STR, True), "min_count": (_INT, True)}),

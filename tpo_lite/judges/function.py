@@ -146,10 +146,10 @@ class FunctionJudge(Judge):
     def score(self, instruction: Any, responses: list[str | None]) -> JudgeResult:
         """One score per response (``None`` where the response is ``None`` or the function gave ``None``)."""
         todo = [i for i, r in enumerate(responses) if r is not None]
-        scores: list[float | None] = [None] * len(responses)
-        details: list[dict] = [{"invalid": True} if r is None else {} for r in responses]
+        res = JudgeResult.unscored(responses)
+        scores, details = res.scores, res.details
         if not todo:
-            return JudgeResult(scores, details)
+            return res
         n = len(todo)
         given = {"prompts": [instruction_text(instruction)] * n, "completions": [responses[i] for i in todo],
                  "checks": [instruction_checks(instruction)] * n}
@@ -177,7 +177,7 @@ class FunctionJudge(Judge):
                                "for a completion it cannot score", field=_FIELD)
             scores[i] = s
             details[i]["reward"] = s
-        return JudgeResult(scores, details)
+        return res
 
     def compare(self, instruction: Any, response_a: str, response_b: str) -> float:
         """1.0 if ``response_a`` scores higher, 0.0 if lower, 0.5 on a tie (the function's scale is unknown, so

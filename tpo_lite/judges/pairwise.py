@@ -42,13 +42,10 @@ import math
 import os
 import random
 import re
-import socket
-import time
-import urllib.error
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from typing import Any, Callable
 
+from .. import http_retry
 from ..errors import TpoError
 from ..special_tokens import escape_control_markup, escape_special_tokens
 from ..stats import bradley_terry
@@ -95,8 +92,19 @@ def fill_template(template: str, instruction: str, response_a: str, response_b: 
     return _FIELD_RE.sub(lambda m: values[m.group(0)], template)
 
 
+_SCHEDULE = re.compile(r"all|round_robin|random:[1-9]\d*")
+
+
+def check_schedule(schedule: str, field: str = "judge.pair_schedule") -> None:
+    """Refuse a ``pair_schedule`` other than ``all``, ``round_robin`` or ``random:N`` (N >= 1)."""
+    if not isinstance(schedule, str) or not _SCHEDULE.fullmatch(schedule):
+        raise TpoError(f"unknown pair schedule {schedule!r}; use all, round_robin or random:N (N >= 1)",
+                       field=field)
+
+
 def schedule_pairs(n: int, schedule: str = "all", seed: int = 0, salt: str = "") -> list[tuple[int, int]]:
     """Unordered pairs ``(i, j)``, ``i < j``, of ``n`` items to compare under ``schedule`` (see module doc)."""
+    check_schedule(schedule)
     if n < 2:
         return []
     all_pairs = list(itertools.combinations(range(n), 2))
@@ -104,13 +112,7 @@ def schedule_pairs(n: int, schedule: str = "all", seed: int = 0, salt: str = "")
         return all_pairs
     if schedule == "round_robin":
         return sorted({tuple(sorted((i, (i + 1) % n))) for i in range(n)})
-    m = re.fullmatch(r"random:(\d+)", schedule or "")
-    if not m:
-        raise TpoError(f"unknown pair schedule {schedule!r}; use all, round_robin or random:N",
-                       field="judge.pair_schedule")
-    want = int(m.group(1))
-    if want < 1:
-        raise TpoError("random:N needs N >= 1", field="judge.pair_schedule")
+    want = int(schedule.split(":")[1])
     if want >= len(all_pairs):
         return all_pairs
     rng = random.Random(f"{seed}:{salt}")
@@ -272,8 +274,17 @@ class LocalPairBackend(PairBackend):
                     on_result(k, float(p_a[r]), {"answer_mass": float(mass[r])})
 
 
+def _choices(raw: bytes) -> dict:
+    """A chat completion's JSON; one without choices is a ValueError (a failed try)."""
+    data = json.loads(raw.decode("utf-8"))
+    if not isinstance(data, dict) or not data.get("choices"):
+        raise ValueError(f"reply without choices: {str(data)[:200]}")
+    return data
+
+
 class ServerPairBackend(PairBackend):
-    """Asks an OpenAI-compatible chat endpoint (urllib; bounded retries with backoff, then a clear error)."""
+    """Asks an OpenAI-compatible chat endpoint (:mod:`tpo_lite.http_retry`: bounded retries with backoff, then a
+    clear error)."""
 
     kind = "server"
 
@@ -309,35 +320,16 @@ class ServerPairBackend(PairBackend):
         return escape_control_markup(text)
 
     def _post(self, payload: dict) -> dict:
-        body = json.dumps(payload).encode("utf-8")
-        headers = {"Content-Type": "application/json"}
-        if self.api_key:
-            headers["Authorization"] = f"Bearer {self.api_key}"
-        last = "no attempt made"
-        for attempt in range(self.max_retries + 1):
-            if attempt:
-                time.sleep(self.retry_backoff_s * 2 ** (attempt - 1))
-            req = urllib.request.Request(self.url, data=body, headers=headers, method="POST")
-            try:
-                with urllib.request.urlopen(req, timeout=self.timeout_s) as resp:
-                    data = json.loads(resp.read().decode("utf-8"))
-                if not isinstance(data, dict) or not data.get("choices"):
-                    last = f"reply without choices: {str(data)[:200]}"
-                    continue
-                return data
-            except urllib.error.HTTPError as e:
-                detail = e.read().decode("utf-8", "replace")[:300] if e.fp else ""
-                last = f"HTTP {e.code} {e.reason} {detail}".strip()
-                if e.code not in (408, 429) and e.code < 500:
-                    # A client error (bad model name, bad request) will not heal by retrying.
-                    raise TpoError(f"judge server {self.url} refused the request: {last}",
-                                   field="judge.base_url") from e
-            except (urllib.error.URLError, socket.timeout, TimeoutError, ConnectionError,
-                    json.JSONDecodeError, UnicodeDecodeError) as e:
-                last = f"{type(e).__name__}: {getattr(e, 'reason', e)}"
-        raise TpoError(f"judge server {self.url} failed after {self.max_retries + 1} attempts "
-                       f"(last error: {last}); finished judgements are cached, rerun to resume",
-                       field="judge.base_url")
+        try:
+            return http_retry.request(self.url, payload, api_key=self.api_key, timeout_s=self.timeout_s,
+                                      max_retries=self.max_retries, backoff_s=self.retry_backoff_s, parse=_choices)
+        except http_retry.HTTPFailure as e:
+            if e.refused:  # a bad model name or request will not heal by retrying
+                raise TpoError(f"judge server {self.url} refused the request: {e.last}",
+                               field="judge.base_url") from None
+            raise TpoError(f"judge server {self.url} failed after {self.max_retries + 1} attempts "
+                           f"(last error: {e.last}); finished judgements are cached, rerun to resume",
+                           field="judge.base_url") from None
 
     def ask(self, prompt: str) -> tuple[float, dict]:
         payload: dict[str, Any] = {"model": self.served_model, "temperature": 0.0, "max_tokens": self.max_tokens,
@@ -393,7 +385,7 @@ class PairwiseJudge(Judge):
     def __init__(self, backend: PairBackend, template: str = DEFAULT_JUDGE_TEMPLATE, pair_schedule: str = "all",
                  seed: int = 0, bt_l2: float = 0.1, cache: JudgementCache | None = None):
         check_template(template)
-        schedule_pairs(3, pair_schedule)  # validates the schedule string now, not mid-run
+        check_schedule(pair_schedule)  # now, not mid-run
         self.backend = backend
         self.template = template
         self.pair_schedule = pair_schedule
@@ -448,10 +440,9 @@ class PairwiseJudge(Judge):
 
     def score(self, instruction: Any, responses: list[str | None]) -> JudgeResult:
         valid = [i for i, r in enumerate(responses) if r is not None]
-        scores: list[float | None] = [None] * len(responses)
-        details: list[dict] = [{"invalid": True} if r is None else {} for r in responses]
+        res = JudgeResult.unscored(responses)
         if not valid:
-            return JudgeResult(scores, details)
+            return res
         pairs = schedule_pairs(len(valid), self.pair_schedule, self.seed, salt=instruction_text(instruction))
         ordered = []
         for i, j in pairs:
@@ -472,9 +463,9 @@ class PairwiseJudge(Judge):
             pref[a] += p
             pref[b] += 1.0 - p
         for k, i in enumerate(valid):
-            scores[i] = float(theta[k])
-            details[i] = {"bt": float(theta[k]), "comparisons": n_comp[k],
-                          "mean_pref": pref[k] / n_comp[k] if n_comp[k] else None, "position_bias": bias}
+            res.scores[i] = float(theta[k])
+            res.details[i] = {"bt": float(theta[k]), "comparisons": n_comp[k],
+                              "mean_pref": pref[k] / n_comp[k] if n_comp[k] else None, "position_bias": bias}
             if unparsed:
-                details[i].update(unparsed=unparsed, cut_off=cut_off)
-        return JudgeResult(scores, details)
+                res.details[i].update(unparsed=unparsed, cut_off=cut_off)
+        return res

@@ -62,17 +62,11 @@ class ProgrammaticJudge(Judge):
     def score(self, instruction: Any, responses: list[str | None]) -> JudgeResult:
         """One score per response (``None`` for a ``None`` response); details list each check's verdict."""
         checks = self._checks(instruction)
-        scores: list[float | None] = []
-        details: list[dict] = []
-        for r in responses:
-            if r is None:
-                scores.append(None)
-                details.append({"invalid": True})
-                continue
-            s, d = self.score_one(checks, r)
-            scores.append(s)
-            details.append(d)
-        return JudgeResult(scores, details)
+        res = JudgeResult.unscored(responses)
+        for i, r in enumerate(responses):
+            if r is not None:
+                res.scores[i], res.details[i] = self.score_one(checks, r)
+        return res
 
     def compare(self, instruction: Any, response_a: str, response_b: str) -> float:
         """1.0 if ``response_a`` scores higher, 0.0 if lower, 0.5 on a tie."""

@@ -87,12 +87,10 @@ class RewardModelJudge(Judge):
                   "a repository whose code you trust)")
         try:
             config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
-        except ValueError as e:
-            if not trust_remote_code and "trust_remote_code" in str(e):  # a model type only its own code defines
+        except (OSError, ValueError) as e:
+            if isinstance(e, ValueError) and not trust_remote_code and "trust_remote_code" in str(e):
+                # a model type only its own code defines
                 raise TpoError(refuse.format("its config class"), path=path, field="judge.trust_remote_code") from e
-            raise TpoError(f"cannot load a sequence-classification reward model: {e}", path=path,
-                           field="judge.model") from e
-        except OSError as e:
             raise TpoError(f"cannot load a sequence-classification reward model: {e}", path=path,
                            field="judge.model") from e
         auto_map = getattr(config, "auto_map", None)
@@ -171,8 +169,8 @@ class RewardModelJudge(Judge):
         import torch
 
         text = instruction_text(instruction)
-        scores: list[float | None] = [None] * len(responses)
-        details: list[dict] = [{"invalid": True} if r is None else {} for r in responses]
+        res = JudgeResult.unscored(responses)
+        scores, details = res.scores, res.details
         todo = [(i, self._render(text, r)) for i, r in enumerate(responses) if r is not None]
         for i, ids in todo:
             if len(ids) > self.max_length:
@@ -192,7 +190,7 @@ class RewardModelJudge(Judge):
                     details[i]["reward"] = float(s)
                     if objectives is not None:
                         details[i]["rewards"] = objectives[k]
-        return JudgeResult(scores, details)
+        return res
 
     def compare(self, instruction: Any, response_a: str, response_b: str) -> float:
         """P(a better than b) under the Bradley-Terry reading of rewards: ``sigmoid(r_a - r_b)``."""
