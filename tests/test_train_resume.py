@@ -225,8 +225,10 @@ def test_checkpoint_of_other_settings_is_not_resumed(tiny_dir, tmp_path, monkeyp
 
     # a checkpoint left by a kill between DONE and its removal goes on the next call, which trains nothing
     (out / CHECKPOINT_NAME).write_bytes(b"left over")
+    torn = out / f".{CHECKPOINT_NAME}.k1ll3d.tmp"  # the temp file of a write a kill cut (jsonl.write_atomic)
+    torn.write_bytes(b"torn")
     assert train_iteration(model_cfg(tiny_dir), other, pairs, out, None, progress=False) == m
-    assert not (out / CHECKPOINT_NAME).exists()
+    assert not (out / CHECKPOINT_NAME).exists() and not torn.exists()
 
     # an unreadable checkpoint: a warning, then the iteration from its first step
     import shutil

@@ -68,6 +68,15 @@ def require_seed(cfg, name: str = "seed") -> None:
     if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= SEED_MAX:
         raise TpoError(f"must be an integer between 0 and {SEED_MAX} (2**32 - 1), got {v!r}", field=name)
 
+
+def require(cfg, checks) -> None:
+    """Raise :class:`TpoError` ``"<message>, got <value>"`` naming the option of the first ``(option, ok,
+    message)`` of ``checks`` whose ``ok`` is false: a config dataclass's range checks as one table."""
+    for name, ok, message in checks:
+        if not ok:
+            raise TpoError(f"{message}, got {getattr(cfg, name)!r}", field=name)
+
+
 # errno -> what the user can do about it; other OSErrors are bugs and keep their traceback
 _DISK_FULL = ("no space left (the records finished so far are kept); free space and run the same command again "
               "to resume")

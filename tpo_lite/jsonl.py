@@ -24,7 +24,7 @@ import json
 import os
 import stat
 import tempfile
-from typing import Any, Iterable
+from typing import Any, BinaryIO, Callable, Iterable
 
 from .errors import TpoError
 
@@ -195,7 +195,13 @@ def _missing_key(obj: dict, required: Iterable[str]) -> tuple[str, str] | None:
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:
-    """Replace ``path`` with ``text`` atomically (temp file in the same dir + fsync + os.replace)."""
+    """Replace ``path`` with ``text`` atomically (see :func:`write_atomic`)."""
+    write_atomic(path, lambda f: f.write(text.encode("utf-8")))
+
+
+def write_atomic(path: str | os.PathLike, write: Callable[[BinaryIO], Any]) -> None:
+    """Replace ``path`` with what ``write`` writes to a binary file, atomically: a temp file in the same dir
+    (``.<name>.*.tmp``), fsync, os.replace; a kill leaves the old file or the new one."""
     path = os.fspath(path)
     d = os.path.dirname(os.path.abspath(path))
     os.makedirs(d, exist_ok=True)
@@ -205,8 +211,8 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> None:
         raise OSError(e.errno, e.strerror, path) from None
     try:
         os.fchmod(fd, 0o644)  # mkstemp makes 0600; results are ordinary files that others may read
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
+        with os.fdopen(fd, "wb") as f:
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)

@@ -27,7 +27,7 @@ from typing import Literal, Optional, Union
 
 import torch
 
-from tpo_lite.errors import TpoError, require_finite
+from tpo_lite.errors import TpoError, require, require_finite
 from .options import option
 
 EMBEDDED_NAME = "smollm2"
@@ -79,14 +79,12 @@ class ModelConfig:
             raise TpoError(f"must be auto, bfloat16, float32 or float16, got {self.dtype!r}", field="dtype")
         if not (self.load_in_4bit is True or self.load_in_4bit is False or self.load_in_4bit == "auto"):
             raise TpoError(f"must be true, false or 'auto', got {self.load_in_4bit!r}", field="load_in_4bit")
-        if self.lora_r < 1:
-            raise TpoError(f"must be >= 1, got {self.lora_r}", field="lora_r")
-        if not self.lora_alpha > 0:
-            raise TpoError(f"must be > 0, got {self.lora_alpha}", field="lora_alpha")
-        if not 0.0 <= self.lora_dropout < 1.0:
-            raise TpoError(f"must be in [0, 1), got {self.lora_dropout}", field="lora_dropout")
-        if not self.path:
-            raise TpoError("must name a model ('smollm2', an HF directory or a .gguf file)", field="path")
+        require(self, [
+            ("lora_r", self.lora_r >= 1, "must be >= 1"),
+            ("lora_alpha", self.lora_alpha > 0, "must be > 0"),
+            ("lora_dropout", 0.0 <= self.lora_dropout < 1.0, "must be in [0, 1)"),
+            ("path", bool(self.path), "must name a model ('smollm2', an HF directory or a .gguf file)"),
+        ])
 
 
 # ------------------------------------------------------------------------------------------- small resolvers
@@ -190,23 +188,39 @@ def _gguf_cache_path(gguf: Path, cache_dir: Path) -> Path:
     return cache_dir / "gguf" / f"{gguf.stem}-{key}"
 
 
-def gguf_float_checkpoint(gguf_path: str | os.PathLike, cache_dir: str | os.PathLike | None = None,
-                          progress: bool = False) -> Path:
-    """Directory of a float32 safetensors checkpoint (+ tokenizer) dequantised from ``gguf_path``; built once.
-
-    The directory is written under a temporary name and renamed into place, then stamped with a marker
-    file, so a killed conversion is redone rather than half-read.
-    """
-    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
-
-    gguf = Path(gguf_path)
-    cache = Path(cache_dir) if cache_dir else default_cache_dir()
-    out = _gguf_cache_path(gguf, cache)
+def _cached_dir(out: Path, build) -> Path:
+    """``out``, built once: ``build(tmp)`` fills a temporary sibling and returns the record of the marker file,
+    written last, before the folder is renamed into place; so a killed build is redone rather than half-read.
+    When another process finished first, its folder is used."""
     if (out / _CACHE_MARKER).is_file():
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
+    marker = build(tmp)
+    with open(tmp / _CACHE_MARKER, "w") as f:
+        json.dump(marker, f)
+    try:
+        os.replace(tmp, out)
+    except OSError:  # another process finished first (non-empty target): use theirs
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not (out / _CACHE_MARKER).is_file():
+            raise
+    return out
+
+
+def gguf_float_checkpoint(gguf_path: str | os.PathLike, cache_dir: str | os.PathLike | None = None) -> Path:
+    """Directory of a float32 safetensors checkpoint (+ tokenizer) dequantised from ``gguf_path``; built once
+    (:func:`_cached_dir`)."""
+    gguf = Path(gguf_path)
+    cache = Path(cache_dir) if cache_dir else default_cache_dir()
+    return _cached_dir(_gguf_cache_path(gguf, cache), lambda tmp: _dequantise(gguf, tmp))
+
+
+def _dequantise(gguf: Path, tmp: Path) -> dict:
+    """Save ``gguf`` dequantised to float32 (+ its tokenizer) in ``tmp``; the cache marker's record."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
+
     t0 = time.time()
     try:
         # dequantize=True: transformers 5 could otherwise keep the weights packed in GGUF blocks (when the
@@ -232,16 +246,8 @@ def gguf_float_checkpoint(gguf_path: str | os.PathLike, cache_dir: str | os.Path
             setattr(model, attr, None if attr == "quantization_method" else False)
     model.save_pretrained(str(tmp))
     tokenizer.save_pretrained(str(tmp))
-    with open(tmp / _CACHE_MARKER, "w") as f:
-        json.dump({"gguf": str(gguf.resolve()), "size": gguf.stat().st_size, "dtype": "float32",
-                   "seconds": round(time.time() - t0, 1)}, f)
-    try:
-        os.replace(tmp, out)
-    except OSError:  # another process finished first (non-empty target): use theirs
-        shutil.rmtree(tmp, ignore_errors=True)
-        if not (out / _CACHE_MARKER).is_file():
-            raise
-    return out
+    return {"gguf": str(gguf.resolve()), "size": gguf.stat().st_size, "dtype": "float32",
+            "seconds": round(time.time() - t0, 1)}
 
 
 def float_checkpoint(cfg: ModelConfig) -> str:
@@ -263,23 +269,13 @@ def dtype_checkpoint(loc: str, dtype: torch.dtype) -> str:
     if dtype not in (torch.bfloat16, torch.float16) or not (Path(loc) / _CACHE_MARKER).is_file():
         return loc
     name = str(dtype).replace("torch.", "")
-    out = Path(f"{loc}-{name}")
-    if (out / _CACHE_MARKER).is_file():
-        return str(out)
-    from transformers import AutoModelForCausalLM
 
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    AutoModelForCausalLM.from_pretrained(loc, dtype=dtype).save_pretrained(str(tmp))
-    with open(tmp / _CACHE_MARKER, "w") as f:
-        json.dump({"from": str(loc), "dtype": name}, f)
-    try:
-        os.replace(tmp, out)
-    except OSError:  # another process finished first
-        shutil.rmtree(tmp, ignore_errors=True)
-        if not (out / _CACHE_MARKER).is_file():
-            raise
-    return str(out)
+    def build(tmp: Path) -> dict:
+        from transformers import AutoModelForCausalLM
+
+        AutoModelForCausalLM.from_pretrained(loc, dtype=dtype).save_pretrained(str(tmp))
+        return {"from": str(loc), "dtype": name}
+    return str(_cached_dir(Path(f"{loc}-{name}"), build))
 
 
 # ---------------------------------------------------------------------------------------------------- loading

@@ -34,7 +34,7 @@ import os
 from dataclasses import dataclass
 from typing import Any, Literal, Sequence
 
-from .errors import TpoError, require_finite
+from .errors import TpoError, require, require_finite
 from .records import Judgement, Pair, PromptSamples
 from .sampling import Sample
 from .scoring import LENGTH_UNITS, adjusted_scores, auto_rho, best_and_worst, response_length, rho_grid
@@ -83,15 +83,12 @@ class PairsConfig:
                     raise TpoError(f"must be a number >= 0 or 'auto', got {self.rho!r}", field="rho") from None
         if not isinstance(self.rho, str) and (not math.isfinite(self.rho) or self.rho < 0):
             raise TpoError(f"must be a number >= 0 or 'auto', got {self.rho!r}", field="rho")
-        if not (0.0 < self.rho_grid_step <= 0.5):
-            raise TpoError(f"must be in (0, 0.5], got {self.rho_grid_step}", field="rho_grid_step")
-        if self.length_unit not in LENGTH_UNITS:
-            raise TpoError(f"must be one of {', '.join(LENGTH_UNITS)}, got {self.length_unit!r}",
-                           field="length_unit")
-        if not math.isfinite(self.min_gap) or self.min_gap < 0:
-            raise TpoError(f"must be >= 0, got {self.min_gap}", field="min_gap")
-        if not (0.0 <= self.max_invalid_rejected <= 1.0):
-            raise TpoError(f"must be in [0, 1], got {self.max_invalid_rejected}", field="max_invalid_rejected")
+        require(self, [
+            ("rho_grid_step", 0.0 < self.rho_grid_step <= 0.5, "must be in (0, 0.5]"),
+            ("length_unit", self.length_unit in LENGTH_UNITS, f"must be one of {', '.join(LENGTH_UNITS)}"),
+            ("min_gap", self.min_gap >= 0, "must be >= 0"),
+            ("max_invalid_rejected", 0.0 <= self.max_invalid_rejected <= 1.0, "must be in [0, 1]"),
+        ])
 
 
 def _keep(min_gap: float):

@@ -48,21 +48,17 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import http.client
 import inspect
 import json
-import math
 import os
-import socket
 import threading
 import time
-import urllib.error
-import urllib.request
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass, fields, replace
 from typing import Iterator
 
-from tpo_lite.errors import TpoError, require_finite, require_seed
+from tpo_lite.errors import TpoError, require, require_finite, require_seed
+from tpo_lite import http_retry
 from tpo_lite.parsing import response_marker_uses
 from .options import option
 
@@ -155,37 +151,23 @@ class SamplingConfig:
     def __post_init__(self):
         require_finite(self)
         require_seed(self)
-        positive = ("k", "max_new_tokens", "batch_size", "concurrency")
-        for name in positive:
-            if getattr(self, name) < 1:
-                raise TpoError(f"must be >= 1, got {getattr(self, name)}", field=name)
-        if self.temperature < 0 or not math.isfinite(self.temperature):
-            raise TpoError(f"must be >= 0, got {self.temperature}", field="temperature")
-        if not 0 < self.top_p <= 1:
-            raise TpoError(f"must be in (0, 1], got {self.top_p}", field="top_p")
-        if self.thought_budget is not None and not 1 <= self.thought_budget < self.max_new_tokens:
-            raise TpoError(f"must be >= 1 and below max_new_tokens ({self.max_new_tokens}), got "
-                           f"{self.thought_budget}", field="thought_budget")
-        if self.response_budget is not None and self.response_budget < 1:
-            raise TpoError(f"must be >= 1, got {self.response_budget}", field="response_budget")
-        for name in ("stop", "thought_stop"):
-            if any(not s for s in getattr(self, name)):
-                raise TpoError("stop strings must not be empty", field=name)
-        if self.timeout_s <= 0:
-            raise TpoError(f"must be > 0, got {self.timeout_s}", field="timeout_s")
-        if self.max_retries < 0 or self.backoff_s < 0:
-            name = "max_retries" if self.max_retries < 0 else "backoff_s"
-            raise TpoError(f"must be >= 0, got {getattr(self, name)}", field=name)
-        if not self.base_url.startswith(("http://", "https://")):
-            raise TpoError(f"expected an http:// or https:// URL, got {self.base_url!r}", field="base_url")
-        if not self.adapter_name:
-            raise TpoError("must not be empty", field="adapter_name")
-        if not 0 < self.vllm_gpu_memory_utilization <= 1:
-            raise TpoError(f"must be in (0, 1], got {self.vllm_gpu_memory_utilization}",
-                           field="vllm_gpu_memory_utilization")
-        for name in ("vllm_max_lora_rank", "vllm_max_model_len"):
-            if getattr(self, name) is not None and getattr(self, name) < 1:
-                raise TpoError(f"must be >= 1, got {getattr(self, name)}", field=name)
+        at_least_1 = ("k", "max_new_tokens", "batch_size", "concurrency", "response_budget", "vllm_max_lora_rank",
+                      "vllm_max_model_len")  # None = unset
+        require(self, [
+            *((name, getattr(self, name) is None or getattr(self, name) >= 1, "must be >= 1") for name in at_least_1),
+            ("temperature", self.temperature >= 0, "must be >= 0"),
+            ("top_p", 0 < self.top_p <= 1, "must be in (0, 1]"),
+            ("thought_budget", self.thought_budget is None or 1 <= self.thought_budget < self.max_new_tokens,
+             f"must be >= 1 and below max_new_tokens ({self.max_new_tokens})"),
+            ("stop", all(self.stop), "stop strings must not be empty"),
+            ("thought_stop", all(self.thought_stop), "stop strings must not be empty"),
+            ("timeout_s", self.timeout_s > 0, "must be > 0"),
+            ("max_retries", self.max_retries >= 0, "must be >= 0"),
+            ("backoff_s", self.backoff_s >= 0, "must be >= 0"),
+            ("base_url", self.base_url.startswith(("http://", "https://")), "expected an http:// or https:// URL"),
+            ("adapter_name", bool(self.adapter_name), "must not be empty"),
+            ("vllm_gpu_memory_utilization", 0 < self.vllm_gpu_memory_utilization <= 1, "must be in (0, 1]"),
+        ])
 
 
 @dataclass
@@ -333,12 +315,22 @@ class _Forcing:
         return self.text, self.token_ids
 
 
-def _budget_template(cfg: SamplingConfig, template):
-    """``template``, checked to be there when ``response_budget`` needs it (to find the response marker)."""
+def _budget_rules(cfg: SamplingConfig, template, tokenizer) -> tuple[_Forcing | None, object]:
+    """The budget-forcing rules (None without ``thought_budget``) and ``template``, checked to be there when
+    ``response_budget`` needs it (to find the response marker)."""
+    forcing = _Forcing(template, tokenizer, cfg) if cfg.thought_budget is not None else None
     if cfg.response_budget is not None and template is None:
         raise TpoError("response_budget needs the thought template (to find the response marker)",
                        field="sampling.response_budget")
-    return template
+    return forcing, template
+
+
+def _output_limit(cfg: SamplingConfig, marker_end: int | None) -> int:
+    """Token limit of a whole output: max_new_tokens, or the tokens up to the response marker +
+    response_budget once the marker is in the output."""
+    if cfg.response_budget is None or marker_end is None:
+        return cfg.max_new_tokens
+    return marker_end + cfg.response_budget
 
 
 def _token_end(decode, ids: list[int], char_end: int) -> int:
@@ -611,7 +603,7 @@ class LocalSampler:
 
     def __init__(self, model, tokenizer, cfg: SamplingConfig, template=None, progress: bool = True,
                  reference: bool = False):
-        from tpo_lite.models import sampling_copy
+        from tpo_lite.models import sampling_copy, unwrap
 
         self.reference = reference
         self.model = model if reference else sampling_copy(model)
@@ -624,13 +616,11 @@ class LocalSampler:
                            field="model")
         pad = getattr(tokenizer, "pad_token_id", None)
         self.pad_id = pad if pad is not None else min(self.eos_ids)
-        self.forcing = _Forcing(template, tokenizer, cfg) if cfg.thought_budget is not None else None
-        self.template = _budget_template(cfg, template)
+        self.forcing, self.template = _budget_rules(cfg, template, tokenizer)
         self.stop_chars = max([len(s) for s in cfg.stop], default=0)
         self.tokens_per_s = 0.0  # of the last sample() call: generated tokens / wall time
         # transformers 5.x renamed the forward argument past_key_values -> cache (old name deprecated).
-        base = model.get_base_model() if hasattr(model, "get_base_model") else model
-        params = inspect.signature(base.forward).parameters
+        params = inspect.signature(unwrap(model).forward).parameters
         self._cache_arg = "cache" if "cache" in params else "past_key_values"
         # Only the last prompt position's logits are needed; older models lack the argument.
         self._prefill_kw = {"logits_to_keep": 1} if "logits_to_keep" in params else {}
@@ -810,15 +800,9 @@ class LocalSampler:
             if self.stop_chars and any(s in self._tail(row.ids, self.stop_chars) for s in cfg.stop):
                 row.finish = "stop"
                 return tok
-        if len(row.ids) >= self._limit(row):
+        if len(row.ids) >= _output_limit(cfg, row.marker_end):
             row.finish = "length"
         return tok
-
-    def _limit(self, row: _Row) -> int:
-        """Token limit of the row's whole output: max_new_tokens, or marker + response_budget once known."""
-        if self.cfg.response_budget is None or row.marker_end is None:
-            return self.cfg.max_new_tokens
-        return row.marker_end + self.cfg.response_budget
 
     def _end_thought(self, row: _Row, text: str | None = None) -> None:
         """Budget forcing: queue the forced response text after the thought ``row.ids`` (EOS not included)."""
@@ -875,8 +859,7 @@ class OpenAISampler:
         self.progress = progress
         self.base_url = cfg.base_url.rstrip("/")
         self.eos_ids = set(eos_ids) if eos_ids is not None else eos_token_ids(tokenizer)
-        self.forcing = _Forcing(template, tokenizer, cfg) if cfg.thought_budget is not None else None
-        self.template = _budget_template(cfg, template)
+        self.forcing, self.template = _budget_rules(cfg, template, tokenizer)
         self.model_name: str | None = cfg.served_model
         self.adapter: str | None = None  # path of the adapter being served, once ensure_adapter succeeded
         self.retokenised = 0
@@ -885,37 +868,14 @@ class OpenAISampler:
 
     # -- HTTP -------------------------------------------------------------------------------------------
     def _request(self, method: str, path: str, body: dict | None = None) -> bytes:
-        url = self.base_url + path
-        headers = {"Content-Type": "application/json"}
-        key = os.environ.get(self.cfg.api_key_env or "", "")
-        if key:
-            headers["Authorization"] = f"Bearer {key}"
-        data = json.dumps(body).encode() if body is not None else None
-        tries = self.cfg.max_retries + 1
-        last = ""
-        for attempt in range(tries):
-            try:
-                req = urllib.request.Request(url, data=data, headers=headers, method=method)
-                with urllib.request.urlopen(req, timeout=self.cfg.timeout_s) as resp:
-                    return resp.read()
-            except urllib.error.HTTPError as e:
-                detail = _error_detail(e)
-                if e.code not in (408, 429) and e.code < 500:
-                    raise ServerError(f"{method} {url} answered HTTP {e.code}: {detail}",
-                                      field="sampling.base_url") from None
-                last = f"HTTP {e.code}: {detail}"
-            except (urllib.error.URLError, TimeoutError, socket.timeout, ConnectionError,
-                    http.client.HTTPException) as e:
-                reason = getattr(e, "reason", e)
-                if isinstance(reason, (TimeoutError, socket.timeout)) or isinstance(e, (TimeoutError,
-                                                                                         socket.timeout)):
-                    last = f"no answer within timeout_s={self.cfg.timeout_s:g}s"
-                else:
-                    last = f"{type(reason).__name__}: {reason}"
-            if attempt + 1 < tries:
-                time.sleep(self.cfg.backoff_s * 2 ** attempt)
-        raise ServerError(f"{method} {url} failed {tries} time(s) (max_retries={self.cfg.max_retries}); "
-                          f"last error: {last}", field="sampling.base_url")
+        url, cfg = self.base_url + path, self.cfg
+        try:
+            return http_retry.request(url, body, method=method, api_key=os.environ.get(cfg.api_key_env or ""),
+                                      timeout_s=cfg.timeout_s, max_retries=cfg.max_retries, backoff_s=cfg.backoff_s)
+        except http_retry.HTTPFailure as e:
+            what = "answered" if e.refused else (f"failed {cfg.max_retries + 1} time(s) (max_retries="
+                                                 f"{cfg.max_retries}); last error:")
+            raise ServerError(f"{method} {url} {what} {e.last}", field="sampling.base_url") from None
 
     def _json(self, method: str, path: str, body: dict | None = None) -> dict:
         raw = self._request(method, path, body)
@@ -1094,7 +1054,7 @@ class OpenAISampler:
         marker_end = 0 if budget is not None and template.response_marker is None else None
         text, ids, forced, req_seed = "", [], False, seed
         while True:
-            limit = cfg.max_new_tokens if budget is None or marker_end is None else marker_end + budget
+            limit = _output_limit(cfg, marker_end)
             if thinking:
                 room, stops = forcing.budget - len(ids), markers + forcing.thought_stop + list(cfg.stop)
             else:
@@ -1130,7 +1090,7 @@ class OpenAISampler:
                     continue
             if thinking or marker_stop:
                 continue  # a mention of the marker (or one not decided yet) does not end the thought
-            limit = cfg.max_new_tokens if budget is None or marker_end is None else marker_end + budget
+            limit = _output_limit(cfg, marker_end)
             if len(ids) > limit:  # the marker was found inside the last request's text: cut at the budget
                 return Sample(index, seed, self._decode_ids(ids[:limit], text), ids[:limit], "length", forced)
             if finish == "eos" or len(ids) >= limit:
@@ -1173,21 +1133,6 @@ def _marker_stops(template) -> list[str]:
     else:
         out = [marker]
     return list(dict.fromkeys(out))
-
-
-def _error_detail(e: urllib.error.HTTPError) -> str:
-    try:
-        raw = e.read()
-    except Exception:  # noqa: BLE001 - the body is only for the message
-        raw = b""
-    try:
-        data = json.loads(raw)
-        msg = data.get("message") or (data.get("error") or {}).get("message") if isinstance(data, dict) else None
-        if msg:
-            return str(msg)[:300]
-    except (ValueError, AttributeError):
-        pass
-    return raw.decode("utf-8", "replace").strip()[:300] or (e.reason or "")
 
 
 def make_sampler(cfg: SamplingConfig, tokenizer, template=None, model=None, adapter=None, progress=True):

@@ -46,8 +46,8 @@ from typing import Optional
 
 import torch
 
-from tpo_lite.errors import TpoError, require_finite, require_seed
-from tpo_lite.jsonl import read_json, write_json_atomic
+from tpo_lite.errors import TpoError, require, require_finite, require_seed
+from tpo_lite.jsonl import read_json, write_atomic, write_json_atomic
 from tpo_lite.rundir import IterationDir
 from tpo_lite.ops.dpo import LOSS_TYPES
 from .options import option
@@ -110,7 +110,7 @@ class TrainConfig:
     def __post_init__(self):
         require_finite(self)
         require_seed(self)
-        checks = [
+        require(self, [
             ("beta", self.beta > 0, "must be > 0"),
             ("loss_type", self.loss_type in LOSS_TYPES, f"must be one of {', '.join(LOSS_TYPES)}"),
             ("label_smoothing", 0 <= self.label_smoothing < 0.5, "must be in [0, 0.5)"),
@@ -127,10 +127,7 @@ class TrainConfig:
             ("weight_decay", self.weight_decay >= 0, "must be >= 0"),
             ("max_grad_norm", self.max_grad_norm >= 0, "must be >= 0"),
             ("checkpoint_every", self.checkpoint_every >= 0, "must be >= 0"),
-        ]
-        for name, ok, msg in checks:
-            if not ok:
-                raise TpoError(f"{msg}, got {getattr(self, name)!r}", field=name)
+        ])
 
 
 # ------------------------------------------------------------------------------------------------ the data
@@ -267,10 +264,9 @@ def _load_ref_cache(path: Path, key: dict) -> dict:
     return {pid: (float(c), float(r)) for pid, (c, r) in data.get("logps", {}).items()}
 
 
-def _save_ref_cache(path: Path, key: dict, logps: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    torch.save({"key": key, "logps": {pid: [c, r] for pid, (c, r) in logps.items()}}, tmp)
-    os.replace(tmp, path)
+def _save_atomic(path: Path, obj) -> None:
+    """``torch.save`` through :func:`tpo_lite.jsonl.write_atomic`: a kill leaves the old file or the new."""
+    write_atomic(path, lambda f: torch.save(obj, f))
 
 
 def reference_logps(model, items: list[_Pair], batch_size: int, pad_id: int, head: LMHead, base_only: bool,
@@ -378,23 +374,6 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _save_checkpoint(path: Path, state: dict) -> None:
-    """``torch.save`` to a temp file, fsync, rename over ``path``: a kill leaves the old checkpoint or the new."""
-    from tpo_lite.jsonl import _fsync_dir
-
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(str(path))
-
-
 def _load_checkpoint(path: Path, key: str) -> Optional[dict]:
     if not path.is_file():
         return None
@@ -412,7 +391,7 @@ def _load_checkpoint(path: Path, key: str) -> Optional[dict]:
 
 
 def _remove_checkpoints(d: IterationDir) -> None:
-    for p in [d.dpo_checkpoint, *d.path.glob(f".{d.dpo_checkpoint.name}.tmp-*")]:
+    for p in [d.dpo_checkpoint, *d.path.glob(f".{d.dpo_checkpoint.name}.*.tmp")]:
         p.unlink(missing_ok=True)
 
 
@@ -497,7 +476,7 @@ def train_iteration(model_cfg, train_cfg: TrainConfig, pairs: list[dict], out_di
         if missing:
             ref.update(reference_logps(model, missing, cfg.batch_size, pad_id, head,
                                        base_only=init_adapter is None, progress=progress))
-            _save_ref_cache(cache_path, key, ref)
+            _save_atomic(cache_path, {"key": key, "logps": {pid: [c, r] for pid, (c, r) in ref.items()}})
     ref_seconds = time.time() - t_ref
 
     # 2. DPO
@@ -579,7 +558,7 @@ def train_iteration(model_cfg, train_cfg: TrainConfig, pairs: list[dict], out_di
             bar.update(1)
             if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < total:
                 _check_weights(named, step, total, epoch, cfg.epochs, out_dir)
-                _save_checkpoint(ckpt_path, {
+                _save_atomic(ckpt_path, {
                     "version": CHECKPOINT_VERSION, "key": ckpt_key, "step": step,
                     "epoch": step // steps_per_epoch, "batch": step % steps_per_epoch,  # of the next step
                     "weights": {n: p.detach().cpu() for n, p in named}, "optimizer": opt.state_dict(),
@@ -625,103 +604,3 @@ def train_iteration(model_cfg, train_cfg: TrainConfig, pairs: list[dict], out_di
     write_json_atomic(done, metrics)
     _remove_checkpoints(d)
     return metrics
-
-
-# ---------------------------------------------------------------------------------------------- timing
-
-def time_training_steps(model_cfgs: dict, tokens_per_sequence: int = 256, pairs: int = 1, repeats: int = 5,
-                        grad_checkpointing: bool = False, seed: int = 0, log=None) -> dict:
-    """Seconds per DPO step (forward + backward + AdamW) for each named ``ModelConfig`` in ``model_cfgs``.
-
-    A step is ``pairs`` pairs of random-token sequences of ``tokens_per_sequence`` tokens (a quarter of them
-    prompt). All models are loaded first and their steps interleaved (one warm-up step each, then
-    ``repeats`` rounds in alternating order), so a shared, noisy CPU slows every variant alike; returns the
-    median per variant of the wall time and of the process CPU time (all threads).
-    This is how the CPU default of ``ModelConfig.load_in_4bit`` was chosen (``python -m tpo_lite.train``).
-    ``log``: optional callable that gets one line per step.
-    """
-    from tpo_lite.models import describe, enable_gradient_checkpointing, load_model
-    from tpo_lite.ops import fused_dpo_loss
-
-    runners = {}
-    for name, mcfg in model_cfgs.items():
-        _seed_all(seed)
-        t0 = time.time()
-        model, _ = load_model(mcfg, trainable=True)
-        load_s = time.time() - t0
-        if grad_checkpointing:
-            enable_gradient_checkpointing(model)
-        head = LMHead.of(model)
-        weight = head.weight
-        params = [p for p in model.parameters() if p.requires_grad]
-        g = torch.Generator().manual_seed(seed)
-        n_prompt = tokens_per_sequence // 4
-        seqs = [(torch.randint(0, weight.shape[0], (n_prompt,), generator=g).tolist(),
-                 torch.randint(0, weight.shape[0], (tokens_per_sequence - n_prompt,), generator=g).tolist())
-                for _ in range(2 * pairs)]
-        runners[name] = {"model": model, "head": head,
-                         "opt": torch.optim.AdamW(params, lr=1e-5), "batch": collate(seqs, 0, weight.device),
-                         "ref": torch.full((2 * pairs,), -1000.0, device=weight.device), "times": [], "cpu": [],
-                         "load_seconds": load_s}
-
-    def step(r):
-        c = time.process_time()
-        t = time.perf_counter()
-        b = r["batch"]
-        head = r["head"]
-        out = fused_dpo_loss(_scored_hidden(r["model"], b), head.weight, b["targets"], b["segments"], r["ref"],
-                             **head.options())
-        out.loss.backward()
-        r["opt"].step()
-        r["opt"].zero_grad(set_to_none=True)
-        if head.weight.device.type == "cuda":
-            torch.cuda.synchronize()
-        r["cpu"].append(time.process_time() - c)
-        return time.perf_counter() - t
-
-    for name, r in runners.items():
-        if log:
-            log(f"{name}: warm-up step {step(r):.2f} s")
-        else:
-            step(r)
-    for i in range(repeats):
-        # ABBA order: whichever runs second in a round measured faster on the shared CPU, so alternate
-        for name, r in (list(runners.items()) if i % 2 == 0 else list(runners.items())[::-1]):
-            r["times"].append(step(r))
-            if log:
-                log(f"{name}: step {i + 1}/{repeats} {r['times'][-1]:.2f} s wall, {r['cpu'][-1]:.2f} s CPU")
-    result = {}
-    for name, r in runners.items():
-        times = sorted(r["times"])
-        cpu = sorted(r["cpu"][1:])  # without the warm-up
-        result[name] = {"seconds_per_step": times[len(times) // 2], "min": times[0], "max": times[-1],
-                        "cpu_seconds_per_step": cpu[len(cpu) // 2],
-                        "load_seconds": r["load_seconds"], "model": describe(r["model"])}
-    result["_setup"] = {"tokens_per_step": 2 * pairs * tokens_per_sequence, "repeats": repeats,
-                        "threads": torch.get_num_threads(), "grad_checkpointing": grad_checkpointing}
-    return result
-
-
-if __name__ == "__main__":
-    import argparse
-    import json
-
-    from tpo_lite.models import ModelConfig
-
-    ap = argparse.ArgumentParser(description="Time DPO training steps per base precision (bf16 vs NF4 ...).")
-    ap.add_argument("--model", default="smollm2")
-    ap.add_argument("--device", default="auto")
-    ap.add_argument("--tokens", type=int, default=256, help="tokens per sequence (a pair is 2 sequences)")
-    ap.add_argument("--pairs", type=int, default=1)
-    ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--variants", default="bf16,nf4", help="comma list of bf16, fp32, nf4 (bf16 compute)")
-    args = ap.parse_args()
-    variants = {"bf16": dict(dtype="bfloat16", load_in_4bit=False),
-                "fp32": dict(dtype="float32", load_in_4bit=False),
-                "nf4": dict(dtype="bfloat16", load_in_4bit=True)}
-    cfgs = {v: ModelConfig(path=args.model, device=args.device, **variants[v]) for v in args.variants.split(",")}
-    import sys
-
-    res = time_training_steps(cfgs, args.tokens, args.pairs, args.repeats,
-                              log=lambda m: print(m, file=sys.stderr, flush=True))
-    print(json.dumps(res, indent=1), flush=True)

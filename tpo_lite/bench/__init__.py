@@ -1,6 +1,7 @@
 """Benchmarks (not tests). ``kernels``: the fused log-prob op against eager / compiled PyTorch, Liger-Kernel and
-the bare matrix-product floor; run it with ``tpo-lite bench kernels``. ``sampling`` and ``train``: see their
-modules. Importing this package loads no benchmark (``tpo-lite bench ... --help`` stays fast)."""
+the bare matrix-product floor; run it with ``tpo-lite bench kernels``. ``sampling``, ``train`` and
+``precision`` (DPO step time per base precision): see their modules. Importing this package loads no benchmark
+(``tpo-lite bench ... --help`` stays fast)."""
 
 __all__ = ["KernelBenchConfig", "format_table", "run_kernel_benchmark"]
 
