@@ -3,10 +3,7 @@ own code (`judge.trust_remote_code`, an ArmoRM-like multi-objective model built 
 the server pairwise judge (`judge.max_tokens`, `judge.chat_template_kwargs`, verdict from the final answer)."""
 import json
 import math
-import re
 import sys
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import numpy as np
 import pytest
@@ -18,15 +15,9 @@ from tpo_lite.judges.base import fingerprint
 from tpo_lite.judges.cache import CachedJudge
 from tpo_lite.judges.pairwise import DEFAULT_JUDGE_TEMPLATE, LocalPairBackend, PairwiseJudge, ServerPairBackend
 
-
-class Inst:
-    """Stands in for tpo_lite.instructions.Instruction (fields id, instruction, category, checks)."""
-
-    def __init__(self, instruction, checks=None):
-        self.id = "t-0"
-        self.instruction = instruction
-        self.category = "test"
-        self.checks = checks
+from fake_server import FakeServer, louder
+from test_judges import Inst
+from tiny_models import CHATML, char_tokenizer
 
 
 # ------------------------------------------------------------------------------------------- function judge
@@ -167,8 +158,6 @@ def test_function_judge_capabilities_follow_function_learned(tmp_path):
 
 # ------------------------------------------------------------------------ reward model with its own code
 
-from tiny_models import CHATML  # noqa: E402
-
 CONFIGURATION_PY = '''
 from transformers import LlamaConfig
 
@@ -214,18 +203,6 @@ class TinyArmoRM(LlamaPreTrainedModel):
         score = (gating_output * rewards).sum(dim=1)  # [B], as ArmoRM
         return TinyArmoOutput(rewards=rewards, gating_output=gating_output, score=score, logits=rewards[:, :1])
 '''
-
-
-def char_tokenizer():
-    from tokenizers import Regex, pre_tokenizers
-
-    from tiny_models import word_level_tokenizer
-
-    chars = [chr(i) for i in range(32, 127)] + ["\n"]
-    return word_level_tokenizer(["[UNK]", "<|im_start|>", "<|im_end|>", "[PAD]", *chars], "[UNK]",
-                                pre_tokenizer=pre_tokenizers.Split(Regex("."), behavior="isolated"),
-                                chat_template=CHATML, unk_token="[UNK]", eos_token="<|im_end|>", pad_token="[PAD]",
-                                additional_special_tokens=["<|im_start|>"])
 
 
 def write_armo_like(root, layout: str):
@@ -333,51 +310,22 @@ def test_stock_rm_score_field_must_exist(tmp_path):
 
 # ------------------------------------------------------------------------ reasoning model as the server judge
 
-def _better(prompt: str) -> str:
-    """The fake judge's opinion: the response with more '!' wins (A on a tie)."""
-    a = re.search(r"\[Response A\]\n(.*?)\n\n\[Response B\]", prompt, re.S).group(1)
-    b = re.search(r"\[Response B\]\n(.*?)\n\nWhich", prompt, re.S).group(1)
-    return "A" if a.count("!") >= b.count("!") else "B"
-
-
 def _other(letter):
     return "B" if letter == "A" else "A"
 
 
-class ReasoningServer:
-    """An OpenAI-compatible /chat/completions endpoint whose model thinks before its verdict; the thinking always
-    names the *wrong* letter first, so reading it would flip the verdict. Modes: "parser" (vLLM with a reasoning
-    parser: reasoning_content + content), "inline" (no parser: <think>...</think> in the content), "prefilled"
-    (the template opened <think>: only its end is in the content), "cut_off" (max_tokens hit while thinking)."""
+def _reasoning_reply(mode: str):
+    """A /chat/completions endpoint whose model thinks before its verdict (fake_server.louder); the thinking
+    always names the *wrong* letter first, so reading it would flip the verdict. Modes: "parser" (vLLM with a
+    reasoning parser: reasoning_content + content), "inline" (no parser: <think>...</think> in the content),
+    "prefilled" (the template opened <think>: only its end is in the content), "cut_off" (max_tokens hit while
+    thinking)."""
 
-    def __init__(self, mode: str):
-        self.mode = mode
-        self.requests = []
-        outer = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *a):
-                pass
-
-            def do_POST(self):
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                outer.requests.append(body)
-                data = json.dumps({"choices": [outer.reply(body)]}).encode()
-                self.send_response(200)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
-
-    def reply(self, body) -> dict:
-        verdict = _better(body["messages"][0]["content"])
+    def reply(method, path, body):
+        verdict = louder(body["messages"][0]["content"])
         thought = f"Response {_other(verdict)} looks better at first. On reflection, no."
         finish, logprobs = "stop", None
-        if self.mode == "parser":
+        if mode == "parser":
             message = {"role": "assistant", "reasoning_content": thought, "content": f"[[{verdict}]]"}
             if body.get("logprobs"):
                 # Every generated token has log-probs, the reasoning's too: its letter is the wrong one.
@@ -390,9 +338,9 @@ class ReasoningServer:
                     {"token": "[[", "logprob": 0.0, "top_logprobs": [{"token": "[[", "logprob": 0.0}]},
                     {"token": verdict, "logprob": -0.1, "top_logprobs": [
                         {"token": "A", "logprob": math.log(p)}, {"token": "B", "logprob": math.log(1 - p)}]}]}
-        elif self.mode == "inline":
+        elif mode == "inline":
             message = {"role": "assistant", "content": f"<think>\n{thought}\n</think>\n\nThe answer is [[{verdict}]]"}
-        elif self.mode == "prefilled":
+        elif mode == "prefilled":
             message = {"role": "assistant", "content": f"{thought}\n</think>\n\n{verdict}"}
         else:  # cut_off
             message = {"role": "assistant", "content": f"<think>\n{thought} Let me compare A and B again"}
@@ -400,15 +348,9 @@ class ReasoningServer:
         choice = {"index": 0, "message": message, "finish_reason": finish}
         if logprobs is not None:
             choice["logprobs"] = logprobs
-        return choice
+        return 200, {"choices": [choice]}
 
-    def __enter__(self):
-        self.thread.start()
-        return self
-
-    def __exit__(self, *a):
-        self.httpd.shutdown()
-        self.httpd.server_close()
+    return reply
 
 
 def _server_cfg(url, **kw):
@@ -420,11 +362,11 @@ def _server_cfg(url, **kw):
 
 @pytest.mark.parametrize("mode", ["parser", "inline", "prefilled"])
 def test_reasoning_judge_verdict_is_read_from_the_final_answer(mode):
-    with ReasoningServer(mode) as srv:
+    with FakeServer(_reasoning_reply(mode)) as srv:
         judge = make_judge(_server_cfg(srv.url, server_logprobs=False))
         res = judge.score(Inst("Be excited."), ["meh", "wow!!", "yes!", None])
         p = judge.compare("Q", "plain", "loud!")
-    body = srv.requests[0]
+    body = srv.requests[0].body
     assert body["max_tokens"] == 4096 and body["chat_template_kwargs"] == {"enable_thinking": True}
     assert body["model"] == "judge-r1" and "logprobs" not in body
     s = res.scores
@@ -434,15 +376,15 @@ def test_reasoning_judge_verdict_is_read_from_the_final_answer(mode):
 
 
 def test_reasoning_judge_logprobs_are_read_after_the_reasoning():
-    with ReasoningServer("parser") as srv:
+    with FakeServer(_reasoning_reply("parser")) as srv:
         judge = make_judge(_server_cfg(srv.url))
         assert judge.compare("Q", "loud!", "plain") == pytest.approx(0.9)
         assert judge.compare("Q", "plain", "loud!") == pytest.approx(0.1)
-    assert srv.requests[0]["logprobs"] is True
+    assert srv.requests[0].body["logprobs"] is True
 
 
 def test_reasoning_judge_cut_off_before_a_verdict_is_a_flagged_tie():
-    with ReasoningServer("cut_off") as srv:
+    with FakeServer(_reasoning_reply("cut_off")) as srv:
         judge = make_judge(_server_cfg(srv.url, max_tokens=16, server_logprobs=False))
         assert judge.compare("Q", "a!", "b") == 0.5
         res = judge.score("Q", ["a!", "b", "c"])

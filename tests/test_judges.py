@@ -1,9 +1,5 @@
 """Judges: reward model, pairwise LLM (local and OpenAI-compatible server), cache, config."""
-import json
 import math
-import re
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import numpy as np
 import pytest
@@ -24,7 +20,8 @@ from tpo_lite.judges.pairwise import (
 from tpo_lite.judges.reward_model import RewardModelJudge
 from tpo_lite.stats import bradley_terry
 
-from tiny_models import CHATML  # noqa: E402
+from fake_server import FakeServer, louder, shown_pair
+from tiny_models import char_tokenizer
 
 
 class Inst:
@@ -35,18 +32,6 @@ class Inst:
         self.instruction = instruction
         self.category = "test"
         self.checks = checks
-
-
-def char_tokenizer():
-    """A character-level fast tokenizer with a ChatML template: every printable ASCII char is one token."""
-    from tokenizers import Regex, pre_tokenizers
-    from tiny_models import word_level_tokenizer
-
-    chars = [chr(i) for i in range(32, 127)] + ["\n"]
-    return word_level_tokenizer(["[UNK]", "<|im_start|>", "<|im_end|>", "[PAD]", *chars], "[UNK]",
-                                pre_tokenizer=pre_tokenizers.Split(Regex("."), behavior="isolated"),
-                                chat_template=CHATML, unk_token="[UNK]", eos_token="<|im_end|>", pad_token="[PAD]",
-                                additional_special_tokens=["<|im_start|>"])
 
 
 @pytest.fixture(scope="module")
@@ -153,8 +138,7 @@ class ScriptedBackend(PairBackend):
     def judge(self, prompts, on_result):
         for k, p in enumerate(prompts):
             self.prompts.append(p)
-            a = re.search(r"\[Response A\]\n(.*?)\n\n\[Response B\]", p, re.S).group(1)
-            b = re.search(r"\[Response B\]\n(.*?)\n\nWhich", p, re.S).group(1)
+            a, b = shown_pair(p)
             on_result(k, 1 / (1 + math.exp(-(self.quality[a] - self.quality[b] + self.bias))), {})
 
 
@@ -250,61 +234,28 @@ def test_local_pairwise_matches_unbatched_reference(lm, tok):
 
 
 # ------------------------------------------------------------------------------------------- fake judge server
-class _Server:
-    """An OpenAI-compatible fake on 127.0.0.1: prefers the response with more '!' (ties: A)."""
+def _judge_reply(mode="ok"):
+    """How the fake judge server answers: "ok" names the response with more '!' (fake_server.louder);
+    "logprobs" adds the verdict token's log-probs when asked (P(A) 0.9 or 0.2); "fail" is an HTTP 503,
+    "bad_request" an HTTP 400."""
 
-    def __init__(self, mode="ok"):
-        self.mode = mode
-        self.requests = []
-        outer = self
+    def reply(method, path, body):
+        if mode == "fail":
+            return 503, b"overloaded"
+        if mode == "bad_request":
+            return 400, b'{"error": "model not found"}'
+        choice = louder(body["messages"][0]["content"])
+        msg = {"message": {"role": "assistant", "content": f"[[{choice}]]"}}
+        if mode == "logprobs" and body.get("logprobs"):
+            pa = 0.9 if choice == "A" else 0.2
+            msg["logprobs"] = {"content": [{"token": "[[", "logprob": 0.0, "top_logprobs": [
+                {"token": "[[", "logprob": 0.0}]}, {"token": choice, "logprob": -0.1, "top_logprobs": [
+                {"token": "A", "logprob": math.log(pa * 0.8)},
+                {"token": " B", "logprob": math.log((1 - pa) * 0.8)},
+                {"token": "C", "logprob": math.log(0.2)}]}]}
+        return 200, {"choices": [msg]}
 
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *a):
-                pass
-
-            def do_POST(self):
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                outer.requests.append({"path": self.path, "body": body, "auth": self.headers.get("Authorization")})
-                if outer.mode == "fail":
-                    self.send_response(503)
-                    self.end_headers()
-                    self.wfile.write(b"overloaded")
-                    return
-                if outer.mode == "bad_request":
-                    self.send_response(400)
-                    self.end_headers()
-                    self.wfile.write(b'{"error": "model not found"}')
-                    return
-                prompt = body["messages"][0]["content"]
-                a = re.search(r"\[Response A\]\n(.*?)\n\n\[Response B\]", prompt, re.S).group(1)
-                b = re.search(r"\[Response B\]\n(.*?)\n\nWhich", prompt, re.S).group(1)
-                choice = "A" if a.count("!") >= b.count("!") else "B"
-                msg = {"message": {"role": "assistant", "content": f"[[{choice}]]"}}
-                if outer.mode == "logprobs" and body.get("logprobs"):
-                    pa = 0.9 if choice == "A" else 0.2
-                    msg["logprobs"] = {"content": [{"token": "[[", "logprob": 0.0, "top_logprobs": [
-                        {"token": "[[", "logprob": 0.0}]}, {"token": choice, "logprob": -0.1, "top_logprobs": [
-                        {"token": "A", "logprob": math.log(pa * 0.8)},
-                        {"token": " B", "logprob": math.log((1 - pa) * 0.8)},
-                        {"token": "C", "logprob": math.log(0.2)}]}]}
-                data = json.dumps({"choices": [msg]}).encode()
-                self.send_response(200)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
-
-    def __enter__(self):
-        self.thread.start()
-        return self
-
-    def __exit__(self, *a):
-        self.httpd.shutdown()
-        self.httpd.server_close()
+    return reply
 
 
 def _server_cfg(url, **kw):
@@ -316,29 +267,29 @@ def _server_cfg(url, **kw):
 
 def test_server_judge_parses_answers_and_both_orders(monkeypatch):
     monkeypatch.setenv("TEST_JUDGE_KEY", "sekret")
-    with _Server("ok") as srv:
+    with FakeServer(_judge_reply("ok")) as srv:
         judge = make_judge(_server_cfg(srv.url, api_key_env="TEST_JUDGE_KEY", server_logprobs=False))
         res = judge.score(Inst("Be excited."), ["meh", "wow!!", "yes!", None])
     assert len(srv.requests) == 6  # 3 valid -> 3 pairs x 2 orders
     r0 = srv.requests[0]
-    assert r0["path"] == "/v1/chat/completions" and r0["auth"] == "Bearer sekret"
-    assert r0["body"]["model"] == "judge-1" and r0["body"]["temperature"] == 0.0
-    assert "logprobs" not in r0["body"]
+    assert r0.path == "/v1/chat/completions" and r0.auth == "Bearer sekret"
+    assert r0.body["model"] == "judge-1" and r0.body["temperature"] == 0.0
+    assert "logprobs" not in r0.body
     s = res.scores
     assert s[1] > s[2] > s[0] and s[3] is None
     assert abs(sum(x for x in s if x is not None)) < 1e-9  # centred
 
 
 def test_server_judge_reads_logprobs():
-    with _Server("logprobs") as srv:
+    with FakeServer(_judge_reply("logprobs")) as srv:
         judge = make_judge(_server_cfg(srv.url))
         p = judge.compare("Q", "hey!", "hey")
-    assert srv.requests[0]["body"]["logprobs"] is True
+    assert srv.requests[0].body["logprobs"] is True
     assert p == pytest.approx(0.9)  # renormalised over the A/B mass, " B" counts as B
 
 
 def test_server_down_bounded_retries_then_clear_error():
-    with _Server("fail") as srv:
+    with FakeServer(_judge_reply("fail")) as srv:
         judge = make_judge(_server_cfg(srv.url, max_retries=2))
         with pytest.raises(TpoError, match=r"failed after 3 attempts .*HTTP 503"):
             judge.score("Q", ["a", "b"])
@@ -347,7 +298,7 @@ def test_server_down_bounded_retries_then_clear_error():
 
 
 def test_server_client_error_not_retried():
-    with _Server("bad_request") as srv:
+    with FakeServer(_judge_reply("bad_request")) as srv:
         judge = make_judge(_server_cfg(srv.url, max_retries=5, concurrency=1))
         with pytest.raises(TpoError, match="refused the request: HTTP 400.*model not found"):
             judge.compare("Q", "a", "b")
@@ -368,7 +319,7 @@ def test_server_unreachable_clear_error():
 
 def test_server_judge_cache_survives_restart(tmp_path):
     path = tmp_path / "cache.sqlite"
-    with _Server("ok") as srv:
+    with FakeServer(_judge_reply("ok")) as srv:
         judge = make_judge(_server_cfg(srv.url, cache=True), cache_path=path)
         first = judge.score("Q", ["a!", "b", "c!!"]).scores
         n = len(srv.requests)

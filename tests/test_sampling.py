@@ -1,10 +1,7 @@
 """Tests for tpo_lite.sampling: token selection against a float64 reference, the KV-cached loop against a
 no-cache float64 reference, seeds, EOS / length / stop / budget forcing, and the OpenAI sampler against a
 fake server on 127.0.0.1."""
-import json
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import numpy as np
 import pytest
@@ -14,6 +11,8 @@ from tpo_lite.errors import TpoError
 from tpo_lite.prompts import get_template
 from tpo_lite.sampling import (LocalSampler, OpenAISampler, PromptJob, SamplingConfig, ServerError,
                                make_job, sample_seed, select_tokens)
+
+from fake_server import FakeServer
 
 CORPUS = [
     "Here is my thought process: think about the question carefully.",
@@ -469,11 +468,10 @@ def test_batch_layout_and_skip_resume_exactly(tok, model, monkeypatch):
 
 # ------------------------------------------------------------------------------------------ fake server
 
-class FakeVLLM:
+class FakeVLLM(FakeServer):
     """A tiny OpenAI/vLLM-like server: deterministic completions from the seed, scripted failures."""
 
     def __init__(self):
-        self.requests = []
         self.fail_next = 0  # answer this many completion requests with HTTP 500
         self.fail_prompt = None  # prompt (token list) that always gets 500
         self.delay_s = 0.0
@@ -483,82 +481,55 @@ class FakeVLLM:
         self.send_token_ids = True  # True: choices[].token_ids; False: logprobs.tokens; None: neither
         self.stop_reason = None
         self.script = []  # canned choices answered in order (before the seed-derived default)
-        outer = self
+        super().__init__(self.answer)
 
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *a):
-                pass
-
-            def _send(self, code, obj):
-                raw = json.dumps(obj).encode() if not isinstance(obj, bytes) else obj
-                self.send_response(code)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(raw)))
-                self.end_headers()
-                self.wfile.write(raw)
-
-            def do_GET(self):
-                if self.path == "/v1/models":
-                    data = [{"id": "base-model", "root": "/models/base", "parent": None}]
-                    data += [{"id": n, "root": p, "parent": "base-model"} for n, p in outer.loras.items()]
-                    return self._send(200, {"object": "list", "data": data})
-                self._send(404, {"message": "not found"})
-
-            def do_POST(self):
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                outer.requests.append((self.path, body, self.headers.get("Authorization")))
-                if self.path == "/v1/load_lora_adapter":
-                    if not outer.lora_ok:
-                        return self._send(404, {"detail": "Not Found"})
-                    outer.loras[body["lora_name"]] = body["lora_path"]
-                    return self._send(200, b"Success: LoRA adapter added successfully.")
-                if self.path != "/v1/completions":
-                    return self._send(404, {"message": "not found"})
-                if outer.delay_s:
-                    time.sleep(outer.delay_s)
-                if outer.fail_next > 0 or body["prompt"] == outer.fail_prompt:
-                    outer.fail_next = max(outer.fail_next - 1, 0)
-                    return self._send(500, {"message": "engine overloaded"})
-                if body["model"] not in ("base-model", *outer.loras):
-                    return self._send(404, {"message": f"model {body['model']} does not exist"})
-                if outer.script:
-                    return self._send(200, {"id": "cmpl-1", "object": "text_completion", "model": body["model"],
-                                            "choices": [{"index": 0, "stop_reason": None, **outer.script.pop(0)}]})
-                n = min(body["max_tokens"], 3)
-                ids = [10 + (body["seed"] + i) % 50 for i in range(n)]
-                finish = "length" if body["max_tokens"] <= 3 else outer.finish
-                if finish == "stop":
-                    ids.append(2)  # EOS, as vLLM includes it in token_ids
-                choice = {"index": 0, "text": "".join(f"<{t}>" for t in ids if t != 2),
-                          "finish_reason": finish, "stop_reason": None}
-                if outer.stop_reason is not None:
-                    choice["stop_reason"] = outer.stop_reason
-                if outer.send_token_ids:
-                    choice["token_ids"] = ids
-                elif outer.send_token_ids is False:
-                    choice["logprobs"] = {"tokens": [f"token_id:{t}" for t in ids]}
-                self._send(200, {"id": "cmpl-1", "object": "text_completion", "model": body["model"],
-                                 "choices": [choice]})
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.httpd.daemon_threads = True
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
-        self.thread.start()
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
+    def answer(self, method, path, body):
+        if method == "GET":
+            if path == "/v1/models":
+                data = [{"id": "base-model", "root": "/models/base", "parent": None}]
+                data += [{"id": n, "root": p, "parent": "base-model"} for n, p in self.loras.items()]
+                return 200, {"object": "list", "data": data}
+            return 404, {"message": "not found"}
+        if path == "/v1/load_lora_adapter":
+            if not self.lora_ok:
+                return 404, {"detail": "Not Found"}
+            self.loras[body["lora_name"]] = body["lora_path"]
+            return 200, b"Success: LoRA adapter added successfully."
+        if path != "/v1/completions":
+            return 404, {"message": "not found"}
+        if self.delay_s:
+            time.sleep(self.delay_s)
+        if self.fail_next > 0 or body["prompt"] == self.fail_prompt:
+            self.fail_next = max(self.fail_next - 1, 0)
+            return 500, {"message": "engine overloaded"}
+        if body["model"] not in ("base-model", *self.loras):
+            return 404, {"message": f"model {body['model']} does not exist"}
+        if self.script:
+            return 200, {"id": "cmpl-1", "object": "text_completion", "model": body["model"],
+                         "choices": [{"index": 0, "stop_reason": None, **self.script.pop(0)}]}
+        n = min(body["max_tokens"], 3)
+        ids = [10 + (body["seed"] + i) % 50 for i in range(n)]
+        finish = "length" if body["max_tokens"] <= 3 else self.finish
+        if finish == "stop":
+            ids.append(2)  # EOS, as vLLM includes it in token_ids
+        choice = {"index": 0, "text": "".join(f"<{t}>" for t in ids if t != 2),
+                  "finish_reason": finish, "stop_reason": None}
+        if self.stop_reason is not None:
+            choice["stop_reason"] = self.stop_reason
+        if self.send_token_ids:
+            choice["token_ids"] = ids
+        elif self.send_token_ids is False:
+            choice["logprobs"] = {"tokens": [f"token_id:{t}" for t in ids]}
+        return 200, {"id": "cmpl-1", "object": "text_completion", "model": body["model"], "choices": [choice]}
 
     def completions(self):
-        return [b for p, b, _ in self.requests if p == "/v1/completions"]
-
-    def close(self):
-        self.httpd.shutdown()
-        self.httpd.server_close()
+        return [r.body for r in self.requests if r.path == "/v1/completions"]
 
 
 @pytest.fixture
 def server():
-    s = FakeVLLM()
-    yield s
-    s.close()
+    with FakeVLLM() as s:
+        yield s
 
 
 class EosTok:

@@ -12,6 +12,7 @@ import torch
 
 from tpo_lite.errors import TpoError
 from tpo_lite.rundir import RunDir
+from tpo_lite.tracking import numbers
 
 from test_loop import build_tiny_model, scripted_factory, write_config, write_instructions  # noqa: E402
 
@@ -38,18 +39,6 @@ def _scalars(folder: Path) -> dict[str, list[tuple[int, float]]]:
     acc = EventAccumulator(str(folder), size_guidance={"scalars": 0})  # 0 = keep every value
     acc.Reload()
     return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
-
-
-def _flat(obj: dict, prefix: str = "") -> dict[str, float]:
-    out = {}
-    for k, v in obj.items():
-        if k == "memory":
-            continue
-        if isinstance(v, dict):
-            out.update(_flat(v, f"{prefix}{k}/"))
-        elif isinstance(v, (int, float)) and not isinstance(v, bool):
-            out[prefix + k] = float(v)
-    return out
 
 
 def _check_dpo_steps(rd: Path, tags: dict, iterations: int) -> int:
@@ -81,10 +70,10 @@ def test_tensorboard_run_logs_what_metrics_json_and_history_hold(tiny, tmp_path)
     steps = _check_dpo_steps(rd, tags, 2)
     assert steps == sum(m["train"]["metrics"]["steps"] for m in summary["iterations"]) >= 2
 
-    # per iteration, at step t: every number of metrics.json under its JSON path
+    # per iteration, at step t: every number of metrics.json under its JSON path (`must`: the paths, spelled out)
     for t in (1, 2):
         m = json.loads(RunDir(rd).iteration(t).metrics.read_text())
-        flat = _flat({k: v for k, v in m.items() if k != "iteration"})
+        flat = numbers({k: v for k, v in m.items() if k != "iteration"})
         for must in ("generate/valid_rate", "generate/forced_rate", "generate/cut_off_rate",
                      "generate/thought_chars_mean", "generate/response_chars_mean", "pairs/pairs_kept",
                      "pairs/chosen_score_mean", "pairs/rejected_score_mean", "pairs/chosen_response_chars",

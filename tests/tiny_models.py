@@ -1,6 +1,7 @@
 """The tests' one builder of tiny random models and tokenizers (no weights are ever downloaded).
 
-tiny_llama builds every random Llama of the tests; word_level_tokenizer and byte_bpe_tokenizer every tokenizer;
+tiny_llama builds every random Llama of the tests; word_level_tokenizer (char_tokenizer: its character-level
+ChatML form) and byte_bpe_tokenizer every tokenizer;
 make_tiny_model saves the common pair as an HF directory (conftest.py's `tiny_dir` fixture).
 """
 import torch
@@ -49,6 +50,17 @@ def word_level_tokenizer(tokens, unk, *, pre_tokenizer=None, chat_template=None,
     if chat_template is not None:
         fast.chat_template = chat_template
     return fast
+
+
+def char_tokenizer():
+    """A character-level fast tokenizer with the ChatML template: every printable ASCII char is one token."""
+    from tokenizers import Regex, pre_tokenizers
+
+    chars = [chr(i) for i in range(32, 127)] + ["\n"]
+    return word_level_tokenizer(["[UNK]", "<|im_start|>", "<|im_end|>", "[PAD]", *chars], "[UNK]",
+                                pre_tokenizer=pre_tokenizers.Split(Regex("."), behavior="isolated"),
+                                chat_template=CHATML, unk_token="[UNK]", eos_token="<|im_end|>", pad_token="[PAD]",
+                                additional_special_tokens=["<|im_start|>"])
 
 
 def make_tiny_model(path, seed=0, tie=True):
