@@ -1,8 +1,9 @@
 // What the CPU (csrc/cpu) and CUDA (csrc/cuda) kernels share, after llm.c's common.h: the logit transform
-// (logit_scale, softcap), the online log-sum-exp merge, the input checks and the row compaction, each written
-// once. The math part is host/device-neutral (TPO_HOST_DEVICE); each backend supplies its own exp / tanh
-// through a `Math` policy (the CPU's vectorisable polynomial, CUDA's libdevice). The ATen part runs on the
-// host. Included by relative path ("../common.h"), so no build needs an extra include directory.
+// (logit_scale, softcap), the online log-sum-exp merge, the input checks, the row compaction and the prepared
+// inputs of an entry point, each written once. The math part is host/device-neutral (TPO_HOST_DEVICE); each
+// backend supplies its own exp / tanh through a `Math` policy (the CPU's vectorisable polynomial, CUDA's
+// libdevice). The ATen part runs on the host. Included by relative path ("../common.h"), so no build needs an
+// extra include directory.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -145,6 +146,30 @@ inline KeptRows keep_rows(const at::Tensor& targets, int64_t ignore_index, int64
   rows.n = kept.sum().item<int64_t>();
   if (rows.n != targets.size(0)) rows.idx = kept.nonzero().select(1, 0);
   return rows;
+}
+
+// What an entry point works on once its inputs are checked (each backend's checked_inputs: its own checks,
+// check_inputs, then prepare_inputs and its pick_chunk).
+struct Inputs {
+  at::Tensor hidden, weight, targets;  // contiguous, all N rows
+  int64_t N = 0, d = 0, V = 0;
+  KeptRows rows;
+  int64_t chunk = 0;  // vocabulary rows per chunk, set by the backend
+};
+
+// Contiguous inputs (CUDA copies other input; the CPU refuses it, so there this copies nothing), their sizes
+// and the kept rows.
+inline Inputs prepare_inputs(const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& targets,
+                             int64_t ignore_index, const char* fn) {
+  Inputs in;
+  in.hidden = hidden.contiguous();
+  in.weight = weight.contiguous();
+  in.targets = targets.contiguous();
+  in.N = hidden.size(0);
+  in.d = hidden.size(1);
+  in.V = weight.size(0);
+  in.rows = keep_rows(in.targets, ignore_index, in.V, fn);
+  return in;
 }
 
 }  // namespace tpo_lite

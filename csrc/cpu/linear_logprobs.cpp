@@ -232,17 +232,6 @@ inline void bwd_rows(c10::Half* b, int64_t c, int64_t v0, int64_t s, int64_t e, 
   bwd_rows_f16(b, c, v0, s, e, t, l, g, f);
 }
 
-// The CPU's own checks; the shared ones (shapes, dtypes, chunk) are in common.h.
-void check_cpu_inputs(const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& targets, int64_t chunk,
-                      const char* fn) {
-  TORCH_CHECK(hidden.device().is_cpu() && weight.device().is_cpu() && targets.device().is_cpu(), fn,
-              ": hidden, weight and targets must all be CPU tensors, got ", hidden.device(), ", ", weight.device(),
-              ", ", targets.device());
-  check_inputs(hidden, weight, targets, chunk, fn);
-  TORCH_CHECK(hidden.is_contiguous() && weight.is_contiguous() && targets.is_contiguous(), fn,
-              ": hidden, weight and targets must be contiguous (call .contiguous())");
-}
-
 // Default chunk: an N x chunk logits buffer of about 32 MiB, clamped to [1024, 8192] vocab rows. Few chunks
 // mean few synchronisation points (product / parallel pass / product) and few read-modify-writes of E; on
 // one thread the chunk size barely mattered (512..8192 within noise), on two contended threads fewer,
@@ -256,22 +245,54 @@ int64_t pick_chunk(int64_t chunk, int64_t n_rows, int64_t V, int64_t elem_size) 
   return std::min(c, V);
 }
 
+// The start of both entry points: the CPU's own checks, the shared ones (shapes, dtypes, chunk; the backward's
+// grad_logp and lse when given: common.h), then the inputs, the kept rows and the chunk.
+Inputs checked_inputs(const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& targets,
+                      int64_t ignore_index, int64_t chunk, const char* fn, const at::Tensor& grad_logp = {},
+                      const at::Tensor& lse = {}) {
+  TORCH_CHECK(hidden.device().is_cpu() && weight.device().is_cpu() && targets.device().is_cpu(), fn,
+              ": hidden, weight and targets must all be CPU tensors, got ", hidden.device(), ", ", weight.device(),
+              ", ", targets.device());
+  check_inputs(hidden, weight, targets, chunk, fn);
+  TORCH_CHECK(hidden.is_contiguous() && weight.is_contiguous() && targets.is_contiguous(), fn,
+              ": hidden, weight and targets must be contiguous (call .contiguous())");
+  if (grad_logp.defined()) check_backward_inputs(grad_logp, lse, hidden, fn);
+  Inputs in = prepare_inputs(hidden, weight, targets, ignore_index, fn);
+  in.chunk = pick_chunk(chunk, in.rows.n, in.V, hidden.element_size());
+  return in;
+}
+
+// The vocabulary in chunks of C weight rows: body(v0, c, W_chunk, L) with L = hidden @ W_chunk^T [n, c] in the
+// input dtype, one buffer for every chunk.
+template <typename Body>
+void for_each_chunk(const at::Tensor& hidden, const at::Tensor& weight, int64_t C, const Body& body) {
+  const int64_t n = hidden.size(0), V = weight.size(0);
+  at::Tensor flat = at::empty({n * C}, hidden.options());
+  for (int64_t v0 = 0; v0 < V; v0 += C) {
+    const int64_t c = std::min(C, V - v0);
+    const at::Tensor W = weight.narrow(0, v0, c);
+    at::Tensor L = flat.narrow(0, 0, n * c).view({n, c});
+    at::mm_out(L, hidden, W.t());
+    body(v0, c, W, L);
+  }
+}
+
+// Rows per task of the parallel passes over a chunk: the work per row is ~C exps, so a grain of a few rows
+// keeps the parallel overhead negligible.
+int64_t row_grain(int64_t C) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(1, C)); }
+
 template <typename scalar_t, typename acc_t>
-std::vector<at::Tensor> forward_impl(const at::Tensor& hidden_all, const at::Tensor& weight,
-                                     const at::Tensor& targets_all, const KeptRows& rows, double logit_scale,
-                                     double softcap, int64_t chunk, bool need_grad) {
-  const int64_t N = hidden_all.size(0), d = hidden_all.size(1), V = weight.size(0);
+std::vector<at::Tensor> forward_impl(const Inputs& in, double logit_scale, double softcap, bool need_grad) {
+  const int64_t N = in.N, d = in.d, n = in.rows.n;
   const auto acc_dtype = c10::CppTypeToScalarType<acc_t>::value;
-  const auto acc_opts = hidden_all.options().dtype(acc_dtype);
-  const int64_t n = rows.n;
+  const auto acc_opts = in.hidden.options().dtype(acc_dtype);
   if (n == 0) {  // every target ignored: zeros, nothing to compute
     return {at::zeros({N}, acc_opts), at::zeros({N}, acc_opts),
             need_grad ? at::zeros({N, d}, acc_opts) : at::empty({0}, acc_opts)};
   }
-  const at::Tensor hidden = rows.select(hidden_all), targets = rows.select(targets_all);
+  const at::Tensor hidden = in.rows.select(in.hidden), targets = in.rows.select(in.targets);
 
   const Cap<acc_t> f = Cap<acc_t>::make(logit_scale, softcap);
-  const int64_t C = pick_chunk(chunk, n, V, sizeof(scalar_t));
   at::Tensor m = at::full({n}, -std::numeric_limits<double>::infinity(), acc_opts);
   at::Tensor S = at::zeros({n}, acc_opts);
   at::Tensor zt = at::zeros({n}, acc_opts);
@@ -282,22 +303,15 @@ std::vector<at::Tensor> forward_impl(const at::Tensor& hidden_all, const at::Ten
   // p~ may reach e^lazy (lazy rescaling above); fp16 products could overflow at 65504, so fp16 rescales
   // exactly (p~ <= 1) instead.
   const acc_t lazy = std::is_same<scalar_t, c10::Half>::value ? acc_t(0) : acc_t(8);
-  auto flat = at::empty({n * C}, hidden.options());
   const int64_t* tgt = targets.data_ptr<int64_t>();
   acc_t* mp = m.template data_ptr<acc_t>();
   acc_t* Sp = S.template data_ptr<acc_t>();
   acc_t* ztp = zt.template data_ptr<acc_t>();
   acc_t* fpp = fpt.template data_ptr<acc_t>();
-  // elementwise work per row is ~c exps; a grain of a few rows keeps the parallel overhead negligible
-  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, C));
 
-  for (int64_t v0 = 0; v0 < V; v0 += C) {
-    const int64_t c = std::min(C, V - v0);
-    auto W = weight.narrow(0, v0, c);
-    auto L = flat.narrow(0, 0, n * c).view({n, c});
-    at::mm_out(L, hidden, W.t());
+  for_each_chunk(hidden, in.weight, in.chunk, [&](int64_t v0, int64_t c, const at::Tensor& W, const at::Tensor& L) {
     scalar_t* Lp = L.template data_ptr<scalar_t>();
-    at::parallel_for(0, n, grain, [&](int64_t b, int64_t e) {
+    at::parallel_for(0, n, row_grain(in.chunk), [&](int64_t b, int64_t e) {
       fwd_rows(Lp, c, v0, b, e, tgt, mp, Sp, ztp, fpp, Ep, d, lazy, need_grad, f);
     });
     if (need_grad) {
@@ -307,52 +321,44 @@ std::vector<at::Tensor> forward_impl(const at::Tensor& hidden_all, const at::Ten
         E.add_(at::mm(L, W));  // half-precision product, accumulated in fp32
       }
     }
-  }
+  });
 
   auto lse = m + S.log();
   auto logp = zt - lse;
   at::Tensor J = at::empty({0}, acc_opts);
   if (need_grad) {
     // J = s * (f'_t * w_t - E / S)
-    auto Wt = weight.index_select(0, targets).to(acc_dtype);
-    J = rows.scatter(Wt.mul_((fpt * f.scale).unsqueeze(1)).sub_(E.mul_((S.reciprocal() * f.scale).unsqueeze(1))), N);
+    auto Wt = in.weight.index_select(0, targets).to(acc_dtype);
+    Wt.mul_((fpt * f.scale).unsqueeze(1)).sub_(E.mul_((S.reciprocal() * f.scale).unsqueeze(1)));
+    J = in.rows.scatter(Wt, N);
   }
-  return {rows.scatter(logp, N), rows.scatter(lse, N), J};
+  return {in.rows.scatter(logp, N), in.rows.scatter(lse, N), J};
 }
 
 template <typename scalar_t, typename acc_t>
-std::vector<at::Tensor> backward_impl(const at::Tensor& grad_all, const at::Tensor& hidden_all,
-                                      const at::Tensor& weight, const at::Tensor& targets_all,
-                                      const at::Tensor& lse_all, const KeptRows& rows, double logit_scale,
-                                      double softcap, int64_t chunk, bool need_gh, bool need_gw) {
-  const int64_t N = hidden_all.size(0), d = hidden_all.size(1), V = weight.size(0);
+std::vector<at::Tensor> backward_impl(const at::Tensor& grad_all, const at::Tensor& lse_all, const Inputs& in,
+                                      double logit_scale, double softcap, bool need_gh, bool need_gw) {
+  const int64_t N = in.N, d = in.d, n = in.rows.n;
   const auto acc_dtype = c10::CppTypeToScalarType<acc_t>::value;
-  const auto acc_opts = hidden_all.options().dtype(acc_dtype);
-  at::Tensor gh_all = need_gh ? at::zeros({N, d}, hidden_all.options()) : at::empty({0}, hidden_all.options());
-  at::Tensor gw = need_gw ? at::zeros({V, d}, weight.options()) : at::empty({0}, weight.options());
-  const int64_t n = rows.n;
+  const auto opts = in.hidden.options();  // weight's too: same dtype and device
+  at::Tensor gh_all = need_gh ? at::zeros({N, d}, opts) : at::empty({0}, opts);
+  at::Tensor gw = need_gw ? at::zeros({in.V, d}, opts) : at::empty({0}, opts);
   if ((!need_gh && !need_gw) || n == 0) return {gh_all, gw};
 
-  const at::Tensor hidden = rows.select(hidden_all), targets = rows.select(targets_all);
-  const at::Tensor lse = rows.select(lse_all).to(acc_dtype).contiguous();
-  const at::Tensor g = rows.select(grad_all).to(acc_dtype).contiguous();
+  const at::Tensor hidden = in.rows.select(in.hidden), targets = in.rows.select(in.targets);
+  const at::Tensor lse = in.rows.select(lse_all).to(acc_dtype).contiguous();
+  const at::Tensor g = in.rows.select(grad_all).to(acc_dtype).contiguous();
 
   const Cap<acc_t> f = Cap<acc_t>::make(logit_scale, softcap);
-  const int64_t C = pick_chunk(chunk, n, V, sizeof(scalar_t));
-  auto gh = need_gh ? at::zeros({n, d}, acc_opts) : at::Tensor();
-  auto flat = at::empty({n * C}, hidden.options());
+  auto gh = need_gh ? at::zeros({n, d}, opts.dtype(acc_dtype)) : at::Tensor();
   const int64_t* tgt = targets.data_ptr<int64_t>();
   const acc_t* lp = lse.template data_ptr<acc_t>();
   const acc_t* gp = g.template data_ptr<acc_t>();
-  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, C));
 
-  for (int64_t v0 = 0; v0 < V; v0 += C) {
-    const int64_t c = std::min(C, V - v0);
-    auto W = weight.narrow(0, v0, c);
-    auto G = flat.narrow(0, 0, n * c).view({n, c});
-    at::mm_out(G, hidden, W.t());
+  for_each_chunk(hidden, in.weight, in.chunk, [&](int64_t v0, int64_t c, const at::Tensor& W, const at::Tensor& G) {
     scalar_t* Gp = G.template data_ptr<scalar_t>();
-    at::parallel_for(0, n, grain, [&](int64_t b, int64_t e) { bwd_rows(Gp, c, v0, b, e, tgt, lp, gp, f); });
+    at::parallel_for(0, n, row_grain(in.chunk),
+                     [&](int64_t b, int64_t e) { bwd_rows(Gp, c, v0, b, e, tgt, lp, gp, f); });
     if (need_gw) {
       auto out = gw.narrow(0, v0, c);  // rows v0.. of a contiguous [V, d]: contiguous
       at::mm_out(out, G.t(), hidden);
@@ -364,8 +370,8 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& grad_all, const at::Tens
         gh.add_(at::mm(G, W));
       }
     }
-  }
-  if (need_gh) gh_all = rows.scatter(gh.to(hidden_all.scalar_type()), N);
+  });
+  if (need_gh) gh_all = in.rows.scatter(gh.to(in.hidden.scalar_type()), N);
   return {gh_all, gw};
 }
 
@@ -375,20 +381,17 @@ std::vector<at::Tensor> linear_logprobs_forward(const at::Tensor& hidden, const 
                                                 const at::Tensor& targets, int64_t ignore_index,
                                                 double logit_scale, double softcap, int64_t chunk,
                                                 bool need_grad) {
-  const char* fn = "linear_logprobs_forward (CPU)";
-  check_cpu_inputs(hidden, weight, targets, chunk, fn);  // chunk 0: default
-  const KeptRows rows = keep_rows(targets, ignore_index, weight.size(0), fn);
+  const Inputs in = checked_inputs(hidden, weight, targets, ignore_index, chunk, "linear_logprobs_forward (CPU)");
   at::NoGradGuard no_grad;  // the Python autograd.Function owns differentiation; no graph of the internals
   switch (hidden.scalar_type()) {
     case at::kDouble:
-      return forward_impl<double, double>(hidden, weight, targets, rows, logit_scale, softcap, chunk, need_grad);
+      return forward_impl<double, double>(in, logit_scale, softcap, need_grad);
     case at::kFloat:
-      return forward_impl<float, float>(hidden, weight, targets, rows, logit_scale, softcap, chunk, need_grad);
+      return forward_impl<float, float>(in, logit_scale, softcap, need_grad);
     case at::kBFloat16:
-      return forward_impl<c10::BFloat16, float>(hidden, weight, targets, rows, logit_scale, softcap, chunk,
-                                                need_grad);
+      return forward_impl<c10::BFloat16, float>(in, logit_scale, softcap, need_grad);
     default:
-      return forward_impl<c10::Half, float>(hidden, weight, targets, rows, logit_scale, softcap, chunk, need_grad);
+      return forward_impl<c10::Half, float>(in, logit_scale, softcap, need_grad);
   }
 }
 
@@ -397,24 +400,22 @@ std::vector<at::Tensor> linear_logprobs_backward(const at::Tensor& grad_logp, co
                                                  const at::Tensor& lse, int64_t ignore_index, double logit_scale,
                                                  double softcap, int64_t chunk, bool need_grad_hidden,
                                                  bool need_grad_weight) {
-  const char* fn = "linear_logprobs_backward (CPU)";
-  check_cpu_inputs(hidden, weight, targets, chunk, fn);  // chunk 0: default
-  check_backward_inputs(grad_logp, lse, hidden, fn);
-  const KeptRows rows = keep_rows(targets, ignore_index, weight.size(0), fn);
+  const Inputs in = checked_inputs(hidden, weight, targets, ignore_index, chunk, "linear_logprobs_backward (CPU)",
+                                   grad_logp, lse);
   at::NoGradGuard no_grad;
   switch (hidden.scalar_type()) {
     case at::kDouble:
-      return backward_impl<double, double>(grad_logp, hidden, weight, targets, lse, rows, logit_scale, softcap,
-                                           chunk, need_grad_hidden, need_grad_weight);
+      return backward_impl<double, double>(grad_logp, lse, in, logit_scale, softcap, need_grad_hidden,
+                                           need_grad_weight);
     case at::kFloat:
-      return backward_impl<float, float>(grad_logp, hidden, weight, targets, lse, rows, logit_scale, softcap,
-                                         chunk, need_grad_hidden, need_grad_weight);
+      return backward_impl<float, float>(grad_logp, lse, in, logit_scale, softcap, need_grad_hidden,
+                                         need_grad_weight);
     case at::kBFloat16:
-      return backward_impl<c10::BFloat16, float>(grad_logp, hidden, weight, targets, lse, rows, logit_scale,
-                                                 softcap, chunk, need_grad_hidden, need_grad_weight);
+      return backward_impl<c10::BFloat16, float>(grad_logp, lse, in, logit_scale, softcap, need_grad_hidden,
+                                                 need_grad_weight);
     default:
-      return backward_impl<c10::Half, float>(grad_logp, hidden, weight, targets, lse, rows, logit_scale, softcap,
-                                             chunk, need_grad_hidden, need_grad_weight);
+      return backward_impl<c10::Half, float>(grad_logp, lse, in, logit_scale, softcap, need_grad_hidden,
+                                             need_grad_weight);
   }
 }
 

@@ -28,46 +28,36 @@ struct DeviceMath {
 __device__ __forceinline__ float neg_inf(float) { return -__int_as_float(0x7f800000); }
 __device__ __forceinline__ double neg_inf(double) { return -__longlong_as_double(0x7ff0000000000000LL); }
 
-template <typename T>
-__device__ __forceinline__ T warp_max(T v) {
+// The reduction operators of block_reduce.
+struct Max {
+  template <typename T>
+  __device__ __forceinline__ T operator()(T a, T b) const { return max(a, b); }
+};
+struct Sum {
+  template <typename T>
+  __device__ __forceinline__ T operator()(T a, T b) const { return a + b; }
+};
+
+template <typename T, typename Op>
+__device__ __forceinline__ T warp_reduce(T v, Op op) {
 #pragma unroll
-  for (int o = 16; o > 0; o >>= 1) v = max(v, __shfl_xor_sync(0xffffffffu, v, o));
+  for (int o = 16; o > 0; o >>= 1) v = op(v, __shfl_xor_sync(0xffffffffu, v, o));
   return v;
 }
 
-template <typename T>
-__device__ __forceinline__ T warp_sum(T v) {
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-  return v;
-}
-
-// Block-wide max / sum over kThreads threads (a multiple of 32); every thread gets the result. `smem` holds
-// kThreads / 32 values. The trailing __syncthreads lets the caller reuse `smem` for the next reduction.
-template <int kThreads, typename T>
-__device__ __forceinline__ T block_max(T v, T* smem) {
-  static_assert(kThreads % 32 == 0, "block_max: whole warps only");
-  v = warp_max(v);
+// Block-wide `op` (Max, Sum) over kThreads threads (a multiple of 32); every thread gets the result. `smem`
+// holds kThreads / 32 values. The warps' partials are combined in warp order, the same on every run, so a sum
+// is deterministic. The trailing __syncthreads lets the caller reuse `smem` for the next reduction.
+template <int kThreads, typename T, typename Op>
+__device__ __forceinline__ T block_reduce(T v, T* smem, Op op) {
+  static_assert(kThreads % 32 == 0, "block_reduce: whole warps only");
+  v = warp_reduce(v, op);
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   if (lane == 0) smem[warp] = v;
   __syncthreads();
   T r = smem[0];
 #pragma unroll
-  for (int w = 1; w < kThreads / 32; ++w) r = max(r, smem[w]);
-  __syncthreads();
-  return r;
-}
-
-template <int kThreads, typename T>
-__device__ __forceinline__ T block_sum(T v, T* smem) {
-  static_assert(kThreads % 32 == 0, "block_sum: whole warps only");
-  v = warp_sum(v);
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  if (lane == 0) smem[warp] = v;
-  __syncthreads();
-  T r = smem[0];
-#pragma unroll
-  for (int w = 1; w < kThreads / 32; ++w) r += smem[w];  // fixed order: deterministic
+  for (int w = 1; w < kThreads / 32; ++w) r = op(r, smem[w]);
   __syncthreads();
   return r;
 }

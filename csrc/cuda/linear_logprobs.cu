@@ -83,16 +83,16 @@ __global__ void __launch_bounds__(kThreads) chunk_forward_kernel(
         ts += DeviceMath::exp(z - tm);
       }
     }
-    m_new = max(m_old, block_max<kThreads>(tm, smem));
+    m_new = max(m_old, block_reduce<kThreads>(tm, smem, Max()));
     // A thread that saw no element has tm = -inf, ts = 0 and adds exp(-inf) * 0 = 0.
-    chunk_sum = block_sum<kThreads>(ts * DeviceMath::exp(tm - m_new), smem);
+    chunk_sum = block_reduce<kThreads>(ts * DeviceMath::exp(tm - m_new), smem, Sum());
   } else {
     // P~ needs the chunk's final max before the first write: a max pass, then a second read of the row
     // (just read by this block, so it comes from L2; recomputing tanh is cheaper than holding c / kThreads
     // values per thread in registers for arbitrary c).
     acc_t local_max = neg_inf(acc_t(0));
     for (int64_t j = threadIdx.x; j < c; j += kThreads) local_max = max(local_max, f.z(row[j]));
-    m_new = max(m_old, block_max<kThreads>(local_max, smem));
+    m_new = max(m_old, block_reduce<kThreads>(local_max, smem, Max()));
     acc_t local_sum = 0;
     scalar_t* prow = P + i * c;
     for (int64_t j = threadIdx.x; j < c; j += kThreads) {
@@ -102,7 +102,7 @@ __global__ void __launch_bounds__(kThreads) chunk_forward_kernel(
       prow[j] = static_cast<scalar_t>(e * f.dz(z));
       if (j == t_local) zt[i] = z;
     }
-    chunk_sum = block_sum<kThreads>(local_sum, smem);
+    chunk_sum = block_reduce<kThreads>(local_sum, smem, Sum());
   }
   if (threadIdx.x == 0) {
     const acc_t a = lse_merge<DeviceMath>(m[i], S[i], m_new, chunk_sum);
@@ -178,9 +178,11 @@ int64_t pick_chunk(int64_t chunk, int64_t n, int64_t V) {
   return std::max<int64_t>(1, std::min(chunk, V));
 }
 
-// The CUDA build's own checks; the shared ones (shapes, dtypes, chunk) are in common.h.
-void check_cuda_inputs(const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& targets,
-                       int64_t chunk, const char* fn) {
+// The start of both entry points: the CUDA build's own checks, the shared ones (shapes, dtypes, chunk; the
+// backward's grad_logp and lse when given: common.h), then the contiguous inputs, the kept rows and the chunk.
+Inputs checked_inputs(const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& targets,
+                      int64_t ignore_index, int64_t chunk, const char* fn, const at::Tensor& grad_logp = {},
+                      const at::Tensor& lse = {}) {
   TORCH_CHECK(hidden.is_cuda() && weight.is_cuda() && targets.is_cuda(), fn,
               ": hidden, weight and targets must be CUDA tensors (got ", hidden.device(), ", ", weight.device(),
               ", ", targets.device(), ")");
@@ -188,31 +190,41 @@ void check_cuda_inputs(const at::Tensor& hidden, const at::Tensor& weight, const
               ": hidden, weight and targets must be on the same device (got ", hidden.device(), ", ",
               weight.device(), ", ", targets.device(), ")");
   check_inputs(hidden, weight, targets, chunk, fn);
+  if (grad_logp.defined()) check_backward_inputs(grad_logp, lse, hidden, fn);
+  Inputs in = prepare_inputs(hidden, weight, targets, ignore_index, fn);
+  in.chunk = pick_chunk(chunk, in.rows.n, in.V);
+  return in;
+}
+
+// The vocabulary in chunks of c weight rows: body(v0, cc, W_chunk, raw) with raw = hidden @ W_chunk^T [n, cc] in
+// the accumulation dtype `acc`.
+template <typename Body>
+void for_each_chunk(const at::Tensor& hidden, const at::Tensor& weight, int64_t c, at::ScalarType acc,
+                    const Body& body) {
+  const int64_t V = weight.size(0);
+  for (int64_t v0 = 0; v0 < V; v0 += c) {
+    const int64_t cc = std::min(c, V - v0);
+    const at::Tensor Wc = weight.narrow(0, v0, cc);
+    body(v0, cc, Wc, mm_acc(hidden, Wc.t(), acc));
+  }
 }
 
 }  // namespace
 
-std::vector<at::Tensor> linear_logprobs_forward(const at::Tensor& hidden_in, const at::Tensor& weight_in,
-                                                const at::Tensor& targets_in, int64_t ignore_index,
+std::vector<at::Tensor> linear_logprobs_forward(const at::Tensor& hidden, const at::Tensor& weight,
+                                                const at::Tensor& targets, int64_t ignore_index,
                                                 double logit_scale, double softcap, int64_t chunk,
                                                 bool need_grad) {
-  const char* fn = "linear_logprobs_forward (CUDA)";
-  check_cuda_inputs(hidden_in, weight_in, targets_in, chunk, fn);
-  c10::cuda::CUDAGuard guard(hidden_in.device());
-  const at::Tensor hidden = hidden_in.contiguous(), weight = weight_in.contiguous(),
-                   targets = targets_in.contiguous();
-  const int64_t N = hidden.size(0), d = hidden.size(1), V = weight.size(0);
-  const at::ScalarType acc = acc_type_of(hidden.scalar_type());
-  const auto acc_opts = hidden.options().dtype(acc);
-
-  const KeptRows rows = keep_rows(targets, ignore_index, V, fn);
-  const int64_t n = rows.n;
+  const Inputs in = checked_inputs(hidden, weight, targets, ignore_index, chunk, "linear_logprobs_forward (CUDA)");
+  c10::cuda::CUDAGuard guard(in.hidden.device());
+  const int64_t N = in.N, d = in.d, n = in.rows.n;
+  const at::ScalarType dtype = in.hidden.scalar_type(), acc = acc_type_of(dtype);
+  const auto opts = in.hidden.options(), acc_opts = opts.dtype(acc);
   if (n == 0) {  // every target ignored: zeros, nothing to compute
     return {at::zeros({N}, acc_opts), at::zeros({N}, acc_opts),
             need_grad ? at::zeros({N, d}, acc_opts) : at::empty({0}, acc_opts)};
   }
-  const at::Tensor kept_hidden = rows.select(hidden), kept_targets = rows.select(targets);
-  const int64_t c = pick_chunk(chunk, n, V);
+  const at::Tensor kept_hidden = in.rows.select(in.hidden), kept_targets = in.rows.select(in.targets);
   auto stream = c10::cuda::getCurrentCUDAStream();
 
   at::Tensor m = at::full({n}, -std::numeric_limits<double>::infinity(), acc_opts);
@@ -223,16 +235,13 @@ std::vector<at::Tensor> linear_logprobs_forward(const at::Tensor& hidden_in, con
   at::Tensor logp = at::empty({n}, acc_opts), lse = at::empty({n}, acc_opts);
   at::Tensor J = need_grad ? at::empty({n, d}, acc_opts) : at::Tensor();
 
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, hidden.scalar_type(), "linear_logprobs_forward_cuda",
-                                  [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "linear_logprobs_forward_cuda", [&] {
     using acc_t = at::acc_type<scalar_t, /*is_cuda=*/true>;
     const Cap<acc_t> f = Cap<acc_t>::make(logit_scale, softcap);
-    for (int64_t v0 = 0; v0 < V; v0 += c) {
-      const int64_t cc = std::min(c, V - v0);
-      const at::Tensor Wc = weight.narrow(0, v0, cc);
-      const at::Tensor raw = mm_acc(kept_hidden, Wc.t(), acc);  // [n, cc]
+    for_each_chunk(kept_hidden, in.weight, in.chunk, acc, [&](int64_t v0, int64_t cc, const at::Tensor& Wc,
+                                                                const at::Tensor& raw) {
       // P~ overwrites the logits when the dtypes agree (fp32 / fp64): one N x chunk buffer instead of two.
-      at::Tensor P = !need_grad ? at::Tensor() : (hidden.scalar_type() == acc ? raw : at::empty({n, cc}, hidden.options()));
+      const at::Tensor P = !need_grad ? at::Tensor() : (dtype == acc ? raw : at::empty({n, cc}, opts));
       chunk_forward_kernel<scalar_t, acc_t><<<n, kThreads, 0, stream>>>(
           raw.data_ptr<acc_t>(), cc, v0, kept_targets.data_ptr<int64_t>(), f, m.data_ptr<acc_t>(),
           S.data_ptr<acc_t>(), zt.data_ptr<acc_t>(), need_grad ? P.data_ptr<scalar_t>() : nullptr,
@@ -242,63 +251,54 @@ std::vector<at::Tensor> linear_logprobs_forward(const at::Tensor& hidden_in, con
         E.mul_(alpha.unsqueeze(1));
         E.add_(mm_acc(P, Wc, acc));
       }
-    }
+    });
     finalize_kernel<scalar_t, acc_t><<<n, kThreads, 0, stream>>>(
         m.data_ptr<acc_t>(), S.data_ptr<acc_t>(), zt.data_ptr<acc_t>(), kept_targets.data_ptr<int64_t>(), f,
-        weight.data_ptr<scalar_t>(), d, need_grad ? E.data_ptr<acc_t>() : nullptr, logp.data_ptr<acc_t>(),
+        in.weight.data_ptr<scalar_t>(), d, need_grad ? E.data_ptr<acc_t>() : nullptr, logp.data_ptr<acc_t>(),
         lse.data_ptr<acc_t>(), need_grad ? J.data_ptr<acc_t>() : nullptr);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 
-  return {rows.scatter(logp, N), rows.scatter(lse, N), need_grad ? rows.scatter(J, N) : at::empty({0}, acc_opts)};
+  return {in.rows.scatter(logp, N), in.rows.scatter(lse, N),
+          need_grad ? in.rows.scatter(J, N) : at::empty({0}, acc_opts)};
 }
 
-std::vector<at::Tensor> linear_logprobs_backward(const at::Tensor& grad_logp_in, const at::Tensor& hidden_in,
-                                                 const at::Tensor& weight_in, const at::Tensor& targets_in,
-                                                 const at::Tensor& lse_in, int64_t ignore_index, double logit_scale,
+std::vector<at::Tensor> linear_logprobs_backward(const at::Tensor& grad_logp, const at::Tensor& hidden,
+                                                 const at::Tensor& weight, const at::Tensor& targets,
+                                                 const at::Tensor& lse_all, int64_t ignore_index, double logit_scale,
                                                  double softcap, int64_t chunk, bool need_grad_hidden,
                                                  bool need_grad_weight) {
-  const char* fn = "linear_logprobs_backward (CUDA)";
-  check_cuda_inputs(hidden_in, weight_in, targets_in, chunk, fn);
-  check_backward_inputs(grad_logp_in, lse_in, hidden_in, fn);
-  const int64_t N = hidden_in.size(0), d = hidden_in.size(1), V = weight_in.size(0);
-  c10::cuda::CUDAGuard guard(hidden_in.device());
-  const at::Tensor hidden = hidden_in.contiguous(), weight = weight_in.contiguous(),
-                   targets = targets_in.contiguous();
-  const at::ScalarType acc = acc_type_of(hidden.scalar_type());
-  const auto acc_opts = hidden.options().dtype(acc);
-
-  const KeptRows rows = keep_rows(targets, ignore_index, V, fn);
-  at::Tensor grad_hidden = need_grad_hidden ? at::zeros({N, d}, hidden.options()) : at::empty({0}, hidden.options());
-  at::Tensor grad_weight = need_grad_weight ? at::zeros({V, d}, weight.options()) : at::empty({0}, weight.options());
-  const int64_t n = rows.n;
+  const Inputs in = checked_inputs(hidden, weight, targets, ignore_index, chunk, "linear_logprobs_backward (CUDA)",
+                                   grad_logp, lse_all);
+  c10::cuda::CUDAGuard guard(in.hidden.device());
+  const int64_t N = in.N, d = in.d, n = in.rows.n;
+  const at::ScalarType dtype = in.hidden.scalar_type(), acc = acc_type_of(dtype);
+  const auto opts = in.hidden.options();  // weight's too: same dtype and device
+  at::Tensor grad_hidden = need_grad_hidden ? at::zeros({N, d}, opts) : at::empty({0}, opts);
+  at::Tensor grad_weight = need_grad_weight ? at::zeros({in.V, d}, opts) : at::empty({0}, opts);
   if ((!need_grad_hidden && !need_grad_weight) || n == 0) return {grad_hidden, grad_weight};
-  const at::Tensor kept_hidden = rows.select(hidden), kept_targets = rows.select(targets);
-  const at::Tensor grad = rows.select(grad_logp_in.to(acc).contiguous());
-  const at::Tensor lse = rows.select(lse_in.to(acc).contiguous());
-  const int64_t c = pick_chunk(chunk, n, V);
+  const at::Tensor kept_hidden = in.rows.select(in.hidden), kept_targets = in.rows.select(in.targets);
+  const at::Tensor grad = in.rows.select(grad_logp.to(acc).contiguous());
+  const at::Tensor lse = in.rows.select(lse_all.to(acc).contiguous());
   auto stream = c10::cuda::getCurrentCUDAStream();
-  at::Tensor gh = need_grad_hidden ? at::zeros({n, d}, acc_opts) : at::Tensor();
+  at::Tensor gh = need_grad_hidden ? at::zeros({n, d}, opts.dtype(acc)) : at::Tensor();
 
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, hidden.scalar_type(), "linear_logprobs_backward_cuda",
-                                  [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "linear_logprobs_backward_cuda", [&] {
     using acc_t = at::acc_type<scalar_t, /*is_cuda=*/true>;
     const Cap<acc_t> f = Cap<acc_t>::make(logit_scale, softcap);
-    for (int64_t v0 = 0; v0 < V; v0 += c) {
-      const int64_t cc = std::min(c, V - v0);
-      const at::Tensor Wc = weight.narrow(0, v0, cc);
-      const at::Tensor raw = mm_acc(kept_hidden, Wc.t(), acc);
-      at::Tensor G = hidden.scalar_type() == acc ? raw : at::empty({n, cc}, hidden.options());  // in place when fp32/64
+    for_each_chunk(kept_hidden, in.weight, in.chunk, acc, [&](int64_t v0, int64_t cc, const at::Tensor& Wc,
+                                                                const at::Tensor& raw) {
+      const at::Tensor G = dtype == acc ? raw : at::empty({n, cc}, opts);  // in place when fp32/64
       chunk_grad_kernel<scalar_t, acc_t><<<n, kThreads, 0, stream>>>(
           raw.data_ptr<acc_t>(), cc, v0, kept_targets.data_ptr<int64_t>(), f, lse.data_ptr<acc_t>(),
           grad.data_ptr<acc_t>(), G.data_ptr<scalar_t>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       if (need_grad_weight) grad_weight.narrow(0, v0, cc).copy_(mm_acc(G.t(), kept_hidden, acc));
       if (need_grad_hidden) gh.add_(mm_acc(G, Wc, acc));
-    }
+    });
   });
 
-  if (need_grad_hidden) grad_hidden = rows.scatter(gh.to(hidden.scalar_type()), N);
+  if (need_grad_hidden) grad_hidden = in.rows.scatter(gh.to(dtype), N);
   return {grad_hidden, grad_weight};
 }
 
