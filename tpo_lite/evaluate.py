@@ -438,6 +438,7 @@ def model_outputs(config, items: Sequence[EvalItem], path: str | os.PathLike, ad
     todo = [g for g in _groups(len(items), size) if any(items[i].id not in done for i in g)]
     if todo:
         from . import models
+        from .memory import release
 
         n_todo = sum(items[i].id not in done for g in todo for i in g)
         echo(f"{desc}: generating {n_todo} of {len(items)} outputs with {generator} "
@@ -448,6 +449,7 @@ def model_outputs(config, items: Sequence[EvalItem], path: str | os.PathLike, ad
             # One merged copy for the greedy and the retry sampler, and the unmerged model dropped: each
             # LocalSampler would otherwise merge its own copy beside the loaded model (three sets of weights).
             model = models.sampling_copy(model)
+            release()  # the unmerged model's heap pages handed back before the KV cache grows
         else:  # the server serves the adapter; only the tokenizer is needed here
             model, tok = None, models.load_tokenizer(config.model)
         template = get_template(config.prompts)

@@ -18,7 +18,7 @@ import functools
 import json
 import math
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Callable
 
 from .errors import TpoError
@@ -87,9 +87,13 @@ def adapter_for(run_dir, t: int, config: RunConfig) -> str | None:
             r = it.validation.read_result() if ad is not None else None
             if r is not None:
                 prod = r.get("producer")
-                if prod is not None and (prod.get("adapter_sha256") or prod.get("adapter")) != (adapter_digest(ad) or ad):
-                    raise TpoError(f"scored {prod.get('adapter') or 'the seed model'}, not iteration {s}'s adapter as "
-                                   "it is now; `tpo-lite run` scores it again", path=str(it.validation.result))
+                if prod is not None:
+                    # trained_adapter() checked the weights against the marker's digest: read, not hashed again
+                    digest = it.read_marker("train").get("adapter_sha256") or adapter_digest(ad)
+                    if (prod.get("adapter_sha256") or prod.get("adapter")) != (digest or ad):
+                        raise TpoError(f"scored {prod.get('adapter') or 'the seed model'}, not iteration {s}'s "
+                                       "adapter as it is now; `tpo-lite run` scores it again",
+                                       path=str(it.validation.result))
                 if r["mean_score"] > best_score:
                     best, best_score = ad, r["mean_score"]
         if best is not None:
@@ -139,10 +143,11 @@ def generate_stage(config: RunConfig, run_dir, t: int, progress: bool = True,
     """Sample K outputs for every planned instruction of iteration ``t`` not yet in samples.jsonl."""
     from . import loop, models
     from .guard import max_output_tokens, model_context
+    from .memory import release
     from .metrics import sample_stats
     from .prompts import build_prompt, get_template
     from .records import PromptSamples
-    from .sampling import PromptJob
+    from .sampling import make_job
 
     d = run_dir.iteration(t)
     plan = iteration_plan(config, run_dir, t)
@@ -167,24 +172,26 @@ def generate_stage(config: RunConfig, run_dir, t: int, progress: bool = True,
         for p in plan:
             text = build_prompt(tok, p["instruction"], template, config.prompts.prefill_thought_header,
                                 config.prompts.system_prompt, config.prompts.chat_template_kwargs)
-            ids = list(tok(text, add_special_tokens=False)["input_ids"])
-            if not ids:
-                raise TpoError("the prompt is empty after tokenisation", field=f"instruction {p['id']}")
-            if ctx is not None and len(ids) + gen > ctx:  # before anything is sampled (also checked at start)
-                raise TpoError(f"instruction {p['id']!r}: its prompt is {len(ids)} tokens, which with up to {gen} "
+            # make_job's seeds are the run seed's; iteration t samples with its own (fresh when reused).
+            job = replace(make_job(p["id"], text, tok, config.sampling),
+                          seeds=[iteration_sample_seed(config, t, p["id"], i) for i in range(k)])
+            n = len(job.prompt_token_ids)
+            if ctx is not None and n + gen > ctx:  # before anything is sampled (also checked at start)
+                raise TpoError(f"instruction {p['id']!r}: its prompt is {n} tokens, which with up to {gen} "
                                f"new tokens does not fit the model's context of {ctx} positions ({where})",
                                path=str(d.plan), field="sampling.max_new_tokens")
-            by_id[p["id"]] = (p, text, ids)
-            jobs.append(PromptJob(prompt_id=p["id"], prompt_text=text, prompt_token_ids=ids,
-                                  seeds=[iteration_sample_seed(config, t, p["id"], i) for i in range(k)]))
+            by_id[p["id"]] = (p, job)
+            jobs.append(job)
         factory = sampler_factory or loop.run_sampler
         sampler = factory(config, model, tok, template, adapter=adapter, progress=progress)
         del model  # the sampler holds what it needs (a merged sampling copy for a LoRA model)
+        release()  # the freed weights' heap pages handed back before the KV cache grows
         # The sampler shows its own progress bar (per sample, with tokens/s).
         for pid, samples in sampler.sample(jobs, k, skip=set(done)):
-            p, text, ids = by_id[pid]
-            append_record(d.samples, PromptSamples(pid, p["instruction"], p["category"], p["checks"], text, list(ids),
-                                                   [s.parsed(template) for s in samples]).to_record())
+            p, job = by_id[pid]
+            rec = PromptSamples(pid, p["instruction"], p["category"], p["checks"], job.prompt_text,
+                                job.prompt_token_ids, [s.parsed(template) for s in samples])
+            append_record(d.samples, rec.to_record())
         del sampler
     done = _read(d.samples, PromptSamples)
     missing = [p["id"] for p in plan if p["id"] not in done]

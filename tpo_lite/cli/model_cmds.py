@@ -167,9 +167,10 @@ def chat_command(ctx, prompt, run, model, adapter, template, prefill_thought_hea
     """
     from ..errors import TpoError
     from ..export import read_export_info
+    from ..memory import release
     from ..models import load_model
     from ..prompts import build_prompt, get_template
-    from ..sampling import LocalSampler, SamplingConfig, make_job
+    from ..sampling import SamplingConfig, make_job, make_sampler
     from ..special_tokens import escape_special_tokens
 
     mcfg, pcfg, adapter, config, _ = _from_run(ctx, run, model, dtype, load_in_4bit, device, template,
@@ -195,7 +196,9 @@ def chat_command(ctx, prompt, run, model, adapter, template, prefill_thought_hea
     scfg = SamplingConfig(k=1, batch_size=1, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
                           thought_budget=thought_budget, seed=seed)
     lm, tokenizer = load_model(mcfg, adapter=adapter)
-    sampler = LocalSampler(lm, tokenizer, scfg, tpl if tpl.response_marker else None, progress=False)
+    sampler = make_sampler(scfg, tokenizer, tpl if tpl.response_marker else None, model=lm, progress=False)
+    del lm  # the sampler holds a merged sampling copy of a LoRA model: one set of weights for the session
+    release()  # as the generate stage does: any cycle collected, the freed heap returned (malloc_trim)
     for n, text in enumerate(_prompts(prompt)):
         if info is not None:  # the exported chat template wraps, pre-fills and adds the system prompt itself
             # As build_prompt does: a prompt cannot forge a chat turn with special-token strings.
