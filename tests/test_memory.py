@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import gc
 import json
+import mmap
 
 import pytest
 
@@ -12,10 +13,18 @@ from tpo_lite.memory import StageMemory
 from test_loop import ScriptedSampler, _load, build_tiny_model, scripted_factory, write_config, write_instructions
 
 
+def _resident_for_a_moment(mib: int = 96) -> None:
+    """``mib`` MiB resident, then handed back to the OS: an anonymous mapping of our own, every page touched, then
+    unmapped (a bytearray goes through malloc, which may serve it from a heap it keeps after a long test session)."""
+    block = mmap.mmap(-1, mib * 2**20)
+    for i in range(0, len(block), mmap.PAGESIZE):
+        block[i] = 1
+    block.close()
+
+
 def test_stage_memory_sees_a_short_peak_and_gives_it_back():
     with StageMemory() as m:
-        block = bytearray(96 * 2**20)  # touched: 96 MiB resident for a moment
-        del block
+        _resident_for_a_moment()
         inside = m.record()
     rec = m.record()
     assert rec["method"]
@@ -27,8 +36,7 @@ def test_stage_memory_sees_a_short_peak_and_gives_it_back():
 def test_nested_blocks_keep_the_outer_peaks():
     with StageMemory(release_after=False) as outer:
         with StageMemory(release_after=False) as middle:
-            block = bytearray(96 * 2**20)
-            del block
+            _resident_for_a_moment()
             with StageMemory() as inner:  # resets the counter again, two levels down
                 pass
     assert inner.record()["peak_rss_mb"] < middle.record()["peak_rss_mb"] - 80
