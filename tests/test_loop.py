@@ -577,3 +577,26 @@ def test_heldout_judge_is_the_eval_judge_and_warns_on_the_optimised_one(tiny, tm
     logs.clear()
     prog = make_heldout_judge(cfg.replace("loop", heldout_judge="programmatic"), rd, [], logs.append)
     assert type(prog).__name__ == "ProgrammaticJudge" and logs == []
+
+
+def test_more_iterations_later_is_the_longer_run(tiny, tmp_path):
+    """A run extended with --set loop.iterations=N+1 (as the README's measured run was, for its third iteration)
+    plans, pairs and trains exactly what a run started with N+1 iterations does: the plan of iteration t, the
+    sample seeds and the adapter it starts from do not depend on how many iterations were asked for (scripted
+    samples: the tiny random model's own outputs never parse, so it would train nothing)."""
+    from tpo_lite.loop import run
+
+    model_dir, train, heldout = tiny
+    cfg = write_config(tmp_path, model_dir, train, heldout, iterations=2, extra="")
+    for name, iterations in (("whole", 2), ("extended", 1), ("extended", 2)):
+        run(_load(cfg, f"loop.name={name}", f"loop.iterations={iterations}"), progress=False,
+            echo=lambda *_: None, sampler_factory=scripted_factory())
+    whole, extended = RunDir(tmp_path / "runs" / "whole"), RunDir(tmp_path / "runs" / "extended")
+    for t in (1, 2):
+        a, b = whole.iteration(t), extended.iteration(t)
+        for f in ("samples", "judgements", "pairs"):
+            assert getattr(a, f).read_bytes() == getattr(b, f).read_bytes(), (t, f)
+        weights = "adapter_model.safetensors"
+        assert (a.adapter / weights).read_bytes() == (b.adapter / weights).read_bytes(), t
+    assert (json.loads(whole.summary.read_text())["heldout_after"]["mean_score"]
+            == json.loads(extended.summary.read_text())["heldout_after"]["mean_score"])
