@@ -1,0 +1,72 @@
+#!/usr/bin/env python3
+"""Peak RSS of loading the embedded model, then of one LocalSampler call (the generate stage's shape), measured
+separately with tpo_lite.memory.StageMemory; prints one JSON line. The numbers of docs/training.md, "Memory of a
+whole run", come from it:
+
+    python scripts/sampling_memory_probe.py --rows 96 --prompts 48              # two batches of 96 rows
+    python scripts/sampling_memory_probe.py --rows 96 --prompts 48 --mode trim-batches
+    python scripts/sampling_memory_probe.py --rows 96 --prompts 48 --mode mmap4  # glibc mmap threshold 4 MiB
+"""
+from __future__ import annotations
+
+import argparse
+import ctypes
+import dataclasses
+import json
+import time
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--rows", type=int, default=96, help="sampling.batch_size (rows decoded together)")
+    ap.add_argument("--prompts", type=int, default=24, help="embedded training instructions (K=4 each)")
+    ap.add_argument("--mode", default="as-is", choices=("as-is", "trim-batches", "mmap4"))
+    ap.add_argument("--adapter", default=None, help="a LoRA adapter directory to sample with")
+    ap.add_argument("--config", default="examples/smollm2_cpu.toml")
+    args = ap.parse_args()
+    if args.mode == "mmap4":  # before anything large is allocated; M_MMAP_THRESHOLD = -3
+        ctypes.CDLL("libc.so.6").mallopt(-3, 4 << 20)
+
+    from tpo_lite import memory, models, sampling
+    from tpo_lite.config import load_config
+    from tpo_lite.instructions import load_embedded
+    from tpo_lite.prompts import get_template
+
+    if args.mode == "trim-batches":  # hand freed heap pages back after every batch
+        generate = sampling.LocalSampler._generate
+
+        def trimmed(self, rows):
+            try:
+                return generate(self, rows)
+            finally:
+                memory.release()
+
+        sampling.LocalSampler._generate = trimmed
+    cfg = load_config(args.config)
+    scfg = dataclasses.replace(cfg.sampling, batch_size=args.rows)
+    with memory.StageMemory(release_after=False) as load:
+        model, tok = models.load_model(cfg.model, adapter=args.adapter)
+        template = get_template(cfg.prompts)
+        sampler = sampling.make_sampler(scfg, tok, template, model=model, progress=False)
+        del model
+        memory.release()
+    jobs = [sampling.make_job(it.id, sampling_prompt, tok, scfg) for it, sampling_prompt in
+            ((it, _prompt(tok, it.instruction, template, cfg)) for it in load_embedded("train")[:args.prompts])]
+    with memory.StageMemory(release_after=False) as sample:
+        t0 = time.time()
+        out = list(sampler.sample(jobs, 4))
+        seconds = time.time() - t0
+    print(json.dumps({"rows": args.rows, "prompts": args.prompts, "mode": args.mode, "adapter": args.adapter,
+                      "load": load.record(), "sample": sample.record(), "seconds": round(seconds, 1),
+                      "tokens": sum(len(s.token_ids) for _, ss in out for s in ss)}))
+
+
+def _prompt(tok, instruction, template, cfg):
+    from tpo_lite.prompts import build_prompt
+
+    return build_prompt(tok, instruction, template, cfg.prompts.prefill_thought_header, cfg.prompts.system_prompt,
+                        cfg.prompts.chat_template_kwargs)
+
+
+if __name__ == "__main__":
+    main()
