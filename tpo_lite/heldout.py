@@ -15,7 +15,7 @@ from .config import RunConfig
 from .fingerprint import model_environment
 from .jsonl import read_json, write_json_atomic, write_text_atomic
 from .plan import validation_split
-from .rundir import EvalDir, RunDir, adapter_digest
+from .rundir import EvalDir, RunDir, adapter_digest, scored_model
 from .stages import adapter_for
 
 
@@ -59,16 +59,10 @@ def make_heldout_judge(config: RunConfig, run_dir, items, echo: Callable[[str], 
 
 
 def same_producer(a: dict | None, b: dict | None) -> bool:
-    """Whether two held-out results come from the same weights and settings. The adapter's *path* does not
-    count when its content digest is known (``runs/x/iter_01/adapter`` and its absolute path are one model);
-    a server-side adapter (no digest here) is known by its name only."""
+    """Whether two held-out results come from the same weights (:func:`scored_model`) and settings."""
     if a is None or b is None:
         return a is b
-
-    def key(p):
-        return p.get("settings_sha256"), p.get("adapter_sha256") or p.get("adapter")
-
-    return key(a) == key(b)
+    return (a.get("settings_sha256"), scored_model(a)) == (b.get("settings_sha256"), scored_model(b))
 
 
 def existing_heldout(run_dir, producer: dict, dirs=None) -> EvalDir | None:

@@ -52,6 +52,13 @@ def _sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
+def scored_model(producer: dict) -> str | None:
+    """What a held-out result scored: its adapter's content digest, else (a server-side adapter) its name; None =
+    the seed model. The adapter's *path* does not count when the digest is known (``runs/x/iter_01/adapter`` and
+    its absolute path are one model)."""
+    return producer.get("adapter_sha256") or producer.get("adapter")
+
+
 def adapter_digest(adapter: str | os.PathLike | None) -> str | None:
     """sha256 over a peft adapter's weights and config (``adapter_model.*``, ``adapter_config.json``): what a
     result was produced with, since the same path can hold other weights after an iteration is trained again.

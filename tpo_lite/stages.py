@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Callable
 from .errors import TpoError
 from .jsonl import append_record, read_records, write_text_atomic
 from .plan import iteration_plan, iteration_sample_seed
-from .rundir import RECORD_KEYS, IterationDir, RunDir, adapter_digest
+from .rundir import RECORD_KEYS, IterationDir, RunDir, adapter_digest, scored_model
 
 if TYPE_CHECKING:  # the config pulls in torch; `tpo-lite generate --help` must not
     from .config import RunConfig
@@ -90,7 +90,7 @@ def adapter_for(run_dir, t: int, config: RunConfig) -> str | None:
                 if prod is not None:
                     # trained_adapter() checked the weights against the marker's digest: read, not hashed again
                     digest = it.read_marker("train").get("adapter_sha256") or adapter_digest(ad)
-                    if (prod.get("adapter_sha256") or prod.get("adapter")) != (digest or ad):
+                    if scored_model(prod) != (digest or ad):
                         raise TpoError(f"scored {prod.get('adapter') or 'the seed model'}, not iteration {s}'s "
                                        "adapter as it is now; `tpo-lite run` scores it again",
                                        path=str(it.validation.result))
