@@ -30,7 +30,7 @@ def main() -> None:
     from tpo_lite import memory, models, sampling
     from tpo_lite.config import load_config
     from tpo_lite.instructions import load_embedded
-    from tpo_lite.prompts import get_template
+    from tpo_lite.prompts import build_prompt, get_template
 
     if args.mode == "trim-batches":  # hand freed heap pages back after every batch
         generate = sampling.LocalSampler._generate
@@ -50,8 +50,8 @@ def main() -> None:
         sampler = sampling.make_sampler(scfg, tok, template, model=model, progress=False)
         del model
         memory.release()
-    jobs = [sampling.make_job(it.id, sampling_prompt, tok, scfg) for it, sampling_prompt in
-            ((it, _prompt(tok, it.instruction, template, cfg)) for it in load_embedded("train")[:args.prompts])]
+    jobs = [sampling.make_job(it.id, build_prompt(tok, it.instruction, cfg.prompts), tok, scfg)
+            for it in load_embedded("train")[:args.prompts]]
     with memory.StageMemory(release_after=False) as sample:
         t0 = time.time()
         out = list(sampler.sample(jobs, 4))
@@ -59,13 +59,6 @@ def main() -> None:
     print(json.dumps({"rows": args.rows, "prompts": args.prompts, "mode": args.mode, "adapter": args.adapter,
                       "load": load.record(), "sample": sample.record(), "seconds": round(seconds, 1),
                       "tokens": sum(len(s.token_ids) for _, ss in out for s in ss)}))
-
-
-def _prompt(tok, instruction, template, cfg):
-    from tpo_lite.prompts import build_prompt
-
-    return build_prompt(tok, instruction, template, cfg.prompts.prefill_thought_header, cfg.prompts.system_prompt,
-                        cfg.prompts.chat_template_kwargs)
 
 
 if __name__ == "__main__":
