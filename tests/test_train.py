@@ -374,3 +374,27 @@ def test_train_metrics_record_memory_by_phase(tiny_dir, tmp_path):
     for phase, rec in m["memory"].items():
         assert 0 < rec["rss_start_mb"] <= rec["peak_rss_mb"], (phase, rec)
         assert rec["method"]
+
+
+def test_reference_pass_runs_with_the_trim_hooks(tiny_dir, tmp_path, monkeypatch):
+    """On the CPU the no-grad reference pass keeps glibc's freed activation pages like the DPO pass does (SmolLM2,
+    adapter of iteration 1: it ended ~120 MB higher without the hooks), so it runs with them too."""
+    from tpo_lite import memory, train
+
+    installed, seen = [], []
+    real_install, real_reference = memory.trim_during_passes, train.reference_logps
+
+    def install(layers, every=5):
+        handles = real_install(layers, every)
+        installed.append(handles)
+        return handles
+
+    def reference(*a, **k):
+        seen.append(len(installed))
+        return real_reference(*a, **k)
+
+    monkeypatch.setattr(memory, "trim_during_passes", install)
+    monkeypatch.setattr(train, "reference_logps", reference)
+    tcfg = TrainConfig(epochs=1, batch_size=2, grad_accum=1, max_length=64)
+    train_iteration(model_cfg(tiny_dir), tcfg, synthetic_pairs(4), tmp_path / "iter_01", None, progress=False)
+    assert seen == [1] and len(installed) == 1  # installed once, before the reference pass, for both passes

@@ -472,6 +472,9 @@ def train_iteration(model_cfg, train_cfg: TrainConfig, pairs: list[dict], out_di
     # in the order and batches of epoch 0, so the first step's policy pass sees the very same batch shapes
     first_order = torch.randperm(len(items), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
     missing = [items[i] for i in first_order if items[i].pid not in ref]
+    # CPU: glibc would keep the pages of freed activations (GPU memory is torch's own business); the no-grad
+    # reference pass grew RSS by as much as the DPO pass without it
+    trim_hooks = trim_during_passes(decoder_layers(model)) if weight.device.type == "cpu" else []
     with StageMemory(release_after=False) as mem_ref:
         if missing:
             ref.update(reference_logps(model, missing, cfg.batch_size, pad_id, head,
@@ -483,8 +486,6 @@ def train_iteration(model_cfg, train_cfg: TrainConfig, pairs: list[dict], out_di
     model.train()
     if cfg.grad_checkpointing:
         enable_gradient_checkpointing(model)
-    # CPU: glibc would keep the pages of freed activations (GPU memory is torch's own business)
-    trim_hooks = trim_during_passes(decoder_layers(model)) if weight.device.type == "cpu" else []
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     params = [p for _, p in named]
     if not params:
