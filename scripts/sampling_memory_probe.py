@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
 """Peak RSS of loading the embedded model, then of one LocalSampler call (the generate stage's shape), measured
-separately with tpo_lite.memory.StageMemory; prints one JSON line. The numbers of docs/training.md, "Memory of a
+separately with tpo_lite.memory.StageMemory, and the largest size the decoding KV buffers reached (with the RSS
+and the number of rows at that step); prints one JSON line. The numbers of docs/training.md, "Memory of a
 whole run", come from it:
 
     python scripts/sampling_memory_probe.py --rows 96 --prompts 48              # two batches of 96 rows
@@ -50,14 +51,27 @@ def main() -> None:
         sampler = sampling.make_sampler(scfg, tok, template, model=model, progress=False)
         del model
         memory.release()
+    # The KV buffers' size at every decoding step, beside the RSS then: what of the peak is KV cache.
+    steps = []
+
+    def kv_at_step(module, args, kwargs):
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        kv = sum(t.nbytes for layer in getattr(cache, "layers", None) or []
+                 for t in (getattr(layer, "keys", None), getattr(layer, "values", None)) if hasattr(t, "nbytes"))
+        steps.append((kv, memory.rss_bytes() or 0, int(kwargs["input_ids"].shape[0])))
+
+    sampler.model.register_forward_pre_hook(kv_at_step, with_kwargs=True)
     jobs = [sampling.make_job(it.id, build_prompt(tok, it.instruction, cfg.prompts), tok, scfg)
             for it in load_embedded("train")[:args.prompts]]
     with memory.StageMemory(release_after=False) as sample:
         t0 = time.time()
         out = list(sampler.sample(jobs, 4))
         seconds = time.time() - t0
+    kv, rss, rows = max(steps)
     print(json.dumps({"rows": args.rows, "prompts": args.prompts, "mode": args.mode, "adapter": args.adapter,
                       "load": load.record(), "sample": sample.record(), "seconds": round(seconds, 1),
+                      "kv_cache_max_mb": round(kv / 2**20, 1), "rss_mb_then": round(rss / 2**20, 1),
+                      "rows_then": rows,
                       "tokens": sum(len(s.token_ids) for _, ss in out for s in ss)}))
 
 
