@@ -7,6 +7,7 @@ whole run", come from it:
     python scripts/sampling_memory_probe.py --rows 96 --prompts 48              # two batches of 96 rows
     python scripts/sampling_memory_probe.py --rows 96 --prompts 48 --mode trim-batches
     python scripts/sampling_memory_probe.py --rows 96 --prompts 48 --mode mmap4  # glibc mmap threshold 4 MiB
+    python scripts/sampling_memory_probe.py --rows 96 --prompts 24 --repeat 3    # three calls in one process
 """
 from __future__ import annotations
 
@@ -17,6 +18,20 @@ import json
 import time
 
 
+def _heap() -> dict:
+    """glibc's main heap (mallinfo2, glibc >= 2.33): its size and how much of it is free; {} elsewhere."""
+    class Info(ctypes.Structure):
+        _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                                     "fsmblks", "uordblks", "fordblks", "keepcost")]
+    try:
+        fn = ctypes.CDLL("libc.so.6").mallinfo2
+    except (OSError, AttributeError):
+        return {}
+    fn.restype = Info
+    info = fn()
+    return {"heap_mb": round(info.arena / 2**20), "heap_free_mb": round(info.fordblks / 2**20)}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--rows", type=int, default=96, help="sampling.batch_size (rows decoded together)")
@@ -24,6 +39,8 @@ def main() -> None:
     ap.add_argument("--mode", default="as-is", choices=("as-is", "trim-batches", "mmap4"))
     ap.add_argument("--adapter", default=None, help="a LoRA adapter directory to sample with")
     ap.add_argument("--config", default="examples/smollm2_cpu.toml")
+    ap.add_argument("--repeat", type=int, default=1,
+                    help="sampling calls in this one process (later calls run on the heap the earlier ones left)")
     args = ap.parse_args()
     if args.mode == "mmap4":  # before anything large is allocated; M_MMAP_THRESHOLD = -3
         ctypes.CDLL("libc.so.6").mallopt(-3, 4 << 20)
@@ -63,6 +80,11 @@ def main() -> None:
     sampler.model.register_forward_pre_hook(kv_at_step, with_kwargs=True)
     jobs = [sampling.make_job(it.id, build_prompt(tok, it.instruction, cfg.prompts), tok, scfg)
             for it in load_embedded("train")[:args.prompts]]
+    repeats = []
+    for _ in range(args.repeat - 1):
+        with memory.StageMemory() as earlier:
+            list(sampler.sample(jobs, 4))
+        repeats.append({**earlier.record(), **_heap()})
     with memory.StageMemory(release_after=False) as sample:
         t0 = time.time()
         out = list(sampler.sample(jobs, 4))
@@ -71,7 +93,7 @@ def main() -> None:
     print(json.dumps({"rows": args.rows, "prompts": args.prompts, "mode": args.mode, "adapter": args.adapter,
                       "load": load.record(), "sample": sample.record(), "seconds": round(seconds, 1),
                       "kv_cache_max_mb": round(kv / 2**20, 1), "rss_mb_then": round(rss / 2**20, 1),
-                      "rows_then": rows,
+                      "rows_then": rows, "earlier_calls": repeats, "heap_after": _heap(),
                       "tokens": sum(len(s.token_ids) for _, ss in out for s in ss)}))
 
 
