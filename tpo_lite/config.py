@@ -1,8 +1,9 @@
 """Run configuration: one TOML file, one table per stage.
 
-Each stage owns a ``@dataclass`` config in its own module (``ModelConfig`` in ``models``, ``PromptConfig`` in
-``prompts``, ...). :class:`RunConfig` composes them as TOML tables ``[model] [prompts] [sampling] [judge]
-[pairs] [train] [loop] [eval]`` and the optional ``[eval_judge]``. Every field is an
+Each stage owns a ``@dataclass`` config in its own module (``PromptConfig`` in ``prompts``, ...; ``ModelConfig``
+and ``TrainConfig`` in ``model_config`` and ``train_config``, which import no torch). :class:`RunConfig` composes
+them as TOML tables ``[model] [prompts] [sampling] [judge] [pairs] [train] [loop] [eval]`` and the optional
+``[eval_judge]``. Every field is an
 :func:`tpo_lite.options.option` whose help text is its only documentation: ``tpo-lite run --list-options``, the resolved
 ``runs/NAME/config.toml`` and docs/running.md are generated from it.
 
@@ -28,12 +29,12 @@ from typing import Any, Literal
 from .errors import TpoError, require_finite, require_seed
 from .evaluate import EvalConfig
 from .judges import JudgeConfig
-from .models import ModelConfig
+from .model_config import ModelConfig
 from .pairs import PairsConfig
 from .prompts import PromptConfig
 from .sampling import SamplingConfig
 from .tracking import report_backends
-from .train import TrainConfig
+from .train_config import TrainConfig
 from .options import option
 
 

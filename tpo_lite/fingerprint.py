@@ -62,7 +62,7 @@ def environment(device: str | None = None, dtype: str | None = None) -> dict:
     env = {
         "tpo_lite_commit": _git_commit(),
         "python": platform.python_version(),
-        "torch": torch.__version__,
+        "torch": str(torch.__version__),  # a plain str: a TorchVersion would need torch to unpickle
         "transformers": transformers.__version__,
         "cpu": _cpu(),
         "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),

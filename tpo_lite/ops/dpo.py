@@ -31,7 +31,7 @@ from typing import Dict, Optional
 import torch
 import torch.nn.functional as F
 
-LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust")
+from .loss_types import LOSS_TYPES
 _NO_IGNORE = -(2**63)  # an ignore_index no token id equals
 
 
