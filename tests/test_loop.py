@@ -122,6 +122,7 @@ kind = "programmatic"
 name = "{name}"
 runs_root = "{tmp / 'runs'}"
 iterations = {iterations}
+stage_processes = false  # the scripted samplers are patched into this process (test_stage_process.py: the default)
 prompts_per_iteration = 5
 train_instructions = "{train}"
 

@@ -521,6 +521,7 @@ runs_root = "{tmp_path / 'runs'}"
 iterations = 2
 prompts_per_iteration = 4
 train_instructions = "{tr}"
+stage_processes = false  # the fake engine and the checks live in this process
 
 [eval]
 eval_set = "{ho}"

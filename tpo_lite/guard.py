@@ -16,7 +16,7 @@ from .rundir import RunDir
 # loop options that may change between a run and its resume (they do not alter finished work)
 RESUME_SAFE = {("loop", "iterations"), ("loop", "eval_before"), ("loop", "eval_after"),
                ("loop", "eval_every_iteration"), ("loop", "name"), ("loop", "runs_root"), ("loop", "report_to"),
-               ("loop", "tracking_dir")}
+               ("loop", "tracking_dir"), ("loop", "stage_processes")}
 
 
 def _config_diff(old: dict, new: dict) -> list[tuple[str, str, Any, Any]]:

@@ -8,6 +8,10 @@ checks a start or resume must pass; :mod:`tpo_lite.plan` which instructions each
 :mod:`tpo_lite.heldout` the held-out / validation score; :mod:`tpo_lite.metrics` the statistics and tables;
 :mod:`tpo_lite.tracking` what goes to the trackers of ``loop.report_to``.
 Every stage reads back what is already on disk first, so the same call resumes a killed run exactly.
+
+With ``loop.stage_processes`` (the default) the start's checks and every unfinished stage and score run in a
+fresh process each (:mod:`tpo_lite.stage_process`): this process only sequences them and never holds a model, so
+the run's memory peak is its largest stage's (plus this process) instead of growing stage by stage.
 """
 from __future__ import annotations
 
@@ -22,6 +26,7 @@ from .jsonl import read_records, write_json_atomic
 from .metrics import compare_heldout, format_before_after, format_table, iteration_memory, iteration_metrics, \
     run_memory
 from .rundir import RunDir, resolve_run_dir
+from .stage_process import call_in_fresh_process
 from .stages import STAGES, adapter_for, final_adapter
 from .tracking import RunTracking, describe as describe_tracking
 
@@ -38,17 +43,34 @@ def run_sampler(config: RunConfig, model, tokenizer, template, adapter: str | No
                                  adapter=adapter if config.sampling.backend != "local" else None, progress=progress)
 
 
-def _measured_call(store: dict, key: str, done: Path, fn, *args, **kwargs):
-    """``fn(*args, **kwargs)`` under StageMemory (freeing what it loaded afterwards); its record goes to
-    ``store[key]`` unless ``done`` existed before (then the result was only read back)."""
+def _measured_call(store: dict, key: str, done: Path, fn, *args, fresh_process: bool = False, **kwargs):
+    """``fn(*args, **kwargs)`` under StageMemory (freeing what it loaded afterwards), in a fresh process with
+    ``fresh_process``; its record goes to ``store[key]`` unless ``done`` existed before (then the result was only
+    read back)."""
     from .memory import StageMemory
 
     fresh = not Path(done).exists()
-    with StageMemory() as mem:
-        out = fn(*args, **kwargs)
+    if fresh_process:
+        out, rec = call_in_fresh_process(fn, *args, what=key, forward={"echo": kwargs.pop("echo", None)},
+                                         measure=True, **kwargs)
+    else:
+        with StageMemory() as mem:
+            out = fn(*args, **kwargs)
+        rec = mem.record()
     if fresh:
-        store[key] = mem.record()
+        store[key] = rec
     return out
+
+
+def _run_stage(stage, config: RunConfig, rd: Path, t: int, fresh_process: bool, progress: bool, echo, **kwargs):
+    """One of the four stages of iteration ``t``; in a fresh process when asked and it has not finished (a
+    finished stage is only read back)."""
+    if fresh_process and not RunDir(rd).iteration(t).is_done(stage.name):
+        forward = {"echo": echo, "on_step": kwargs.pop("on_step", None)}
+        kwargs = {k: v for k, v in kwargs.items() if v is not None}
+        return call_in_fresh_process(stage.run, config, rd, t, what=f"iteration {t} {stage.name}",
+                                     forward=forward, progress=progress, **kwargs)
+    return stage.run(config, rd, t, progress=progress, echo=echo, **kwargs)
 
 
 # ------------------------------------------------------------------------------------------------- run
@@ -91,7 +113,8 @@ def run(config: RunConfig, run_dir: str | os.PathLike | None = None, progress: b
     """Run (or resume) all iterations; returns the summary also written to ``summary.json``.
 
     ``sampler_factory(config, model, tokenizer, template, adapter=, progress=)`` and ``judge`` replace the
-    configured sampler / judge (tests use scripted ones).
+    configured sampler / judge (tests use scripted ones); they live in this process, so with either every stage
+    runs here, whatever ``loop.stage_processes`` says.
     """
     rd = resolve_run_dir(config, run_dir)
     run = RunDir(rd)
@@ -99,30 +122,36 @@ def run(config: RunConfig, run_dir: str | os.PathLike | None = None, progress: b
     from .memory import StageMemory
 
     tracking = RunTracking(config, rd, echo)  # refuses a tracker whose package is missing, before any work
-    stage_kw = {"generate": {"sampler_factory": sampler_factory}, "judge": {"judge": judge},
-                "train": {"tracking": tracking}}
+    isolate = L.stage_processes and sampler_factory is None and judge is None
+    stage_kw = {"generate": {"sampler_factory": sampler_factory}, "judge": {"judge": judge}}
     with run.lock(), StageMemory(release_after=False) as run_tracker, tracking:
-        prepare_run_dir(config, rd, allow_config_change, echo)
+        if isolate:  # its checks load the tokenizer (transformers, torch): not in the process that outlives them
+            call_in_fresh_process(prepare_run_dir, config, rd, allow_config_change, what="start check",
+                                  forward={"echo": echo})
+        else:
+            prepare_run_dir(config, rd, allow_config_change, echo)
         echo(f"run directory: {rd}")
         before = None
         run_mem: dict = {}  # peak memory of the run-level evaluations measured by this process
         if L.eval_before:
             before = _measured_call(run_mem, "eval_base", run.eval_base.result, heldout_stage, config, rd,
-                                    run.eval_base, None, "seed", progress, echo, judge)
+                                    run.eval_base, None, "seed", progress=progress, echo=echo, judge=judge,
+                                    fresh_process=isolate)
             tracking.log_heldout_before(before)
         all_metrics = []
         for t in range(1, L.iterations + 1):
             d = run.iteration(t)
             it_mem: dict = {}
+            stage_kw["train"] = {"on_step": tracking.dpo_step_logger(t)}
             for stage in STAGES.values():
-                stage.run(config, rd, t, progress=progress, echo=echo, **stage_kw.get(stage.name, {}))
+                _run_stage(stage, config, rd, t, isolate, progress, echo, **stage_kw.get(stage.name, {}))
             if L.validation_instructions:
-                _measured_call(it_mem, "validation", d.validation.result, validation_stage, config, rd, t, progress,
-                               echo, judge)
+                _measured_call(it_mem, "validation", d.validation.result, validation_stage, config, rd, t,
+                               progress=progress, echo=echo, judge=judge, fresh_process=isolate)
             if L.eval_every_iteration or (t == L.iterations and L.eval_after):
                 trained = adapter_for(rd, t + 1, config.replace("loop", keep_best=False))
                 _measured_call(it_mem, "heldout", d.heldout.result, heldout_stage, config, rd, d.heldout, trained,
-                               f"iter{t:02d}", progress, echo, judge)
+                               f"iter{t:02d}", progress=progress, echo=echo, judge=judge, fresh_process=isolate)
             m = iteration_metrics(rd, t)
             m["memory"] = iteration_memory(d, m, it_mem)
             write_json_atomic(d.metrics, m)
@@ -144,14 +173,15 @@ def run(config: RunConfig, run_dir: str | os.PathLike | None = None, progress: b
                 after = found.read_result()
             else:
                 after = _measured_call(run_mem, "eval_final", run.eval_final.result, heldout_stage, config, rd,
-                                       run.eval_final, final, "final", progress, echo, judge)
+                                       run.eval_final, final, "final", progress=progress, echo=echo, judge=judge,
+                                       fresh_process=isolate)
         diff = None
         if before and after:
             diff = compare_heldout(before, after, config.eval.n_boot, config.eval.alpha, config.eval.seed)
         slim = lambda r: None if r is None else {k: v for k, v in r.items() if k != "items"}  # noqa: E731
         summary = {"run_dir": str(rd), "iterations": all_metrics, "final_adapter": final,
                    "heldout_before": slim(before), "heldout_after": slim(after), "heldout_change": diff,
-                   "memory": run_memory(run, all_metrics, run_mem, run_tracker)}
+                   "memory": run_memory(run, all_metrics, run_mem, run_tracker, isolate)}
         write_json_atomic(run.summary, summary)
         tracking.log_summary(summary, L.iterations)
         if before or after:

@@ -42,6 +42,13 @@ def rss_bytes() -> Optional[int]:
     return None if kb is None else kb * 1024
 
 
+def private_rss_bytes() -> Optional[int]:
+    """The resident memory only this process holds (``RssAnon``: heap, stacks, anonymous maps; not the pages of
+    files such as shared libraries, which a child process maps too), or None where ``/proc`` is missing."""
+    kb = _status_kb("RssAnon")
+    return None if kb is None else kb * 1024
+
+
 def _maxrss_bytes() -> int:
     r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return r if sys.platform == "darwin" else r * 1024  # bytes on macOS, KiB on Linux

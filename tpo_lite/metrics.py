@@ -187,10 +187,19 @@ def iteration_memory(d: IterationDir, m: dict, measured: dict) -> dict:
     return out
 
 
-def run_memory(run: RunDir, all_metrics: list[dict], measured: dict, tracker) -> dict:
-    """summary.json's memory: ``run_peak_rss_mb``, the peak RSS of this call of :func:`tpo_lite.loop.run` (a
-    resume measures only what it ran), ``stage_peak_rss_mb``, the largest peak of each stage over the
-    iterations, and the records of the run-level evaluations (``eval_base``, ``eval_final``)."""
+def run_memory(run: RunDir, all_metrics: list[dict], measured: dict, tracker, stage_processes: bool = False) -> dict:
+    """summary.json's memory: ``stage_peak_rss_mb``, the largest peak of each stage over the iterations, the
+    records of the run-level evaluations (``eval_base``, ``eval_final``) and the run's peak (a resume measures
+    only what it ran):
+
+    - in one process: ``run_peak_rss_mb``, the peak RSS of this call of :func:`tpo_lite.loop.run`;
+    - with ``loop.stage_processes``: ``driver_peak_rss_mb`` (this process), ``run_peak_rss_mb`` (the largest
+      process: what ``/usr/bin/time`` reports) and ``run_peak_total_mb`` = the largest stage peak + the driver's
+      private memory at the end (``driver_private_mb``): the most the run held at once, as the driver and one
+      stage process are alive together and share the pages of their libraries.
+    """
+    from .memory import private_rss_bytes
+
     old = (run.read_summary() or {}).get("memory") or {}
     rec = tracker.record()
     out: dict[str, Any] = {"run_peak_rss_mb": rec["peak_rss_mb"], "method": rec["method"]}
@@ -207,4 +216,13 @@ def run_memory(run: RunDir, all_metrics: list[dict], measured: dict, tracker) ->
             out[key] = rec
             peaks[key] = rec.get("peak_rss_mb") or 0.0
     out["stage_peak_rss_mb"] = peaks
+    out["stage_processes"] = stage_processes
+    if stage_processes:
+        driver = out.pop("run_peak_rss_mb")
+        private = private_rss_bytes()
+        largest = max(peaks.values(), default=0.0)
+        out["driver_peak_rss_mb"] = driver
+        out["driver_private_mb"] = None if private is None else round(private / 2**20, 1)
+        out["run_peak_rss_mb"] = max(driver, largest)
+        out["run_peak_total_mb"] = round(largest + (private or 0) / 2**20, 1)
     return out

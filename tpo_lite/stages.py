@@ -278,9 +278,9 @@ def pairs_stage(config: RunConfig, run_dir, t: int, progress: bool = True,
 
 @_measured("train")
 def train_stage(config: RunConfig, run_dir, t: int, progress: bool = True,
-                echo: Callable[[str], None] = print, tracking=None) -> dict:
-    """DPO on this iteration's pairs, starting from the adapter the iteration sampled with; each step goes to
-    ``tracking`` (a :class:`tpo_lite.tracking.RunTracking`) as it is made."""
+                echo: Callable[[str], None] = print, on_step=None) -> dict:
+    """DPO on this iteration's pairs, starting from the adapter the iteration sampled with; ``on_step(history)``
+    after each step (:meth:`tpo_lite.tracking.RunTracking.dpo_step_logger`)."""
     d = run_dir.iteration(t)
     pairs = d.checked_records("pairs", d.pairs)
     init = adapter_for(run_dir, t, config)
@@ -291,7 +291,6 @@ def train_stage(config: RunConfig, run_dir, t: int, progress: bool = True,
     from .train import train_iteration
 
     echo(f"[iter {t}] train: DPO on {len(pairs)} pairs, starting from {init or 'a fresh adapter'}")
-    on_step = tracking.dpo_step_logger(t) if tracking is not None else None
     metrics = dict(train_iteration(config.model, config.train, pairs, d, init, progress, on_step=on_step) or {})
     d.mark_done("train", {"metrics": metrics, "adapter": str(d.adapter), "adapter_sha256": adapter_digest(d.adapter)})
     return d.read_marker("train")
