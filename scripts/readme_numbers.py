@@ -36,8 +36,10 @@ def stage_seconds(summary: dict) -> dict:
     return out
 
 
-def record(run_dir: Path, command: str, wall_seconds: float | None, load: str, timing_note: str = "") -> dict:
-    """``wall_seconds`` None: the run was not one uninterrupted process; ``timing_note`` says what is known."""
+def record(run_dir: Path, command: str, wall_seconds: float | None, load: str, timing_note: str = "",
+           tree_memory: dict | None = None) -> dict:
+    """``wall_seconds`` None: the run was not one uninterrupted process; ``timing_note`` says what is known.
+    ``tree_memory``: what scripts/tree_memory.py measured around the command (the whole process tree)."""
     summary = json.loads((run_dir / "summary.json").read_text(encoding="utf-8"))
     for m in summary["iterations"]:  # the per-iteration memory records are in metrics.json, not summary.json
         f = run_dir / f"iter_{m['iteration']:02d}" / "metrics.json"
@@ -53,7 +55,7 @@ def record(run_dir: Path, command: str, wall_seconds: float | None, load: str, t
             "heldout_before": _slim(summary.get("heldout_before")),
             "heldout_after": _slim(summary.get("heldout_after")),
             "heldout_change": summary.get("heldout_change"),
-            "memory": summary.get("memory")}
+            "memory": summary.get("memory"), "tree_memory": tree_memory}
 
 
 def _pct(x):
@@ -114,6 +116,18 @@ def render(rec: dict) -> str:
                   + (f"wall time {rec['wall_seconds'] / 60:.1f} min for `{rec['command']}`."
                      if rec.get("wall_seconds") is not None else
                      f"command `{rec['command']}`; {rec.get('timing_note') or 'wall time not measured'}.")]
+    mem, tree = rec.get("memory") or {}, rec.get("tree_memory")
+    train = (mem.get("stage_peak_rss_mb") or {}).get("train")
+    if train and mem.get("stage_processes"):
+        lines.append(f"Memory: each stage in its own process; the largest, train (DPO), peaked at {train:.0f} MB RSS, "
+                     f"the driver holds {mem['driver_private_mb']:.0f} MB of its own, so the run held at most "
+                     f"{mem['run_peak_total_mb']:.0f} MB = {mem['run_peak_total_mb'] / train:.2f} x the DPO stage"
+                     + (f"; the process tree, sampled every {tree['interval_ms']:.0f} ms (sum of PSS), peaked at "
+                        f"{tree['peak_tree_pss_mb']:.0f} MB = {tree['peak_tree_pss_mb'] / train:.2f} x" if tree else "")
+                     + ".")
+    elif train and mem.get("run_peak_rss_mb"):
+        lines.append(f"Memory: one process; it peaked at {mem['run_peak_rss_mb']:.0f} MB RSS = "
+                     f"{mem['run_peak_rss_mb'] / train:.2f} x its largest train (DPO) stage ({train:.0f} MB).")
     if rec.get("stage_seconds"):
         lines.append("Stage times in this run's records: " + ", ".join(
             f"{k} {v / 60:.1f} min" for k, v in rec["stage_seconds"].items() if v >= 1) + ".")
@@ -130,12 +144,15 @@ def main(argv=None) -> int:
                    help="wall time of the command as one uninterrupted process (omit if it was not)")
     r.add_argument("--timing-note", default="", help="what is known of the timing when --wall-seconds is omitted")
     r.add_argument("--load", required=True, help="what else ran on the machine")
+    r.add_argument("--tree-memory", type=Path, default=None,
+                   help="the --json of scripts/tree_memory.py run around the command")
     r.add_argument("--out", type=Path, required=True)
     p = sub.add_parser("render", help="print the README tables of a record")
     p.add_argument("record", type=Path)
     args = ap.parse_args(argv)
     if args.cmd == "record":
-        rec = record(args.run_dir, args.command, args.wall_seconds, args.load, args.timing_note)
+        tree = json.loads(args.tree_memory.read_text(encoding="utf-8")) if args.tree_memory else None
+        rec = record(args.run_dir, args.command, args.wall_seconds, args.load, args.timing_note, tree)
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(rec, indent=1) + "\n", encoding="utf-8")
         print(f"wrote {args.out}", file=sys.stderr)
