@@ -122,8 +122,8 @@ def render(rec: dict) -> str:
         lines.append(f"Memory: each stage in its own process; the largest, train (DPO), peaked at {train:.0f} MB RSS, "
                      f"the driver holds {mem['driver_private_mb']:.0f} MB of its own, so the run held at most "
                      f"{mem['run_peak_total_mb']:.0f} MB = {mem['run_peak_total_mb'] / train:.2f} x the DPO stage"
-                     + (f"; the process tree, sampled every {tree['interval_ms']:.0f} ms (sum of PSS), peaked at "
-                        f"{tree['peak_tree_pss_mb']:.0f} MB = {tree['peak_tree_pss_mb'] / train:.2f} x" if tree else "")
+                     + (f"; the process tree, sampled every {tree['interval_ms']:.0f} ms (sum of {tree['summed']}), "
+                        f"peaked at {tree['peak_tree_mb']:.0f} MB = {tree['peak_tree_mb'] / train:.2f} x" if tree else "")
                      + ".")
     elif train and mem.get("run_peak_rss_mb"):
         lines.append(f"Memory: one process; it peaked at {mem['run_peak_rss_mb']:.0f} MB RSS = "
