@@ -24,21 +24,25 @@ from tpo_lite.rundir import RunDir
 TESTS = Path(__file__).resolve().parent
 REPO = TESTS.parent
 
-DRIVER = f"""
+# Installed by sitecustomize in every interpreter a test run starts -- the `tpo-lite run` process and, with
+# loop.stage_processes, each stage's process -- so all of them sample with the scripted sampler.
+SITECUSTOMIZE = f"""
 import os, sys
 sys.path.insert(0, {str(TESTS)!r})
 import test_loop
 import tpo_lite.loop as L
 L.run_sampler = test_loop.scripted_factory(float(os.environ.get("TPO_TEST_DELAY", "0")))
-from tpo_lite.cli import main
-main(sys.argv[1:])
 """
+DRIVER = "import sys; from tpo_lite.cli import main; main(sys.argv[1:])"
 
 KEYED = {"samples.jsonl": "prompt_id", "judgements.jsonl": "prompt_id", "outputs.jsonl": "id"}
 
 
 def _start(cfg: Path, delay: float) -> subprocess.Popen:
-    env = dict(os.environ, TPO_TEST_DELAY=str(delay), PYTHONPATH=str(REPO))
+    site = cfg.parent / "site"
+    site.mkdir(exist_ok=True)
+    (site / "sitecustomize.py").write_text(SITECUSTOMIZE)
+    env = dict(os.environ, TPO_TEST_DELAY=str(delay), PYTHONPATH=f"{site}{os.pathsep}{REPO}")
     return subprocess.Popen([sys.executable, "-c", DRIVER, "run", str(cfg), "--no-progress"], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=str(REPO))
 
@@ -59,7 +63,10 @@ def _lines(p: Path) -> int:
 
 
 @pytest.mark.slow
-def test_kill9_at_several_points_then_resume_equals_uninterrupted(tmp_path):
+@pytest.mark.parametrize("stage_processes", [False, True], ids=["one-process", "stage-processes"])
+def test_kill9_at_several_points_then_resume_equals_uninterrupted(tmp_path, stage_processes):
+    """The uninterrupted reference runs in one process; the killed run in one process too, or with each stage in
+    a process of its own (killed with the run's process), and must end with the same records either way."""
     model_dir = build_tiny_model(tmp_path / "model")
     train = write_instructions(tmp_path / "train.jsonl", 14, "tr")
     heldout = write_instructions(tmp_path / "heldout.jsonl", 4, "ho")
@@ -72,6 +79,8 @@ def test_kill9_at_several_points_then_resume_equals_uninterrupted(tmp_path):
 
     (tmp_path / "k").mkdir()
     cfg = write_config(tmp_path / "k", model_dir, train, heldout, name="killed")
+    if stage_processes:
+        cfg.write_text(cfg.read_text().replace("stage_processes = false", "stage_processes = true"))
     rd = tmp_path / "k" / "runs" / "killed"
     it1, it2 = RunDir(rd).iteration(1), RunDir(rd).iteration(2)
     # Kill points: mid-sampling of iteration 1, right after its samples are complete (judging), after pairs
