@@ -119,9 +119,12 @@ def render(rec: dict) -> str:
     mem, tree = rec.get("memory") or {}, rec.get("tree_memory")
     train = (mem.get("stage_peak_rss_mb") or {}).get("train")
     if train and mem.get("stage_processes"):
-        lines.append(f"Memory: each stage in its own process; the largest, train (DPO), peaked at {train:.0f} MB RSS, "
-                     f"the driver holds {mem['driver_private_mb']:.0f} MB of its own, so the run held at most "
-                     f"{mem['run_peak_total_mb']:.0f} MB = {mem['run_peak_total_mb'] / train:.2f} x the DPO stage"
+        peaks = mem["stage_peak_rss_mb"]
+        top = max(peaks, key=peaks.get)
+        lines.append(f"Memory: each stage in its own process; the largest, {top}, peaked at {peaks[top]:.0f} MB RSS "
+                     f"(train, i.e. DPO: {train:.0f} MB); with the driver's {mem['driver_private_mb']:.0f} MB of its "
+                     f"own the run held at most {mem['run_peak_total_mb']:.0f} MB = "
+                     f"{mem['run_peak_total_mb'] / train:.2f} x the DPO stage"
                      + (f"; the process tree, sampled every {tree['interval_ms']:.0f} ms (sum of {tree['summed']}), "
                         f"peaked at {tree['peak_tree_mb']:.0f} MB = {tree['peak_tree_mb'] / train:.2f} x" if tree else "")
                      + ".")

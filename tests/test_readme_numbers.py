@@ -77,9 +77,9 @@ def test_memory_line_of_a_run_in_stage_processes_and_of_one_process(tmp_path):
     (tmp_path / "summary.json").write_text(json.dumps(summary))
     tree = {"interval_ms": 20.0, "summed": "RSS", "peak_tree_mb": 2100.0}
     md = mod.render(json.loads(json.dumps(mod.record(tmp_path, "c", 60.0, "idle", tree_memory=tree))))
-    assert ("the largest, train (DPO), peaked at 2000 MB RSS, the driver holds 160 MB of its own, so the run held "
-            "at most 2160 MB = 1.08 x the DPO stage; the process tree, sampled every 20 ms (sum of RSS), peaked at "
-            "2100 MB = 1.05 x.") in md
+    assert ("the largest, train, peaked at 2000 MB RSS (train, i.e. DPO: 2000 MB); with the driver's 160 MB of its "
+            "own the run held at most 2160 MB = 1.08 x the DPO stage; the process tree, sampled every 20 ms (sum of "
+            "RSS), peaked at 2100 MB = 1.05 x.") in md
     summary["memory"] = {"stage_processes": False, "stage_peak_rss_mb": {"train": 2000.0}, "run_peak_rss_mb": 3000.0}
     (tmp_path / "summary.json").write_text(json.dumps(summary))
     md = mod.render(json.loads(json.dumps(mod.record(tmp_path, "c", 60.0, "idle"))))
