@@ -19,6 +19,8 @@ import subprocess
 import sys
 import time
 
+from tpo_lite.memory import proc_kb
+
 
 def _children(pid: int) -> list[int]:
     out = []
@@ -40,17 +42,6 @@ def _tree(root: int) -> list[int]:
     return seen
 
 
-def _kb(path: str, key: str) -> int | None:
-    try:
-        with open(path) as f:
-            for line in f:
-                if line.startswith(key + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        return None
-    return None
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--interval-ms", type=float, default=100.0)
@@ -68,9 +59,9 @@ def main(argv=None) -> int:
     while proc.poll() is None:
         total, n = 0, 0
         for pid in _tree(proc.pid):
-            rss = _kb(f"/proc/{pid}/status", "VmRSS")
-            h = _kb(f"/proc/{pid}/status", "VmHWM")
-            part = _kb(f"/proc/{pid}/smaps_rollup", "Pss") if a.pss else rss
+            rss = proc_kb("VmRSS", f"/proc/{pid}/status")
+            h = proc_kb("VmHWM", f"/proc/{pid}/status")
+            part = proc_kb("Pss", f"/proc/{pid}/smaps_rollup") if a.pss else rss
             if part is not None:
                 total += part
                 n += 1

@@ -67,7 +67,6 @@ def _run_stage(stage, config: RunConfig, rd: Path, t: int, fresh_process: bool, 
     finished stage is only read back)."""
     if fresh_process and not RunDir(rd).iteration(t).is_done(stage.name):
         forward = {"echo": echo, "on_step": kwargs.pop("on_step", None)}
-        kwargs = {k: v for k, v in kwargs.items() if v is not None}
         return call_in_fresh_process(stage.run, config, rd, t, what=f"iteration {t} {stage.name}",
                                      forward=forward, progress=progress, **kwargs)
     return stage.run(config, rd, t, progress=progress, echo=echo, **kwargs)

@@ -25,9 +25,11 @@ _lock = threading.Lock()
 _peak_before_reset = 0  # the largest VmHWM seen before one of our resets (the process peak survives them)
 
 
-def _status_kb(key: str) -> Optional[int]:
+def proc_kb(key: str, path: str = "/proc/self/status") -> Optional[int]:
+    """The ``key: <n> kB`` field of a /proc file (``/proc/<pid>/status``, ``/proc/<pid>/smaps_rollup``), or None
+    where the file or the field is missing."""
     try:
-        with open("/proc/self/status") as f:
+        with open(path) as f:
             for line in f:
                 if line.startswith(key + ":"):
                     return int(line.split()[1])
@@ -38,14 +40,14 @@ def _status_kb(key: str) -> Optional[int]:
 
 def rss_bytes() -> Optional[int]:
     """Current resident set size, or None where ``/proc`` is missing."""
-    kb = _status_kb("VmRSS")
+    kb = proc_kb("VmRSS")
     return None if kb is None else kb * 1024
 
 
 def private_rss_bytes() -> Optional[int]:
     """The resident memory only this process holds (``RssAnon``: heap, stacks, anonymous maps; not the pages of
     files such as shared libraries, which a child process maps too), or None where ``/proc`` is missing."""
-    kb = _status_kb("RssAnon")
+    kb = proc_kb("RssAnon")
     return None if kb is None else kb * 1024
 
 
@@ -57,7 +59,7 @@ def _maxrss_bytes() -> int:
 def _reset_hwm() -> bool:
     """Reset VmHWM to the current RSS; False where the kernel does not let us."""
     global _peak_before_reset
-    hwm = _status_kb("VmHWM")
+    hwm = proc_kb("VmHWM")
     if hwm is None:
         return False
     with _lock:
@@ -72,7 +74,7 @@ def _reset_hwm() -> bool:
 
 def process_peak_bytes() -> int:
     """Peak RSS of this process since it started (also across the resets made by :class:`StageMemory`)."""
-    hwm = _status_kb("VmHWM")
+    hwm = proc_kb("VmHWM")
     return max(_peak_before_reset, hwm * 1024 if hwm is not None else 0, _maxrss_bytes())
 
 
@@ -203,7 +205,7 @@ class StageMemory:
         if self._thread is not None:
             return max(self._sampled, rss_bytes() or 0)
         if self.method.startswith("VmHWM"):
-            return max(self._carry, (_status_kb("VmHWM") or 0) * 1024)
+            return max(self._carry, (proc_kb("VmHWM") or 0) * 1024)
         return _maxrss_bytes()
 
     def _cuda_peaks(self) -> tuple[int, int]:

@@ -201,10 +201,10 @@ def run_memory(run: RunDir, all_metrics: list[dict], measured: dict, tracker, st
     from .memory import private_rss_bytes
 
     old = (run.read_summary() or {}).get("memory") or {}
-    rec = tracker.record()
-    out: dict[str, Any] = {"run_peak_rss_mb": rec["peak_rss_mb"], "method": rec["method"]}
-    if "peak_cuda_allocated_mb" in rec:
-        out["run_peak_cuda_allocated_mb"] = rec["peak_cuda_allocated_mb"]
+    this = tracker.record()  # this process
+    out: dict[str, Any] = {"method": this["method"]}
+    if "peak_cuda_allocated_mb" in this:
+        out["run_peak_cuda_allocated_mb"] = this["peak_cuda_allocated_mb"]
     peaks: dict[str, float] = {}
     for m in all_metrics:
         for stage, rec in (m.get("memory") or {}).items():
@@ -217,12 +217,13 @@ def run_memory(run: RunDir, all_metrics: list[dict], measured: dict, tracker, st
             peaks[key] = rec.get("peak_rss_mb") or 0.0
     out["stage_peak_rss_mb"] = peaks
     out["stage_processes"] = stage_processes
-    if stage_processes:
-        driver = out.pop("run_peak_rss_mb")
-        private = private_rss_bytes()
-        largest = max(peaks.values(), default=0.0)
-        out["driver_peak_rss_mb"] = driver
-        out["driver_private_mb"] = None if private is None else round(private / 2**20, 1)
-        out["run_peak_rss_mb"] = max(driver, largest)
-        out["run_peak_total_mb"] = round(largest + (private or 0) / 2**20, 1)
+    if not stage_processes:
+        out["run_peak_rss_mb"] = this["peak_rss_mb"]
+        return out
+    private = private_rss_bytes()
+    largest = max(peaks.values(), default=0.0)
+    out["driver_peak_rss_mb"] = this["peak_rss_mb"]
+    out["driver_private_mb"] = None if private is None else round(private / 2**20, 1)
+    out["run_peak_rss_mb"] = max(this["peak_rss_mb"], largest)
+    out["run_peak_total_mb"] = round(largest + (private or 0) / 2**20, 1)
     return out
