@@ -148,13 +148,13 @@ step qlora_dpo 150 "${TPO[@]}" bench train --model "$MODEL" --device "$DEVICE" -
     --n-pairs 8 --max-length 512 --batch-size 2 --repeats 1 --methods tpo-lite,tpo-lite-nogc,trl \
     --out "$OUT_DIR/bench_train.json"
 
-# 7. a tiny end-to-end run
-if [ "$MODEL" = smollm2 ]; then
-    train_set='""'
-    eval_set='"heldout"'
-else
+# 7. a tiny end-to-end run: the tiny model's own instruction files, else the embedded sets
+if [ "$MODEL" = "$WORK/tiny_model" ]; then
     train_set="\"$WORK/train.jsonl\""
     eval_set="\"$WORK/heldout.jsonl\""
+else
+    train_set='""'
+    eval_set='"heldout"'
 fi
 cat >"$WORK/run.toml" <<EOF
 [model]
@@ -173,6 +173,12 @@ batch_size = 16
 
 [judge]
 kind = "programmatic"
+
+# loose pair rules, so that even a tiny or random-weight model forms pairs and DPO trains on the device
+[pairs]
+rho = 0.5
+max_invalid_rejected = 1.0
+truncated_as_rejected = true
 
 [train]
 epochs = 1
