@@ -127,8 +127,13 @@ if [ "$CPU_ONLY" = 1 ]; then
     skip build "--cpu: the in-place build would replace this checkout's extension"
 else
     arch=$("$PY" -c 'import torch; c = torch.cuda.get_device_capability(0); print(f"{c[0]}.{c[1]}")' 2>/dev/null)
+    # One host compiler for compiling and linking: the g++ on PATH (GPU_CHECK_CXX / GPU_CHECK_CC to choose), not
+    # whatever CXX the machine's environment sets. On the first H200 run that CXX (/opt/gcc/bin/g++) built an
+    # extension that died (SIGSEGV in std::ostream << long) at the first error message holding a number; built
+    # with the system g++ every CUDA test passed (docs/kernels-build.md, "Troubleshooting").
+    cxx=${GPU_CHECK_CXX:-g++}
     step build 240 env MAX_JOBS="${MAX_JOBS:-16}" TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-$arch}" \
-        "$PY" setup.py build_ext --inplace
+        CC="${GPU_CHECK_CC:-gcc}" CXX="$cxx" LDSHARED="$cxx -shared" "$PY" setup.py build_ext --inplace
 fi
 
 # 4. CUDA-marked tests (all skipped without a GPU)
@@ -145,7 +150,7 @@ fi
 
 # 6. NF4 QLoRA DPO (tpo-lite's trainer, with and without gradient checkpointing; TRL too when it is installed)
 step qlora_dpo 150 "${TPO[@]}" bench train --model "$MODEL" --device "$DEVICE" --load-in-4bit true --dtype bfloat16 \
-    --n-pairs 8 --max-length 512 --batch-size 2 --repeats 1 --methods tpo-lite,tpo-lite-nogc,trl \
+    --n-pairs 8 --max-length 512 --batch-size 2 --repeats 2 --methods tpo-lite,tpo-lite-nogc,trl \
     --out "$OUT_DIR/bench_train.json"
 
 # 7. a tiny end-to-end run: the tiny model's own instruction files, else the embedded sets
