@@ -22,6 +22,29 @@ TESTS = Path(__file__).resolve().parent
 
 # ---------------------------------------------------------------- functions the child runs (module level: pickled)
 
+def five_mib_was_mmapped_after_a_20mib_free() -> bool | None:
+    """Whether glibc served a 5 MiB allocation with its own mmap after a 20 MiB one was freed. Left to itself glibc
+    raises its threshold past 20 MiB on that free (the 5 MiB then comes from the heap); with a fixed 4 MiB
+    threshold it maps it. None where glibc's mallinfo2 is missing."""
+    import ctypes
+
+    class Mallinfo2(ctypes.Structure):
+        _fields_ = [(name, ctypes.c_size_t) for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                                          "fsmblks", "uordblks", "fordblks", "keepcost")]
+    try:
+        mallinfo2 = ctypes.CDLL(None).mallinfo2
+    except AttributeError:
+        return None
+    mallinfo2.restype = Mallinfo2
+    big = bytearray(20 << 20)
+    del big
+    before = mallinfo2().hblkhd
+    small = bytearray(5 << 20)
+    mapped = mallinfo2().hblkhd - before >= 5 << 20
+    del small
+    return mapped
+
+
 def double_and_echo(x, echo=None, on_step=None):
     echo("first")
     if on_step is not None:
@@ -99,6 +122,23 @@ def test_measure_returns_the_child_peak():
     n, rec = call_in_fresh_process(hold_memory, 96, what="test", measure=True)
     assert n == 96 * 2**20
     assert rec["peak_rss_mb"] >= rec["rss_start_mb"] + 90, rec
+
+
+def test_mmap_threshold_is_set_in_the_child_only():
+    fixed = call_in_fresh_process(five_mib_was_mmapped_after_a_20mib_free, what="mmap", mmap_threshold=4 << 20)
+    if fixed is None:
+        pytest.skip("no glibc mallinfo2 here")
+    assert fixed is True
+    assert call_in_fresh_process(five_mib_was_mmapped_after_a_20mib_free, what="default") is False
+
+
+def test_sampling_processes_get_the_threshold_only_with_the_local_backend():
+    from tpo_lite.config import RunConfig
+    from tpo_lite.loop import SAMPLING_MMAP_THRESHOLD, sampling_mmap_threshold
+
+    cfg = RunConfig()
+    assert cfg.sampling.backend == "local" and sampling_mmap_threshold(cfg) == SAMPLING_MMAP_THRESHOLD == 4 << 20
+    assert sampling_mmap_threshold(cfg.replace("sampling", backend="server")) is None
 
 
 def test_an_unpicklable_argument_fails_before_a_process_starts():

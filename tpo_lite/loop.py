@@ -43,16 +43,27 @@ def run_sampler(config: RunConfig, model, tokenizer, template, adapter: str | No
                                  adapter=adapter if config.sampling.backend != "local" else None, progress=progress)
 
 
-def _measured_call(store: dict, key: str, done: Path, fn, *args, fresh_process: bool = False, **kwargs):
+# The mmap threshold of a stage process that decodes with the local backend (stage_process.set_mmap_threshold
+# says why): the generate stages and every held-out / validation score.
+SAMPLING_MMAP_THRESHOLD = 4 << 20
+
+
+def sampling_mmap_threshold(config: RunConfig) -> int | None:
+    """The glibc mmap threshold of this run's sampling processes: None when another engine decodes (a server, vLLM)."""
+    return SAMPLING_MMAP_THRESHOLD if config.sampling.backend == "local" else None
+
+
+def _measured_call(store: dict, key: str, done: Path, fn, *args, fresh_process: bool = False,
+                   mmap_threshold: int | None = None, **kwargs):
     """``fn(*args, **kwargs)`` under StageMemory (freeing what it loaded afterwards), in a fresh process with
-    ``fresh_process``; its record goes to ``store[key]`` unless ``done`` existed before (then the result was only
-    read back)."""
+    ``fresh_process`` (given ``mmap_threshold``); its record goes to ``store[key]`` unless ``done`` existed before
+    (then the result was only read back)."""
     from .memory import StageMemory
 
     fresh = not Path(done).exists()
     if fresh_process:
         out, rec = call_in_fresh_process(fn, *args, what=key, forward={"echo": kwargs.pop("echo", None)},
-                                         measure=True, **kwargs)
+                                         measure=True, mmap_threshold=mmap_threshold, **kwargs)
     else:
         with StageMemory() as mem:
             out = fn(*args, **kwargs)
@@ -67,8 +78,9 @@ def _run_stage(stage, config: RunConfig, rd: Path, t: int, fresh_process: bool, 
     finished stage is only read back)."""
     if fresh_process and not RunDir(rd).iteration(t).is_done(stage.name):
         forward = {"echo": echo, "on_step": kwargs.pop("on_step", None)}
+        heap = sampling_mmap_threshold(config) if stage.name == "generate" else None
         return call_in_fresh_process(stage.run, config, rd, t, what=f"iteration {t} {stage.name}",
-                                     forward=forward, progress=progress, **kwargs)
+                                     forward=forward, mmap_threshold=heap, progress=progress, **kwargs)
     return stage.run(config, rd, t, progress=progress, echo=echo, **kwargs)
 
 
@@ -122,6 +134,7 @@ def run(config: RunConfig, run_dir: str | os.PathLike | None = None, progress: b
 
     tracking = RunTracking(config, rd, echo)  # refuses a tracker whose package is missing, before any work
     isolate = L.stage_processes and sampler_factory is None and judge is None
+    heap = sampling_mmap_threshold(config)  # of the held-out / validation processes
     stage_kw = {"generate": {"sampler_factory": sampler_factory}, "judge": {"judge": judge}}
     with run.lock(), StageMemory(release_after=False) as run_tracker, tracking:
         if isolate:  # its checks load the tokenizer (transformers, torch): not in the process that outlives them
@@ -135,7 +148,7 @@ def run(config: RunConfig, run_dir: str | os.PathLike | None = None, progress: b
         if L.eval_before:
             before = _measured_call(run_mem, "eval_base", run.eval_base.result, heldout_stage, config, rd,
                                     run.eval_base, None, "seed", progress=progress, echo=echo, judge=judge,
-                                    fresh_process=isolate)
+                                    fresh_process=isolate, mmap_threshold=heap)
             tracking.log_heldout_before(before)
         all_metrics = []
         for t in range(1, L.iterations + 1):
@@ -146,11 +159,12 @@ def run(config: RunConfig, run_dir: str | os.PathLike | None = None, progress: b
                 _run_stage(stage, config, rd, t, isolate, progress, echo, **stage_kw.get(stage.name, {}))
             if L.validation_instructions:
                 _measured_call(it_mem, "validation", d.validation.result, validation_stage, config, rd, t,
-                               progress=progress, echo=echo, judge=judge, fresh_process=isolate)
+                               progress=progress, echo=echo, judge=judge, fresh_process=isolate, mmap_threshold=heap)
             if L.eval_every_iteration or (t == L.iterations and L.eval_after):
                 trained = adapter_for(rd, t + 1, config.replace("loop", keep_best=False))
                 _measured_call(it_mem, "heldout", d.heldout.result, heldout_stage, config, rd, d.heldout, trained,
-                               f"iter{t:02d}", progress=progress, echo=echo, judge=judge, fresh_process=isolate)
+                               f"iter{t:02d}", progress=progress, echo=echo, judge=judge, fresh_process=isolate,
+                               mmap_threshold=heap)
             m = iteration_metrics(rd, t)
             m["memory"] = iteration_memory(d, m, it_mem)
             write_json_atomic(d.metrics, m)
@@ -173,14 +187,14 @@ def run(config: RunConfig, run_dir: str | os.PathLike | None = None, progress: b
             else:
                 after = _measured_call(run_mem, "eval_final", run.eval_final.result, heldout_stage, config, rd,
                                        run.eval_final, final, "final", progress=progress, echo=echo, judge=judge,
-                                       fresh_process=isolate)
+                                       fresh_process=isolate, mmap_threshold=heap)
         diff = None
         if before and after:
             diff = compare_heldout(before, after, config.eval.n_boot, config.eval.alpha, config.eval.seed)
         slim = lambda r: None if r is None else {k: v for k, v in r.items() if k != "items"}  # noqa: E731
         summary = {"run_dir": str(rd), "iterations": all_metrics, "final_adapter": final,
                    "heldout_before": slim(before), "heldout_after": slim(after), "heldout_change": diff,
-                   "memory": run_memory(run, all_metrics, run_mem, run_tracker, isolate)}
+                   "memory": run_memory(run, all_metrics, run_mem, run_tracker, isolate, heap)}
         write_json_atomic(run.summary, summary)
         tracking.log_summary(summary, L.iterations)
         if before or after:

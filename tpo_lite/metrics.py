@@ -187,7 +187,8 @@ def iteration_memory(d: IterationDir, m: dict, measured: dict) -> dict:
     return out
 
 
-def run_memory(run: RunDir, all_metrics: list[dict], measured: dict, tracker, stage_processes: bool = False) -> dict:
+def run_memory(run: RunDir, all_metrics: list[dict], measured: dict, tracker, stage_processes: bool = False,
+               sampling_mmap_threshold: int | None = None) -> dict:
     """summary.json's memory: ``stage_peak_rss_mb``, the largest peak of each stage over the iterations, the
     records of the run-level evaluations (``eval_base``, ``eval_final``) and the run's peak (a resume measures
     only what it ran):
@@ -196,7 +197,8 @@ def run_memory(run: RunDir, all_metrics: list[dict], measured: dict, tracker, st
     - with ``loop.stage_processes``: ``driver_peak_rss_mb`` (this process), ``run_peak_rss_mb`` (the largest
       process: what ``/usr/bin/time`` reports) and ``run_peak_total_mb`` = the largest stage peak + the driver's
       private memory at the end (``driver_private_mb``): the most the run held at once, as the driver and one
-      stage process are alive together and share the pages of their libraries.
+      stage process are alive together and share the pages of their libraries; ``sampling_mmap_threshold_mb``,
+      the glibc mmap threshold of the processes that decoded (None: glibc's own, dynamic).
     """
     from .memory import private_rss_bytes
 
@@ -226,4 +228,5 @@ def run_memory(run: RunDir, all_metrics: list[dict], measured: dict, tracker, st
     out["driver_private_mb"] = None if private is None else round(private / 2**20, 1)
     out["run_peak_rss_mb"] = max(this["peak_rss_mb"], largest)
     out["run_peak_total_mb"] = round(largest + (private or 0) / 2**20, 1)
+    out["sampling_mmap_threshold_mb"] = sampling_mmap_threshold / 2**20 if sampling_mmap_threshold else None
     return out
