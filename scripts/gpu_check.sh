@@ -148,9 +148,12 @@ else
         --methods fused,eager,compiled,liger,floor --repeats 5 --out "$OUT_DIR/bench_kernels.json"
 fi
 
-# 6. NF4 QLoRA DPO (tpo-lite's trainer, with and without gradient checkpointing; TRL too when it is installed)
+# 6. NF4 QLoRA DPO (tpo-lite's trainer, with and without gradient checkpointing; TRL too when it is installed);
+# two interleaved rounds on the GPU, one with --cpu (the plumbing only)
+rounds=2
+[ "$CPU_ONLY" = 1 ] && rounds=1
 step qlora_dpo 150 "${TPO[@]}" bench train --model "$MODEL" --device "$DEVICE" --load-in-4bit true --dtype bfloat16 \
-    --n-pairs 8 --max-length 512 --batch-size 2 --repeats 2 --methods tpo-lite,tpo-lite-nogc,trl \
+    --n-pairs 8 --max-length 512 --batch-size 2 --repeats "$rounds" --methods tpo-lite,tpo-lite-nogc,trl \
     --out "$OUT_DIR/bench_train.json"
 
 # 7. a tiny end-to-end run: the tiny model's own instruction files, else the embedded sets
