@@ -139,6 +139,9 @@ def test_sampling_processes_get_the_threshold_only_with_the_local_backend():
     cfg = RunConfig()
     assert cfg.sampling.backend == "local" and sampling_mmap_threshold(cfg) == SAMPLING_MMAP_THRESHOLD == 4 << 20
     assert sampling_mmap_threshold(cfg.replace("sampling", backend="server")) is None
+    from tpo_lite.stages import STAGES
+
+    assert [s.name for s in STAGES.values() if s.decodes] == ["generate"]  # the stage processes that get it
 
 
 def test_an_unpicklable_argument_fails_before_a_process_starts():

@@ -73,14 +73,15 @@ def _measured_call(store: dict, key: str, done: Path, fn, *args, fresh_process: 
     return out
 
 
-def _run_stage(stage, config: RunConfig, rd: Path, t: int, fresh_process: bool, progress: bool, echo, **kwargs):
+def _run_stage(stage, config: RunConfig, rd: Path, t: int, fresh_process: bool, progress: bool, echo,
+               mmap_threshold: int | None = None, **kwargs):
     """One of the four stages of iteration ``t``; in a fresh process when asked and it has not finished (a
     finished stage is only read back)."""
     if fresh_process and not RunDir(rd).iteration(t).is_done(stage.name):
         forward = {"echo": echo, "on_step": kwargs.pop("on_step", None)}
-        heap = sampling_mmap_threshold(config) if stage.name == "generate" else None
-        return call_in_fresh_process(stage.run, config, rd, t, what=f"iteration {t} {stage.name}",
-                                     forward=forward, mmap_threshold=heap, progress=progress, **kwargs)
+        return call_in_fresh_process(stage.run, config, rd, t, what=f"iteration {t} {stage.name}", forward=forward,
+                                     mmap_threshold=mmap_threshold if stage.decodes else None, progress=progress,
+                                     **kwargs)
     return stage.run(config, rd, t, progress=progress, echo=echo, **kwargs)
 
 
@@ -134,7 +135,7 @@ def run(config: RunConfig, run_dir: str | os.PathLike | None = None, progress: b
 
     tracking = RunTracking(config, rd, echo)  # refuses a tracker whose package is missing, before any work
     isolate = L.stage_processes and sampler_factory is None and judge is None
-    heap = sampling_mmap_threshold(config)  # of the held-out / validation processes
+    heap = sampling_mmap_threshold(config)  # of the processes that decode
     stage_kw = {"generate": {"sampler_factory": sampler_factory}, "judge": {"judge": judge}}
     with run.lock(), StageMemory(release_after=False) as run_tracker, tracking:
         if isolate:  # its checks load the tokenizer (transformers, torch): not in the process that outlives them
@@ -156,7 +157,7 @@ def run(config: RunConfig, run_dir: str | os.PathLike | None = None, progress: b
             it_mem: dict = {}
             stage_kw["train"] = {"on_step": tracking.dpo_step_logger(t)}
             for stage in STAGES.values():
-                _run_stage(stage, config, rd, t, isolate, progress, echo, **stage_kw.get(stage.name, {}))
+                _run_stage(stage, config, rd, t, isolate, progress, echo, heap, **stage_kw.get(stage.name, {}))
             if L.validation_instructions:
                 _measured_call(it_mem, "validation", d.validation.result, validation_stage, config, rd, t,
                                progress=progress, echo=echo, judge=judge, fresh_process=isolate, mmap_threshold=heap)

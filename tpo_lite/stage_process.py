@@ -157,7 +157,8 @@ def call_in_fresh_process(fn: Callable, *args, what: str, forward: dict[str, Cal
     forward = {k: v for k, v in (forward or {}).items() if v is not None}
     r, w = os.pipe()
     try:
-        job = pickle.dumps((os.getpid(), w, fn, args, kwargs, tuple(forward), measure, mmap_threshold))
+        job = pickle.dumps((os.getpid(), w, fn, args, kwargs, tuple(forward), measure,  # fails here, not there
+                            mmap_threshold))
         proc = subprocess.Popen([sys.executable, "-c", _BOOT], stdin=subprocess.PIPE, pass_fds=(w,))
     except BaseException:
         os.close(r)

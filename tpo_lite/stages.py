@@ -36,6 +36,7 @@ class Stage:
     needs: tuple[str, int] | None  # (stage, iteration offset) that must be done first
     run: Callable[..., dict]
     help: str
+    decodes: bool = False  # samples from the policy with the run's sampling backend (stage processes tune the heap)
 
     def check_needs(self, run_dir, t: int) -> None:
         if self.needs is None or t + self.needs[1] < 1:
@@ -299,7 +300,7 @@ def train_stage(config: RunConfig, run_dir, t: int, progress: bool = True,
 STAGES: dict[str, Stage] = {s.name: s for s in (
     Stage("generate", ("train", -1), generate_stage,
           "Sample sampling.k outputs per planned instruction of one iteration (samples.jsonl), with the adapter of "
-          "the previous iteration."),
+          "the previous iteration.", decodes=True),
     Stage("judge", ("generate", 0), judge_stage,
           "Score the responses (never the thoughts) of one iteration's samples (judgements.jsonl)."),
     Stage("pairs", ("judge", 0), pairs_stage,
