@@ -40,7 +40,7 @@ def test_cli_runs_interleaved_fresh_processes_and_writes_json(tiny_dir, tmp_path
     res = CliRunner().invoke(bench_command, [
         "train", "--model", tiny_dir, "--dtype", "float32", "--load-in-4bit", "false", "--device", "cpu",
         "--n-pairs", "4", "--max-length", "64", "--batch-size", "2", "--repeats", "2", "--threads", "1",
-        "--methods", "tpo-lite,tpo-lite-nogc", "--methods", "trl", "--trl-python", sys.executable,
+        "--methods", "tpo-lite,tpo-lite-nogc,tpo-lite-nogc-shared", "--methods", "trl", "--trl-python", sys.executable,
         "--out", str(out)])
     assert res.exit_code == 0, res.output
     result = json.loads(out.read_text())
@@ -48,7 +48,7 @@ def test_cli_runs_interleaved_fresh_processes_and_writes_json(tiny_dir, tmp_path
     trl_ok = trl_status(sys.executable) is not None
     if not trl_ok:
         assert result["methods"]["trl"]["status"].startswith("n/a (trl not importable")
-    ran = ["tpo-lite", "tpo-lite-nogc"] + (["trl"] if trl_ok else [])
+    ran = ["tpo-lite", "tpo-lite-nogc", "tpo-lite-nogc-shared"] + (["trl"] if trl_ok else [])
     # round 1 in order, round 2 reversed
     assert [r["method"] for r in result["runs"]] == ran + ran[::-1]
     tokens = result["meta"]["tokens_per_run"]
@@ -62,7 +62,8 @@ def test_cli_runs_interleaved_fresh_processes_and_writes_json(tiny_dir, tmp_path
         assert r["steps"] == 2  # 4 pairs, 2 per step, one epoch
         pids.add(r["pid"])
     assert len(pids) == len(result["runs"]) and os.getpid() not in pids  # one fresh process per run
-    assert result["runs"][0]["grad_checkpointing"] is True and result["runs"][1]["grad_checkpointing"] is False
+    assert [(r["grad_checkpointing"], r["share_prompt"]) for r in result["runs"][:3]] == [
+        (True, False), (False, False), (False, True)]
     for m in ran:
         v = result["methods"][m]
         mine = [r for r in result["runs"] if r["method"] == m]
@@ -74,6 +75,8 @@ def test_cli_runs_interleaved_fresh_processes_and_writes_json(tiny_dir, tmp_path
         m["tpo-lite"]["tokens_per_s"] / m["tpo-lite-nogc"]["tokens_per_s"])
     assert result["ratios"]["tpo-lite/tpo-lite-nogc peak_rss"] == pytest.approx(
         m["tpo-lite"]["peak_rss_mb"] / m["tpo-lite-nogc"]["peak_rss_mb"])
+    assert result["ratios"]["tpo-lite-nogc-shared/tpo-lite-nogc tokens_per_s"] == pytest.approx(
+        m["tpo-lite-nogc-shared"]["tokens_per_s"] / m["tpo-lite-nogc"]["tokens_per_s"])
     assert ("tpo-lite/trl tokens_per_s" in result["ratios"]) == trl_ok
     assert "tpo-lite" in res.output and "tokens/s" in res.output
 

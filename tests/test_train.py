@@ -398,3 +398,99 @@ def test_reference_pass_runs_with_the_trim_hooks(tiny_dir, tmp_path, monkeypatch
     tcfg = TrainConfig(epochs=1, batch_size=2, grad_accum=1, max_length=64)
     train_iteration(model_cfg(tiny_dir), tcfg, synthetic_pairs(4), tmp_path / "iter_01", None, progress=False)
     assert seen == [1] and len(installed) == 1  # installed once, before the reference pass, for both passes
+
+
+# ------------------------------------------------------------------------------------------ shared-prompt layout
+
+def _pair_items(seed, n=3, max_length=64):
+    return prepare_pairs(synthetic_pairs(n, seed=seed, prompt_len=(4, 12), comp_len=(1, 14)), max_length, VOCAB)
+
+
+def test_collate_shared_layout_by_hand():
+    from tpo_lite.train import _Pair, collate_shared
+
+    pairs = [_Pair("a", ([5, 6], [7, 8]), ([5, 6], [9])), _Pair("b", ([4], [10]), ([3], [11, 12]))]
+    b = collate_shared(pairs, 0, "cpu")
+    # row 0: prompt 5 6, chosen 7 8, rejected 9 (positions continue from the prompt); row 1 shares nothing
+    assert b["input_ids"].tolist() == [[5, 6, 7, 8, 9], [4, 10, 3, 11, 12]]
+    assert b["position_ids"].tolist() == [[0, 1, 2, 3, 2], [0, 1, 0, 1, 2]]
+    m = b["attention_mask"].int().tolist()
+    assert m[0][4] == [1, 1, 0, 0, 1]  # the rejected token sees the prompt and itself, not the chosen tokens
+    assert m[1][2] == [0, 0, 1, 0, 0] and m[1][4] == [0, 0, 1, 1, 1]  # a whole second sequence sees only itself
+    assert m[0][2] == [1, 1, 1, 0, 0]  # the chosen tokens are causal as usual
+    # chosen 7, 8 from positions 1, 2 (row 0) and 10 from 5 (row 1); rejected 9 from the prompt's last position 1,
+    # 11 and 12 from positions 7 and 8 (row 1 at offset 5: its rejected sequence 3 11 12 starts at 2)
+    assert b["rows"].tolist() == [1, 2, 5, 1, 7, 8]
+    assert b["targets"].tolist() == [7, 8, 10, 9, 11, 12]
+    assert b["segments"].tolist() == [0, 0, 1, 2, 3, 3]
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_shared_prompt_gives_the_padded_log_probs_and_gradients(tiny_dir, attn):
+    """float64: the completion log-probs and the DPO loss's LoRA gradients of one row per pair equal those of
+    two padded sequences per pair, pairs of different lengths and one whose prompts were cut differently."""
+    from tpo_lite.models import load_model
+    from tpo_lite.ops import fused_dpo_loss, fused_linear_logprobs
+    from tpo_lite.ops.dpo import segment_sums
+    from tpo_lite.train import LMHead, _Pair, _scored_hidden, collate_pairs
+
+    model, _ = load_model(model_cfg(tiny_dir), trainable=True)
+    model.double()
+    model.config._attn_implementation = attn
+    for name, p in model.named_parameters():  # a non-zero adapter, so its gradients are not all zero
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.05, generator=torch.Generator().manual_seed(len(name)))
+    items = _pair_items(7) + [_Pair("cut", ([8, 9, 10], [11, 12]), ([9, 10], [13, 14, 15]))]
+    head = LMHead.of(model)
+    ref = torch.linspace(-30, -10, 2 * len(items), dtype=torch.float64)
+    results = []
+    for shared in (False, True):
+        model.zero_grad()
+        batch = collate_pairs(items, 0, "cpu", share_prompt=shared)
+        hidden = _scored_hidden(model, batch)
+        logps, _ = segment_sums(fused_linear_logprobs(hidden.detach(), head.weight.detach(), batch["targets"]),
+                                batch["segments"], 2 * len(items))
+        out = fused_dpo_loss(hidden, head.weight, batch["targets"], batch["segments"], ref, beta=0.5)
+        out.loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+        results.append((out.loss.detach(), logps, grads))
+    (loss0, lp0, g0), (loss1, lp1, g1) = results
+    # Llama's RMSNorm (and eager attention's softmax) compute in float32 even in a float64 model: the two
+    # layouts' hidden states differ in the last float64 bits, which now and then round to another float32 there
+    # (relative ~1e-9 in the log-probs, ~1e-8 in the gradients); a wrong mask or position is off by far more
+    torch.testing.assert_close(lp1, lp0, rtol=1e-7, atol=0)
+    torch.testing.assert_close(loss1, loss0, rtol=1e-7, atol=0)
+    assert max(float(g.abs().max()) for g in g0.values()) > 0
+    for n in g0:
+        assert float((g1[n] - g0[n]).abs().max()) <= 1e-6 * float(g0[n].abs().max()), n
+
+
+def test_share_prompt_trains_like_the_padded_layout(tiny_dir, tmp_path):
+    """Two iterations with train.share_prompt: initial margins exactly 0, and the same metrics and adapter as the
+    padded layout up to float32 rounding."""
+    base = dict(learning_rate=5e-3, epochs=1, batch_size=2, grad_accum=2, max_length=64, beta=0.5)
+    ends = {}
+    for shared in (False, True):
+        tcfg = TrainConfig(**base, share_prompt=shared)
+        it1, it2 = tmp_path / f"{shared}" / "iter_01", tmp_path / f"{shared}" / "iter_02"
+        m1 = train_iteration(model_cfg(tiny_dir), tcfg, synthetic_pairs(8, seed=1), it1, None, progress=False)
+        m2 = train_iteration(model_cfg(tiny_dir), tcfg, synthetic_pairs(8, seed=2), it2, it1 / "adapter",
+                             progress=False)
+        assert m1["initial_margin"] == 0.0 and m2["initial_margin"] == 0.0
+        assert (torch.load(it1 / "ref_logps.pt")["key"].get("share_prompt") is True) == shared
+        ends[shared] = (m2, torch.load(it2 / "ref_logps.pt")["logps"])
+    (m_pad, ref_pad), (m_shared, ref_shared) = ends[False], ends[True]
+    for pid, (c, r) in ref_pad.items():
+        assert ref_shared[pid] == pytest.approx([c, r], rel=1e-5, abs=1e-4)
+    for k in ("loss", "margins", "final_loss"):
+        assert m_shared[k] == pytest.approx(m_pad[k], rel=1e-3, abs=1e-4), k
+
+
+def test_share_prompt_refuses_attention_without_block_masks(tiny_dir, tmp_path, monkeypatch):
+    from tpo_lite import models
+
+    monkeypatch.setattr(models, "CUSTOM_MASK_ATTENTION", ("eager",))  # as if the model ran flash attention
+    with pytest.raises(TpoError, match="share_prompt.*needs 'sdpa' or 'eager' attention"):
+        train_iteration(model_cfg(tiny_dir), TrainConfig(share_prompt=True, max_length=64),
+                        synthetic_pairs(2), tmp_path / "iter_01", None, progress=False)
+    assert not (tmp_path / "iter_01" / "adapter").exists()

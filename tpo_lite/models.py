@@ -380,6 +380,10 @@ def unwrap(model):
     return get_base() if callable(get_base) else model
 
 
+# attention implementations that take a custom 4D additive mask as it is (flash attention ignores it)
+CUSTOM_MASK_ATTENTION = ("sdpa", "eager")
+
+
 def decoder(model):
     """The model body that returns final (normed) hidden states, e.g. ``LlamaForCausalLM.model``."""
     base = unwrap(model)
@@ -400,9 +404,25 @@ def decoder_layers(model) -> list:
     return []
 
 
-def final_hidden_states(model, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None):
-    """Final hidden states [B, T, d] from the body alone, so no [B, T, V] logits are ever computed."""
-    out = decoder(model)(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+def final_hidden_states(model, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
+                        position_ids: Optional[torch.Tensor] = None):
+    """Final hidden states [B, T, d] from the body alone, so no [B, T, V] logits are ever computed.
+
+    ``attention_mask`` is the usual [B, T] padding mask, or a [B, T, T] boolean mask (True = the query may attend
+    to the key; it replaces the causal mask, so it must be causal itself, and no row may be all False), which
+    needs ``position_ids`` and 'sdpa' (given the boolean mask) or 'eager' attention (an additive float32 mask).
+    """
+    body = decoder(model)
+    if attention_mask is not None and attention_mask.dim() == 3:
+        impl = getattr(unwrap(model).config, "_attn_implementation", None)
+        if impl not in CUSTOM_MASK_ATTENTION:
+            raise TpoError(f"a block attention mask needs 'sdpa' or 'eager' attention; the model uses {impl!r}",
+                           field="model.path")
+        if impl == "eager":  # eager attention adds the mask to its scores
+            blocked = torch.zeros(attention_mask.shape, dtype=torch.float32, device=attention_mask.device)
+            attention_mask = blocked.masked_fill_(~attention_mask, torch.finfo(torch.float32).min)
+        attention_mask = attention_mask.unsqueeze(1)
+    out = body(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
     return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
 
 

@@ -129,10 +129,80 @@ def collate(seqs: list[tuple[list[int], list[int]]], pad_id: int, device) -> dic
             "targets": torch.cat(targets).to(device), "segments": torch.cat(segments).to(device)}
 
 
+def collate_shared(pairs: list[_Pair], pad_id: int, device) -> dict:
+    """The batch :func:`collate` makes of ``[chosen..., rejected...]`` (the same ``targets`` and ``segments``),
+    with one row per pair: prompt, chosen completion, rejected completion.
+
+    The rejected completion attends to the prompt and to itself only (``attention_mask[S, T, T]``, boolean) and
+    its positions continue from the prompt (``position_ids``), so every completion token gets the log-prob it
+    gets in its own sequence: the prompt is run once instead of twice and half as many rows are padded. Its
+    first token is scored from the prompt's last position. A pair whose two prompts differ (cut differently by
+    ``max_length``) shares nothing: the rejected sequence then sits whole after the chosen one.
+    """
+    width = max(sum(map(len, p.chosen + p.rejected)) - _shared(p) for p in pairs)
+    n = len(pairs)
+    ids = torch.full((n, width), pad_id, dtype=torch.long)
+    positions = torch.zeros((n, width), dtype=torch.long)
+    # padding keeps the causal rows: no query row is all masked (sdpa would give NaN), and no real token sees it
+    mask = torch.ones((width, width), dtype=torch.bool).tril().repeat(n, 1, 1)
+    rows, targets, segments = ([], []), ([], []), ([], [])
+    for s, p in enumerate(pairs):
+        (pc, c), (pr, r) = p.chosen, p.rejected
+        shared = _shared(p)
+        a, b = pc + c, (pr + r)[shared:]
+        la, lb = len(a), len(b)
+        ids[s, :la + lb] = torch.tensor(a + b)
+        positions[s, :la] = torch.arange(la)
+        positions[s, la:la + lb] = torch.arange(shared, shared + lb)
+        mask[s, la:la + lb, shared:la] = False
+        # token t of a sequence is scored from its position t - 1; the rejected sequence's position u sits at
+        # u in the row while u < shared (the prompt) and at la + u - shared after
+        u = torch.arange(len(pr) - 1, len(pr) - 1 + len(r))
+        for side, (row, toks) in enumerate(((torch.arange(len(pc) - 1, la - 1), c),
+                                            (torch.where(u < shared, u, la + u - shared), r))):
+            rows[side].append(s * width + row)
+            targets[side].append(torch.tensor(toks))
+            segments[side].append(torch.full((len(toks),), side * n + s))
+    return {"input_ids": ids.to(device), "attention_mask": mask.to(device), "position_ids": positions.to(device),
+            "rows": torch.cat(rows[0] + rows[1]).to(device), "targets": torch.cat(targets[0] + targets[1]).to(device),
+            "segments": torch.cat(segments[0] + segments[1]).to(device)}
+
+
+def _check_shared_layout(model, items: list[_Pair]) -> None:
+    """``train.share_prompt`` needs attention that takes a block mask, and rows within a sliding window."""
+    from tpo_lite.models import CUSTOM_MASK_ATTENTION, unwrap
+
+    config = unwrap(model).config
+    impl = getattr(config, "_attn_implementation", None)
+    if impl not in CUSTOM_MASK_ATTENTION:
+        raise TpoError(f"needs 'sdpa' or 'eager' attention (a block mask); the model runs {impl!r}: set it to "
+                       "false", field="train.share_prompt")
+    text = getattr(config, "get_text_config", lambda: config)()
+    window = getattr(text, "sliding_window", None) if getattr(text, "use_sliding_window", True) else None
+    longest = max(sum(map(len, p.chosen + p.rejected)) - _shared(p) for p in items)
+    if isinstance(window, int) and longest > window:
+        raise TpoError(f"a pair's row ({longest} tokens) is longer than the model's sliding window ({window}), "
+                       "which the block mask does not apply: set it to false", field="train.share_prompt")
+
+
+def _shared(p: _Pair) -> int:
+    """Prompt tokens the pair's two sequences share in :func:`collate_shared`: all, or none when truncation cut
+    the two prompts differently."""
+    return len(p.chosen[0]) if p.chosen[0] == p.rejected[0] else 0
+
+
+def collate_pairs(pairs: list[_Pair], pad_id: int, device, share_prompt: bool = False) -> dict:
+    """The micro-batch of ``pairs``: segments ``0..n-1`` are the chosen completions, ``n..2n-1`` the rejected ones
+    (``share_prompt``: :func:`collate_shared`, else :func:`collate` of the ``2n`` sequences)."""
+    if share_prompt:
+        return collate_shared(pairs, pad_id, device)
+    return collate([p.chosen for p in pairs] + [p.rejected for p in pairs], pad_id, device)
+
+
 def _scored_hidden(model, batch):
     from tpo_lite.models import final_hidden_states
 
-    hidden = final_hidden_states(model, batch["input_ids"], batch["attention_mask"])
+    hidden = final_hidden_states(model, batch["input_ids"], batch["attention_mask"], batch.get("position_ids"))
     return hidden.reshape(-1, hidden.shape[-1])[batch["rows"]]
 
 
@@ -173,7 +243,7 @@ def _ref_key(model_cfg, train_cfg: TrainConfig, init_adapter) -> dict:
     return {"version": REF_CACHE_VERSION, "model": str(model_cfg.path), "dtype": str(model_cfg.dtype),
             "load_in_4bit": str(model_cfg.load_in_4bit),
             "init_adapter": str(Path(init_adapter).resolve()) if init_adapter else None,
-            "max_length": train_cfg.max_length}
+            "max_length": train_cfg.max_length, **({"share_prompt": True} if train_cfg.share_prompt else {})}
 
 
 def _load_ref_cache(path: Path, key: dict) -> dict:
@@ -196,11 +266,15 @@ def _save_atomic(path: Path, obj) -> None:
 
 
 def reference_logps(model, items: list[_Pair], batch_size: int, pad_id: int, head: LMHead, base_only: bool,
-                    progress: bool = True) -> dict:
+                    progress: bool = True, share_prompt: bool = False) -> dict:
     """{prompt_id: (chosen, rejected)} summed log-probs of the model as loaded, in eval mode, no grad.
 
     ``base_only``: run with the peft adapters disabled (the first iteration's reference is the base model).
+    ``share_prompt``: the batch layout of :func:`collate_pairs` (the DPO pass's, so the first step's margins are 0).
     """
+    from tpo_lite.ops import fused_linear_logprobs
+    from tpo_lite.ops.dpo import segment_sums
+
     from contextlib import nullcontext
 
     from tqdm.auto import tqdm
@@ -213,8 +287,10 @@ def reference_logps(model, items: list[_Pair], batch_size: int, pad_id: int, hea
         bar = tqdm(total=len(items), desc="reference log-probs", unit="pair", disable=not progress)
         for i in range(0, len(items), batch_size):
             chunk = items[i:i + batch_size]
-            sums = completion_logps(model, [p.chosen for p in chunk] + [p.rejected for p in chunk], pad_id, head)
             b = len(chunk)
+            batch = collate_pairs(chunk, pad_id, head.weight.device, share_prompt)
+            logp = fused_linear_logprobs(_scored_hidden(model, batch), head.weight, batch["targets"], **head.options())
+            sums, _ = segment_sums(logp.float(), batch["segments"], 2 * b)
             for j, p in enumerate(chunk):
                 out[p.pid] = (float(sums[j]), float(sums[b + j]))
             bar.update(b)
@@ -389,6 +465,8 @@ def train_iteration(model_cfg, train_cfg: TrainConfig, pairs: list[dict], out_di
     weight = head.weight
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     items = prepare_pairs(pairs, cfg.max_length, weight.shape[0], source=str(d.pairs))
+    if cfg.share_prompt:
+        _check_shared_layout(model, items)
 
     # 1. reference log-probs, once, cached
     t_ref = time.time()
@@ -404,7 +482,8 @@ def train_iteration(model_cfg, train_cfg: TrainConfig, pairs: list[dict], out_di
     with StageMemory(release_after=False) as mem_ref:
         if missing:
             ref.update(reference_logps(model, missing, cfg.batch_size, pad_id, head,
-                                       base_only=init_adapter is None, progress=progress))
+                                       base_only=init_adapter is None, progress=progress,
+                                       share_prompt=cfg.share_prompt))
             _save_atomic(cache_path, {"key": key, "logps": {pid: [c, r] for pid, (c, r) in ref.items()}})
     ref_seconds = time.time() - t_ref
 
@@ -453,7 +532,7 @@ def train_iteration(model_cfg, train_cfg: TrainConfig, pairs: list[dict], out_di
             for m in range(0, len(group), cfg.batch_size):
                 chunk = group[m:m + cfg.batch_size]
                 b = len(chunk)
-                batch = collate([p.chosen for p in chunk] + [p.rejected for p in chunk], pad_id, weight.device)
+                batch = collate_pairs(chunk, pad_id, weight.device, cfg.share_prompt)
                 ref_t = torch.tensor([ref[p.pid][0] for p in chunk] + [ref[p.pid][1] for p in chunk],
                                      dtype=torch.float32, device=weight.device)
                 out = fused_dpo_loss(_scored_hidden(model, batch), weight, batch["targets"], batch["segments"],

@@ -20,8 +20,9 @@ the reference computed in every step with the adapter disabled); the two trainer
 differently, so their padding differs a little.
 
 Methods: ``tpo-lite`` (``tpo_lite.train.train_iteration`` with the ``[train]`` defaults), ``tpo-lite-nogc``
-(the same with ``grad_checkpointing = false``), ``trl`` (needs ``trl`` importable by ``trl_python``, else it is
-reported as n/a).
+(the same with ``grad_checkpointing = false``), ``tpo-lite-shared`` / ``tpo-lite-nogc-shared`` (those two with
+``share_prompt = true``: one row per pair, the prompt run once; tokens/s still counts the prompt twice, as the
+work done for the same pairs), ``trl`` (needs ``trl`` importable by ``trl_python``, else it is reported as n/a).
 """
 from __future__ import annotations
 
@@ -39,7 +40,9 @@ from pathlib import Path
 from typing import Callable, Optional, Union
 from ..options import option
 
-METHODS = ("tpo-lite", "tpo-lite-nogc", "trl")
+METHODS = ("tpo-lite", "tpo-lite-nogc", "tpo-lite-shared", "tpo-lite-nogc-shared", "trl")
+# the tpo-lite ratios a/b reported besides each one over trl
+_RATIOS = {("tpo-lite", "tpo-lite-nogc"), ("tpo-lite-shared", "tpo-lite"), ("tpo-lite-nogc-shared", "tpo-lite-nogc")}
 _RESULT = "TPO_BENCH_RESULT "
 
 
@@ -168,7 +171,7 @@ def _model_cfg(spec: dict):
 def _run_tpo_lite(spec: dict, pairs: list[dict], out_dir: str) -> dict:
     from tpo_lite.train import TrainConfig, train_iteration
 
-    kw = {} if spec["method"] == "tpo-lite" else {"grad_checkpointing": False}
+    kw = {"grad_checkpointing": "-nogc" not in spec["method"], "share_prompt": spec["method"].endswith("-shared")}
     tcfg = TrainConfig(epochs=1, batch_size=spec["batch_size"], grad_accum=spec["grad_accum"],
                        max_length=spec["max_length"], learning_rate=spec["learning_rate"], beta=spec["beta"],
                        seed=spec["seed"], **kw)
@@ -176,6 +179,7 @@ def _run_tpo_lite(spec: dict, pairs: list[dict], out_dir: str) -> dict:
     return {"seconds": m["ref_seconds"] + m["train_seconds"], "ref_seconds": m["ref_seconds"],
             "cpu_seconds": m["memory"]["reference"]["cpu_seconds"] + m["memory"]["dpo"]["cpu_seconds"],
             "train_seconds": m["train_seconds"], "steps": m["steps"], "grad_checkpointing": tcfg.grad_checkpointing,
+            "share_prompt": tcfg.share_prompt,
             "initial_loss": m["initial_loss"], "final_loss": m["final_loss"], "model": m["model"],
             "phases": m["memory"]}
 
@@ -341,7 +345,7 @@ def run_train_benchmark(cfg: TrainBenchConfig, log: Callable[[str], None] = lamb
     good = [m for m in cfg.methods if methods[m]["status"] == "ok"]
     for a in good:
         for b in good:
-            if a.startswith("tpo-lite") and (b == "trl" or (a, b) == ("tpo-lite", "tpo-lite-nogc")):
+            if a.startswith("tpo-lite") and (b == "trl" or (a, b) in _RATIOS):
                 ratios[f"{a}/{b} tokens_per_s"] = methods[a]["tokens_per_s"] / methods[b]["tokens_per_s"]
                 ratios[f"{a}/{b} tokens_per_cpu_s"] = methods[a]["tokens_per_cpu_s"] / methods[b]["tokens_per_cpu_s"]
                 ratios[f"{a}/{b} peak_rss"] = methods[a]["peak_rss_mb"] / methods[b]["peak_rss_mb"]
