@@ -225,16 +225,19 @@ class LMHead:
         return {"logit_scale": self.logit_scale, "softcap": self.softcap}
 
 
-def completion_logps(model, seqs, pad_id: int, head: LMHead) -> torch.Tensor:
-    """Summed completion log-probs (float32) of each (prompt, completion) in ``seqs``, through the fused op."""
+def batch_logps(model, batch: dict, num_sequences: int, head: LMHead) -> torch.Tensor:
+    """Summed completion log-probs (float32) of each segment of a collated ``batch``, through the fused op."""
     from tpo_lite.ops import fused_linear_logprobs
     from tpo_lite.ops.dpo import segment_sums
 
-    batch = collate(seqs, pad_id, head.weight.device)
-    h = _scored_hidden(model, batch)
-    logp = fused_linear_logprobs(h, head.weight, batch["targets"], **head.options())
-    sums, _ = segment_sums(logp.float(), batch["segments"], len(seqs))
+    logp = fused_linear_logprobs(_scored_hidden(model, batch), head.weight, batch["targets"], **head.options())
+    sums, _ = segment_sums(logp.float(), batch["segments"], num_sequences)
     return sums
+
+
+def completion_logps(model, seqs, pad_id: int, head: LMHead) -> torch.Tensor:
+    """Summed completion log-probs (float32) of each (prompt, completion) in ``seqs``."""
+    return batch_logps(model, collate(seqs, pad_id, head.weight.device), len(seqs), head)
 
 
 # ---------------------------------------------------------------------------------------- reference cache
@@ -272,9 +275,6 @@ def reference_logps(model, items: list[_Pair], batch_size: int, pad_id: int, hea
     ``base_only``: run with the peft adapters disabled (the first iteration's reference is the base model).
     ``share_prompt``: the batch layout of :func:`collate_pairs` (the DPO pass's, so the first step's margins are 0).
     """
-    from tpo_lite.ops import fused_linear_logprobs
-    from tpo_lite.ops.dpo import segment_sums
-
     from contextlib import nullcontext
 
     from tqdm.auto import tqdm
@@ -288,9 +288,7 @@ def reference_logps(model, items: list[_Pair], batch_size: int, pad_id: int, hea
         for i in range(0, len(items), batch_size):
             chunk = items[i:i + batch_size]
             b = len(chunk)
-            batch = collate_pairs(chunk, pad_id, head.weight.device, share_prompt)
-            logp = fused_linear_logprobs(_scored_hidden(model, batch), head.weight, batch["targets"], **head.options())
-            sums, _ = segment_sums(logp.float(), batch["segments"], 2 * b)
+            sums = batch_logps(model, collate_pairs(chunk, pad_id, head.weight.device, share_prompt), 2 * b, head)
             for j, p in enumerate(chunk):
                 out[p.pid] = (float(sums[j]), float(sums[b + j]))
             bar.update(b)
