@@ -16,7 +16,9 @@ the one format of generated outputs, read by :meth:`EvalDir.read_outputs`), ``ou
 settings a resume must match), ``producer.json`` (what a held-out result scored), ``eval.json`` / ``eval.md`` and
 ``model_outputs.json`` (an AlpacaEval export for the official tools, never read back). An experiment directory
 (:class:`ExperimentDir`) holds the run directories ``tpo/`` and ``direct/``, ``compare/<label>/``,
-``experiment.json`` and ``table1.md``.
+``experiment.json`` and ``table1.md``. A seeds directory (:class:`SeedsDir`) holds one run directory
+``seed_<S>/`` per seed, ``seed_<S>.log`` for each run started in a child process, ``seeds.json``, ``seeds.md`` and
+``seeds.png``.
 """
 from __future__ import annotations
 
@@ -358,6 +360,21 @@ class ExperimentDir(_Folder):
 
     def run(self, label: str) -> RunDir:
         return RunDir(self.path / label)
+
+
+class SeedsDir(_Folder):
+    """Runs of one config that differ only in their seeds (see :mod:`tpo_lite.seeds`): ``seed_<S>/`` run
+    directories, the launcher's log of each run started in a child process, and the summary over seeds."""
+
+    record = _At("seeds.json")
+    table = _At("seeds.md")
+    plot = _At("seeds.png")
+
+    def run(self, seed: int) -> RunDir:
+        return RunDir(self.path / f"seed_{seed}")
+
+    def log(self, seed: int) -> Path:
+        return self.path / f"seed_{seed}.log"
 
 
 def resolve_run_dir(config, run_dir: str | os.PathLike | None = None) -> Path:

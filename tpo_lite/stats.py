@@ -51,6 +51,8 @@ __all__ = [
     "length_controlled_win_rate",
     "length_controlled_win_rate_ci",
     "summarize_outcomes",
+    "student_t_quantile",
+    "t_interval",
 ]
 
 
@@ -328,3 +330,76 @@ def summarize_outcomes(
         )
         out["lc_fit_n"] = int(y.size if valid is None else np.sum(np.asarray(valid, dtype=bool)))
     return out
+
+
+def _betainc(a: float, b: float, x: float) -> float:
+    """Regularised incomplete beta function I_x(a, b) (a continued fraction, modified Lentz; |error| < 1e-13)."""
+    import math
+
+    if x <= 0.0:
+        return 0.0
+    if x >= 1.0:
+        return 1.0
+    if x > (a + 1.0) / (a + b + 2.0):  # the fraction converges fast only below the mode: use the symmetry
+        return 1.0 - _betainc(b, a, 1.0 - x)
+    front = math.exp(math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x)) / a
+    tiny = 1e-300
+    f, c, d = 1.0, 1.0, 0.0
+    for i in range(400):
+        m = i // 2
+        if i == 0:
+            num = 1.0
+        elif i % 2 == 0:
+            num = m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m))
+        else:
+            num = -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1))
+        d = 1.0 + num * d
+        d = 1.0 / (d if abs(d) > tiny else tiny)
+        c = 1.0 + num / c
+        c = c if abs(c) > tiny else tiny
+        f *= c * d
+        if abs(1.0 - c * d) < 1e-15:
+            break
+    return front * (f - 1.0)
+
+
+def student_t_quantile(p: float, df: float) -> float:
+    """The ``p`` quantile of Student's t distribution with ``df`` degrees of freedom (bisection on its CDF,
+    which is an incomplete beta function; no scipy)."""
+    if not 0.0 < p < 1.0:
+        raise ValueError(f"student_t_quantile: p must be in (0, 1), got {p!r}")
+    if not df > 0:
+        raise ValueError(f"student_t_quantile: df must be > 0, got {df!r}")
+    if p == 0.5:
+        return 0.0
+    if p < 0.5:
+        return -student_t_quantile(1.0 - p, df)
+    upper = lambda t: 0.5 * _betainc(df / 2.0, 0.5, df / (df + t * t))  # noqa: E731  P(T > t), t >= 0
+    lo, hi = 0.0, 1.0
+    while upper(hi) > 1.0 - p:
+        lo, hi = hi, 2.0 * hi
+    for _ in range(200):
+        mid = 0.5 * (lo + hi)
+        lo, hi = (mid, hi) if upper(mid) > 1.0 - p else (lo, mid)
+        if hi - lo <= 1e-12 * max(1.0, hi):
+            break
+    return 0.5 * (lo + hi)
+
+
+def t_interval(values: Sequence[float], alpha: float = 0.05) -> dict:
+    """Mean, sample standard deviation and the Student-t ``1 - alpha`` interval of the mean of ``values``
+    (independent draws, e.g. one number per run of a seeded experiment). With one value the sd and the
+    interval are None."""
+    x = np.asarray(values, dtype=np.float64)
+    if x.ndim != 1 or x.size == 0:
+        raise ValueError("t_interval: need a non-empty 1-D sequence of values")
+    if not np.all(np.isfinite(x)):
+        raise ValueError("t_interval: the values must be finite")
+    if not 0.0 < alpha < 1.0:
+        raise ValueError(f"t_interval: alpha must be in (0, 1), got {alpha!r}")
+    m = float(np.mean(x))
+    if x.size < 2:
+        return {"n": 1, "mean": m, "sd": None, "ci": None}
+    sd = float(np.std(x, ddof=1))
+    half = student_t_quantile(1.0 - alpha / 2.0, x.size - 1) * sd / float(np.sqrt(x.size))
+    return {"n": int(x.size), "mean": m, "sd": sd, "ci": [m - half, m + half]}

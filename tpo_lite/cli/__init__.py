@@ -7,7 +7,7 @@ import click
 # dependency only breaks its own command. Command NAME is `NAME_command` in its module.
 _COMMANDS = {
     "tpo_lite.cli.run_cmds": ["run", "generate", "judge", "pairs", "train"],
-    "tpo_lite.cli.eval_cmds": ["eval", "report", "experiment"],
+    "tpo_lite.cli.eval_cmds": ["eval", "report", "experiment", "seeds"],
     "tpo_lite.cli.model_cmds": ["chat", "export"],
     "tpo_lite.cli.bench_cmds": ["bench"],
     "tpo_lite.cli.examples_cmds": ["examples"],

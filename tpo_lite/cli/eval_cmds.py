@@ -1,4 +1,5 @@
-"""`tpo-lite eval`, `tpo-lite report` and `tpo-lite experiment` (the direct-response experiment).
+"""`tpo-lite eval`, `tpo-lite report`, `tpo-lite experiment` (the direct-response experiment) and `tpo-lite seeds`
+(one config run with several seeds).
 
 Bad input raises :class:`tpo_lite.errors.TpoError`, printed as one line (``error: path:line: field: message``)
 with exit status 2.
@@ -192,3 +193,61 @@ def experiment_command(config, name, run_dir, overrides, allow_config_change, no
 
         paths = make_report([str(exp)])
         click.echo(f"report: {paths['report.md']}")
+
+
+def _seed_list(ctx, param, value):
+    """'0,1,2' or '0-4' (or a mix: '0-2,7') -> [0, 1, 2]."""
+    seeds = []
+    for part in (value or "").split(","):
+        part = part.strip()
+        if not part:
+            continue
+        lo, sep, hi = part.partition("-")
+        try:
+            seeds += list(range(int(lo), int(hi) + 1)) if sep else [int(part)]
+        except ValueError:
+            raise click.BadParameter(f"{part!r} is not a seed or a range like 0-4") from None
+    if not seeds:
+        raise click.BadParameter("give at least one seed, e.g. --seeds 0,1,2 or --seeds 0-4")
+    return seeds
+
+
+@click.command("seeds", context_settings={"max_content_width": 100})
+@click.argument("config", metavar="CONFIG.toml")
+@click.option("--seeds", "seeds", default="0,1,2", show_default=True, callback=_seed_list,
+              help="The seeds: a list and/or ranges, e.g. 0,1,2 or 0-5.")
+@click.option("--seed-options", default="sampling.seed,train.seed", show_default=True,
+              help="The config options set to each run's seed (comma-separated TABLE.KEY); add loop.seed to "
+                   "draw other training instructions per run as well.")
+@click.option("--parallel", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Runs at a time. 1 = one after the other in this process (progress bars); more = child "
+                   "processes with their output in <dir>/seed_<S>.log (a GPU that a small model leaves idle "
+                   "takes several; on a CPU each gets cpu_count/parallel threads).")
+@click.option("--name", default=None, help="Name (overrides loop.name): the runs go to <runs_root>/<name>_seeds/.")
+@click.option("--run-dir", type=click.Path(file_okay=False), default=None,
+              help="Seeds directory to use instead of <loop.runs_root>/<loop.name>_seeds.")
+@click.option("--set", "overrides", multiple=True, metavar="TABLE.KEY=VALUE", help=_SET_HELP)
+@click.option("--allow-config-change", is_flag=True,
+              help="Resume although the saved configs differ (see `tpo-lite run --help`).")
+@click.option("--no-progress", is_flag=True, help="Hide the progress bars.")
+@_fail_cleanly
+def seeds_command(config, seeds, seed_options, parallel, name, run_dir, overrides, allow_config_change,
+                  no_progress):
+    """Run one config with several seeds and summarise the held-out change over the runs.
+
+    One run's CI resamples instructions only; the spread between runs of the whole loop (which samples were
+    drawn, which pairs formed, the DPO batch order) can be as large as the gain. Each run here is the config
+    with the --seed-options set to its seed, in <runs_root>/<loop.name>_seeds/seed_<S>/ (an ordinary run
+    directory). At the end: seeds.md / seeds.json (each run's before, after and change with its CI; the mean
+    change over runs with a Student-t interval, the sd between runs, how many runs improved) and seeds.png.
+    Resumable like `tpo-lite run`: finished runs are not recomputed.
+    """
+    from ..config import load_config
+    from ..seeds import run_seeds, seeds_dir
+
+    cfg = load_config(config, list(overrides), name=name)
+    options = [o.strip() for o in seed_options.split(",") if o.strip()]
+    sd = seeds_dir(cfg, run_dir)
+    run_seeds(cfg, seeds, sd, parallel=parallel, seed_options=options, progress=not no_progress, echo=click.echo,
+              allow_config_change=allow_config_change)
+    click.echo(f"summary: {sd / 'seeds.md'}")

@@ -1,0 +1,262 @@
+"""The same run with several seeds: is the held-out gain larger than the spread between runs?
+
+One run's held-out change comes with a paired-bootstrap CI that resamples *instructions*: it says how sure we are
+that this trained model beats the seed model on this eval set. It does not cover the variation of the whole loop
+(which samples were drawn, which pairs formed, the order of the DPO batches): two runs of one recipe that differ
+only in their seeds can end far apart. :func:`run_seeds` runs the config once per seed -- the options named in
+``seed_options`` (default ``sampling.seed`` and ``train.seed``) set to that seed, everything else equal -- and
+summarises the held-out change over the runs, treating each run as one draw:
+
+* per seed: score before / after and the change with its paired-bootstrap CI (as `tpo-lite run` prints it);
+* over seeds: the mean change with a Student-t interval over runs (mean +- t_{n-1} * sd / sqrt(n)), the sd between
+  runs, and how many runs improved / improved significantly / got significantly worse.
+
+Directory (``<loop.runs_root>/<loop.name>_seeds/``, :class:`tpo_lite.rundir.SeedsDir`)::
+
+    seed_0/  seed_1/ ...      ordinary run directories (resumable like any run)
+    seed_<S>.log              the output of a run started in a child process (``parallel`` > 1)
+    seeds.json  seeds.md      the summary (per seed and over seeds)
+    seeds.png                 each run's change with its CI, and the mean over runs with its interval
+
+With ``parallel`` > 1 the runs go to child processes (``python -m tpo_lite run seed_<S>/``), that many at a
+time: on a GPU that small models leave mostly idle, runs share it well; on a CPU each child gets
+``cpu_count / parallel`` threads (unless OMP_NUM_THREADS is set). Finished runs resume as no-ops, so calling
+again summarises without recomputing.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Sequence
+
+from .errors import TpoError
+from .jsonl import write_json_atomic, write_text_atomic
+from .rundir import SeedsDir
+
+DEFAULT_SEED_OPTIONS = ("sampling.seed", "train.seed")
+
+
+def seeds_dir(config, path: str | os.PathLike | None = None) -> Path:
+    """``path`` if given, else ``<loop.runs_root>/<loop.name>_seeds``."""
+    return Path(path) if path is not None else Path(config.loop.runs_root) / f"{config.loop.name}_seeds"
+
+
+def seed_configs(config, seeds: Sequence[int], seed_options: Sequence[str] = DEFAULT_SEED_OPTIONS) -> dict:
+    """``{seed: RunConfig}``: ``config`` with every option of ``seed_options`` ("table.key") set to the seed and
+    the held-out score before training switched on (the change needs it)."""
+    from .config import SECTIONS
+
+    if not seeds:
+        raise TpoError("give at least one seed", field="--seeds")
+    if len(set(seeds)) != len(seeds):
+        raise TpoError(f"a seed is listed twice: {list(seeds)}", field="--seeds")
+    if not seed_options:
+        raise TpoError("name at least one option to set to the seed", field="--seed-options")
+    for opt in seed_options:
+        table, _, key = opt.partition(".")
+        if table not in SECTIONS or key not in {f.name for f in dataclasses.fields(SECTIONS[table])}:
+            raise TpoError(f"no such config option {opt!r} (see `tpo-lite run --list-options`)",
+                           field="--seed-options")
+    base = config.replace("loop", eval_before=True, eval_after=True)
+    out = {}
+    for s in seeds:
+        cfg = base
+        for opt in seed_options:
+            table, _, key = opt.partition(".")
+            cfg = cfg.replace(table, **{key: s})  # the option's own check refuses a seed out of its range
+        out[s] = cfg
+    return out
+
+
+def _child_env(parallel: int) -> dict:
+    env = dict(os.environ)
+    if "OMP_NUM_THREADS" not in env:
+        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // parallel))
+    return env
+
+
+def _last_line(path: Path) -> str:
+    try:
+        lines = [ln for ln in path.read_text(errors="replace").splitlines() if ln.strip()]
+    except OSError:
+        return ""
+    return lines[-1] if lines else ""
+
+
+def _run_children(seeds: list[int], sd: SeedsDir, parallel: int, allow_config_change: bool,
+                  echo: Callable[[str], None]) -> dict[int, int]:
+    """Run ``python -m tpo_lite run seed_<S>/`` for each seed, ``parallel`` at a time; {seed: exit status}."""
+    cmd = [sys.executable, "-m", "tpo_lite", "run", "--no-progress"]
+    if allow_config_change:
+        cmd.append("--allow-config-change")
+    env = _child_env(parallel)
+    waiting, running, status = list(seeds), {}, {}
+    t0 = time.time()
+    try:
+        while waiting or running:
+            while waiting and len(running) < parallel:
+                s = waiting.pop(0)
+                log = open(sd.log(s), "ab")
+                proc = subprocess.Popen(cmd + [str(sd.run(s).path)], stdout=log, stderr=subprocess.STDOUT, env=env)
+                running[s] = (proc, log)
+                echo(f"seed {s}: started (pid {proc.pid}), log {sd.log(s)}")
+            time.sleep(0.2)
+            for s, (proc, log) in list(running.items()):
+                rc = proc.poll()
+                if rc is None:
+                    continue
+                log.close()
+                del running[s]
+                status[s] = rc
+                tail = "" if rc == 0 else f": {_last_line(sd.log(s))}"
+                echo(f"seed {s}: {'finished' if rc == 0 else f'failed (exit {rc})'} after "
+                     f"{time.time() - t0:.0f} s{tail}")
+    finally:  # Ctrl-C or an error here: stop the children (each run resumes where it stopped)
+        for proc, log in running.values():
+            proc.terminate()
+        for proc, log in running.values():
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+            log.close()
+    return status
+
+
+def summarize_seeds(summaries: dict[int, dict], confidence: float = 0.95) -> dict:
+    """The record of ``seeds.json`` from ``{seed: run summary}`` (each with ``heldout_before`` / ``heldout_after``
+    / ``heldout_change`` as :func:`tpo_lite.loop.run` writes them)."""
+    from .stats import t_interval
+
+    rows = []
+    for s in sorted(summaries):
+        before, after, change = (summaries[s].get(k) for k in ("heldout_before", "heldout_after", "heldout_change"))
+        if not (before and after and change and change.get("score_diff_ci")):
+            raise TpoError(f"the run of seed {s} has no held-out score before and after training",
+                           path=summaries[s].get("run_dir"))
+        lo, hi = change["score_diff_ci"]
+        rows.append({"seed": s, "run_dir": f"seed_{s}", "n": change["n"], "judge": after.get("judge"),
+                     "before": before["mean_score"], "after": after["mean_score"],
+                     "after_model": after.get("model"), "change": change["score_diff"], "change_ci": [lo, hi],
+                     "significant": "up" if lo > 0 else "down" if hi < 0 else None,
+                     "valid_before": before.get("valid_rate"), "valid_after": after.get("valid_rate")})
+    changes = [r["change"] for r in rows]
+    t = t_interval(changes, alpha=1.0 - confidence)
+    over = {"n_runs": len(rows), "mean_change": t["mean"], "sd_change": t["sd"], "mean_change_ci": t["ci"],
+            "mean_before": sum(r["before"] for r in rows) / len(rows),
+            "mean_after": sum(r["after"] for r in rows) / len(rows),
+            "n_improved": sum(c > 0 for c in changes),
+            "n_significant_up": sum(r["significant"] == "up" for r in rows),
+            "n_significant_down": sum(r["significant"] == "down" for r in rows)}
+    return {"confidence": confidence, "judges": sorted({str(r["judge"]) for r in rows}), "runs": rows,
+            "over_seeds": over}
+
+
+def render_markdown(record: dict, seed_options: Sequence[str]) -> str:
+    """The summary as Markdown: one row per seed, then the mean over runs."""
+    conf = int(round(100 * record["confidence"]))
+    o = record["over_seeds"]
+    L = ["# Held-out change over seeds", "",
+         f"Each run is the same config with {', '.join(f'`{x}`' for x in seed_options)} set to its seed. Judge: "
+         f"{', '.join(f'`{j}`' for j in record['judges'])}. Per run: the paired-bootstrap {conf}% CI of the change "
+         "(resamples instructions). Over runs: the Student-t interval of the mean change (each run one draw), "
+         "which also covers the run-to-run spread.", "",
+         "| seed | n | before | after | change [CI] | valid before → after |", "|---:|---:|---:|---:|---|---|"]
+    for r in record["runs"]:
+        lo, hi = r["change_ci"]
+        mark = " ↑" if r["significant"] == "up" else " ↓" if r["significant"] == "down" else ""
+        vb, va = (("–" if v is None else f"{100 * v:.0f}%") for v in (r["valid_before"], r["valid_after"]))
+        L.append(f"| {r['seed']} | {r['n']} | {r['before']:.3f} | {r['after']:.3f} | "
+                 f"{r['change']:+.3f} [{lo:+.3f}, {hi:+.3f}]{mark} | {vb} → {va} |")
+    ci = o["mean_change_ci"]
+    interval = f" [{ci[0]:+.3f}, {ci[1]:+.3f}]" if ci else " (one run: no interval)"
+    sd = "" if o["sd_change"] is None else f", sd between runs {o['sd_change']:.3f}"
+    L += ["", f"**Mean change over {o['n_runs']} runs: {o['mean_change']:+.3f}{interval}**{sd}; "
+              f"{o['n_improved']} of {o['n_runs']} improved, {o['n_significant_up']} significantly "
+              f"(↑), {o['n_significant_down']} significantly worse (↓). Mean score {o['mean_before']:.3f} → "
+              f"{o['mean_after']:.3f}."]
+    return "\n".join(L) + "\n"
+
+
+def plot_seeds(record: dict, path: str | os.PathLike) -> None:
+    """Each run's change with its CI, and the mean over runs with its t interval (a forest plot)."""
+    from .report import _plt, _save
+
+    plt = _plt()
+    rows, o = record["runs"], record["over_seeds"]
+    fig, ax = plt.subplots(figsize=(6.4, 1.2 + 0.35 * (len(rows) + 1)))
+    ys = list(range(len(rows), 0, -1))
+    for y, r in zip(ys, rows):
+        lo, hi = r["change_ci"]
+        ax.errorbar([r["change"]], [y], xerr=[[r["change"] - lo], [hi - r["change"]]], fmt="o", capsize=3,
+                    color="C0")
+    if o["mean_change_ci"]:
+        lo, hi = o["mean_change_ci"]
+        ax.errorbar([o["mean_change"]], [0], xerr=[[o["mean_change"] - lo], [hi - o["mean_change"]]], fmt="D",
+                    capsize=4, color="C3")
+    else:
+        ax.plot([o["mean_change"]], [0], "D", color="C3")
+    ax.axvline(0.0, color="0.5", lw=0.8, ls="--")
+    ax.set_yticks(ys + [0], [f"seed {r['seed']}" for r in rows] + [f"mean of {o['n_runs']}"])
+    ax.set_ylim(-0.8, len(rows) + 0.8)
+    ax.set_xlabel(f"held-out change after training ({int(round(100 * record['confidence']))}% CI)")
+    _save(plt, fig, str(path))
+
+
+def run_seeds(config, seeds: Sequence[int], path: str | os.PathLike | None = None, parallel: int = 1,
+              seed_options: Sequence[str] = DEFAULT_SEED_OPTIONS, progress: bool = True,
+              echo: Callable[[str], None] = print, allow_config_change: bool = False, plot: bool = True,
+              sampler_factory=None, judge=None) -> dict:
+    """Run (or resume) ``config`` once per seed, then write ``seeds.json``, ``seeds.md`` and (``plot``)
+    ``seeds.png``; returns the record.
+
+    ``parallel`` = 1 runs the seeds one after the other in this process (with ``sampler_factory`` / ``judge``
+    passed to :func:`tpo_lite.loop.run`, which tests script); more runs them in that many child processes. A run
+    that fails does not stop the others; a TpoError names the failed seeds and their logs at the end, after the
+    finished runs are summarised.
+    """
+    from . import loop
+    from .guard import prepare_run_dir
+
+    if parallel < 1:
+        raise TpoError(f"must be at least 1, got {parallel}", field="--parallel")
+    if parallel > 1 and (sampler_factory is not None or judge is not None):
+        raise TpoError("scripted samplers and judges run in this process only; use parallel = 1", field="--parallel")
+    cfgs = seed_configs(config, list(seeds), seed_options)
+    sd = SeedsDir(seeds_dir(config, path))
+    sd.path.mkdir(parents=True, exist_ok=True)
+    failed: dict[int, str] = {}
+    summaries: dict[int, dict] = {}
+    if parallel == 1:
+        for s, cfg in cfgs.items():
+            echo(f"== seeds {sd.path.name}: seed {s} ({', '.join(f'{o} = {s}' for o in seed_options)}) ==")
+            summaries[s] = loop.run(cfg, sd.run(s).path, progress=progress, echo=echo,
+                                    allow_config_change=allow_config_change, sampler_factory=sampler_factory,
+                                    judge=judge)
+    else:
+        for s, cfg in cfgs.items():  # checks and config.toml here, so a bad config fails before any child starts
+            prepare_run_dir(cfg, sd.run(s).path, allow_config_change, echo)
+        for s, rc in _run_children(list(cfgs), sd, parallel, allow_config_change, echo).items():
+            summary = sd.run(s).read_summary()
+            if rc == 0 and summary is not None:
+                summaries[s] = summary
+            else:
+                failed[s] = f"seed {s}: exit {rc}, see {sd.log(s)}"
+    if summaries:
+        record = summarize_seeds(summaries, 1.0 - config.eval.alpha)
+        record.update({"seed_options": list(seed_options), "seeds": list(cfgs), "failed": sorted(failed)})
+        write_json_atomic(sd.record, record)
+        table = render_markdown(record, seed_options)
+        write_text_atomic(sd.table, table)
+        if plot:
+            plot_seeds(record, sd.plot)
+        echo("")
+        echo(table)
+    if failed:
+        raise TpoError(f"{len(failed)} of {len(cfgs)} runs failed ({'; '.join(failed.values())}); the same command "
+                       "resumes them", path=str(sd.path))
+    return record
