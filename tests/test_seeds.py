@@ -109,7 +109,7 @@ def test_seeds_cli_parses_lists_and_ranges(tmp_path):
 def test_seeds_end_to_end_tiny_in_children_then_resumed(tmp_path):
     """Two seeds of the real loop on a tiny model in child processes (`python -m tpo_lite run seed_<S>/`), one of
     them blocked by a lock (it fails, the other is summarised, the error names it); the same call resumes and
-    finishes it; a third call in this process recomputes nothing."""
+    finishes it; in this process, a locked seed fails without stopping the other, and nothing is recomputed."""
     pytest.importorskip("tpo_lite.train")
     from test_evaluate import _jsonl, _tiny_run_config, _write
 
@@ -153,6 +153,11 @@ def test_seeds_end_to_end_tiny_in_children_then_resumed(tmp_path):
     assert rec["runs"][0]["before"] == rec["runs"][1]["before"]
     done = [sd.run(s).iteration(1).samples for s in (0, 1)] + [sd.run(s).eval_base.result for s in (0, 1)]
     mtimes = [p.stat().st_mtime_ns for p in done]
+    with sd.run(1).lock():  # in this process too, a failed seed does not stop the others
+        with pytest.raises(TpoError, match=r"1 of 2 runs failed \(seed 1: TpoError"):
+            run_seeds(config, [1, 0], parallel=1, progress=False, echo=lines.append, plot=False)
+    assert "another tpo-lite process" in sd.log(1).read_text().splitlines()[-1]
+    assert [r["seed"] for r in json.loads(sd.record.read_text())["runs"]] == [0]
     again = run_seeds(config, [0, 1], parallel=1, progress=False, echo=lines.append, plot=False)
     assert again["runs"] == rec["runs"]
     assert [p.stat().st_mtime_ns for p in done] == mtimes

@@ -30,6 +30,7 @@ import os
 import subprocess
 import sys
 import time
+import traceback
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -234,9 +235,15 @@ def run_seeds(config, seeds: Sequence[int], path: str | os.PathLike | None = Non
     if parallel == 1:
         for s, cfg in cfgs.items():
             echo(f"== seeds {sd.path.name}: seed {s} ({', '.join(f'{o} = {s}' for o in seed_options)}) ==")
-            summaries[s] = loop.run(cfg, sd.run(s).path, progress=progress, echo=echo,
-                                    allow_config_change=allow_config_change, sampler_factory=sampler_factory,
-                                    judge=judge)
+            try:
+                summaries[s] = loop.run(cfg, sd.run(s).path, progress=progress, echo=echo,
+                                        allow_config_change=allow_config_change, sampler_factory=sampler_factory,
+                                        judge=judge)
+            except Exception as e:  # the other seeds still run; the traceback goes to the seed's log
+                with open(sd.log(s), "a") as f:
+                    f.write(traceback.format_exc())
+                failed[s] = f"seed {s}: {type(e).__name__}: {e}, see {sd.log(s)}"
+                echo(f"seed {s}: failed: {type(e).__name__}: {e}")
     else:
         for s, cfg in cfgs.items():  # checks and config.toml here, so a bad config fails before any child starts
             prepare_run_dir(cfg, sd.run(s).path, allow_config_change, echo)
