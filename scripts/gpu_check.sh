@@ -148,13 +148,14 @@ else
         --methods fused,eager,compiled,liger,floor --repeats 5 --out "$OUT_DIR/bench_kernels.json"
 fi
 
-# 6. NF4 QLoRA DPO (tpo-lite's trainer, with and without gradient checkpointing; TRL too when it is installed);
-# two interleaved rounds on the GPU, one with --cpu (the plumbing only)
+# 6. NF4 QLoRA DPO (tpo-lite's trainer with and without gradient checkpointing, each also with train.share_prompt;
+# TRL too when it is installed); two interleaved rounds on the GPU, one with --cpu (the plumbing only). The JSON is
+# rewritten after every run, so a step cut short by its limit keeps the runs it finished ("complete": false).
 rounds=2
 [ "$CPU_ONLY" = 1 ] && rounds=1
-step qlora_dpo 150 "${TPO[@]}" bench train --model "$MODEL" --device "$DEVICE" --load-in-4bit true --dtype bfloat16 \
-    --n-pairs 8 --max-length 512 --batch-size 2 --repeats "$rounds" --methods tpo-lite,tpo-lite-nogc,trl \
-    --out "$OUT_DIR/bench_train.json"
+step qlora_dpo 180 "${TPO[@]}" bench train --model "$MODEL" --device "$DEVICE" --load-in-4bit true --dtype bfloat16 \
+    --n-pairs 8 --max-length 512 --batch-size 2 --repeats "$rounds" \
+    --methods tpo-lite,tpo-lite-nogc,tpo-lite-shared,tpo-lite-nogc-shared,trl --out "$OUT_DIR/bench_train.json"
 
 # 7. a tiny end-to-end run: the tiny model's own instruction files, else the embedded sets
 if [ "$MODEL" = "$WORK/tiny_model" ]; then
@@ -210,43 +211,7 @@ step run 200 "${TPO[@]}" run "$WORK/run.toml"
 [ -f "$WORK/runs/gpu_check/summary.json" ] && cp "$WORK/runs/gpu_check/summary.json" "$OUT_DIR/run_summary.json"
 
 # summary.json: the steps and the key numbers of each JSON
-"$PY" - "$STEPS" "$OUT_DIR" "$CPU_ONLY" "$MODEL" "$(($(date +%s) - T0))" <<'EOF' >>"$LOG" 2>&1
-import json, sys
-from pathlib import Path
-steps_file, out, cpu_only, model, seconds = sys.argv[1:]
-out = Path(out)
-steps = []
-for line in Path(steps_file).read_text().splitlines():
-    name, rc, secs = line.split("\t")
-    steps.append({"step": name, "exit": int(rc) if rc.lstrip("-").isdigit() else rc, "seconds": int(secs)})
-def load(name):
-    p = out / name
-    try:
-        return json.loads(p.read_text()) if p.exists() else None
-    except ValueError as e:
-        return {"unreadable": str(e)}
-summary = {"cpu_only": cpu_only == "1", "model": model, "seconds": int(seconds), "steps": steps,
-           "failed": [s["step"] for s in steps if isinstance(s["exit"], int) and s["exit"] != 0]}
-k = load("bench_kernels.json")
-if k and "cases" in k:
-    summary["kernels"] = [{"case": f"N={c['N']} d={c['d']} V={c['V']} {c['dtype']}",
-                           "median_ms": {m: v.get("median_ms") for m, v in c["methods"].items()},
-                           "status": {m: v.get("status") for m, v in c["methods"].items()},
-                           "ratios": c.get("ratios")} for c in k["cases"]]
-t = load("bench_train.json")
-if t and "methods" in t:
-    summary["qlora_dpo"] = {"methods": {m: {key: v.get(key) for key in ("status", "tokens_per_s", "peak_rss_mb",
-                                                                          "peak_cuda_allocated_mb")}
-                                        for m, v in t["methods"].items()}, "ratios": t.get("ratios")}
-r = load("run_summary.json")
-if r and "iterations" in r:
-    summary["run"] = {"iterations": len(r["iterations"]), "final_adapter": r.get("final_adapter"),
-                      "heldout_after": (r.get("heldout_after") or {}).get("mean_score"),
-                      "memory": r.get("memory"),
-                      "train": [(m.get("train") or {}).get("metrics", {}).get("steps") for m in r["iterations"]]}
-(out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
-print(json.dumps({"failed": summary["failed"], "seconds": summary["seconds"]}))
-EOF
+"$PY" scripts/gpu_check_summary.py "$STEPS" "$OUT_DIR" "$CPU_ONLY" "$MODEL" "$(($(date +%s) - T0))" >>"$LOG" 2>&1
 rm -rf "$WORK"
 tail -n 1 "$LOG"
 echo "gpu_check: $OUT_DIR/summary.json, $OUT_DIR/gpu_check.log"

@@ -44,7 +44,7 @@ def test_cli_runs_interleaved_fresh_processes_and_writes_json(tiny_dir, tmp_path
         "--out", str(out)])
     assert res.exit_code == 0, res.output
     result = json.loads(out.read_text())
-    assert set(result) == {"meta", "runs", "methods", "ratios"}
+    assert set(result) == {"meta", "runs", "methods", "ratios", "complete"} and result["complete"] is True
     trl_ok = trl_status(sys.executable) is not None
     if not trl_ok:
         assert result["methods"]["trl"]["status"].startswith("n/a (trl not importable")
@@ -79,6 +79,23 @@ def test_cli_runs_interleaved_fresh_processes_and_writes_json(tiny_dir, tmp_path
         m["tpo-lite-nogc-shared"]["tokens_per_s"] / m["tpo-lite-nogc"]["tokens_per_s"])
     assert ("tpo-lite/trl tokens_per_s" in result["ratios"]) == trl_ok
     assert "tpo-lite" in res.output and "tokens/s" in res.output
+
+
+def test_partial_results_after_every_run(tiny_dir):
+    """on_run sees the result over the runs so far (what `--out` rewrites), so a benchmark cut short keeps them."""
+    from tpo_lite.bench.train import TrainBenchConfig, run_train_benchmark
+
+    cfg = TrainBenchConfig(model=tiny_dir, dtype="float32", load_in_4bit=False, device="cpu", n_pairs=2,
+                           max_length=64, batch_size=2, repeats=1, threads=1, methods=("tpo-lite-nogc", "tpo-lite"))
+    partials = []
+    final = run_train_benchmark(cfg, on_run=partials.append)
+    assert len(partials) == 2
+    first = partials[0]
+    assert first["complete"] is False and [r["method"] for r in first["runs"]] == ["tpo-lite-nogc"]
+    assert first["methods"]["tpo-lite-nogc"]["status"] == "ok" and first["methods"]["tpo-lite"]["status"] == "not run"
+    assert first["ratios"] == {}
+    assert partials[1]["complete"] is True and partials[1]["runs"] == final["runs"]
+    assert partials[1]["methods"] == final["methods"] and "tpo-lite/tpo-lite-nogc tokens_per_s" in final["ratios"]
 
 
 def test_cli_rejects_bad_methods():

@@ -11,9 +11,42 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 
-pytestmark = pytest.mark.slow
+
+def test_summary_says_why_a_step_failed_and_keeps_a_partial_benchmark(tmp_path):
+    """summary.json alone must say why a step failed (the machine and its log can be lost) and keep the runs of a
+    benchmark cut short by its time limit."""
+    sys.path.insert(0, str(REPO / "scripts"))
+    try:
+        import gpu_check_summary
+    finally:
+        sys.path.pop(0)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "gpu_check.log").write_text("\n".join([
+        "=== env (limit 60s): python -c ...", "torch 2.11", "=== env: exit 0 after 3s",
+        "=== qlora_dpo (limit 180s): python -c ... bench train", "round 1/2: tpo-lite ...",
+        *[f"line {i}" for i in range(20)], "  tpo-lite-shared: exit 1: RuntimeError: CUDA error",
+        "=== qlora_dpo: timed out after 180s", "=== qlora_dpo: exit 124 after 190s",
+        "=== run (limit 200s): python -c ... run", "ok", "=== run: exit 0 after 100s"]) + "\n")
+    (out / "bench_train.json").write_text(json.dumps({
+        "complete": False, "runs": [{"method": "tpo-lite"}], "ratios": {},
+        "methods": {"tpo-lite": {"status": "ok", "tokens_per_s": 500.0}, "trl": {"status": "not run"}}}))
+    steps = tmp_path / "steps.tsv"
+    steps.write_text("env\t0\t3\nbuild\tskipped: --cpu\t0\nqlora_dpo\t124\t190\nrun\t0\t100\n")
+    gpu_check_summary.main([str(steps), str(out), "0", "m", "300"])
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["failed"] == ["qlora_dpo"]
+    by_name = {s["step"]: s for s in summary["steps"]}
+    assert by_name["build"]["exit"] == "skipped: --cpu" and "log_tail" not in by_name["env"]
+    tail = by_name["qlora_dpo"]["log_tail"]
+    assert len(tail) == 12 and tail[-1] == "  tpo-lite-shared: exit 1: RuntimeError: CUDA error"
+    assert not any(line.startswith("===") for line in tail)
+    q = summary["qlora_dpo"]
+    assert q["complete"] is False and q["runs"] == 1 and q["methods"]["tpo-lite"]["tokens_per_s"] == 500.0
+    assert q["methods"]["trl"]["status"] == "not run"
 
 
+@pytest.mark.slow
 def test_gpu_check_cpu_plumbing(tmp_path):
     out = tmp_path / "out"
     env = {**os.environ, "PYTHON": sys.executable, "GPU_CHECK_BUDGET_S": "400"}
@@ -31,6 +64,7 @@ def test_gpu_check_cpu_plumbing(tmp_path):
     assert summary["kernels"][0]["status"]["fused"] == "ok"
     assert summary["qlora_dpo"]["methods"]["tpo-lite"]["status"] == "ok"
     assert summary["qlora_dpo"]["methods"]["tpo-lite"]["tokens_per_s"] > 0
+    assert summary["qlora_dpo"]["complete"] is True
     run = summary["run"]
     assert run["iterations"] == 1 and run["final_adapter"], run
     assert run["train"][0] >= 1, run  # the loose pair rules make even the tiny model train

@@ -296,8 +296,13 @@ def _median(xs):
     return statistics.median(xs) if xs else None
 
 
-def run_train_benchmark(cfg: TrainBenchConfig, log: Callable[[str], None] = lambda s: None) -> dict:
-    """Interleaved fresh-process runs of ``cfg.methods``; returns ``{"meta", "runs", "methods", "ratios"}``."""
+def run_train_benchmark(cfg: TrainBenchConfig, log: Callable[[str], None] = lambda s: None,
+                        on_run: Callable[[dict], None] | None = None) -> dict:
+    """Interleaved fresh-process runs of ``cfg.methods``; returns ``{"meta", "runs", "methods", "ratios",
+    "complete"}``.
+
+    ``on_run`` gets that result over the runs so far after every run, so a caller can keep partial results
+    when the whole benchmark is cut short (a time limit)."""
     pairs = load_pairs(cfg, vocab_size(_model_cfg(dataclasses.asdict(cfg))))
     spec = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("methods", "pairs", "trl_python")}
     spec["pairs"] = pairs
@@ -321,6 +326,13 @@ def run_train_benchmark(cfg: TrainBenchConfig, log: Callable[[str], None] = lamb
             else:
                 log(f"  {m}: {r['tokens_per_s']:.1f} tokens/s, {r['seconds']:.1f} s, "
                     f"peak RSS {r['peak_rss_mb']:.0f} MB")
+            if on_run is not None:
+                on_run(_summarise(cfg, pairs, runs, status, trl_version))
+    return _summarise(cfg, pairs, runs, status, trl_version)
+
+
+def _summarise(cfg: TrainBenchConfig, pairs, runs: list[dict], status: dict, trl_version) -> dict:
+    """The benchmark's result over ``runs``: medians per method and the ratios between methods."""
     methods = {}
     for m in cfg.methods:
         ok = [r for r in runs if r["method"] == m and "error" not in r]
@@ -329,7 +341,7 @@ def run_train_benchmark(cfg: TrainBenchConfig, log: Callable[[str], None] = lamb
             methods[m] = {"status": status[m]}
             continue
         if not ok:
-            methods[m] = {"status": "failed: " + (errors[0] if errors else "no run")}
+            methods[m] = {"status": ("failed: " + errors[0]) if errors else "not run"}
             continue
         methods[m] = {"status": "ok", "runs": len(ok), "errors": errors,
                       "tokens_per_s": _median([r["tokens_per_s"] for r in ok]),
@@ -337,7 +349,10 @@ def run_train_benchmark(cfg: TrainBenchConfig, log: Callable[[str], None] = lamb
                       "seconds": _median([r["seconds"] for r in ok]),
                       "peak_rss_mb": _median([r["peak_rss_mb"] for r in ok]),
                       "tokens_per_s_all": [round(r["tokens_per_s"], 2) for r in ok],
-                      "peak_rss_mb_all": [round(r["peak_rss_mb"], 1) for r in ok]}
+                      "peak_rss_mb_all": [round(r["peak_rss_mb"], 1) for r in ok],
+                      # the same pairs and seed: the layouts (share_prompt) and trainers should agree on these
+                      "initial_loss_all": [r.get("initial_loss") for r in ok],
+                      "final_loss_all": [r.get("final_loss") for r in ok]}
         if any("peak_cuda_allocated_mb" in r for r in ok):
             methods[m]["peak_cuda_allocated_mb"] = _median([r.get("peak_cuda_allocated_mb", 0) for r in ok])
             methods[m]["peak_cuda_reserved_mb"] = _median([r.get("peak_cuda_reserved_mb", 0) for r in ok])
@@ -362,7 +377,8 @@ def run_train_benchmark(cfg: TrainBenchConfig, log: Callable[[str], None] = lamb
                       "wall time",
             "memory": "peak RSS of the run's subprocess (imports + model + reference + training): VmHWM / "
                       "ru_maxrss, kept across tpo_lite.memory's high-water-mark resets"}
-    return {"meta": meta, "runs": runs, "methods": methods, "ratios": ratios}
+    return {"meta": meta, "runs": list(runs), "methods": methods, "ratios": ratios,
+            "complete": len(runs) == cfg.repeats * sum(status[m] == "ok" for m in cfg.methods)}
 
 
 def format_table(result: dict) -> str:

@@ -110,15 +110,18 @@ def train_command(model, dtype, load_in_4bit, device, pairs, n_pairs, max_length
     """DPO training: tpo-lite vs TRL's DPOTrainer on the same pairs (tokens/s and peak RSS).
 
     Each run (load, reference log-probs, one epoch of LoRA DPO) is a fresh subprocess; runs are interleaved
-    and the medians and ratios reported. Prints a table; --out also writes everything as JSON.
+    and the medians and ratios reported. Prints a table; --out also writes everything as JSON, rewritten after
+    every run (with "complete": false until the last), so a benchmark cut short keeps the runs it finished.
     """
     from tpo_lite.bench.train import TrainBenchConfig, format_table, run_train_benchmark
+    from tpo_lite.jsonl import write_json_atomic
 
     cfg = _config(TrainBenchConfig, methods, model=model, dtype=dtype, load_in_4bit=load_in_4bit, device=device,
                   pairs=pairs or "", n_pairs=n_pairs, max_length=max_length, batch_size=batch_size,
                   grad_accum=grad_accum, lora_r=lora_r, repeats=repeats, threads=threads, seed=seed,
                   trl_python=trl_python, timeout_s=timeout_s)
-    result = run_train_benchmark(cfg, log=lambda line: click.echo(line, err=True))
+    result = run_train_benchmark(cfg, log=lambda line: click.echo(line, err=True),
+                                 on_run=(lambda partial: write_json_atomic(out, partial)) if out else None)
     _report(result, format_table, out)
     failed = [m for m, v in result["methods"].items() if v["status"].startswith("failed")]
     if failed:
