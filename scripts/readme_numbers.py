@@ -6,6 +6,8 @@
         --out docs/measured/main_command.json
     # the README's tables, rendered from that record (tests/test_readme_numbers.py checks the README holds them)
     python scripts/readme_numbers.py render docs/measured/main_command.json
+    # runs of one recipe that differ only in their seeds, summarised as `tpo-lite seeds` does (per run and over runs)
+    python scripts/readme_numbers.py seeds 0=docs/measured/main_command.json 1=docs/measured/recipe_seed1.json
 
 The record holds the run's summary.json (without per-item lists), the held-out results' ``environment`` (the
 machine and library versions: greedy outputs of one commit differ between CPUs, see tpo_lite/fingerprint.py)
@@ -137,6 +139,23 @@ def render(rec: dict) -> str:
     return "\n".join(lines)
 
 
+def render_seeds(records: dict[int, dict]) -> str:
+    """``{seed: record}`` of runs of one recipe -> the Markdown of :func:`tpo_lite.seeds.render_markdown` (each
+    run's change with its CI; the mean change over runs with its Student-t interval), plus each run's commit."""
+    from tpo_lite.seeds import render_markdown, summarize_seeds
+
+    summary = summarize_seeds(records)
+    commits = ", ".join(f"seed {s}: `{(records[s].get('commit') or '?')[:7]}`" for s in sorted(records))
+    return render_markdown(summary, ["sampling.seed", "train.seed"], heading=False) + f"\nCommits: {commits}.\n"
+
+
+def _seed_record(arg: str) -> tuple[int, dict]:
+    seed, sep, path = arg.partition("=")
+    if not sep or not seed.strip().lstrip("-").isdigit():
+        raise SystemExit(f"readme_numbers seeds: {arg!r} is not SEED=RECORD.json")
+    return int(seed), json.loads(Path(path).read_text(encoding="utf-8"))
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -152,6 +171,8 @@ def main(argv=None) -> int:
     r.add_argument("--out", type=Path, required=True)
     p = sub.add_parser("render", help="print the README tables of a record")
     p.add_argument("record", type=Path)
+    sd = sub.add_parser("seeds", help="summarise records of one recipe run with different seeds")
+    sd.add_argument("records", nargs="+", metavar="SEED=RECORD.json")
     args = ap.parse_args(argv)
     if args.cmd == "record":
         tree = json.loads(args.tree_memory.read_text(encoding="utf-8")) if args.tree_memory else None
@@ -159,6 +180,8 @@ def main(argv=None) -> int:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(rec, indent=1) + "\n", encoding="utf-8")
         print(f"wrote {args.out}", file=sys.stderr)
+    elif args.cmd == "seeds":
+        print(render_seeds(dict(_seed_record(a) for a in args.records)), end="")
     else:
         print(render(json.loads(args.record.read_text(encoding="utf-8"))))
     return 0

@@ -84,3 +84,38 @@ def test_memory_line_of_a_run_in_stage_processes_and_of_one_process(tmp_path):
     (tmp_path / "summary.json").write_text(json.dumps(summary))
     md = mod.render(json.loads(json.dumps(mod.record(tmp_path, "c", 60.0, "idle"))))
     assert "Memory: one process; it peaked at 3000 MB RSS = 1.50 x its largest train (DPO) stage (2000 MB)." in md
+
+
+def test_seeds_summary_of_records(tmp_path):
+    """`readme_numbers.py seeds` summarises recorded runs with tpo_lite.seeds' own code, commits named."""
+    mod = _module()
+    recs = {}
+    for seed, (diff, ci) in {0: (0.1, [0.04, 0.16]), 1: (0.02, [-0.03, 0.07])}.items():
+        summary = _summary()
+        summary["heldout_change"] = {"n": 100, "score_diff": diff, "score_diff_ci": ci}
+        summary["heldout_after"]["mean_score"] = 0.2 + diff
+        (tmp_path / "summary.json").write_text(json.dumps(summary))
+        path = tmp_path / f"rec{seed}.json"
+        path.write_text(json.dumps(mod.record(tmp_path, "c", 60.0, "idle")))
+        recs[seed] = path
+    md = mod.render_seeds({s: json.loads(p.read_text()) for s, p in recs.items()})
+    assert not md.startswith("#")
+    assert "| 0 | 100 | 0.200 | 0.300 | +0.100 [+0.040, +0.160] ↑ | 80% → 95% |" in md
+    assert "| 1 | 100 | 0.200 | 0.220 | +0.020 [-0.030, +0.070] | 80% → 95% |" in md
+    assert "**Mean change over 2 runs: +0.060 [-0.448, +0.568]**, sd between runs 0.057" in md
+    assert md.endswith("Commits: seed 0: `abc123`, seed 1: `abc123`.\n")
+
+
+def test_readme_holds_the_rendered_seeds_summary():
+    """The README's summary over seeds is what `readme_numbers.py seeds` makes of the records its marker names."""
+    root = SCRIPT.parents[1]
+    readme = (root / "README.md").read_text(encoding="utf-8")
+    marker = "<!-- measured:seeds "
+    assert marker in readme
+    args, rest = readme.split(marker)[1].split(" -->", 1)
+    records = {}
+    for arg in args.split():
+        seed, path = arg.split("=")
+        records[int(seed)] = json.loads((root / path).read_text(encoding="utf-8"))
+    assert len(records) >= 2
+    assert _module().render_seeds(records) in rest.split("<!-- /measured -->")[0]

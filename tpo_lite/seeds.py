@@ -157,11 +157,11 @@ def summarize_seeds(summaries: dict[int, dict], confidence: float = 0.95) -> dic
             "over_seeds": over}
 
 
-def render_markdown(record: dict, seed_options: Sequence[str]) -> str:
-    """The summary as Markdown: one row per seed, then the mean over runs."""
+def render_markdown(record: dict, seed_options: Sequence[str], heading: bool = True) -> str:
+    """The summary as Markdown: one row per seed, then the mean over runs (``heading``: under a title)."""
     conf = int(round(100 * record["confidence"]))
     o = record["over_seeds"]
-    L = ["# Held-out change over seeds", "",
+    L = (["# Held-out change over seeds", ""] if heading else []) + [
          f"Each run is the same config with {', '.join(f'`{x}`' for x in seed_options)} set to its seed. Judge: "
          f"{', '.join(f'`{j}`' for j in record['judges'])}. Per run: the paired-bootstrap {conf}% CI of the change "
          "(resamples instructions). Over runs: the Student-t interval of the mean change (each run one draw), "
