@@ -484,6 +484,20 @@ def test_cli_eval_seed_absolute_then_against(tmp_path):
     assert r.exit_code == 2 and "do not line up with the eval set" in r.output
 
 
+def _tiny_loop_config(tmp_path, loop_extra: str = "") -> str:
+    """_tiny_run_config made to train: 4 training instructions with checks, one iteration of 2 prompts x K=2,
+    DPO batches of 2 (``loop_extra``: more [loop] lines); returns the TOML's path."""
+    train = _jsonl(tmp_path / "train.jsonl", [
+        {"id": f"t{k}", "instruction": f"w{k} w{k + 3} yes", "category": "lists",
+         "checks": [{"type": "max_words", "value": 4 + k % 5}]} for k in range(4)])
+    text = open(_tiny_run_config(tmp_path)).read().replace(
+        "[sampling]\nmax_new_tokens = 10", "[sampling]\nmax_new_tokens = 10\nk = 2\nbatch_size = 2\ntemperature = 1.0")
+    text = text.replace("[loop]\n", f'[loop]\niterations = 1\nprompts_per_iteration = 2\n{loop_extra}'
+                                    f'train_instructions = "{train}"\n')
+    text += "\n[train]\nbatch_size = 2\ngrad_accum = 1\nmax_length = 64\n"
+    return _write(tmp_path / "run.toml", text)
+
+
 @pytest.mark.slow
 def test_experiment_end_to_end_tiny(tmp_path):
     """The direct-response experiment through the real loop (sample, judge, pairs, DPO, held-out evals) on a tiny
@@ -493,16 +507,7 @@ def test_experiment_end_to_end_tiny(tmp_path):
     from tpo_lite.experiment import run_experiment
     from tpo_lite.report import make_report
 
-    cfg = _tiny_run_config(tmp_path)
-    train = _jsonl(tmp_path / "train.jsonl", [
-        {"id": f"t{k}", "instruction": f"w{k} w{k + 3} yes", "category": "lists",
-         "checks": [{"type": "max_words", "value": 4 + k % 5}]} for k in range(4)])
-    text = open(cfg).read().replace("[sampling]\nmax_new_tokens = 10",
-                                    "[sampling]\nmax_new_tokens = 10\nk = 2\nbatch_size = 2\ntemperature = 1.0")
-    text = text.replace("[loop]\n", f'[loop]\niterations = 1\nprompts_per_iteration = 2\ntrain_instructions = "{train}"\n')
-    text += "\n[train]\nbatch_size = 2\ngrad_accum = 1\nmax_length = 64\n"
-    _write(tmp_path / "run.toml", text)
-    config = load_config(tmp_path / "run.toml")
+    config = load_config(_tiny_loop_config(tmp_path))
     record = run_experiment(config, tmp_path / "exp", progress=False, echo=lambda s: None)
     exp = tmp_path / "exp"
     assert [r["comparison"] for r in record["table"]] == ["TPO (iter 1) vs seed", "direct (iter 1) vs seed",

@@ -111,23 +111,13 @@ def test_seeds_end_to_end_tiny_in_children_then_resumed(tmp_path):
     them blocked by a lock (it fails, the other is summarised, the error names it); the same call resumes and
     finishes it; in this process, a locked seed fails without stopping the other, and nothing is recomputed."""
     pytest.importorskip("tpo_lite.train")
-    from test_evaluate import _jsonl, _tiny_run_config, _write
+    from test_evaluate import _tiny_loop_config
 
     from tpo_lite.config import load_config
     from tpo_lite.rundir import SeedsDir
     from tpo_lite.seeds import run_seeds
 
-    cfg = _tiny_run_config(tmp_path)
-    train = _jsonl(tmp_path / "train.jsonl", [
-        {"id": f"t{k}", "instruction": f"w{k} w{k + 3} yes", "category": "lists",
-         "checks": [{"type": "max_words", "value": 4 + k % 5}]} for k in range(4)])
-    text = open(cfg).read().replace("[sampling]\nmax_new_tokens = 10",
-                                    "[sampling]\nmax_new_tokens = 10\nk = 2\nbatch_size = 2\ntemperature = 1.0")
-    text = text.replace("[loop]\n", f'[loop]\niterations = 1\nprompts_per_iteration = 2\nstage_processes = false\n'
-                                    f'train_instructions = "{train}"\n')
-    text += "\n[train]\nbatch_size = 2\ngrad_accum = 1\nmax_length = 64\n"
-    _write(tmp_path / "run.toml", text)
-    config = load_config(tmp_path / "run.toml")
+    config = load_config(_tiny_loop_config(tmp_path, "stage_processes = false\n"))
     sd = SeedsDir(tmp_path / "runs" / "tiny_seeds")
     lines = []
     with sd.run(1).lock():  # seed 1's child finds its run locked and fails

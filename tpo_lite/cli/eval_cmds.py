@@ -164,15 +164,27 @@ def report_command(run_dirs, out_dir):
         click.echo(p)
 
 
+def _runs_options(name_help: str, run_dir_help: str):
+    """The options of a command that runs the loop several times from one config (experiment, seeds)."""
+    options = [click.option("--name", default=None, help=name_help),
+               click.option("--run-dir", type=click.Path(file_okay=False), default=None, help=run_dir_help),
+               click.option("--set", "overrides", multiple=True, metavar="TABLE.KEY=VALUE", help=_SET_HELP),
+               click.option("--allow-config-change", is_flag=True,
+                            help="Resume although the saved configs differ (see `tpo-lite run --help`)."),
+               click.option("--no-progress", is_flag=True, help="Hide the progress bars.")]
+
+    def apply(fn):
+        for option in reversed(options):
+            fn = option(fn)
+        return fn
+
+    return apply
+
+
 @click.command("experiment", context_settings={"max_content_width": 100})
 @click.argument("config", metavar="CONFIG.toml")
-@click.option("--name", default=None, help="Experiment name (overrides loop.name): runs/<name>/{tpo,direct}.")
-@click.option("--run-dir", type=click.Path(file_okay=False), default=None,
-              help="Experiment directory to use instead of <loop.runs_root>/<loop.name>.")
-@click.option("--set", "overrides", multiple=True, metavar="TABLE.KEY=VALUE", help=_SET_HELP)
-@click.option("--allow-config-change", is_flag=True,
-              help="Resume although the saved configs differ (see `tpo-lite run --help`).")
-@click.option("--no-progress", is_flag=True, help="Hide the progress bars.")
+@_runs_options("Experiment name (overrides loop.name): runs/<name>/{tpo,direct}.",
+               "Experiment directory to use instead of <loop.runs_root>/<loop.name>.")
 @click.option("--no-report", is_flag=True, help="Do not write the report (plots + Markdown) at the end.")
 @_fail_cleanly
 def experiment_command(config, name, run_dir, overrides, allow_config_change, no_progress, no_report):
@@ -223,13 +235,8 @@ def _seed_list(ctx, param, value):
               help="Runs at a time. 1 = one after the other in this process (progress bars); more = child "
                    "processes with their output in <dir>/seed_<S>.log (a GPU that a small model leaves idle "
                    "takes several; on a CPU each gets cpu_count/parallel threads).")
-@click.option("--name", default=None, help="Name (overrides loop.name): the runs go to <runs_root>/<name>_seeds/.")
-@click.option("--run-dir", type=click.Path(file_okay=False), default=None,
-              help="Seeds directory to use instead of <loop.runs_root>/<loop.name>_seeds.")
-@click.option("--set", "overrides", multiple=True, metavar="TABLE.KEY=VALUE", help=_SET_HELP)
-@click.option("--allow-config-change", is_flag=True,
-              help="Resume although the saved configs differ (see `tpo-lite run --help`).")
-@click.option("--no-progress", is_flag=True, help="Hide the progress bars.")
+@_runs_options("Name (overrides loop.name): the runs go to <runs_root>/<name>_seeds/.",
+               "Seeds directory to use instead of <loop.runs_root>/<loop.name>_seeds.")
 @_fail_cleanly
 def seeds_command(config, seeds, seed_options, parallel, name, run_dir, overrides, allow_config_change,
                   no_progress):
