@@ -1,5 +1,6 @@
 """`tpo-lite seeds`: one config run with several seeds, summarised over runs (tpo_lite.seeds, stats.t_interval)."""
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -130,6 +131,10 @@ def test_seeds_end_to_end_tiny_in_children_then_resumed(tmp_path):
     rec = run_seeds(config, [0, 1], parallel=2, echo=lines.append)
     assert [r["seed"] for r in rec["runs"]] == [0, 1] and rec["failed"] == []
     assert sd.plot.exists() and "Mean change over 2 runs" in sd.table.read_text()
+    from tpo_lite.report import make_report
+
+    report = json.loads(Path(make_report([sd.path])["report.md"]).with_name("report.json").read_text())
+    assert report["runs"] == [str(sd.run(0).path), str(sd.run(1).path)]  # a seeds dir expands to its runs
     for s in (0, 1):
         saved = load_config(sd.run(s).config)
         assert (saved.sampling.seed, saved.train.seed, saved.loop.seed) == (s, s, 0)

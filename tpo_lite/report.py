@@ -14,7 +14,8 @@ What is read (all optional; a plot whose data is missing says so instead of fail
   ones) as final comparisons.
 
 An *experiment* directory (with ``experiment.json``, see :mod:`tpo_lite.experiment`) expands to its runs plus its
-own ``compare/`` results.
+own ``compare/`` results; a *seeds* directory (with ``seeds.json``, see :mod:`tpo_lite.seeds`) to its ``seed_<S>/``
+runs, so the plots show one line per seed.
 
 Outputs in ``--out`` (default ``<first RUN>/report``): ``winrate.png``, ``lengths.png``, ``valid_rate.png``,
 ``scores.png``, ``categories.png`` and ``report.md`` which embeds them and lists the numbers behind them.
@@ -30,7 +31,7 @@ from dataclasses import dataclass, field
 from .errors import TpoError
 from .jsonl import read_json, read_records, write_text_atomic
 from .records import Judgement, Pair
-from .rundir import RECORD_KEYS, ExperimentDir, RunDir
+from .rundir import RECORD_KEYS, ExperimentDir, RunDir, SeedsDir
 
 _PAIR_KEYS = tuple(f.name for f in dataclasses.fields(Pair))  # a Pair has no optional field
 
@@ -96,11 +97,16 @@ def load_run(run_dir: str | os.PathLike, name: str | None = None) -> RunData:
 
 
 def expand_dirs(dirs: list[str]) -> tuple[list[RunData], dict[str, dict]]:
-    """Run directories (experiment directories expand to their runs) and the experiment-level comparisons."""
+    """Run directories (experiment and seeds directories expand to their runs) and the experiment-level
+    comparisons."""
     runs, comparisons = [], {}
     for d in dirs:
-        exp = ExperimentDir(d)
-        if exp.record.exists():
+        exp, seeds = ExperimentDir(d), SeedsDir(d)
+        if seeds.record.exists():
+            for s in _read_json_checked(seeds.record).get("seeds", []):
+                if seeds.run(s).path.is_dir():
+                    runs.append(load_run(str(seeds.run(s).path)))
+        elif exp.record.exists():
             info = _read_json_checked(exp.record)
             for label, sub in info.get("runs", {}).items():
                 p = sub if os.path.isabs(sub) else os.path.join(d, sub)

@@ -152,7 +152,7 @@ def eval_command(target, iteration, adapter, eval_set, baseline, against, output
               help="Output folder (default: FIRST_RUN_DIR/report).")
 @_fail_cleanly
 def report_command(run_dirs, out_dir):
-    """PNG plots and a Markdown summary of one or more runs (or an experiment directory).
+    """PNG plots and a Markdown summary of one or more runs (or an experiment or seeds directory: its runs).
 
     Plots: win rate per iteration with CI bars (TPO vs direct) and held-out score, thought and response length
     per iteration, valid-format rate per iteration, judge scores of chosen vs rejected, per-category bars.
