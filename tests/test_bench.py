@@ -58,7 +58,15 @@ def _check_result(result, cfg):
 def test_benchmark_tiny_with_memory():
     cfg = KernelBenchConfig(device="cpu", shapes=TINY, dtypes=["float32"], methods=["fused", "eager", "floor", "liger"],
                             repeats=5, warmup=1, memory=True, threads=1)
-    result = run_kernel_benchmark(cfg, log=lambda line: None)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        result = run_kernel_benchmark(cfg, log=lambda line: None)
+        # the benchmark ran with its own thread count and gave the caller's back (a leaked count made a later run
+        # in this process differ in its last bits from the same run in a fresh process)
+        assert result["meta"]["threads"] == 1 and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
     _check_result(result, cfg)
     case = result["cases"][0]
     # Liger-Kernel needs a GPU: reported, not silently dropped.

@@ -221,8 +221,12 @@ def test_a_run_in_stage_processes_writes_what_one_process_writes(tmp_path):
     overrides = ["sampling.thought_budget=8", "sampling.max_new_tokens=24", "eval.max_new_tokens=16"]
 
     cfg_path = write_config(tmp_path, model, train, heldout, iterations=1, name="isolated")
+    import torch
+
+    # the same thread count in both runs: another count may change the last bits of a product
+    env = dict(os.environ, PYTHONPATH=str(TESTS.parent), OMP_NUM_THREADS=str(torch.get_num_threads()))
     out = subprocess.run([sys.executable, "-c", DRIVER, str(cfg_path), "loop.stage_processes=true", *overrides],
-                         capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(TESTS.parent)))
+                         capture_output=True, text=True, env=env)
     assert out.returncode == 0, out.stderr[-3000:]
     isolated = json.loads(out.stdout.strip().splitlines()[-1])
     assert isolated["torch_in_driver"] is False and isolated["transformers_in_driver"] is False

@@ -439,11 +439,17 @@ def resolve_device(device: str) -> str:
 
 
 def run_kernel_benchmark(cfg: KernelBenchConfig, log: Callable[[str], None] = print) -> dict:
-    """Runs every (shape, dtype) case of `cfg` and returns the result dict (the JSON written by the CLI)."""
+    """Runs every (shape, dtype) case of `cfg` and returns the result dict (the JSON written by the CLI); with
+    ``cfg.threads`` torch's thread count for the benchmark only."""
+    from . import torch_threads
+
+    with torch_threads(cfg.threads):
+        return _run_kernel_benchmark(cfg, log)
+
+
+def _run_kernel_benchmark(cfg: KernelBenchConfig, log: Callable[[str], None]) -> dict:
     import torch
     device = resolve_device(cfg.device)
-    if cfg.threads > 0:
-        torch.set_num_threads(cfg.threads)
     shapes = cfg.shapes or (GPU_SHAPES if device == "cuda" else CPU_SHAPES)
     meta = {
         "device": device,

@@ -166,13 +166,19 @@ def make_runner(method: str, cfg: SamplingBenchConfig, model, tokenizer, templat
 
 
 def run_sampling_benchmark(cfg: SamplingBenchConfig, log: Callable[[str], None] = print) -> dict:
-    """Loads the model once, times every method ``repeats`` times interleaved; returns the result dict."""
+    """Loads the model once, times every method ``repeats`` times interleaved; returns the result dict. With
+    ``cfg.threads``: torch's thread count for the benchmark only."""
+    from . import torch_threads
+
+    with torch_threads(cfg.threads):
+        return _run_sampling_benchmark(cfg, log)
+
+
+def _run_sampling_benchmark(cfg: SamplingBenchConfig, log: Callable[[str], None]) -> dict:
     import torch
 
     from tpo_lite.models import ModelConfig, describe, load_model
 
-    if cfg.threads > 0:
-        torch.set_num_threads(cfg.threads)
     mcfg = ModelConfig(path=cfg.model, dtype=cfg.dtype, device=cfg.device)
     model, tokenizer = load_model(mcfg, adapter=cfg.adapter)
     jobs, template = build_jobs(cfg, tokenizer)
