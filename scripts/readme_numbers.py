@@ -141,12 +141,17 @@ def render(rec: dict) -> str:
 
 def render_seeds(records: dict[int, dict]) -> str:
     """``{seed: record}`` of runs of one recipe -> the Markdown of :func:`tpo_lite.seeds.render_markdown` (each
-    run's change with its CI; the mean change over runs with its Student-t interval), plus each run's commit."""
+    run's change with its CI; the mean change over runs with its Student-t interval), plus each run's commit and
+    CPU."""
     from tpo_lite.seeds import render_markdown, summarize_seeds
 
     summary = summarize_seeds(records)
-    commits = ", ".join(f"seed {s}: `{(records[s].get('commit') or '?')[:7]}`" for s in sorted(records))
-    return render_markdown(summary, ["sampling.seed", "train.seed"], heading=False) + f"\nCommits: {commits}.\n"
+    def origin(rec: dict) -> str:  # greedy outputs of one commit differ between CPUs (tpo_lite/fingerprint.py)
+        cpu = ((rec.get("environment") or {}).get("cpu") or {}).get("model") or "?"
+        return f"`{(rec.get('commit') or '?')[:7]}` on {cpu}"
+
+    runs = ", ".join(f"seed {s}: {origin(records[s])}" for s in sorted(records))
+    return render_markdown(summary, ["sampling.seed", "train.seed"], heading=False) + f"\nMeasured at: {runs}.\n"
 
 
 def _seed_record(arg: str) -> tuple[int, dict]:

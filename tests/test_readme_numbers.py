@@ -87,7 +87,7 @@ def test_memory_line_of_a_run_in_stage_processes_and_of_one_process(tmp_path):
 
 
 def test_seeds_summary_of_records(tmp_path):
-    """`readme_numbers.py seeds` summarises recorded runs with tpo_lite.seeds' own code, commits named."""
+    """`readme_numbers.py seeds` summarises recorded runs with tpo_lite.seeds' own code, commits and CPUs named."""
     mod = _module()
     recs = {}
     for seed, (diff, ci) in {0: (0.1, [0.04, 0.16]), 1: (0.02, [-0.03, 0.07])}.items():
@@ -103,7 +103,7 @@ def test_seeds_summary_of_records(tmp_path):
     assert "| 0 | 100 | 0.200 | 0.300 | +0.100 [+0.040, +0.160] ↑ | 80% → 95% |" in md
     assert "| 1 | 100 | 0.200 | 0.220 | +0.020 [-0.030, +0.070] | 80% → 95% |" in md
     assert "**Mean change over 2 runs: +0.060 [-0.448, +0.568]**, sd between runs 0.057" in md
-    assert md.endswith("Commits: seed 0: `abc123`, seed 1: `abc123`.\n")
+    assert md.endswith("Measured at: seed 0: `abc123` on CPU X, seed 1: `abc123` on CPU X.\n")
 
 
 def test_readme_holds_the_rendered_seeds_summary():
