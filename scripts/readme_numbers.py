@@ -143,7 +143,7 @@ def render_seeds(records: dict[int, dict]) -> str:
     """``{seed: record}`` of runs of one recipe -> the Markdown of :func:`tpo_lite.seeds.render_markdown` (each
     run's change with its CI; the mean change over runs with its Student-t interval), plus each run's commit and
     CPU."""
-    from tpo_lite.seeds import render_markdown, summarize_seeds
+    from tpo_lite.seeds import DEFAULT_SEED_OPTIONS, render_markdown, summarize_seeds
 
     summary = summarize_seeds(records)
     def origin(rec: dict) -> str:  # greedy outputs of one commit differ between CPUs (tpo_lite/fingerprint.py)
@@ -151,7 +151,7 @@ def render_seeds(records: dict[int, dict]) -> str:
         return f"`{(rec.get('commit') or '?')[:7]}` on {cpu}"
 
     runs = ", ".join(f"seed {s}: {origin(records[s])}" for s in sorted(records))
-    return render_markdown(summary, ["sampling.seed", "train.seed"], heading=False) + f"\nMeasured at: {runs}.\n"
+    return render_markdown(summary, DEFAULT_SEED_OPTIONS, heading=False) + f"\nMeasured at: {runs}.\n"
 
 
 def _seed_record(arg: str) -> tuple[int, dict]:

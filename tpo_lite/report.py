@@ -133,7 +133,8 @@ def _get(d: dict | None, *keys):
 # ------------------------------------------------------------------------------------------------------- plots
 
 
-def _plt():
+def pyplot():
+    """matplotlib.pyplot on the file-only Agg backend (the plots of report and seeds)."""
     import matplotlib
 
     matplotlib.use("Agg")  # files only; never needs a display
@@ -156,7 +157,8 @@ def _axes(ax, xlabel: str, ylabel: str, its) -> None:
     _iter_axis(ax, its)
 
 
-def _save(plt, fig, path: str) -> None:
+def save_figure(plt, fig, path: str) -> None:
+    """Lay out, write and close ``fig`` (one size and dpi for every plot of a report)."""
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -178,7 +180,7 @@ def _errbar(ax, xs, ys, cis, label, offset=0.0, **kw):
 
 def plot_winrate(runs: list[RunData], path: str) -> None:
     """Win rate per iteration with CI bars (one line per run and comparison), and held-out score per iteration."""
-    plt = _plt()
+    plt = pyplot()
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4.2))
     n_lines = sum(len(r.pairwise) for r in runs)
     k = 0
@@ -212,7 +214,7 @@ def plot_winrate(runs: list[RunData], path: str) -> None:
     else:
         _empty(a2, "no held-out evals found\n(RUN/eval_base, RUN/iter_XX/heldout)")
         a2.set_title("Held-out score")
-    _save(plt, fig, path)
+    save_figure(plt, fig, path)
 
 
 def _series(r: RunData, *keys):
@@ -222,7 +224,7 @@ def _series(r: RunData, *keys):
 
 def plot_lengths(runs: list[RunData], path: str) -> None:
     """Thought and response length (characters, valid samples) per iteration; chosen vs rejected responses."""
-    plt = _plt()
+    plt = pyplot()
     fig, axes = plt.subplots(1, 3, figsize=(14, 4.2))
     panels = [(axes[0], "Thought length of samples", [(("generate", "thought_chars_mean"), "")]),
               (axes[1], "Response length of samples", [(("generate", "response_chars_mean"), "")]),
@@ -244,12 +246,12 @@ def plot_lengths(runs: list[RunData], path: str) -> None:
         else:
             _empty(ax, "no metrics.json with these fields")
         ax.set_title(title)
-    _save(plt, fig, path)
+    save_figure(plt, fig, path)
 
 
 def plot_valid_rate(runs: list[RunData], path: str) -> None:
     """Valid-format rate of the training samples per iteration (solid), held-out outputs (dotted), forced (dashed)."""
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.2))
     drawn = False
     for r in runs:
@@ -275,12 +277,12 @@ def plot_valid_rate(runs: list[RunData], path: str) -> None:
     else:
         _empty(ax, "no valid-rate data found")
     ax.set_title("Valid-format rate per iteration")
-    _save(plt, fig, path)
+    save_figure(plt, fig, path)
 
 
 def plot_scores(runs: list[RunData], path: str) -> None:
     """Judge score distributions of chosen vs rejected samples, per iteration (box plots, one panel per run)."""
-    plt = _plt()
+    plt = pyplot()
     fig, axes = plt.subplots(1, max(1, len(runs)), figsize=(5.5 * max(1, len(runs)), 4.2), squeeze=False)
     for ax, r in zip(axes[0], runs):
         its = sorted(set(r.pair_scores) | set(r.sample_scores))
@@ -317,7 +319,7 @@ def plot_scores(runs: list[RunData], path: str) -> None:
         ax.legend(handles=[Patch(color=c, alpha=0.5, label=lbl) for c, lbl in labels.items() if c in colors],
                   fontsize=8)
         ax.set_title(f"{r.name}: judge scores of chosen vs rejected")
-    _save(plt, fig, path)
+    save_figure(plt, fig, path)
 
 
 def _latest_pairwise(r: RunData) -> tuple[str, dict] | None:
@@ -353,7 +355,7 @@ def plot_categories(runs: list[RunData], comparisons: dict[str, dict], path: str
     """Per-category bars with CI: win rate of pairwise evals, else mean held-out score."""
     import numpy as np
 
-    plt = _plt()
+    plt = pyplot()
     metric, series = category_series(runs, comparisons)
     cats = sorted({c["category"] for _, res in series for c in res.get("per_category", [])})
     fig, ax = plt.subplots(figsize=(max(7, 1.2 * len(cats) * max(1, len(series)) ** 0.5 + 3), 4.6))
@@ -385,7 +387,7 @@ def plot_categories(runs: list[RunData], comparisons: dict[str, dict], path: str
             ax.set_ylabel("mean held-out score (95% CI)")
             ax.set_title("Held-out score per category")
         ax.legend(fontsize=8)
-    _save(plt, fig, path)
+    save_figure(plt, fig, path)
 
 
 # ----------------------------------------------------------------------------------------------------- markdown

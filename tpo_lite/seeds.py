@@ -185,9 +185,9 @@ def render_markdown(record: dict, seed_options: Sequence[str], heading: bool = T
 
 def plot_seeds(record: dict, path: str | os.PathLike) -> None:
     """Each run's change with its CI, and the mean over runs with its t interval (a forest plot)."""
-    from .report import _plt, _save
+    from .report import pyplot, save_figure
 
-    plt = _plt()
+    plt = pyplot()
     rows, o = record["runs"], record["over_seeds"]
     fig, ax = plt.subplots(figsize=(6.4, 1.2 + 0.35 * (len(rows) + 1)))
     ys = list(range(len(rows), 0, -1))
@@ -205,7 +205,7 @@ def plot_seeds(record: dict, path: str | os.PathLike) -> None:
     ax.set_yticks(ys + [0], [f"seed {r['seed']}" for r in rows] + [f"mean of {o['n_runs']}"])
     ax.set_ylim(-0.8, len(rows) + 0.8)
     ax.set_xlabel(f"held-out change after training ({int(round(100 * record['confidence']))}% CI)")
-    _save(plt, fig, str(path))
+    save_figure(plt, fig, str(path))
 
 
 def run_seeds(config, seeds: Sequence[int], path: str | os.PathLike | None = None, parallel: int = 1,

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import click
 
+from ..seeds import DEFAULT_SEED_OPTIONS
 from .run_cmds import _SET_HELP, _fail_cleanly, _open
 
 
@@ -228,7 +229,7 @@ def _seed_list(ctx, param, value):
 @click.argument("config", metavar="CONFIG.toml")
 @click.option("--seeds", "seeds", default="0,1,2", show_default=True, callback=_seed_list,
               help="The seeds: a list and/or ranges, e.g. 0,1,2 or 0-5.")
-@click.option("--seed-options", default="sampling.seed,train.seed", show_default=True,
+@click.option("--seed-options", default=",".join(DEFAULT_SEED_OPTIONS), show_default=True,
               help="The config options set to each run's seed (comma-separated TABLE.KEY); add loop.seed to "
                    "draw other training instructions per run as well.")
 @click.option("--parallel", type=click.IntRange(min=1), default=1, show_default=True,
