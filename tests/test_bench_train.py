@@ -35,6 +35,7 @@ def test_bad_config():
         TrainBenchConfig(repeats=0)
 
 
+@pytest.mark.slow  # eight fresh processes (~75 s on the 2-core machine)
 def test_cli_runs_interleaved_fresh_processes_and_writes_json(tiny_dir, tmp_path):
     out = tmp_path / "bench.json"
     res = CliRunner().invoke(bench_command, [

@@ -204,6 +204,7 @@ print(json.dumps({"logs": logs, "summary": summary, "torch_in_driver": "torch" i
 """
 
 
+@pytest.mark.slow  # two tiny runs, one of them in fresh processes per stage (~50 s)
 def test_a_run_in_stage_processes_writes_what_one_process_writes(tmp_path):
     """A tiny random model whose generation config counts 60 common tokens as EOS, so that forced outputs end
     (valid), get different scores, make pairs and train: every stage that loads a model runs for real. The run
