@@ -158,7 +158,7 @@ def _axes(ax, xlabel: str, ylabel: str, its) -> None:
 
 
 def save_figure(plt, fig, path: str) -> None:
-    """Lay out, write and close ``fig`` (one size and dpi for every plot of a report)."""
+    """Lay out, write (at one dpi for every plot) and close ``fig``."""
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
