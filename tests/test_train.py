@@ -285,15 +285,17 @@ def test_disable_dropout_makes_policy_equal_reference(tiny_dir, tmp_path):
 
 # ------------------------------------------------------------------------------------------ activation memory
 
-def _saved_bytes(model, batch, weight):
-    """Bytes autograd keeps for the backward of one DPO micro-batch (distinct storages)."""
+def _saved_bytes(model, batch, weight, skip=frozenset()):
+    """Bytes autograd keeps for the backward of one DPO micro-batch (distinct storages, those in ``skip`` not
+    counted)."""
     from tpo_lite.ops import fused_dpo_loss
     from tpo_lite.train import _scored_hidden
 
     kept = {}
 
     def pack(t):
-        kept[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        if t.untyped_storage().data_ptr() not in skip:
+            kept[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):

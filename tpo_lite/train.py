@@ -246,7 +246,8 @@ def _ref_key(model_cfg, train_cfg: TrainConfig, init_adapter) -> dict:
     return {"version": REF_CACHE_VERSION, "model": str(model_cfg.path), "dtype": str(model_cfg.dtype),
             "load_in_4bit": str(model_cfg.load_in_4bit),
             "init_adapter": str(Path(init_adapter).resolve()) if init_adapter else None,
-            "max_length": train_cfg.max_length, **({"share_prompt": True} if train_cfg.share_prompt else {})}
+            "max_length": train_cfg.max_length, **({"share_prompt": True} if train_cfg.share_prompt else {}),
+            "lora_forward": "fused" if train_cfg.fuse_lora else "peft"}
 
 
 def _load_ref_cache(path: Path, key: dict) -> dict:
@@ -423,7 +424,8 @@ def train_iteration(model_cfg, train_cfg: TrainConfig, pairs: list[dict], out_di
     checkpoint's step this call resumed from, 0 = none; ``train_seconds`` counts the earlier runs' DPO time
     too, ``seconds`` only this call's), ``dropout_disabled`` and
     ``dropouts_zeroed`` (how many non-zero dropout rates were set to 0), ``grad_checkpointing``,
-    ``lora_layers_compacted`` (:func:`tpo_lite.models.compact_lora_activations`) and ``memory``: the peak
+    ``lora_layers_fused`` (:func:`tpo_lite.models.fuse_lora_layers`), ``lora_layers_compacted`` (the other LoRA
+    layers, :func:`tpo_lite.models.compact_lora_activations`) and ``memory``: the peak
     RSS (and CUDA peaks) of the model load, the reference pass and the DPO epochs
     (:class:`tpo_lite.memory.StageMemory` records).
 
@@ -434,7 +436,8 @@ def train_iteration(model_cfg, train_cfg: TrainConfig, pairs: list[dict], out_di
 
     from tpo_lite.memory import StageMemory, trim_during_passes
     from tpo_lite.models import (
-        compact_lora_activations, decoder_layers, describe, enable_gradient_checkpointing, load_model)
+        compact_lora_activations, decoder_layers, describe, enable_gradient_checkpointing, fuse_lora_layers,
+        load_model)
     from tpo_lite.ops import fused_dpo_loss
 
     d = out_dir if isinstance(out_dir, IterationDir) else IterationDir(out_dir)
@@ -458,6 +461,7 @@ def train_iteration(model_cfg, train_cfg: TrainConfig, pairs: list[dict], out_di
     # Dropout is active only in train mode: left on, the policy pass would differ from the reference pass.
     dropouts_disabled = disable_dropout(model) if cfg.disable_dropout else 0
     # after disable_dropout: only LoRA layers whose dropout is off are changed
+    lora_fused = fuse_lora_layers(model) if cfg.fuse_lora else 0
     lora_compacted = compact_lora_activations(model)
     head = LMHead.of(model)
     weight = head.weight
@@ -594,7 +598,8 @@ def train_iteration(model_cfg, train_cfg: TrainConfig, pairs: list[dict], out_di
         "seconds_per_step": train_seconds / max(1, step), "ref_seconds": ref_seconds,
         "ref_cached": not missing, "resumed_at_step": resumed_at, "model": describe(model),
         "dropout_disabled": cfg.disable_dropout, "dropouts_zeroed": dropouts_disabled,
-        "grad_checkpointing": cfg.grad_checkpointing, "lora_layers_compacted": lora_compacted,
+        "grad_checkpointing": cfg.grad_checkpointing, "lora_layers_fused": lora_fused,
+        "lora_layers_compacted": lora_compacted,
         "memory": {"load": mem_load.record(), "reference": mem_ref.record(), "dpo": mem_dpo.record()},
     }
 

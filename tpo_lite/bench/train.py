@@ -22,7 +22,8 @@ differently, so their padding differs a little.
 Methods: ``tpo-lite`` (``tpo_lite.train.train_iteration`` with the ``[train]`` defaults), ``tpo-lite-nogc``
 (the same with ``grad_checkpointing = false``), ``tpo-lite-shared`` / ``tpo-lite-nogc-shared`` (those two with
 ``share_prompt = true``: one row per pair, the prompt run once; tokens/s still counts the prompt twice, as the
-work done for the same pairs), ``trl`` (needs ``trl`` importable by ``trl_python``, else it is reported as n/a).
+work done for the same pairs), ``tpo-lite-nogc-peft-lora`` (``tpo-lite-nogc`` with ``fuse_lora = false``:
+peft's own LoRA forward instead of :mod:`tpo_lite.ops.lora_linear`), ``trl`` (needs ``trl`` importable by ``trl_python``, else it is reported as n/a).
 """
 from __future__ import annotations
 
@@ -40,9 +41,10 @@ from pathlib import Path
 from typing import Callable, Optional, Union
 from ..options import option
 
-METHODS = ("tpo-lite", "tpo-lite-nogc", "tpo-lite-shared", "tpo-lite-nogc-shared", "trl")
+METHODS = ("tpo-lite", "tpo-lite-nogc", "tpo-lite-shared", "tpo-lite-nogc-shared", "tpo-lite-nogc-peft-lora", "trl")
 # the tpo-lite ratios a/b reported besides each one over trl
-_RATIOS = {("tpo-lite", "tpo-lite-nogc"), ("tpo-lite-shared", "tpo-lite"), ("tpo-lite-nogc-shared", "tpo-lite-nogc")}
+_RATIOS = {("tpo-lite", "tpo-lite-nogc"), ("tpo-lite-shared", "tpo-lite"), ("tpo-lite-nogc-shared", "tpo-lite-nogc"),
+           ("tpo-lite-nogc", "tpo-lite-nogc-peft-lora")}
 _RESULT = "TPO_BENCH_RESULT "
 
 
@@ -171,7 +173,8 @@ def _model_cfg(spec: dict):
 def _run_tpo_lite(spec: dict, pairs: list[dict], out_dir: str) -> dict:
     from tpo_lite.train import TrainConfig, train_iteration
 
-    kw = {"grad_checkpointing": "-nogc" not in spec["method"], "share_prompt": spec["method"].endswith("-shared")}
+    kw = {"grad_checkpointing": "-nogc" not in spec["method"], "share_prompt": spec["method"].endswith("-shared"),
+          "fuse_lora": not spec["method"].endswith("-peft-lora")}
     tcfg = TrainConfig(epochs=1, batch_size=spec["batch_size"], grad_accum=spec["grad_accum"],
                        max_length=spec["max_length"], learning_rate=spec["learning_rate"], beta=spec["beta"],
                        seed=spec["seed"], **kw)
@@ -179,7 +182,7 @@ def _run_tpo_lite(spec: dict, pairs: list[dict], out_dir: str) -> dict:
     return {"seconds": m["ref_seconds"] + m["train_seconds"], "ref_seconds": m["ref_seconds"],
             "cpu_seconds": m["memory"]["reference"]["cpu_seconds"] + m["memory"]["dpo"]["cpu_seconds"],
             "train_seconds": m["train_seconds"], "steps": m["steps"], "grad_checkpointing": tcfg.grad_checkpointing,
-            "share_prompt": tcfg.share_prompt,
+            "share_prompt": tcfg.share_prompt, "fuse_lora": tcfg.fuse_lora,
             "initial_loss": m["initial_loss"], "final_loss": m["final_loss"], "model": m["model"],
             "phases": m["memory"]}
 
