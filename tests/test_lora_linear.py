@@ -2,7 +2,8 @@
 import pytest
 import torch
 
-from tpo_lite.ops.lora_linear import lora_linear_delta, lora_linear_delta_reference
+from tpo_lite.ops.lora_linear import lora_linear_delta
+from tpo_lite.ops.reference import lora_linear_delta_reference
 from test_train import _cfg_dropout, _saved_bytes, synthetic_pairs
 from tpo_lite.train import collate
 

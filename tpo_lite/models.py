@@ -26,6 +26,8 @@ from typing import Optional
 
 import torch
 
+from .ops.lora_linear import lora_linear_delta
+
 from tpo_lite.errors import TpoError
 from .model_config import CPU_DEFAULT_4BIT, EMBEDDED_DIST, EMBEDDED_FILE, EMBEDDED_NAME, ModelConfig  # noqa: F401
 
@@ -500,8 +502,6 @@ def _lora_dropout_off(module) -> bool:
 def _fused_lora_forward(self, x, *args, **kwargs):
     """peft's ``lora.Linear.forward`` through :func:`tpo_lite.ops.lora_linear.lora_linear_delta`; peft's own
     forward for everything else (adapters disabled or merged, per-row adapter names, dropout switched back on)."""
-    from tpo_lite.ops.lora_linear import lora_linear_delta
-
     if args or kwargs or self.disable_adapters or self.merged or not _lora_dropout_off(self):
         return type(self).forward(self, x, *args, **kwargs)
     y = self.base_layer(x)
@@ -562,8 +562,7 @@ def compact_lora_activations(model) -> int:
             continue
         if getattr(module, "lora_variant", None):
             continue
-        drops = getattr(module, "lora_dropout", {})
-        if any(not isinstance(d, torch.nn.Identity) and getattr(d, "p", 1.0) != 0 for d in drops.values()):
+        if not _lora_dropout_off(module):
             continue
         linears = list(lora_a.values())
         if not linears or not all(type(lin) is torch.nn.Linear for lin in linears):

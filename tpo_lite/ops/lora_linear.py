@@ -65,9 +65,3 @@ def lora_linear_delta(y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torc
     if a.dtype != b.dtype:
         raise ValueError(f"lora_linear_delta: a and b must share a dtype, got {a.dtype} and {b.dtype}")
     return LoraLinearDelta.apply(y, x, a, b, float(scaling))
-
-
-def lora_linear_delta_reference(y, x, a, b, scaling: float) -> torch.Tensor:
-    """peft's order of operations, for the tests: ``(y + ((x @ a.T) @ b.T) * scaling)`` in ``a``'s dtype."""
-    c = a.dtype
-    return (y.to(c) + ((x.to(c) @ a.t()) @ b.t()) * scaling).to(y.dtype)

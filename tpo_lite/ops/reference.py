@@ -1,4 +1,5 @@
-"""Plain PyTorch references for the fused ops: materialise the logits, then log_softmax and gather.
+"""Plain PyTorch references for the fused ops: materialise the logits, then log_softmax and gather; the LoRA
+branch in peft's order of operations.
 
 These are the ground truth the kernels are tested against (run them in float64) and the last-resort fallback.
 """
@@ -26,3 +27,9 @@ def linear_logprobs_reference(
     out = logp.gather(1, safe.unsqueeze(1)).squeeze(1)
     out = torch.where(mask, out, torch.zeros_like(out))
     return out if out.dtype == torch.float64 else out.float()
+
+
+def lora_linear_delta_reference(y, x, a, b, scaling: float) -> torch.Tensor:
+    """peft's order of operations, for the tests: ``(y + ((x @ a.T) @ b.T) * scaling)`` in ``a``'s dtype."""
+    c = a.dtype
+    return (y.to(c) + ((x.to(c) @ a.t()) @ b.t()) * scaling).to(y.dtype)
