@@ -304,6 +304,37 @@ def test_absolute_eval_mean_and_invalid_zero():
     assert 0.0 <= lo <= 7 / 4 <= hi <= 4.0
 
 
+def test_absolute_eval_check_pass_rates_by_type():
+    # what moved behind a mean score: per check type, checks passed over the instructions that carry it
+    short, long_ = {"type": "max_words", "value": 3}, {"type": "min_words", "value": 3}
+    word = {"type": "include_words", "words": ["sun"]}
+    items = [dataclasses.replace(it, checks=c) for it, c in zip(_items(4), [[short, word], [long_], [short], [long_, word]])]
+    before = _outs(items, ["sun is up", "one two three four", "a b c d e", "sun sun sun"], "seed")
+    after = _outs(items, ["sun", "one", "a b", "x y z"], "tpo", valid=[True, True, True, False])
+    rb, ra = (cp.absolute_eval(items, o, _LengthJudge(), ev.EvalConfig(n_boot=20)) for o in (before, after))
+    assert rb["per_check"] == [  # most frequent first, then by name
+        {"type": "include_words", "n": 2, "passed": 2, "pass_rate": 1.0},
+        {"type": "max_words", "n": 2, "passed": 1, "pass_rate": 0.5},
+        {"type": "min_words", "n": 2, "passed": 2, "pass_rate": 1.0}]
+    # the invalid output (q3) passes none of its checks, whatever its text
+    assert {c["type"]: c["passed"] for c in ra["per_check"]} == {"include_words": 1, "max_words": 2, "min_words": 0}
+    assert rb["model_lengths"]["response_words_mean"] == pytest.approx((3 + 4 + 5 + 3) / 4)
+    assert ra["model_lengths"]["response_words_mean"] == pytest.approx(4 / 3)
+    md = cp.render_markdown(ra)
+    assert "| check | n | passed |" in md and "| min_words | 2 | 0.0% |" in md
+    assert cp.check_pass_rates(_items(2), _outs(_items(2), ["a", "b"], "m")) == []  # no checks: no table
+
+    from tpo_lite.metrics import format_before_after
+    text = format_before_after(rb, ra, None)
+    rows = {line.split()[0]: line.split()[1:] for line in text.splitlines()[-5:]}
+    assert rows["max_words"] == ["2", "50%", "100%", "+50%"]
+    assert rows["min_words"] == ["2", "100%", "0%", "-100%"]
+    assert rows["response"][:4] == ["words", "3.8", "1.3", "-2.4"]
+    # results recorded before per-check rates existed print the old table only
+    old = {k: v for k, v in rb.items() if k != "per_check"}
+    assert "checks passed" not in format_before_after(old, ra, None)
+
+
 def test_write_result_json_and_markdown(tmp_path):
     items = _items(3)
     r = cp.compare_outputs(items, _outs(items, ["a b c", "a", "a b"], "tpo"), _outs(items, ["a b", "a b", "a b"], "seed"),

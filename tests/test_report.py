@@ -100,6 +100,24 @@ def test_report_on_constructed_experiment(tmp_path):
                                                                 "tpo vs direct"]
 
 
+def test_report_tables_held_out_checks_per_type(tmp_path):
+    rd = RunDir(tmp_path / "r")
+    checks = lambda a, b: [{"type": "max_words", "n": 15, "passed": a, "pass_rate": a / 15},  # noqa: E731
+                           {"type": "min_words", "n": 10, "passed": b, "pass_rate": b / 10}]
+    seed = {**_absolute(0.27, [0.1, 0.5], 0.8), "per_check": checks(6, 4)}
+    seed["model_lengths"]["response_words_mean"] = 58.3
+    _dump(rd.eval_base.result, seed)
+    it1 = {**_absolute(0.31, [0.1, 0.5], 0.9), "per_check": checks(14, 1)}
+    it1["model_lengths"]["response_words_mean"] = 25.0
+    _dump(rd.iteration(1).heldout.result, it1)
+    _dump(rd.iteration(2).heldout.result, _absolute(0.3, [0.1, 0.5], 0.9))  # recorded before per-check rates
+    md = open(report.make_report([str(rd.path)], tmp_path / "rep")["report.md"]).read()
+    assert "| checks passed | n | seed model | iteration 1 |" in md  # no column for the eval without the rates
+    assert "| max_words | 15 | 40% | 93% |" in md and "| min_words | 10 | 40% | 10% |" in md
+    assert "| *response words (valid outputs)* | | 58.3 | 25.0 |" in md
+    assert report._check_table({1: _absolute(0.3, [0.1, 0.5], 0.9)}) == []
+
+
 def test_report_on_a_plain_run_dir_without_evals(tmp_path):
     rd = str(tmp_path / "runs" / "solo")
     _dump(RunDir(rd).iteration(1).metrics, {"iteration": 1, "generate": {"valid_rate": 0.25}})

@@ -100,9 +100,12 @@ def _comparison_mode(judge: Judge, requested: str) -> str:
 
 
 def _length_stats(outputs: Sequence[ModelOutput]) -> dict:
+    from .judges.checks import count_words
+
     valid = [o for o in outputs if o.valid]
     return {
         "response_chars_mean": mean(len(o.response) for o in valid),
+        "response_words_mean": mean(count_words(o.response) for o in valid),
         "thought_chars_mean": mean(len(o.thought) for o in valid),
         "n_valid": len(valid),
         "invalid_rate": 1.0 - len(valid) / len(outputs) if outputs else None,
@@ -110,6 +113,24 @@ def _length_stats(outputs: Sequence[ModelOutput]) -> dict:
         "n_retried": sum(1 for o in outputs if o.tries > 1),  # had a format error and were re-sampled
         "n_invalid": len(outputs) - len(valid),  # still invalid after every try
     }
+
+
+def check_pass_rates(items: Sequence[EvalItem], outputs: Sequence[ModelOutput]) -> list[dict]:
+    """Per check type, how many of the instructions' verifiable checks the responses pass (an invalid output
+    passes none): ``[{"type", "n", "passed", "pass_rate"}]``, most frequent type first; ``[]`` when no item has
+    checks. Computed from the checks themselves, whatever the judge, so it shows *which* constraints a model
+    learned to meet (or stopped meeting) behind a mean score: e.g. a model that learns to be short gains on
+    ``max_words`` and loses on ``min_words``."""
+    from .judges.checks import run_check
+
+    by_type: dict[str, list[int]] = defaultdict(lambda: [0, 0])
+    for it, o in zip(items, outputs):
+        for c in it.checks or ():
+            t = by_type[c["type"]]
+            t[0] += 1
+            t[1] += int(o.valid and run_check(c, o.response)["passed"])
+    return [{"type": k, "n": n, "passed": p, "pass_rate": p / n}
+            for k, (n, p) in sorted(by_type.items(), key=lambda kv: (-kv[1][0], kv[0]))]
 
 
 def _by_category(rows: list[dict]) -> list[tuple[str, list[int]]]:
@@ -249,6 +270,7 @@ def absolute_eval(items: Sequence[EvalItem], outputs: Sequence[ModelOutput], jud
         "invalid_rate": lengths["invalid_rate"],
         "model_lengths": lengths,
         "per_category": per_cat,
+        "per_check": check_pass_rates(items, outputs),
         "items": rows,
     }
 
@@ -293,6 +315,9 @@ def render_markdown(result: dict, decoding: dict | None = None) -> str:
         for c in result["per_category"]:
             lines.append(f"| {c['category']} | {c['n']} | {c['mean_score']:.3f} | "
                          f"[{c['mean_score_ci'][0]:.3f}, {c['mean_score_ci'][1]:.3f}] |")
+        if result.get("per_check"):
+            lines += ["", "| check | n | passed |", "|---|---:|---:|"]
+            lines += [f"| {c['type']} | {c['n']} | {_pct(c['pass_rate'])} |" for c in result["per_check"]]
     else:
         lines += [f"# {result['model']} vs {result['baseline']}", "",
                   f"Judge: `{result['judge']}` ({result['comparison']} comparison), {result['n']} instructions.", "",

@@ -166,7 +166,30 @@ def format_before_after(before: dict | None, after: dict | None, diff: dict | No
     if diff and diff.get("score_diff_ci"):
         lo, hi = diff["score_diff_ci"]
         lines.append(f"{'change':8}{diff['score_diff']:>+12.3f} [{lo:+.3f}, {hi:+.3f}] (paired bootstrap)")
+    if before and after:
+        lines += format_check_shift(before, after)
     return "\n".join(lines)
+
+
+def format_check_shift(before: dict, after: dict) -> list[str]:
+    """Lines of a before/after table of the verifiable checks passed, per check type (``per_check`` of two
+    absolute evals), and the mean response length in words: what moved behind the mean score. Empty when
+    either eval has no per-check rates (another eval set, or a result from before they were recorded)."""
+    a = {c["type"]: c for c in before.get("per_check") or ()}
+    b = {c["type"]: c for c in after.get("per_check") or ()}
+    if not a or not b:
+        return []
+    lines = ["", "checks passed, per type (an invalid output passes none)",
+             f"{'check':20}{'n':>4}{'before':>9}{'after':>9}{'change':>9}"]
+    for t, c in a.items():  # most frequent first, as recorded
+        if t in b:
+            pa, pb = c["pass_rate"], b[t]["pass_rate"]
+            lines.append(f"{t:20}{c['n']:>4}{pa:>9.0%}{pb:>9.0%}{100 * (pb - pa):>+8.0f}%")
+    wa = (before.get("model_lengths") or {}).get("response_words_mean")
+    wb = (after.get("model_lengths") or {}).get("response_words_mean")
+    if wa is not None and wb is not None:
+        lines.append(f"{'response words':20}{'':>4}{wa:>9.1f}{wb:>9.1f}{wb - wa:>+9.1f}   (mean over valid outputs)")
+    return lines
 
 
 def iteration_memory(d: IterationDir, m: dict, measured: dict) -> dict:

@@ -416,6 +416,25 @@ def _score_ci(res: dict) -> str:
     return f"{v:.3f}" + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "")
 
 
+def _check_table(heldout: dict[int, dict]) -> list[str]:
+    """Held-out checks passed per check type, one column per eval (seed model, iterations), with the mean
+    response length in words: what moved behind the mean score. Empty when no eval has per-check rates."""
+    cols = [(t, {c["type"]: c for c in heldout[t].get("per_check") or ()}) for t in sorted(heldout)]
+    cols = [(t, c) for t, c in cols if c]
+    if not cols:
+        return []
+    types = list(dict.fromkeys(k for _, c in cols for k in c))  # most frequent first, as recorded
+    L = ["| checks passed | n | " + " | ".join("seed model" if t == 0 else f"iteration {t}" for t, _ in cols) + " |",
+         "|---|---:|" + "---:|" * len(cols)]
+    for k in types:
+        n = next(c[k]["n"] for _, c in cols if k in c)
+        L.append(f"| {k} | {n} | " + " | ".join(_f(c[k]["pass_rate"], ".0%") if k in c else "–" for _, c in cols)
+                 + " |")
+    words = [(heldout[t].get("model_lengths") or {}).get("response_words_mean") for t, _ in cols]
+    L.append("| *response words (valid outputs)* | | " + " | ".join(_f(w, ".1f") for w in words) + " |")
+    return L + [""]
+
+
 def render_markdown(runs: list[RunData], comparisons: dict[str, dict], images: dict[str, str]) -> str:
     """The Markdown summary: per-iteration tables, eval results and the embedded plots."""
     L = ["# TPO report", ""]
@@ -440,6 +459,7 @@ def render_markdown(runs: list[RunData], comparisons: dict[str, dict], images: d
                          f"{_f(res.get('valid_rate'), '.1%')} | {_f(ml.get('response_chars_mean'), '.0f')} | "
                          f"{_f(ml.get('thought_chars_mean'), '.0f')} |")
             L.append("")
+            L += _check_table(r.heldout)
         if r.metrics:
             L += ["| iteration | valid rate | forced rate | thought chars | response chars | mean score | pairs | "
                   "chosen / rejected resp chars |", "|---:|---:|---:|---:|---:|---:|---:|---|"]
