@@ -106,6 +106,40 @@ def test_seeds_cli_parses_lists_and_ranges(tmp_path):
     assert "Traceback" not in r.output
 
 
+def test_seed_model_eval_is_copied_to_the_other_seeds_only_when_its_producer_matches(tmp_path):
+    from test_evaluate import _tiny_loop_config
+
+    from tpo_lite.config import load_config
+    from tpo_lite.evaluate import load_configured_eval_set
+    from tpo_lite.heldout import heldout_producer
+    from tpo_lite.rundir import SeedsDir
+    from tpo_lite.seeds import seed_configs, share_seed_model_eval
+
+    config = load_config(_tiny_loop_config(tmp_path))
+    sd = SeedsDir(tmp_path / "seeds")
+    cfgs = seed_configs(config, [0, 1, 2])
+    assert share_seed_model_eval(sd, cfgs) == []  # nothing finished yet: nothing to share
+    src = sd.run(0).eval_base
+    src.path.mkdir(parents=True)
+    items = load_configured_eval_set(cfgs[0].eval)
+    src.producer.write_text(json.dumps(heldout_producer(cfgs[0], None, items)))
+    src.result.write_text(json.dumps({"kind": "absolute", "mean_score": 0.25}))
+    sd.run(2).eval_base.path.mkdir(parents=True)  # seed 2 has started its own eval: left alone
+    (sd.run(2).eval_base.path / "outputs.jsonl").write_text("")
+    lines = []
+    assert share_seed_model_eval(sd, cfgs, echo=lines.append) == [1]
+    assert sd.run(1).eval_base.result.read_text() == src.result.read_text()
+    assert sd.run(1).config.exists()  # the copy lands in a run with its config saved, as any run's work
+    assert not sd.run(2).eval_base.result.exists() and "copied from" in lines[-1]
+    # a seed option that reaches the eval (eval.seed seeds the format retries): every seed scores its own
+    other = seed_configs(config, [0, 3], seed_options=("sampling.seed", "eval.seed"))
+    sd3 = SeedsDir(tmp_path / "seeds3")
+    sd3.run(0).eval_base.path.mkdir(parents=True)
+    sd3.run(0).eval_base.producer.write_text(json.dumps(heldout_producer(other[0], None, items)))
+    sd3.run(0).eval_base.result.write_text("{}")
+    assert share_seed_model_eval(sd3, other) == [] and not sd3.run(3).path.exists()
+
+
 @pytest.mark.slow
 def test_seeds_end_to_end_tiny_in_children_then_resumed(tmp_path):
     """Two seeds of the real loop on a tiny model in child processes (`python -m tpo_lite run seed_<S>/`), one of
@@ -130,6 +164,9 @@ def test_seeds_end_to_end_tiny_in_children_then_resumed(tmp_path):
     assert 'seed = 0' in sd.run(0).config.read_text()
     rec = run_seeds(config, [0, 1], parallel=2, echo=lines.append)
     assert [r["seed"] for r in rec["runs"]] == [0, 1] and rec["failed"] == []
+    # seed 0's finished eval of the seed model was copied into seed 1's run before its child started
+    assert any(line.startswith("seed model's held-out eval: copied from") for line in lines)
+    assert sd.run(1).eval_base.result.read_text() == sd.run(0).eval_base.result.read_text()
     assert sd.plot.exists() and "Mean change over 2 runs" in sd.table.read_text()
     from tpo_lite.report import make_report
 

@@ -21,7 +21,9 @@ Directory (``<loop.runs_root>/<loop.name>_seeds/``, :class:`tpo_lite.rundir.Seed
 With ``parallel`` > 1 the runs go to child processes (``python -m tpo_lite run seed_<S>/``), that many at a
 time: on a GPU that small models leave mostly idle, runs share it well; on a CPU each child gets
 ``cpu_count / parallel`` threads (unless OMP_NUM_THREADS is set). Finished runs resume as no-ops, so calling
-again summarises without recomputing.
+again summarises without recomputing. The seed model's held-out eval does not depend on the seeds: one run's is
+copied into the others (:func:`share_seed_model_eval`) before they start -- in sequence, every run after the first
+skips it; in parallel, only runs started after one has finished it do.
 """
 from __future__ import annotations
 
@@ -126,6 +128,43 @@ def _run_children(seeds: list[int], sd: SeedsDir, parallel: int, allow_config_ch
                 proc.kill()
             log.close()
     return status
+
+
+def share_seed_model_eval(sd: SeedsDir, cfgs: dict, allow_config_change: bool = False,
+                          echo: Callable[[str], None] = print, targets: Sequence[int] | None = None) -> list[int]:
+    """Copy a finished held-out eval of the seed model (``eval_base/``) from one seed's run into the runs of the
+    other seeds (``targets``, default all of ``cfgs``) that have none yet, when it has the same producer there (the seed options do not reach the eval:
+    greedy decoding, retries seeded by ``eval.seed``), so the seed model is scored once, not once per seed. Each
+    target gets its config.toml first (:func:`tpo_lite.guard.prepare_run_dir`), so the copy is the work of a run
+    with a saved config. Returns the seeds that received it."""
+    import shutil
+
+    from .evaluate import load_configured_eval_set
+    from .guard import prepare_run_dir
+    from .heldout import heldout_producer, same_producer
+
+    src = next((sd.run(s).eval_base for s in cfgs if sd.run(s).eval_base.result.exists()), None)
+    if src is None:
+        return []
+    todo = [s for s in (cfgs if targets is None else targets) if not sd.run(s).eval_base.has_work()]
+    if not todo:
+        return []
+    items = load_configured_eval_set(cfgs[todo[0]].eval)
+    done = []
+    for s in todo:
+        if not same_producer(src.read_producer(), heldout_producer(cfgs[s], None, items)):
+            continue  # the seed options reach the eval: this seed scores its own
+        prepare_run_dir(cfgs[s], sd.run(s).path, allow_config_change, echo)
+        dst = sd.run(s).eval_base.path
+        tmp = dst.with_name(dst.name + ".copying")
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(src.path, tmp)
+        os.replace(tmp, dst)  # whole or not at all
+        done.append(s)
+    if done:
+        echo(f"seed model's held-out eval: copied from {src.path} to the runs of seed{'s' * (len(done) > 1)} "
+             f"{', '.join(map(str, done))} (same model, settings and items)")
+    return done
 
 
 def summarize_seeds(summaries: dict[int, dict], confidence: float = 0.95) -> dict:
@@ -236,6 +275,7 @@ def run_seeds(config, seeds: Sequence[int], path: str | os.PathLike | None = Non
         for s, cfg in cfgs.items():
             echo(f"== seeds {sd.path.name}: seed {s} ({', '.join(f'{o} = {s}' for o in seed_options)}) ==")
             try:
+                share_seed_model_eval(sd, cfgs, allow_config_change, echo, targets=[s])
                 summaries[s] = loop.run(cfg, sd.run(s).path, progress=progress, echo=echo,
                                         allow_config_change=allow_config_change, sampler_factory=sampler_factory,
                                         judge=judge)
@@ -247,6 +287,7 @@ def run_seeds(config, seeds: Sequence[int], path: str | os.PathLike | None = Non
     else:
         for s, cfg in cfgs.items():  # checks and config.toml here, so a bad config fails before any child starts
             prepare_run_dir(cfg, sd.run(s).path, allow_config_change, echo)
+        share_seed_model_eval(sd, cfgs, allow_config_change, echo)  # from an earlier call's finished run, if any
         for s, rc in _run_children(list(cfgs), sd, parallel, allow_config_change, echo).items():
             summary = sd.run(s).read_summary()
             if rc == 0 and summary is not None:
