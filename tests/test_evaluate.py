@@ -748,7 +748,7 @@ def test_eval_judge_table_and_reward_hacking_warning(tmp_path, monkeypatch):
     for k, (name, text) in enumerate(runs.items()):
         _write(tmp_path / f"{name}.toml", text)
         r = CliRunner().invoke(main, ["eval", str(tmp_path / f"{name}.toml"), "-i", "seed", "--no-progress",
-                                      "--absolute", "--out", out])
+                                      "--absolute", "--set", "loop.heldout_judge=judge", "--out", out])
         assert r.exit_code == 0, r.output
         warnings = [ln for ln in r.stderr.splitlines() if "reward hacking" in ln]
         assert len(warnings) == (1 if name == "same" else 0), r.stderr
@@ -758,6 +758,33 @@ def test_eval_judge_table_and_reward_hacking_warning(tmp_path, monkeypatch):
         # The outputs of the first call are reused (same generation settings): generated once only.
         assert ("generating" in r.stderr) == (k == 0)
     assert used == [("reward_model", "/rm"), ("programmatic", ""), ("programmatic", "")]
+
+
+def test_cli_eval_absolute_scores_like_the_runs_held_out_score(tmp_path, monkeypatch):
+    """`tpo-lite eval --absolute` on instructions that all have checks gives the held-out number of `tpo-lite run`:
+    the bare fraction of checks passed, not the evaluation judge's near-miss credit (whatever [judge] is)."""
+    from click.testing import CliRunner
+
+    from tpo_lite import judges
+    from tpo_lite.cli import main
+    from tpo_lite.judges.programmatic import ProgrammaticJudge
+
+    monkeypatch.setattr(judges, "make_judge", lambda cfg, cache_path=None, **kw: ProgrammaticJudge(tie_weight=0.25))
+    cfg = _tiny_run_config(tmp_path)  # max_words 3..7 on h0..h4
+    ins = [json.loads(line) for line in open(tmp_path / "heldout.jsonl")]
+    outs = _write(tmp_path / "outs.json", json.dumps([
+        {"instruction": r["instruction"], "output": " ".join(["w"] * (4 + k)), "generator": "m"}
+        for k, r in enumerate(ins)]))  # 4..8 words: each one word over its limit
+    r = CliRunner().invoke(main, ["eval", cfg, "--outputs", outs, "--absolute", "--out", str(tmp_path / "a")])
+    assert r.exit_code == 0, r.output
+    res = json.loads((tmp_path / "a" / "eval.json").read_text())
+    assert [i["score"] for i in res["items"]] == [0.0] * 5 and res["mean_score"] == 0.0
+    assert res["per_check"] == [{"type": "max_words", "n": 5, "passed": 0, "pass_rate": 0.0}]
+    # the evaluation judge, asked for, gives its near-miss credit
+    r = CliRunner().invoke(main, ["eval", cfg, "--outputs", outs, "--absolute", "--set", "loop.heldout_judge=judge",
+                                  "--out", str(tmp_path / "b")])
+    assert r.exit_code == 0, r.output
+    assert json.loads((tmp_path / "b" / "eval.json").read_text())["mean_score"] > 0.1
 
 
 def test_reward_hacking_warning_rules():

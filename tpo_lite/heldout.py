@@ -45,13 +45,15 @@ def heldout_producer(config: RunConfig, adapter: str | None, items) -> dict:
             "settings_sha256": hashlib.sha256(blob).hexdigest()}
 
 
-def make_heldout_judge(config: RunConfig, run_dir, items, echo: Callable[[str], None] | None = None):
-    """The judge of the held-out score (see loop.heldout_judge): 'judge' is the evaluation judge
-    ([eval_judge], else [judge]; a warning through ``echo`` when it is the learned judge the run optimised)."""
+def make_heldout_judge(config: RunConfig, run_dir, items, echo: Callable[[str], None] | None = None,
+                       cache_path=None):
+    """The judge of the held-out score (see loop.heldout_judge), also of `tpo-lite eval --absolute`: 'judge' is
+    the evaluation judge ([eval_judge], else [judge]; a warning through ``echo`` when it is the learned judge the
+    run optimised; its cache ``cache_path``, default the run's)."""
     if _heldout_judge_choice(config, items) == "judge":
         from .compare import make_eval_judge
 
-        return make_eval_judge(config, RunDir(run_dir).judge_cache, echo)
+        return make_eval_judge(config, cache_path or RunDir(run_dir).judge_cache, echo)
     from .judges.programmatic import ProgrammaticJudge
 
     # tie_weight 0: the held-out score is the plain fraction of checks passed (no near-miss credit).

@@ -70,8 +70,9 @@ def _resolve_model(config, run_dir: Path, iteration: str, adapter: str | None) -
 @click.option("--outputs", "outputs_path", type=click.Path(exists=True, dir_okay=False), default=None,
               help="Judge these AlpacaEval-style outputs instead of generating (e.g. to re-judge).")
 @click.option("--absolute", is_flag=True,
-              help="Report the mean judge score with its CI (no baseline); the default when the eval set has no "
-                   "baseline answers and no --against is given.")
+              help="Report the mean score with its CI (no baseline), judged as the run's held-out score "
+                   "(loop.heldout_judge); the default when the eval set has no baseline answers and no --against "
+                   "is given.")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None,
               help="Output folder; default RUN_DIR/iter_XX/compare/vs_<baseline> for an iteration's pairwise "
                    "eval (so `tpo-lite report` plots it), else RUN_DIR/eval/<model>_<what>.")
@@ -89,11 +90,14 @@ def eval_command(target, iteration, adapter, eval_set, baseline, against, output
     is re-sampled up to eval.format_retries times, and one still without a parseable response counts as a loss
     (score 0 in --absolute). Outputs are appended to OUT/outputs.jsonl as they finish, so the same command
     resumes a killed eval; they are also exported as AlpacaEval-style model_outputs.json.
-    The judge ([eval_judge], else [judge]) sees the original instruction and the responses only. Results:
-    eval.json and eval.md.
+    The judge ([eval_judge], else [judge]) sees the original instruction and the responses only; --absolute
+    scores with the judge of the run's held-out score (loop.heldout_judge: the bare fraction of checks passed
+    when every instruction has checks), so it reproduces what `tpo-lite run` prints. Results: eval.json and
+    eval.md.
     """
     from .. import evaluate as ev
     from ..compare import absolute_eval, compare_outputs, decoding_record, make_eval_judge, write_result
+    from ..heldout import make_heldout_judge
     from ..rundir import EvalDir, RunDir
 
     overrides = list(overrides)
@@ -130,8 +134,13 @@ def eval_command(target, iteration, adapter, eval_set, baseline, against, output
                                    progress=not no_progress, echo=lambda s: click.echo(s, err=True), desc="eval")
     export = ev.write_model_outputs(out, outputs)
 
-    # Cache beside the outputs: a re-run (or an interrupted one) never asks the judge twice.
-    judge = make_eval_judge(config, cache_path=out.judge_cache, echo=click.echo)
+    # Cache beside the outputs: a re-run (or an interrupted one) never asks the judge twice. An absolute score is
+    # the held-out score of `tpo-lite run` (loop.heldout_judge: the bare fraction of checks passed when every
+    # instruction has checks), so the two commands give one number for one model.
+    if mode == "absolute":
+        judge = make_heldout_judge(config, run_dir, items, click.echo, cache_path=out.judge_cache)
+    else:
+        judge = make_eval_judge(config, cache_path=out.judge_cache, echo=click.echo)
     if mode == "absolute":
         result = absolute_eval(items, outputs, judge, ecfg)
     else:
