@@ -308,7 +308,8 @@ def test_absolute_eval_check_pass_rates_by_type():
     # what moved behind a mean score: per check type, checks passed over the instructions that carry it
     short, long_ = {"type": "max_words", "value": 3}, {"type": "min_words", "value": 3}
     word = {"type": "include_words", "words": ["sun"]}
-    items = [dataclasses.replace(it, checks=c) for it, c in zip(_items(4), [[short, word], [long_], [short], [long_, word]])]
+    checks = [[short, word], [long_], [short], [long_, word]]
+    items = [dataclasses.replace(it, checks=c) for it, c in zip(_items(4), checks)]
     before = _outs(items, ["sun is up", "one two three four", "a b c d e", "sun sun sun"], "seed")
     after = _outs(items, ["sun", "one", "a b", "x y z"], "tpo", valid=[True, True, True, False])
     rb, ra = (cp.absolute_eval(items, o, _LengthJudge(), ev.EvalConfig(n_boot=20)) for o in (before, after))

@@ -133,10 +133,11 @@ def _run_children(seeds: list[int], sd: SeedsDir, parallel: int, allow_config_ch
 def share_seed_model_eval(sd: SeedsDir, cfgs: dict, allow_config_change: bool = False,
                           echo: Callable[[str], None] = print, targets: Sequence[int] | None = None) -> list[int]:
     """Copy a finished held-out eval of the seed model (``eval_base/``) from one seed's run into the runs of the
-    other seeds (``targets``, default all of ``cfgs``) that have none yet, when it has the same producer there (the seed options do not reach the eval:
-    greedy decoding, retries seeded by ``eval.seed``), so the seed model is scored once, not once per seed. Each
-    target gets its config.toml first (:func:`tpo_lite.guard.prepare_run_dir`), so the copy is the work of a run
-    with a saved config. Returns the seeds that received it."""
+    other seeds (``targets``, default all of ``cfgs``) that have none yet, where it has the same producer (the
+    default seed options do not reach the eval: greedy decoding, retries seeded by ``eval.seed``), so the seed
+    model is scored once, not once per seed. Each target gets its config.toml first
+    (:func:`tpo_lite.guard.prepare_run_dir`), so the copy is the work of a run with a saved config. Returns the
+    seeds that received it."""
     import shutil
 
     from .evaluate import load_configured_eval_set
@@ -149,10 +150,10 @@ def share_seed_model_eval(sd: SeedsDir, cfgs: dict, allow_config_change: bool = 
     todo = [s for s in (cfgs if targets is None else targets) if not sd.run(s).eval_base.has_work()]
     if not todo:
         return []
-    items = load_configured_eval_set(cfgs[todo[0]].eval)
+    items, made = load_configured_eval_set(cfgs[todo[0]].eval), src.read_producer()
     done = []
     for s in todo:
-        if not same_producer(src.read_producer(), heldout_producer(cfgs[s], None, items)):
+        if not same_producer(made, heldout_producer(cfgs[s], None, items)):
             continue  # the seed options reach the eval: this seed scores its own
         prepare_run_dir(cfgs[s], sd.run(s).path, allow_config_change, echo)
         dst = sd.run(s).eval_base.path

@@ -139,11 +139,9 @@ def eval_command(target, iteration, adapter, eval_set, baseline, against, output
     # instruction has checks), so the two commands give one number for one model.
     if mode == "absolute":
         judge = make_heldout_judge(config, run_dir, items, click.echo, cache_path=out.judge_cache)
-    else:
-        judge = make_eval_judge(config, cache_path=out.judge_cache, echo=click.echo)
-    if mode == "absolute":
         result = absolute_eval(items, outputs, judge, ecfg)
     else:
+        judge = make_eval_judge(config, cache_path=out.judge_cache, echo=click.echo)
         result = compare_outputs(items, outputs, other, judge, ecfg)
     result["eval_set"] = ecfg.eval_set
     result["adapter"] = None if outputs_path else ad
