@@ -190,3 +190,23 @@ def test_generator_is_deterministic_and_matches_committed(tmp_path):
     for split in ("train", "heldout"):
         committed = [json.loads(line) for line in embedded_path(split).read_text().splitlines()]
         assert built[split] == committed, split
+
+
+# The held-out set every recorded run was scored on; a change to it would silently break every comparison.
+HELDOUT_SHA256 = "99341b8fdebbd58fa1d7450d7b17b94359aadb7dcaa56f45a28c248e81a7d249"
+
+
+def test_heldout_set_is_frozen():
+    import hashlib
+    assert hashlib.sha256(embedded_path("heldout").read_bytes()).hexdigest() == HELDOUT_SHA256
+
+
+@pytest.mark.parametrize("split", ["train", "heldout"])
+def test_embedded_length_limits_ask_less_and_more_equally(embedded, split):
+    # "At most" and "at least" (words or sentences) about equally often, so DPO cannot win most training
+    # instructions by answering shorter (the trained models drifted to short answers when it was 79:46).
+    sets = dict(zip(("train", "heldout"), embedded))
+    kinds = Counter(c["type"] for ins in sets[split] for c in ins.checks)
+    less, more = kinds["max_words"] + kinds["max_sentences"], kinds["min_words"] + kinds["min_sentences"]
+    assert less + more >= 0.1 * len(sets[split])
+    assert abs(less - more) <= 0.1 * (less + more), (less, more)

@@ -10,6 +10,12 @@ check goes into ``checks``. Constraints are drawn so they never contradict each 
 No overlap: within each category the topics (or, for math, the problem templates) are split between the sets
 before any instruction is built, so no held-out instruction shares its topic -- let alone its text -- with a
 training instruction. Limits are chosen so a 135M instruct model passes some and fails others.
+
+Length balance: the training set asks for "at most" and "at least" (words or sentences) about equally often
+(``TRAIN_WEIGHTS``), so "answer shorter" is not a shortcut DPO can learn from the data's mix alone. The held-out
+set is frozen as first drawn (``HELDOUT_WEIGHTS``, which favoured ``max_words`` 3:1 but happened to draw 22
+"at most" and 22 "at least"): it is drawn from the seed's stream right after a training set drawn with those
+weights, so that draw is replayed and discarded, and the training set is then drawn from its own stream.
 """
 from __future__ import annotations
 
@@ -19,6 +25,7 @@ import sys
 from pathlib import Path
 
 SEED = 20241014
+TRAIN_SEED = 20241015  # the training set's own stream (see the module docstring)
 N_TRAIN, N_HELDOUT = 300, 100
 HERE = Path(__file__).resolve().parent
 
@@ -389,6 +396,7 @@ def _c_json(r, c):
             "and nothing else.", {"type": "json_keys", "keys": keys})
 
 
+# (slots, weight in the held-out draw, maker); training weights differ only where TRAIN_WEIGHTS says.
 CONSTRAINTS = [
     ({"length"}, 3, _c_max_words),
     ({"length"}, 1, _c_min_words),
@@ -414,16 +422,25 @@ CONSTRAINTS = [
 ]
 
 
-def pick_constraints(r: random.Random, category: str, n: int, taken: set[str] | None = None):
-    """``n`` mutually compatible constraints for ``category`` (phrases, checks)."""
+HELDOUT_WEIGHTS = {make: weight for _, weight, make in CONSTRAINTS}
+# Length limits both ways equally often: max_words 3:1 over min_words made "shorter" win most training
+# instructions, and trained models drifted to short answers (docs/measured/heldout_checks_fp32.json).
+TRAIN_WEIGHTS = {**HELDOUT_WEIGHTS, _c_max_words: 2, _c_min_words: 2}
+
+
+def pick_constraints(r: random.Random, category: str, n: int, taken: set[str] | None = None,
+                     weights: dict | None = None):
+    """``n`` mutually compatible constraints for ``category`` (phrases, checks); ``weights``: maker -> weight
+    (default: the held-out draw's)."""
     taken = set(taken or ())
+    weights = weights or HELDOUT_WEIGHTS
     phrases, checks = [], []
     pool = [c for c in CONSTRAINTS if c[2] is not _c_json or category in JSON_KEYS]
     for _ in range(n):
         options = [c for c in pool if not (c[0] & taken)]
         if not options:
             break
-        slots, _, make = r.choices(options, weights=[c[1] for c in options])[0]
+        slots, _, make = r.choices(options, weights=[weights[c[2]] for c in options])[0]
         phrase, check = make(r, category)
         taken |= slots
         phrases.append(phrase)
@@ -455,30 +472,35 @@ def bases(r: random.Random) -> dict[str, list[tuple[str, str, list]]]:
     return out
 
 
+def build_split(r: random.Random, items: list, want: int, prefix: str, weights: dict) -> list[dict]:
+    """``want`` instructions from ``items`` (category, task, preset checks), constraints drawn with ``weights``."""
+    items = list(items)
+    r.shuffle(items)
+    # Each base appears once; if a split needs more instructions than bases, bases repeat with other
+    # constraints (never across splits).
+    chosen = [items[i % len(items)] for i in range(want)]
+    records, texts = [], set()
+    for i, (category, task, preset) in enumerate(chosen):
+        for _ in range(50):
+            n = 1 if preset else r.choices([1, 2, 3], weights=[3, 5, 2])[0]
+            taken = {"structure", "case", "start", "end", "title", "format", "punct"} if preset else set()
+            phrases, checks = pick_constraints(r, category, n, taken, weights)
+            text = task + " " + " ".join(phrases)
+            if text not in texts:
+                break
+        texts.add(text)
+        records.append({"id": f"{prefix}-{i:04d}", "instruction": text, "category": category,
+                        "checks": preset + checks})
+    return records
+
+
 def build() -> dict[str, list[dict]]:
     r = random.Random(SEED)
-    sets = {}
-    for split, items in bases(r).items():
-        want = N_TRAIN if split == "train" else N_HELDOUT
-        r.shuffle(items)
-        # Each base appears once; if a split needs more instructions than bases, bases repeat with other
-        # constraints (never across splits).
-        chosen = [items[i % len(items)] for i in range(want)]
-        records, texts = [], set()
-        prefix = "train" if split == "train" else "heldout"
-        for i, (category, task, preset) in enumerate(chosen):
-            for _ in range(50):
-                n = 1 if preset else r.choices([1, 2, 3], weights=[3, 5, 2])[0]
-                taken = {"structure", "case", "start", "end", "title", "format", "punct"} if preset else set()
-                phrases, checks = pick_constraints(r, category, n, taken)
-                text = task + " " + " ".join(phrases)
-                if text not in texts:
-                    break
-            texts.add(text)
-            records.append({"id": f"{prefix}-{i:04d}", "instruction": text, "category": category,
-                            "checks": preset + checks})
-        sets[split] = records
-    return sets
+    split_bases = bases(r)
+    build_split(r, split_bases["train"], N_TRAIN, "train", HELDOUT_WEIGHTS)  # replayed: brings r to the held-out draw
+    heldout = build_split(r, split_bases["heldout"], N_HELDOUT, "heldout", HELDOUT_WEIGHTS)
+    train = build_split(random.Random(TRAIN_SEED), split_bases["train"], N_TRAIN, "train", TRAIN_WEIGHTS)
+    return {"train": train, "heldout": heldout}
 
 
 def main() -> int:
