@@ -171,12 +171,18 @@ def format_before_after(before: dict | None, after: dict | None, diff: dict | No
     return "\n".join(lines)
 
 
+def check_rates(ev: dict) -> tuple[dict[str, dict], float | None]:
+    """An absolute eval's per-check rates by check type (most frequent first, as recorded; empty when it has
+    none) and its mean response length in words over valid outputs (None when not recorded)."""
+    return ({c["type"]: c for c in ev.get("per_check") or ()},
+            (ev.get("model_lengths") or {}).get("response_words_mean"))
+
+
 def format_check_shift(before: dict, after: dict) -> list[str]:
     """Lines of a before/after table of the verifiable checks passed, per check type (``per_check`` of two
     absolute evals), and the mean response length in words: what moved behind the mean score. Empty when
     either eval has no per-check rates (another eval set, or a result from before they were recorded)."""
-    a = {c["type"]: c for c in before.get("per_check") or ()}
-    b = {c["type"]: c for c in after.get("per_check") or ()}
+    (a, wa), (b, wb) = check_rates(before), check_rates(after)
     if not a or not b:
         return []
     lines = ["", "checks passed, per type (an invalid output passes none)",
@@ -185,8 +191,6 @@ def format_check_shift(before: dict, after: dict) -> list[str]:
         if t in b:
             pa, pb = c["pass_rate"], b[t]["pass_rate"]
             lines.append(f"{t:20}{c['n']:>4}{pa:>9.0%}{pb:>9.0%}{100 * (pb - pa):>+8.0f}%")
-    wa = (before.get("model_lengths") or {}).get("response_words_mean")
-    wb = (after.get("model_lengths") or {}).get("response_words_mean")
     if wa is not None and wb is not None:
         lines.append(f"{'response words':20}{'':>4}{wa:>9.1f}{wb:>9.1f}{wb - wa:>+9.1f}   (mean over valid outputs)")
     return lines

@@ -26,10 +26,9 @@ from typing import Optional
 
 import torch
 
-from .ops.lora_linear import lora_linear_delta
-
-from tpo_lite.errors import TpoError
+from .errors import TpoError
 from .model_config import CPU_DEFAULT_4BIT, EMBEDDED_DIST, EMBEDDED_FILE, EMBEDDED_NAME, ModelConfig  # noqa: F401
+from .ops.lora_linear import lora_linear_delta
 
 _CACHE_MARKER = "tpo_lite_gguf_cache.json"
 

@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 
 from .errors import TpoError
 from .jsonl import read_json, read_records, write_text_atomic
+from .metrics import check_rates
 from .records import Judgement, Pair
 from .rundir import RECORD_KEYS, ExperimentDir, RunDir, SeedsDir
 
@@ -419,19 +420,18 @@ def _score_ci(res: dict) -> str:
 def _check_table(heldout: dict[int, dict]) -> list[str]:
     """Held-out checks passed per check type, one column per eval (seed model, iterations), with the mean
     response length in words: what moved behind the mean score. Empty when no eval has per-check rates."""
-    cols = [(t, {c["type"]: c for c in heldout[t].get("per_check") or ()}) for t in sorted(heldout)]
-    cols = [(t, c) for t, c in cols if c]
+    cols = [(t, *check_rates(heldout[t])) for t in sorted(heldout)]
+    cols = [(t, c, w) for t, c, w in cols if c]
     if not cols:
         return []
-    types = list(dict.fromkeys(k for _, c in cols for k in c))  # most frequent first, as recorded
-    L = ["| checks passed | n | " + " | ".join("seed model" if t == 0 else f"iteration {t}" for t, _ in cols) + " |",
-         "|---|---:|" + "---:|" * len(cols)]
+    types = list(dict.fromkeys(k for _, c, _ in cols for k in c))  # most frequent first, as recorded
+    L = ["| checks passed | n | " + " | ".join("seed model" if t == 0 else f"iteration {t}" for t, _, _ in cols)
+         + " |", "|---|---:|" + "---:|" * len(cols)]
     for k in types:
-        n = next(c[k]["n"] for _, c in cols if k in c)
-        L.append(f"| {k} | {n} | " + " | ".join(_f(c[k]["pass_rate"], ".0%") if k in c else "–" for _, c in cols)
-                 + " |")
-    words = [(heldout[t].get("model_lengths") or {}).get("response_words_mean") for t, _ in cols]
-    L.append("| *response words (valid outputs)* | | " + " | ".join(_f(w, ".1f") for w in words) + " |")
+        n = next(c[k]["n"] for _, c, _ in cols if k in c)
+        L.append(f"| {k} | {n} | " + " | ".join(_f(c[k]["pass_rate"], ".0%") if k in c else "–"
+                                                for _, c, _ in cols) + " |")
+    L.append("| *response words (valid outputs)* | | " + " | ".join(_f(w, ".1f") for _, _, w in cols) + " |")
     return L + [""]
 
 
