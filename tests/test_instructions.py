@@ -1,4 +1,5 @@
 """Instruction loading (JSONL / JSON), error locations, and the embedded sets."""
+import hashlib
 import json
 import os
 import re
@@ -197,7 +198,6 @@ HELDOUT_SHA256 = "99341b8fdebbd58fa1d7450d7b17b94359aadb7dcaa56f45a28c248e81a7d2
 
 
 def test_heldout_set_is_frozen():
-    import hashlib
     assert hashlib.sha256(embedded_path("heldout").read_bytes()).hexdigest() == HELDOUT_SHA256
 
 
