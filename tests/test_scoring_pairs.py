@@ -323,3 +323,36 @@ def test_parse_failures_as_rejected_are_capped_by_share():
     juds2 = juds + [_judgement("tie", [0.5, 0.5, None])]
     _, s2 = select_pairs(recs2, juds2, PairsConfig(rho=0.0, max_invalid_rejected=4 / 22))
     assert s2["rejected_parse_failure"] == 4 and s2["dropped_tie"] == 1 and s2["dropped_one_valid"] == 0
+
+
+class _IdsTokenizer:
+    """decode = the ids joined, so a test sees exactly which tokens a text came from."""
+
+    def decode(self, ids, skip_special_tokens=False):
+        return " ".join(f"<{i}>" for i in ids)
+
+
+def test_cut_off_rejected_is_cut_to_the_chosen_length_when_asked():
+    recs = [_mixed_record("cut", "vt"), _mixed_record("parse", "vp"), _mixed_record("short_cut", "vt")]
+    recs[0].samples[1].token_ids = list(range(50, 58))  # cut off: 8 tokens; the chosen has 3
+    recs[1].samples[1].token_ids = list(range(60, 68))  # a parse failure is never cut
+    recs[2].samples[1].token_ids = [70, 71]  # shorter than the chosen: nothing to cut
+    juds = [_judgement(r.prompt_id, [1.0, None]) for r in recs]
+    cfg = dict(rho=0.0, max_invalid_rejected=1.0, truncated_as_rejected=True)
+    whole, ws = select_pairs(recs, juds, PairsConfig(**cfg))
+    assert PairsConfig().cut_off_rejected_length == "whole" and ws["rejected_cut_to_chosen"] == 0
+    assert [p.rejected_token_ids for p in whole] == [list(range(50, 58)), list(range(60, 68)), [70, 71]]
+    cut, cs = select_pairs(recs, juds, PairsConfig(**cfg, cut_off_rejected_length="chosen"),
+                           tokenizer=_IdsTokenizer())
+    assert [p.rejected_token_ids for p in cut] == [[50, 51, 52], list(range(60, 68)), [70, 71]]
+    assert cut[0].rejected_text == "<50> <51> <52>" and cut[0].chosen_token_ids == [0, 1, 2]
+    assert cut[1].rejected_text == recs[1].samples[1].text and cut[2].rejected_text == recs[2].samples[1].text
+    assert cs["rejected_cut_to_chosen"] == 1 and cs["rejected_truncated"] == 2
+    assert [(p.chosen_index, p.rejected_index, p.rejected_invalid_reason) for p in cut] == \
+        [(p.chosen_index, p.rejected_index, p.rejected_invalid_reason) for p in whole]
+    # Decoding the cut tokens needs the tokenizer: a clear error, not a silent whole output.
+    with pytest.raises(TpoError, match="cut_off_rejected_length"):
+        select_pairs(recs, juds, PairsConfig(**cfg, cut_off_rejected_length="chosen"))
+    assert PairsConfig(cut_off_rejected_length="chosen").needs_tokenizer is False  # no cut-off rejected at all
+    with pytest.raises(TpoError, match="'whole' or 'chosen'"):
+        PairsConfig(cut_off_rejected_length="half")

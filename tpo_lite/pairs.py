@@ -17,7 +17,10 @@ For each instruction (one ``samples.jsonl`` record and its ``judgements.jsonl`` 
    valid samples, then highest chosen raw score, then input order) while ``invalid pairs <= share * pairs``
    holds. A cut-off output is such a candidate only with ``truncated_as_rejected`` (an output cut by the
    token limit says nothing about its quality); the rejected one is the group's first parse failure, else its
-   first cut-off output.
+   first cut-off output. With ``cut_off_rejected_length = "chosen"`` a cut-off rejected output keeps only as many
+   of its tokens as the chosen output has: it was cut off *because* it is long, so whole it would also teach
+   "shorter is better" (measured: such pairs carried the drift to short answers); cut to the chosen's length
+   the pair contrasts an output that has finished with one that has not, at equal length.
 4. A group that gets no pair is dropped, counted by reason: no valid sample (``dropped_all_invalid``), one
    valid sample (``dropped_one_valid``), chosen and worst valid tying on the raw score (``dropped_tie``), or a
    raw-score gap ``chosen - rejected`` not above ``min_gap`` (``dropped_low_gap``; this includes the rare
@@ -72,6 +75,11 @@ class PairsConfig:
         "Let an output cut off by the token limit (invalid_reason 'truncated') be the rejected one, "
         "within max_invalid_rejected. false = only parse failures (no response marker, empty "
         "response) may be rejected: a cut-off output is invalid for its length, not its content.")
+    cut_off_rejected_length: Literal["whole", "chosen"] = option("whole",
+        "How much of a cut-off rejected output (truncated_as_rejected) DPO sees: 'whole' = all its tokens; "
+        "'chosen' = its first as many tokens as the chosen output has (text decoded from those), so the pair "
+        "contrasts finishing with not finishing at equal length instead of also teaching 'shorter is "
+        "better' (a cut-off output is always among the longest).")
 
     def __post_init__(self):
         require_finite(self)
@@ -88,7 +96,14 @@ class PairsConfig:
             ("length_unit", self.length_unit in LENGTH_UNITS, f"must be one of {', '.join(LENGTH_UNITS)}"),
             ("min_gap", self.min_gap >= 0, "must be >= 0"),
             ("max_invalid_rejected", 0.0 <= self.max_invalid_rejected <= 1.0, "must be in [0, 1]"),
+            ("cut_off_rejected_length", self.cut_off_rejected_length in ("whole", "chosen"),
+             "must be 'whole' or 'chosen'"),
         ])
+
+    @property
+    def needs_tokenizer(self) -> bool:
+        """Whether :func:`select_pairs` needs the policy tokenizer (token lengths, or decoding a cut rejected)."""
+        return self.length_unit == "tokens" or (self.truncated_as_rejected and self.cut_off_rejected_length == "chosen")
 
 
 def _keep(min_gap: float):
@@ -133,14 +148,15 @@ def select_pairs(sample_records: Sequence[PromptSamples], judgement_records: Seq
 
     ``sample_records`` are the ``samples.jsonl`` records, ``judgement_records`` the ``judgements.jsonl`` records
     (matched by ``prompt_id``; every sample record needs one); ``sources``: the paths of those two files, named
-    in errors. ``tokenizer`` is needed only for ``length_unit = 'tokens'``. Returns ``(pairs, stats)``: the
+    in errors. ``tokenizer`` is needed only when ``cfg.needs_tokenizer``. Returns ``(pairs, stats)``: the
     pairs in input order, and a JSON-ready stats dict (counts of kept/dropped groups, invalid rejected outputs
     by kind, rho, mean lengths/scores).
     """
     cfg = cfg or PairsConfig()
-    if cfg.length_unit == "tokens" and tokenizer is None:
-        raise TpoError("length unit 'tokens' needs the policy tokenizer; pass tokenizer= or use 'words'",
-                       field="pairs.length_unit")
+    if cfg.needs_tokenizer and tokenizer is None:
+        field = "length_unit" if cfg.length_unit == "tokens" else "cut_off_rejected_length"
+        raise TpoError(f"pairs.{field} = {getattr(cfg, field)!r} needs the policy tokenizer; pass tokenizer=",
+                       field=f"pairs.{field}")
     jpath = sources[1] if sources else None
     by_id: dict[str, Judgement] = {}
     for j in judgement_records:
@@ -177,6 +193,7 @@ def select_pairs(sample_records: Sequence[PromptSamples], judgement_records: Seq
                              "rejected_parse_failure": 0, "rejected_truncated": 0, "invalid_rejected_refused": 0,
                              "max_invalid_rejected": cfg.max_invalid_rejected,
                              "truncated_as_rejected": cfg.truncated_as_rejected,
+                             "cut_off_rejected_length": cfg.cut_off_rejected_length, "rejected_cut_to_chosen": 0,
                              "samples": sum(len(s) for _, s, _ in groups),
                              "valid_samples": sum(x is not None for _, s, _ in groups for x in s),
                              "truncated_samples": sum(_is_cut_off(x) for r, _, _ in groups for x in r.samples),
@@ -229,10 +246,16 @@ def select_pairs(sample_records: Sequence[PromptSamples], judgement_records: Seq
         c, r, adj = chosen_pairs[g]
         sc, sr = rec.samples[c], rec.samples[r]
         rejected_valid = scores[r] is not None
+        rejected_text, rejected_ids = sr.text, sr.token_ids
+        if (_is_cut_off(sr) and cfg.cut_off_rejected_length == "chosen"
+                and len(rejected_ids) > len(sc.token_ids) > 0):
+            rejected_ids = list(rejected_ids[:len(sc.token_ids)])
+            rejected_text = tokenizer.decode(rejected_ids, skip_special_tokens=True)
+            stats["rejected_cut_to_chosen"] += 1
         pairs.append(Pair(
             prompt_id=rec.prompt_id, prompt_text=rec.prompt_text, prompt_token_ids=rec.prompt_token_ids,
-            chosen_index=c, rejected_index=r, chosen_text=sc.text, rejected_text=sr.text,
-            chosen_token_ids=sc.token_ids, rejected_token_ids=sr.token_ids,
+            chosen_index=c, rejected_index=r, chosen_text=sc.text, rejected_text=rejected_text,
+            chosen_token_ids=sc.token_ids, rejected_token_ids=rejected_ids,
             chosen_score=scores[c], rejected_score=scores[r], chosen_adjusted=adj[c], rejected_adjusted=adj[r],
             rho=rho, rejected_valid=rejected_valid,
             rejected_invalid_reason=None if rejected_valid else (sr.invalid_reason or "invalid"),

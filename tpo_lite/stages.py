@@ -265,7 +265,7 @@ def pairs_stage(config: RunConfig, run_dir, t: int, progress: bool = True,
     samples = list(by_id.values())
     judgements = [Judgement.from_record(r) for r in d.checked_records("judge", d.judgements, "prompt_id",
                                                                       list(by_id)).values()]
-    tok = load_tokenizer(config.model) if config.pairs.length_unit == "tokens" else None
+    tok = load_tokenizer(config.model) if config.pairs.needs_tokenizer else None
     pairs, stats = select_pairs(samples, judgements, config.pairs, tokenizer=tok, sources=(d.samples, d.judgements))
     stats = dict(stats)
     write_text_atomic(d.pairs, "".join(json.dumps(p.to_record(), ensure_ascii=False) + "\n" for p in pairs))
