@@ -101,6 +101,9 @@ def render(rec: dict) -> str:
     row("mean judge score of the samples", lambda m: m["judge"]["mean_score"], _num)
     row("pairs kept", lambda m: m["pairs"]["pairs_kept"], lambda v: _num(v, ".0f"))
     row("of which the rejected side was cut off", lambda m: m["pairs"]["rejected_truncated"], lambda v: _num(v, ".0f"))
+    if any("rejected_cut_to_chosen" in (m.get("pairs") or {}) for m in its):  # pairs.cut_off_rejected_length
+        row("... and cut to the chosen's length", lambda m: m["pairs"]["rejected_cut_to_chosen"],
+            lambda v: _num(v, ".0f"))
     row("DPO initial margin", lambda m: m["train"]["metrics"]["initial_margin"], lambda v: _num(v, ".4f"))
     row("DPO loss (last epoch)", lambda m: m["train"]["metrics"]["loss"], _num)
     lines.append("")

@@ -408,10 +408,12 @@ def test_format_failure_rates_and_invalid_rejected_are_reported():
     assert st["cut_off_rate"] == 2 / 8 and st["no_response_marker_rate"] == 1 / 8
     assert st["empty_response_rate"] == 1 / 8
     table = format_table([{"iteration": 1, "generate": st,
-                           "pairs": {"pairs_kept": 10, "rejected_parse_failure": 1, "rejected_truncated": 0}}])
+                           "pairs": {"pairs_kept": 10, "rejected_parse_failure": 1, "rejected_truncated": 3,
+                                     "rejected_cut_to_chosen": 2}}])
     rows = {ln.split("  ")[0].strip(): ln.split()[-1] for ln in table.splitlines()}
     assert rows["cut-off rate"] == "25.0%" and rows["no-marker rate"] == "12.5%"
-    assert rows["rejected parse failure"] == "1" and rows["rejected cut off"] == "0"
+    assert rows["rejected parse failure"] == "1" and rows["rejected cut off"] == "3"
+    assert rows["rejected cut to chosen"] == "2"
 
 
 # ------------------------------------------------------------------------------- keep_best on a validation split

@@ -40,6 +40,10 @@ def test_record_and_render(tmp_path):
     assert "| after 1 TPO iteration | 0.300 [0.250, 0.350] | 95.0% |" in md
     assert "| DPO initial margin | 0.0000 |" in md and "| training instructions x K | 48 x 4 |" in md
     assert "commit `abc123`" in md and "30.0 min" in md and "load: idle" in md
+    assert "cut to the chosen's length" not in md  # a record from before pairs.cut_off_rejected_length
+    rec["iterations"][0]["pairs"].update(rejected_truncated=7, rejected_cut_to_chosen=6)
+    md = mod.render(json.loads(json.dumps(rec)))
+    assert "| of which the rejected side was cut off | 7 |" in md and "| ... and cut to the chosen's length | 6 |" in md
 
 
 def test_record_without_one_wall_time_says_so_and_sums_stage_times(tmp_path):

@@ -92,6 +92,7 @@ _TABLE_ROWS = [
     ("pairs kept", ("pairs", "pairs_kept"), "{:.0f}"),
     ("rejected parse failure", ("pairs", "rejected_parse_failure"), "{:.0f}"),
     ("rejected cut off", ("pairs", "rejected_truncated"), "{:.0f}"),
+    ("rejected cut to chosen", ("pairs", "rejected_cut_to_chosen"), "{:.0f}"),
     ("length rho", ("pairs", "rho"), "{:.2f}"),
     ("chosen resp chars*", ("pairs", "chosen_response_chars"), "{:.0f}"),
     ("rejected resp chars*", ("pairs", "rejected_response_chars"), "{:.0f}"),
