@@ -6,7 +6,8 @@
         --out docs/measured/main_command.json
     # the README's tables, rendered from that record (tests/test_readme_numbers.py checks the README holds them)
     python scripts/readme_numbers.py render docs/measured/main_command.json
-    # runs of one recipe that differ only in their seeds, summarised as `tpo-lite seeds` does (per run and over runs)
+    # runs of one recipe that differ only in their seeds, summarised as `tpo-lite seeds` does (per run and over
+    # runs; docs/measured/HISTORY.md holds the previous recipe's, which the tests check likewise)
     python scripts/readme_numbers.py seeds 0=docs/measured/main_command.json 1=docs/measured/recipe_seed1.json
 
 The record holds the run's summary.json (without per-item lists), the held-out results' ``environment`` (the

@@ -110,10 +110,12 @@ def test_seeds_summary_of_records(tmp_path):
     assert md.endswith("Measured at: seed 0: `abc123` on CPU X, seed 1: `abc123` on CPU X.\n")
 
 
-def test_readme_holds_the_rendered_seeds_summary():
-    """The README's summary over seeds is what `readme_numbers.py seeds` makes of the records its marker names."""
+def test_history_holds_the_rendered_seeds_summary():
+    """The summary over seeds (docs/measured/HISTORY.md, linked from the README) is what `readme_numbers.py seeds`
+    makes of the records its marker names."""
     root = SCRIPT.parents[1]
-    readme = (root / "README.md").read_text(encoding="utf-8")
+    assert "docs/measured/HISTORY.md" in (root / "README.md").read_text(encoding="utf-8")
+    readme = (root / "docs" / "measured" / "HISTORY.md").read_text(encoding="utf-8")
     marker = "<!-- measured:seeds "
     assert marker in readme
     args, rest = readme.split(marker)[1].split(" -->", 1)
