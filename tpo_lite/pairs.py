@@ -103,7 +103,8 @@ class PairsConfig:
     @property
     def needs_tokenizer(self) -> bool:
         """Whether :func:`select_pairs` needs the policy tokenizer (token lengths, or decoding a cut rejected)."""
-        return self.length_unit == "tokens" or (self.truncated_as_rejected and self.cut_off_rejected_length == "chosen")
+        cuts_rejected = self.truncated_as_rejected and self.cut_off_rejected_length == "chosen"
+        return self.length_unit == "tokens" or cuts_rejected
 
 
 def _keep(min_gap: float):
