@@ -9,6 +9,10 @@
     # runs of one recipe that differ only in their seeds, summarised as `tpo-lite seeds` does (per run and over
     # runs; docs/measured/HISTORY.md holds the previous recipe's, which the tests check likewise)
     python scripts/readme_numbers.py seeds 0=docs/measured/main_command.json 1=docs/measured/recipe_seed1.json
+    # the direct-response experiment (`tpo-lite experiment`): its Table 1 and both runs' held-out scores
+    python scripts/readme_numbers.py experiment runs/direct_vs_tpo --command "..." --wall-seconds 1234 \
+        --load "idle" --out docs/measured/direct_vs_tpo.json
+    python scripts/readme_numbers.py render-experiment docs/measured/direct_vs_tpo.json
 
 The record holds the run's summary.json (without per-item lists), the held-out results' ``environment`` (the
 machine and library versions: greedy outputs of one commit differ between CPUs, see tpo_lite/fingerprint.py)
@@ -158,6 +162,78 @@ def render_seeds(records: dict[int, dict]) -> str:
     return render_markdown(summary, DEFAULT_SEED_OPTIONS, heading=False) + f"\nMeasured at: {runs}.\n"
 
 
+ARM_NAMES = {"tpo": "TPO (thoughts)", "direct": "direct (no thoughts)"}
+
+
+def _paired_change(run_dir: Path, t: int) -> dict | None:
+    """Iteration t's held-out change over the seed model, paired by instruction (the run's own final change is
+    computed the same way, with the same bootstrap defaults)."""
+    from tpo_lite.metrics import compare_heldout
+
+    before, after = run_dir / "eval_base" / "eval.json", run_dir / f"iter_{t:02d}" / "heldout" / "eval.json"
+    if not (before.exists() and after.exists()):
+        return None
+    return compare_heldout(*(json.loads(f.read_text(encoding="utf-8")) for f in (before, after)))
+
+
+def experiment_record(exp_dir: Path, command: str, wall_seconds: float | None, load: str, note: str = "",
+                      tree_memory: dict | None = None) -> dict:
+    """The record of a `tpo-lite experiment` directory: its experiment.json (Table 1) and, per run, the held-out
+    score before, after every iteration and the paired change, with the machine and commit that scored them."""
+    exp = json.loads((exp_dir / "experiment.json").read_text(encoding="utf-8"))
+    arms = {}
+    for label, sub in exp["runs"].items():
+        arm = record(exp_dir / sub, command, wall_seconds, load)
+        arms[label] = {"commit": arm["commit"], "environment": arm["environment"],
+                       "heldout_before": arm["heldout_before"], "heldout_after": arm["heldout_after"],
+                       "heldout_change": arm["heldout_change"], "stage_seconds": arm["stage_seconds"],
+                       "per_iteration": [{"iteration": m["iteration"], **(m.get("heldout") or {}),
+                                          "change": _paired_change(exp_dir / sub, m["iteration"])}
+                                         for m in arm["iterations"]]}
+    return {"command": command, "wall_seconds": wall_seconds, "load": load, "note": note,
+            "tree_memory": tree_memory, "experiment": exp, "arms": arms}
+
+
+def render_experiment(rec: dict) -> str:
+    """The README's tables of the direct-response experiment: Table 1 and the held-out score per iteration."""
+    exp, arms = rec["experiment"], rec["arms"]
+
+    def pct(v, ci):
+        return "-" if v is None else f"{100 * v:.1f}% [{100 * ci[0]:.1f}, {100 * ci[1]:.1f}]"
+
+    lines = ["| comparison | win rate [CI] | LC win rate [CI] | W / T / L | invalid format |", "|---|---|---|---|---|"]
+    for r in exp["table"]:
+        lines.append(f"| {r['comparison']} | {pct(r['win_rate'], r['win_rate_ci'])} | "
+                     f"{pct(r['lc_win_rate'], r['lc_win_rate_ci'])} | {r['wins']} / {r['ties']} / {r['losses']} | "
+                     f"{_pct(r['invalid_rate'])} |")
+    n_iter = max(len(a["per_iteration"]) for a in arms.values())
+    n = next(iter(arms.values()))["heldout_before"]["n"]
+    lines += ["", f"| held-out score ({n} instructions, greedy) | seed | "
+              + " | ".join(f"iter {t}" for t in range(1, n_iter + 1)) + " | change [95% CI] | valid format |",
+              "|---|---|" + "---|" * n_iter + "---|---|"]
+    for label, arm in arms.items():
+        its = [_num(m.get("mean_score")) for m in arm["per_iteration"]]
+        d = arm["heldout_change"]
+        lo, hi = d["score_diff_ci"]
+        lines.append(f"| {ARM_NAMES.get(label, label)} | {arm['heldout_before']['mean_score']:.3f} | "
+                     + " | ".join(its) + f" | {d['score_diff']:+.3f} [{lo:+.3f}, {hi:+.3f}] | "
+                     f"{_pct(d['valid_rate_before'])} → {_pct(d['valid_rate_after'])} |")
+    env = next(iter(arms.values()))["environment"] or {}
+    cpu = env.get("cpu") or {}
+    commits = ", ".join(f"{label} `{arm['commit']}`" for label, arm in arms.items())
+    lines += ["", f"Final scores by commit ({commits}) on {cpu.get('model', '?')} "
+                  f"({', '.join(cpu.get('kernel_flags') or [])}), {env.get('threads')} threads, torch "
+                  f"{env.get('torch')}, {env.get('dtype')} weights; machine load: {rec['load']}; "
+              + (f"wall time {rec['wall_seconds'] / 60:.1f} min for `{rec['command']}`"
+                 if rec.get("wall_seconds") is not None else f"command `{rec['command']}`")
+              + (f"; {rec['note']}" if rec.get("note") else "") + "."]
+    for label, arm in arms.items():
+        if arm.get("stage_seconds"):
+            lines.append(f"Stage times in the {label} run's records: " + ", ".join(
+                f"{k} {v / 60:.1f} min" for k, v in arm["stage_seconds"].items() if v >= 1) + ".")
+    return "\n".join(lines)
+
+
 def _seed_record(arg: str) -> tuple[int, dict]:
     seed, sep, path = arg.partition("=")
     if not sep or not seed.strip().lstrip("-").isdigit():
@@ -182,8 +258,26 @@ def main(argv=None) -> int:
     p.add_argument("record", type=Path)
     sd = sub.add_parser("seeds", help="summarise records of one recipe run with different seeds")
     sd.add_argument("records", nargs="+", metavar="SEED=RECORD.json")
+    e = sub.add_parser("experiment", help="write the record of a measured `tpo-lite experiment` directory")
+    e.add_argument("exp_dir", type=Path)
+    e.add_argument("--command", required=True)
+    e.add_argument("--wall-seconds", type=float, default=None)
+    e.add_argument("--load", required=True, help="what else ran on the machine")
+    e.add_argument("--note", default="", help="how the runs came to be, e.g. a run resumed from an earlier one")
+    e.add_argument("--tree-memory", type=Path, default=None)
+    e.add_argument("--out", type=Path, required=True)
+    re_ = sub.add_parser("render-experiment", help="print the README tables of an experiment record")
+    re_.add_argument("record", type=Path)
     args = ap.parse_args(argv)
-    if args.cmd == "record":
+    if args.cmd == "experiment":
+        tree = json.loads(args.tree_memory.read_text(encoding="utf-8")) if args.tree_memory else None
+        rec = experiment_record(args.exp_dir, args.command, args.wall_seconds, args.load, args.note, tree)
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(rec, indent=1) + "\n", encoding="utf-8")
+        print(f"wrote {args.out}", file=sys.stderr)
+    elif args.cmd == "render-experiment":
+        print(render_experiment(json.loads(args.record.read_text(encoding="utf-8"))))
+    elif args.cmd == "record":
         tree = json.loads(args.tree_memory.read_text(encoding="utf-8")) if args.tree_memory else None
         rec = record(args.run_dir, args.command, args.wall_seconds, args.load, args.timing_note, tree)
         args.out.parent.mkdir(parents=True, exist_ok=True)

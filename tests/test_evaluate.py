@@ -832,3 +832,19 @@ def test_eval_passes_the_response_budget_through():
     assert (tpo.thought_budget, direct.thought_budget) == (40, None)
     with pytest.raises(TpoError, match="response_budget: must be >= 0"):
         ev.EvalConfig(response_budget=-1)
+
+
+def test_the_experiment_example_trains_the_main_recipe():
+    """examples/direct_vs_tpo.toml's TPO run is examples/smollm2_cpu.toml but for resume-safe loop options, so a
+    finished main run resumes as the experiment's TPO run (the README's measured experiment did that)."""
+    from pathlib import Path
+
+    from tpo_lite.config import load_config
+    from tpo_lite.experiment import experiment_configs
+    from tpo_lite.guard import RESUME_SAFE, _config_diff
+
+    examples = Path(__file__).resolve().parents[1] / "examples"
+    main = load_config(examples / "smollm2_cpu.toml")
+    tpo = experiment_configs(load_config(examples / "direct_vs_tpo.toml"))["tpo"]
+    diff = {(sec, key) for sec, key, _, _ in _config_diff(main.to_dict(), tpo.to_dict())}
+    assert diff and diff <= RESUME_SAFE

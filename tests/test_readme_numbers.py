@@ -125,3 +125,54 @@ def test_history_holds_the_rendered_seeds_summary():
         records[int(seed)] = json.loads((root / path).read_text(encoding="utf-8"))
     assert len(records) >= 2
     assert _module().render_seeds(records) in rest.split("<!-- /measured -->")[0]
+
+
+def _experiment_dir(tmp_path):
+    row = {"n": 100, "win_rate": 0.54, "win_rate_ci": [0.455, 0.625], "lc_win_rate": 0.5633,
+           "lc_win_rate_ci": [0.469, 0.6536], "wins": 45, "ties": 18, "losses": 37, "invalid_rate": 0.01}
+    exp = {"runs": {"tpo": "tpo", "direct": "direct"}, "judge": "programmatic",
+           "table": [{"comparison": "TPO (iter 1) vs seed", **row},
+                     {"comparison": "TPO vs direct", **row, "win_rate": 0.415, "invalid_rate": 0.0}]}
+    (tmp_path / "experiment.json").write_text(json.dumps(exp))
+    for label, after in (("tpo", 0.3), ("direct", 0.25)):
+        summary = _summary()
+        summary["iterations"][0]["heldout"] = {"mean_score": after, "valid_rate": 0.95, "n": 100}
+        summary["iterations"][0]["memory"] = {"train": {"seconds": 600.0}}
+        summary["heldout_change"].update(valid_rate_before=0.8, valid_rate_after=0.95)
+        (tmp_path / label).mkdir()
+        (tmp_path / label / "summary.json").write_text(json.dumps(summary))
+    # the TPO run's held-out outputs per instruction: the change after each iteration is paired like the final one
+    for sub, scores in (("eval_base", [0.0, 0.5]), ("iter_01/heldout", [1.0, 0.5])):
+        (tmp_path / "tpo" / sub).mkdir(parents=True)
+        items = [{"id": i, "score": x} for i, x in enumerate(scores)]
+        (tmp_path / "tpo" / sub / "eval.json").write_text(json.dumps({"items": items}))
+    return tmp_path
+
+
+def test_experiment_record_and_render(tmp_path):
+    """`readme_numbers.py experiment` keeps Table 1 and each run's held-out scores; `render-experiment` prints
+    them with the commit, machine and command."""
+    mod = _module()
+    rec = mod.experiment_record(_experiment_dir(tmp_path), "tpo-lite experiment x.toml", 3000.0, "idle",
+                                note="the TPO run resumed from the main run")
+    assert set(rec["arms"]) == {"tpo", "direct"} and "items" not in rec["arms"]["tpo"]["heldout_before"]
+    change = rec["arms"]["tpo"]["per_iteration"][0]["change"]
+    assert change["n"] == 2 and change["score_diff"] == 0.5 and rec["arms"]["direct"]["per_iteration"][0]["change"] is None
+    md = mod.render_experiment(json.loads(json.dumps(rec)))
+    assert "| TPO (iter 1) vs seed | 54.0% [45.5, 62.5] | 56.3% [46.9, 65.4] | 45 / 18 / 37 | 1.0% |" in md
+    assert "| TPO vs direct | 41.5% [45.5, 62.5] | 56.3% [46.9, 65.4] | 45 / 18 / 37 | 0.0% |" in md
+    assert "| held-out score (100 instructions, greedy) | seed | iter 1 | change [95% CI] | valid format |" in md
+    assert "| TPO (thoughts) | 0.200 | 0.300 | +0.100 [+0.040, +0.160] | 80.0% → 95.0% |" in md
+    assert "| direct (no thoughts) | 0.200 | 0.250 | +0.100 [+0.040, +0.160] | 80.0% → 95.0% |" in md
+    assert "tpo `abc123`, direct `abc123`" in md and "50.0 min for `tpo-lite experiment x.toml`" in md
+    assert "; the TPO run resumed from the main run." in md
+    assert "Stage times in the direct run's records: train 10.0 min." in md
+
+
+def test_readme_holds_the_rendered_experiment():
+    """The README's direct-vs-TPO tables are what `render-experiment` makes of docs/measured/direct_vs_tpo.json."""
+    root = SCRIPT.parents[1]
+    rec = json.loads((root / "docs" / "measured" / "direct_vs_tpo.json").read_text(encoding="utf-8"))
+    readme = (root / "README.md").read_text(encoding="utf-8")
+    block = readme.split("<!-- measured:direct_vs_tpo -->")[1].split("<!-- /measured -->")[0]
+    assert _module().render_experiment(rec) in block
