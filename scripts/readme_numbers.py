@@ -165,15 +165,17 @@ def render_seeds(records: dict[int, dict]) -> str:
 ARM_NAMES = {"tpo": "TPO (thoughts)", "direct": "direct (no thoughts)"}
 
 
-def _paired_change(run_dir: Path, t: int) -> dict | None:
-    """Iteration t's held-out change over the seed model, paired by instruction (the run's own final change is
-    computed the same way, with the same bootstrap defaults)."""
+def _paired_changes(run_dir: Path, iterations: list[int]) -> dict[int, dict | None]:
+    """Each iteration's held-out change over the seed model, paired by instruction (the run's own final change is
+    computed the same way, with the same bootstrap defaults); None where the per-instruction results are missing."""
     from tpo_lite.metrics import compare_heldout
 
-    before, after = run_dir / "eval_base" / "eval.json", run_dir / f"iter_{t:02d}" / "heldout" / "eval.json"
-    if not (before.exists() and after.exists()):
-        return None
-    return compare_heldout(*(json.loads(f.read_text(encoding="utf-8")) for f in (before, after)))
+    def read(f: Path) -> dict | None:
+        return json.loads(f.read_text(encoding="utf-8")) if f.exists() else None
+
+    before = read(run_dir / "eval_base" / "eval.json")
+    afters = {t: read(run_dir / f"iter_{t:02d}" / "heldout" / "eval.json") for t in iterations}
+    return {t: compare_heldout(before, a) if before and a else None for t, a in afters.items()}
 
 
 def experiment_record(exp_dir: Path, command: str, wall_seconds: float | None, load: str, note: str = "",
@@ -184,11 +186,12 @@ def experiment_record(exp_dir: Path, command: str, wall_seconds: float | None, l
     arms = {}
     for label, sub in exp["runs"].items():
         arm = record(exp_dir / sub, command, wall_seconds, load)
+        changes = _paired_changes(exp_dir / sub, [m["iteration"] for m in arm["iterations"]])
         arms[label] = {"commit": arm["commit"], "environment": arm["environment"],
                        "heldout_before": arm["heldout_before"], "heldout_after": arm["heldout_after"],
                        "heldout_change": arm["heldout_change"], "stage_seconds": arm["stage_seconds"],
                        "per_iteration": [{"iteration": m["iteration"], **(m.get("heldout") or {}),
-                                          "change": _paired_change(exp_dir / sub, m["iteration"])}
+                                          "change": changes[m["iteration"]]}
                                          for m in arm["iterations"]]}
     return {"command": command, "wall_seconds": wall_seconds, "load": load, "note": note,
             "tree_memory": tree_memory, "experiment": exp, "arms": arms}
@@ -269,24 +272,20 @@ def main(argv=None) -> int:
     re_ = sub.add_parser("render-experiment", help="print the README tables of an experiment record")
     re_.add_argument("record", type=Path)
     args = ap.parse_args(argv)
-    if args.cmd == "experiment":
+    if args.cmd in ("record", "experiment"):
         tree = json.loads(args.tree_memory.read_text(encoding="utf-8")) if args.tree_memory else None
-        rec = experiment_record(args.exp_dir, args.command, args.wall_seconds, args.load, args.note, tree)
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(rec, indent=1) + "\n", encoding="utf-8")
-        print(f"wrote {args.out}", file=sys.stderr)
-    elif args.cmd == "render-experiment":
-        print(render_experiment(json.loads(args.record.read_text(encoding="utf-8"))))
-    elif args.cmd == "record":
-        tree = json.loads(args.tree_memory.read_text(encoding="utf-8")) if args.tree_memory else None
-        rec = record(args.run_dir, args.command, args.wall_seconds, args.load, args.timing_note, tree)
+        if args.cmd == "record":
+            rec = record(args.run_dir, args.command, args.wall_seconds, args.load, args.timing_note, tree)
+        else:
+            rec = experiment_record(args.exp_dir, args.command, args.wall_seconds, args.load, args.note, tree)
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(rec, indent=1) + "\n", encoding="utf-8")
         print(f"wrote {args.out}", file=sys.stderr)
     elif args.cmd == "seeds":
         print(render_seeds(dict(_seed_record(a) for a in args.records)), end="")
     else:
-        print(render(json.loads(args.record.read_text(encoding="utf-8"))))
+        rec = json.loads(args.record.read_text(encoding="utf-8"))
+        print(render(rec) if args.cmd == "render" else render_experiment(rec))
     return 0
 
 
