@@ -110,21 +110,25 @@ def test_seeds_summary_of_records(tmp_path):
     assert md.endswith("Measured at: seed 0: `abc123` on CPU X, seed 1: `abc123` on CPU X.\n")
 
 
-def test_history_holds_the_rendered_seeds_summary():
-    """The summary over seeds (docs/measured/HISTORY.md, linked from the README) is what `readme_numbers.py seeds`
-    makes of the records its marker names."""
+def test_docs_hold_the_rendered_seeds_summaries():
+    """Every summary over seeds (the current recipe's in the README, the earlier ones in docs/measured/HISTORY.md)
+    is what `readme_numbers.py seeds` makes of the records its marker names."""
     root = SCRIPT.parents[1]
     assert "docs/measured/HISTORY.md" in (root / "README.md").read_text(encoding="utf-8")
-    readme = (root / "docs" / "measured" / "HISTORY.md").read_text(encoding="utf-8")
     marker = "<!-- measured:seeds "
-    assert marker in readme
-    args, rest = readme.split(marker)[1].split(" -->", 1)
-    records = {}
-    for arg in args.split():
-        seed, path = arg.split("=")
-        records[int(seed)] = json.loads((root / path).read_text(encoding="utf-8"))
-    assert len(records) >= 2
-    assert _module().render_seeds(records) in rest.split("<!-- /measured -->")[0]
+    blocks = 0
+    for doc in ("README.md", "docs/measured/HISTORY.md"):
+        text = (root / doc).read_text(encoding="utf-8")
+        for block in text.split(marker)[1:]:
+            args, rest = block.split(" -->", 1)
+            records = {}
+            for arg in args.split():
+                seed, path = arg.split("=")
+                records[int(seed)] = json.loads((root / path).read_text(encoding="utf-8"))
+            assert len(records) >= 2, doc
+            assert _module().render_seeds(records) in rest.split("<!-- /measured -->")[0], doc
+            blocks += 1
+    assert blocks >= 1
 
 
 def _experiment_dir(tmp_path):
