@@ -110,25 +110,22 @@ def test_seeds_summary_of_records(tmp_path):
     assert md.endswith("Measured at: seed 0: `abc123` on CPU X, seed 1: `abc123` on CPU X.\n")
 
 
-def test_docs_hold_the_rendered_seeds_summaries():
+def test_docs_hold_the_rendered_seeds_summaries(monkeypatch):
     """Every summary over seeds (the current recipe's in the README, the earlier ones in docs/measured/HISTORY.md)
     is what `readme_numbers.py seeds` makes of the records its marker names."""
     root = SCRIPT.parents[1]
+    monkeypatch.chdir(root)  # the markers name records relative to the repository root, as the script is run
+    mod = _module()
     assert "docs/measured/HISTORY.md" in (root / "README.md").read_text(encoding="utf-8")
     marker = "<!-- measured:seeds "
-    blocks = 0
     for doc in ("README.md", "docs/measured/HISTORY.md"):
         text = (root / doc).read_text(encoding="utf-8")
+        assert marker in text, doc
         for block in text.split(marker)[1:]:
             args, rest = block.split(" -->", 1)
-            records = {}
-            for arg in args.split():
-                seed, path = arg.split("=")
-                records[int(seed)] = json.loads((root / path).read_text(encoding="utf-8"))
+            records = dict(mod._seed_record(arg) for arg in args.split())
             assert len(records) >= 2, doc
-            assert _module().render_seeds(records) in rest.split("<!-- /measured -->")[0], doc
-            blocks += 1
-    assert blocks >= 1
+            assert mod.render_seeds(records) in rest.split("<!-- /measured -->")[0], doc
 
 
 def _experiment_dir(tmp_path):
