@@ -13,10 +13,13 @@
     python scripts/readme_numbers.py experiment runs/direct_vs_tpo --command "..." --wall-seconds 1234 \
         --load "idle" --out docs/measured/direct_vs_tpo.json
     python scripts/readme_numbers.py render-experiment docs/measured/direct_vs_tpo.json
+    # a record made before this script kept something it keeps now (e.g. the held-out items): made again from its run
+    python scripts/readme_numbers.py refresh docs/measured/main_command.json runs/smollm2_cpu
 
-The record holds the run's summary.json (without per-item lists), the held-out results' ``environment`` (the
-machine and library versions: greedy outputs of one commit differ between CPUs, see tpo_lite/fingerprint.py)
-and the commit. Numbers in the README that do not come out of ``render`` are not measured numbers.
+The record holds the run's summary.json, the held-out results with their per-instruction scores (the change is
+re-derived from them), the held-out results' ``environment`` (the machine and library versions: greedy outputs
+of one commit differ between CPUs, see tpo_lite/fingerprint.py) and the commit. Numbers in the README that do
+not come out of ``render`` are not measured numbers.
 """
 from __future__ import annotations
 
@@ -30,6 +33,43 @@ def _slim(result: dict | None) -> dict | None:
     if result is None:
         return None
     return {k: v for k, v in result.items() if k not in ("items",)}
+
+
+def _with_items(run_dir: Path, result: dict | None) -> dict | None:
+    """``result`` (a held-out result as summary.json keeps it, without its per-instruction items) with its items,
+    from the run's eval.json that holds exactly that result; as given when none does."""
+    if result is None:
+        return None
+    for f in sorted(run_dir.glob("**/eval.json")):
+        full = json.loads(f.read_text(encoding="utf-8"))
+        if "items" in full and _slim(full) == result:
+            return full
+    return result
+
+
+def _eval_options(run_dir: Path) -> dict:
+    """The run's bootstrap settings (its resolved config.toml's [eval]), as loop.run passed them to compare_heldout."""
+    import tomllib
+
+    f = run_dir / "config.toml"
+    ev = tomllib.loads(f.read_text(encoding="utf-8")).get("eval", {}) if f.exists() else {}
+    return {k: ev[k] for k in ("n_boot", "alpha", "seed") if k in ev}
+
+
+def heldout_change(before: dict | None, after: dict | None, recorded: dict | None, options: dict) -> dict | None:
+    """The change as tpo_lite.metrics.compare_heldout computes it today (with its split into format / answers)
+    from the per-instruction items; it must reproduce the ``recorded`` change, else the items are not that run's.
+    ``recorded`` as it is when either side lacks items."""
+    from tpo_lite.metrics import compare_heldout
+
+    if not (before and after and "items" in before and "items" in after):
+        return recorded
+    change = compare_heldout(before, after, **options)
+    if recorded is not None:
+        differ = sorted(k for k in recorded if change.get(k) != recorded[k])
+        if differ:
+            raise SystemExit(f"readme_numbers: the held-out items do not reproduce the recorded change ({', '.join(differ)})")
+    return change
 
 
 def stage_seconds(summary: dict) -> dict:
@@ -55,14 +95,36 @@ def record(run_dir: Path, command: str, wall_seconds: float | None, load: str, t
     # the final score's environment: the seed's may come from an earlier process (reused by its settings hash)
     envs = [(summary.get(k) or {}).get("environment") for k in ("heldout_after", "heldout_before")]
     env = next((e for e in envs if e and e.get("tpo_lite_commit")), next((e for e in envs if e), None))
+    # with the per-instruction scores, so the change (and any later analysis) re-derives from the record alone
+    before, after = (_with_items(run_dir, summary.get(k)) for k in ("heldout_before", "heldout_after"))
     return {"command": command, "wall_seconds": wall_seconds, "timing_note": timing_note,
             "stage_seconds": stage_seconds(summary), "load": load,
             "commit": (env or {}).get("tpo_lite_commit"), "environment": env,
             "iterations": summary["iterations"],
-            "heldout_before": _slim(summary.get("heldout_before")),
-            "heldout_after": _slim(summary.get("heldout_after")),
-            "heldout_change": summary.get("heldout_change"),
+            "heldout_before": before, "heldout_after": after,
+            "heldout_change": heldout_change(before, after, summary.get("heldout_change"), _eval_options(run_dir)),
             "memory": summary.get("memory"), "tree_memory": tree_memory}
+
+
+def refresh(old: dict, run_dir: Path) -> dict:
+    """``old`` (a record) made again from its run by today's :func:`record`, with what was given by hand (command,
+    timing, load, tree memory) kept; every number ``old`` holds must come out the same (what is new, e.g. the
+    per-instruction items or the change's split, is added)."""
+    new = record(run_dir, old["command"], old.get("wall_seconds"), old["load"], old.get("timing_note", ""),
+                 old.get("tree_memory"))
+    differ = []
+    for k, v in old.items():
+        got = new.get(k)
+        if k in ("heldout_before", "heldout_after"):
+            got = _slim(got)
+            v = _slim(v)
+        elif k == "heldout_change" and isinstance(got, dict) and isinstance(v, dict):
+            got = {kk: got.get(kk) for kk in v}
+        if got != v:
+            differ.append(k)
+    if differ:
+        raise SystemExit(f"readme_numbers refresh: {run_dir} is not the run of this record ({', '.join(differ)} differ)")
+    return new
 
 
 def _pct(x):
@@ -118,6 +180,12 @@ def render(rec: dict) -> str:
               f"| after {len(its)} TPO iteration{'s' if len(its) != 1 else ''} | {_ci(a)} | {_pct(a['valid_rate'])} |"]
     lo, hi = d["score_diff_ci"]
     lines.append(f"| change (paired bootstrap) | {d['score_diff']:+.3f} [{lo:+.3f}, {hi:+.3f}] | |")
+    if d.get("format_change_ci"):  # tpo_lite.metrics.compare_heldout's split; the two add up to the change
+        (flo, fhi), (vlo, vhi) = d["format_change_ci"], d["both_valid_change_ci"]
+        lines += [f"| ... from outputs that became valid ({d['n_became_valid']}) or invalid ({d['n_became_invalid']}) "
+                  f"| {d['format_change']:+.3f} [{flo:+.3f}, {fhi:+.3f}] | |",
+                  f"| ... from outputs valid before and after ({d['n_both_valid']}) "
+                  f"| {d['both_valid_change']:+.3f} [{vlo:+.3f}, {vhi:+.3f}] | |"]
     env = rec.get("environment") or {}
     cpu = env.get("cpu") or {}
     lines += ["", f"Measured on commit `{rec.get('commit')}`, {cpu.get('model', '?')} "
@@ -188,7 +256,7 @@ def experiment_record(exp_dir: Path, command: str, wall_seconds: float | None, l
         arm = record(exp_dir / sub, command, wall_seconds, load)
         changes = _paired_changes(exp_dir / sub, [m["iteration"] for m in arm["iterations"]])
         arms[label] = {"commit": arm["commit"], "environment": arm["environment"],
-                       "heldout_before": arm["heldout_before"], "heldout_after": arm["heldout_after"],
+                       "heldout_before": _slim(arm["heldout_before"]), "heldout_after": _slim(arm["heldout_after"]),
                        "heldout_change": arm["heldout_change"], "stage_seconds": arm["stage_seconds"],
                        "per_iteration": [{"iteration": m["iteration"], **(m.get("heldout") or {}),
                                           "change": changes[m["iteration"]]}
@@ -257,6 +325,10 @@ def main(argv=None) -> int:
     r.add_argument("--tree-memory", type=Path, default=None,
                    help="the --json of scripts/tree_memory.py run around the command")
     r.add_argument("--out", type=Path, required=True)
+    f = sub.add_parser("refresh", help="make a record again from its run with this script (numbers must match; "
+                                       "what this script adds since, e.g. per-instruction items, is added)")
+    f.add_argument("record", type=Path)
+    f.add_argument("run_dir", type=Path)
     p = sub.add_parser("render", help="print the README tables of a record")
     p.add_argument("record", type=Path)
     sd = sub.add_parser("seeds", help="summarise records of one recipe run with different seeds")
@@ -281,6 +353,10 @@ def main(argv=None) -> int:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(rec, indent=1) + "\n", encoding="utf-8")
         print(f"wrote {args.out}", file=sys.stderr)
+    elif args.cmd == "refresh":
+        rec = refresh(json.loads(args.record.read_text(encoding="utf-8")), args.run_dir)
+        args.record.write_text(json.dumps(rec, indent=1) + "\n", encoding="utf-8")
+        print(f"refreshed {args.record} from {args.run_dir}", file=sys.stderr)
     elif args.cmd == "seeds":
         print(render_seeds(dict(_seed_record(a) for a in args.records)), end="")
     else:

@@ -336,6 +336,37 @@ def test_absolute_eval_check_pass_rates_by_type():
     assert "checks passed" not in format_before_after(old, ra, None)
 
 
+def test_heldout_change_splits_into_format_and_answers():
+    """The paired change = the part from outputs that changed format validity + the part from outputs valid
+    before and after, each per instruction of all n, each with a bootstrap CI."""
+    from tpo_lite.metrics import compare_heldout, format_before_after
+
+    # (valid, score) before -> after: became valid (+0.5), became invalid (-0.25), both valid (+0.25, -0.5),
+    # invalid both times (0)
+    rows = [((False, 0.0), (True, 0.5)), ((True, 0.25), (False, 0.0)), ((True, 0.25), (True, 0.5)),
+            ((True, 1.0), (True, 0.5)), ((False, 0.0), (False, 0.0))]
+    res = lambda k: {"items": [{"id": i, "valid": r[k][0], "score": r[k][1]} for i, r in enumerate(rows)],  # noqa: E731
+                     "n": len(rows), "valid_rate": sum(r[k][0] for r in rows) / len(rows),
+                     "mean_score": 0.0, "mean_score_ci": [0.0, 0.0], "judge": "programmatic"}
+    d = compare_heldout(res(0), res(1), n_boot=200)
+    assert d["score_diff"] == pytest.approx(0.0)
+    assert d["format_change"] == pytest.approx((0.5 - 0.25) / 5)
+    assert d["both_valid_change"] == pytest.approx((0.25 - 0.5) / 5)
+    assert d["format_change"] + d["both_valid_change"] == pytest.approx(d["score_diff"])
+    assert (d["n_became_valid"], d["n_became_invalid"], d["n_both_valid"]) == (1, 1, 2)
+    for k in ("format_change", "both_valid_change"):
+        lo, hi = d[f"{k}_ci"]
+        assert lo <= d[k] <= hi
+    text = format_before_after(res(0), res(1), d)
+    assert "  format      +0.050" in text and "1 output(s) became valid, 1 invalid" in text
+    assert "  answers     -0.050" in text and "over the 2 valid before and after" in text
+    # results written before validity was recorded per item: the change alone, no split
+    old = {k: [{"id": r["id"], "score": r["score"]} for r in v] if k == "items" else v for k, v in res(0).items()}
+    d = compare_heldout(old, res(1), n_boot=200)
+    assert d["score_diff"] == pytest.approx(0.0) and "format_change" not in d
+    assert "became valid" not in format_before_after(old, res(1), d)
+
+
 def test_write_result_json_and_markdown(tmp_path):
     items = _items(3)
     r = cp.compare_outputs(items, _outs(items, ["a b c", "a", "a b"], "tpo"), _outs(items, ["a b", "a b", "a b"], "seed"),

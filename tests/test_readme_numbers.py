@@ -3,6 +3,8 @@ import importlib.util
 import json
 from pathlib import Path
 
+import pytest
+
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "readme_numbers.py"
 
 
@@ -21,10 +23,9 @@ def _summary():
           "train": {"metrics": {"initial_margin": 0.0, "loss": 0.61}}}
     env = {"tpo_lite_commit": "abc123", "cpu": {"model": "CPU X", "kernel_flags": ["avx2"]}, "threads": 2,
            "torch": "2.13.0", "dtype": "bfloat16"}
-    before = {"n": 100, "mean_score": 0.2, "mean_score_ci": [0.15, 0.25], "valid_rate": 0.8, "environment": env,
-              "items": [{"id": "a", "score": 0.2}]}
-    after = {"n": 100, "mean_score": 0.3, "mean_score_ci": [0.25, 0.35], "valid_rate": 0.95, "environment": env,
-             "items": [{"id": "a", "score": 0.3}]}
+    # as loop.run writes summary.json: the held-out results without their per-instruction items
+    before = {"n": 100, "mean_score": 0.2, "mean_score_ci": [0.15, 0.25], "valid_rate": 0.8, "environment": env}
+    after = {"n": 100, "mean_score": 0.3, "mean_score_ci": [0.25, 0.35], "valid_rate": 0.95, "environment": env}
     return {"iterations": [it], "heldout_before": before, "heldout_after": after,
             "heldout_change": {"n": 100, "score_diff": 0.1, "score_diff_ci": [0.04, 0.16]}}
 
@@ -33,7 +34,7 @@ def test_record_and_render(tmp_path):
     mod = _module()
     (tmp_path / "summary.json").write_text(json.dumps(_summary()))
     rec = mod.record(tmp_path, "tpo-lite run x.toml", 1800.0, "idle")
-    assert rec["commit"] == "abc123" and "items" not in rec["heldout_before"]
+    assert rec["commit"] == "abc123" and "items" not in rec["heldout_before"]  # the run has no eval.json
     md = mod.render(json.loads(json.dumps(rec)))
     assert "| change (paired bootstrap) | +0.100 [+0.040, +0.160] | |" in md
     assert "| seed model | 0.200 [0.150, 0.250] | 80.0% |" in md
@@ -58,6 +59,82 @@ def test_record_without_one_wall_time_says_so_and_sums_stage_times(tmp_path):
     assert "wall time" not in md
     assert "command `tpo-lite run x.toml`; resumed twice." in md
     assert "Stage times in this run's records: generate 2.0 min, train 5.0 min." in md
+
+
+def _run_with_items(tmp_path, before_items, after_items):
+    """A run directory as loop.run leaves it: summary.json without items, each result's eval.json with them."""
+    from tpo_lite.metrics import compare_heldout
+
+    def result(items, model):
+        return {"model": model, "n": len(items), "mean_score": sum(i["score"] for i in items) / len(items),
+                "mean_score_ci": [0.0, 1.0], "valid_rate": sum(i["valid"] for i in items) / len(items),
+                "judge": "programmatic", "items": items}
+
+    before, after = result(before_items, "seed"), result(after_items, "iter01")
+    for sub, r in (("eval_base", before), ("iter_01/heldout", after)):
+        (tmp_path / sub).mkdir(parents=True)
+        (tmp_path / sub / "eval.json").write_text(json.dumps(r))
+    summary = _summary()
+    slim = lambda r: {k: v for k, v in r.items() if k != "items"}  # noqa: E731
+    change = compare_heldout(before, after)
+    summary.update(heldout_before=slim(before), heldout_after=slim(after),
+                   heldout_change={k: v for k, v in change.items() if k in ("n", "score_diff", "score_diff_ci")})
+    (tmp_path / "summary.json").write_text(json.dumps(summary))
+    return summary
+
+
+def test_record_keeps_the_items_and_re_derives_the_change_with_its_split(tmp_path):
+    mod = _module()
+    items = lambda vs: [{"id": f"q{i}", "valid": v, "score": x} for i, (v, x) in enumerate(vs)]  # noqa: E731
+    before = items([(False, 0.0), (True, 0.5), (True, 0.5), (True, 1.0)])
+    after = items([(True, 1.0), (True, 1.0), (False, 0.0), (True, 1.0)])
+    _run_with_items(tmp_path, before, after)
+    rec = mod.record(tmp_path, "c", 60.0, "idle")
+    assert rec["heldout_before"]["items"] == before and rec["heldout_after"]["items"] == after
+    d = rec["heldout_change"]
+    # q0 invalid -> valid (+1), q2 valid -> invalid (-0.5); q1 (+0.5) and q3 (0) valid both times
+    assert d["score_diff"] == 0.25 and d["format_change"] == 0.125 and d["both_valid_change"] == 0.125
+    md = mod.render(json.loads(json.dumps(rec)))
+    assert "| ... from outputs that became valid (1) or invalid (1) | +0.125 [" in md
+    assert "| ... from outputs valid before and after (2) | +0.125 [" in md
+    # items that do not give the summary's change are not this run's: refused, not recorded
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    summary["heldout_change"]["score_diff"] = 0.2
+    (tmp_path / "summary.json").write_text(json.dumps(summary))
+    with pytest.raises(SystemExit, match="do not reproduce the recorded change"):
+        mod.record(tmp_path, "c", 60.0, "idle")
+
+
+def test_refresh_adds_what_the_script_keeps_now_and_refuses_another_run(tmp_path):
+    mod = _module()
+    items = lambda vs: [{"id": f"q{i}", "valid": True, "score": x} for i, x in enumerate(vs)]  # noqa: E731
+    run = tmp_path / "run"
+    _run_with_items(run, items([0.0, 0.5]), items([0.5, 0.5]))
+    old = mod.record(run, "tpo-lite run x.toml", None, "loaded", "resumed once")
+    for k in ("heldout_before", "heldout_after"):  # a record from before the items were kept
+        old[k] = {kk: v for kk, v in old[k].items() if kk != "items"}
+    old["heldout_change"] = {k: old["heldout_change"][k] for k in ("n", "score_diff", "score_diff_ci")}
+    new = mod.refresh(old, run)
+    assert (new["command"], new["timing_note"], new["load"]) == ("tpo-lite run x.toml", "resumed once", "loaded")
+    assert len(new["heldout_after"]["items"]) == 2 and new["heldout_change"]["both_valid_change"] == 0.25
+    other = tmp_path / "other"
+    _run_with_items(other, items([0.0, 0.5]), items([1.0, 0.5]))
+    with pytest.raises(SystemExit, match="is not the run of this record"):
+        mod.refresh(old, other)
+
+
+def test_records_with_items_re_derive_their_change():
+    """Each record in docs/measured that keeps its held-out items gives its recorded change again, split and all."""
+    from tpo_lite.metrics import compare_heldout
+
+    checked = 0
+    for f in sorted((SCRIPT.parents[1] / "docs" / "measured").glob("*.json")):
+        rec = json.loads(f.read_text(encoding="utf-8"))
+        b, a = rec.get("heldout_before") if isinstance(rec, dict) else None, rec.get("heldout_after") if isinstance(rec, dict) else None
+        if b and a and "items" in b and "items" in a:
+            assert compare_heldout(b, a) == rec["heldout_change"], f.name
+            checked += 1
+    assert checked >= 3  # the main command's run and the recipe's seeds
 
 
 def test_readme_holds_the_rendered_record():

@@ -71,6 +71,38 @@ def test_summarize_seeds_over_constructed_runs():
         summarize_seeds({5: bad})
 
 
+def test_summary_over_seeds_splits_the_change_into_format_and_answers():
+    """Where every run's change has its split (format / answers, tpo_lite.metrics.compare_heldout), each part gets
+    its mean over runs with the same t interval as the change; a run without the split shows '–' and no mean."""
+    from tpo_lite.seeds import render_markdown, summarize_seeds
+
+    parts = {0: (0.07, 0.05), 1: (0.04, 0.04), 2: (0.03, -0.03)}
+    runs = {}
+    for s, (fmt, ans) in parts.items():
+        runs[s] = _summary(0.2, 0.2 + fmt + ans, fmt + ans, (fmt + ans - 0.08, fmt + ans + 0.08))
+        runs[s]["heldout_change"].update(format_change=fmt, both_valid_change=ans)
+    runs[0]["heldout_change"].update(format_change_ci=[0.02, 0.12], both_valid_change_ci=[-0.01, 0.11])
+    o = summarize_seeds(runs)["over_seeds"]
+    for k, i in (("format_change", 0), ("both_valid_change", 1)):
+        t = t_interval([p[i] for p in parts.values()])
+        assert o[f"mean_{k}"] == pytest.approx(t["mean"]) and o[f"mean_{k}_ci"] == pytest.approx(t["ci"])
+    md = render_markdown(summarize_seeds(runs), ["sampling.seed"])
+    assert "| valid before → after | format / answers |" in md
+    assert "| 80% → 100% | +0.070 ↑ / +0.050 |" in md
+    assert "| 80% → 100% | +0.030 / -0.030 |" in md  # no CI of a part given: no arrow
+    t = t_interval([0.07, 0.04, 0.03])
+    assert f"Mean over runs: format {t['mean']:+.3f} [{t['ci'][0]:+.3f}, {t['ci'][1]:+.3f}], answers +0.020 [" in md
+    del runs[1]["heldout_change"]["format_change"], runs[1]["heldout_change"]["both_valid_change"]
+    rec = summarize_seeds(runs)
+    assert "mean_format_change" not in rec["over_seeds"]
+    md = render_markdown(rec, ["sampling.seed"])
+    assert "| 80% → 100% | – / – |" in md and "Mean over runs: format" not in md
+    # no run with the split (records from before it): the table as it was
+    for r in runs.values():
+        r["heldout_change"] = {k: v for k, v in r["heldout_change"].items() if k in ("n", "score_diff", "score_diff_ci")}
+    assert "format / answers" not in render_markdown(summarize_seeds(runs), ["sampling.seed"])
+
+
 def test_seed_configs_set_the_options_and_refuse_bad_input():
     from tpo_lite.config import RunConfig
     from tpo_lite.seeds import seed_configs

@@ -137,17 +137,38 @@ def format_table(metrics: list[dict]) -> str:
 
 
 def compare_heldout(before: dict, after: dict, n_boot: int = 2000, alpha: float = 0.05, seed: int = 0) -> dict:
-    """Paired before/after difference of the per-instruction held-out scores, with a bootstrap CI."""
+    """Paired before/after difference of the per-instruction held-out scores, with a bootstrap CI, and where it
+    comes from.
+
+    ``format_change`` sums the change over the instructions whose output changed format validity (invalid -> valid
+    gains that output's whole score, valid -> invalid loses it); ``both_valid_change`` over those valid before and
+    after (better or worse answers in the same format). Both are divided by all ``n``, so they add up to
+    ``score_diff``; each has its own paired-bootstrap CI (the same resampled instructions). A model can gain
+    only by learning the format: this split says whether its answers improved too. No split when an item lacks
+    ``valid`` (a result written before validity was recorded per item).
+    """
     from .stats import bootstrap_ci
 
-    a = {r["id"]: r["score"] for r in before["items"]}
-    b = {r["id"]: r["score"] for r in after["items"]}
+    a = {r["id"]: r for r in before["items"]}
+    b = {r["id"]: r for r in after["items"]}
     ids = [i for i in a if i in b]
-    diffs = [b[i] - a[i] for i in ids]
+    diffs = [b[i]["score"] - a[i]["score"] for i in ids]
     out = {"n": len(ids), "score_diff": mean(diffs), "score_diff_ci": None,
            "valid_rate_before": before.get("valid_rate"), "valid_rate_after": after.get("valid_rate")}
-    if diffs:
-        out["score_diff_ci"] = list(bootstrap_ci(diffs, n_boot=n_boot, alpha=alpha, seed=seed))
+    if not diffs:
+        return out
+    ci = lambda xs: list(bootstrap_ci(xs, n_boot=n_boot, alpha=alpha, seed=seed))  # noqa: E731
+    out["score_diff_ci"] = ci(diffs)
+    valid = [(a[i].get("valid"), b[i].get("valid")) for i in ids]
+    if any(v is None for pair in valid for v in pair):
+        return out
+    fmt = [d if va != vb else 0.0 for d, (va, vb) in zip(diffs, valid)]
+    both = [d if va and vb else 0.0 for d, (va, vb) in zip(diffs, valid)]
+    out.update(format_change=mean(fmt), format_change_ci=ci(fmt),
+               both_valid_change=mean(both), both_valid_change_ci=ci(both),
+               n_became_valid=sum(not va and vb for va, vb in valid),
+               n_became_invalid=sum(va and not vb for va, vb in valid),
+               n_both_valid=sum(va and vb for va, vb in valid))
     return out
 
 
@@ -167,9 +188,21 @@ def format_before_after(before: dict | None, after: dict | None, diff: dict | No
     if diff and diff.get("score_diff_ci"):
         lo, hi = diff["score_diff_ci"]
         lines.append(f"{'change':8}{diff['score_diff']:>+12.3f} [{lo:+.3f}, {hi:+.3f}] (paired bootstrap)")
+        lines += format_change_split(diff)
     if before and after:
         lines += format_check_shift(before, after)
     return "\n".join(lines)
+
+
+def format_change_split(diff: dict) -> list[str]:
+    """The lines of :func:`compare_heldout`'s split of the change (none for a result without it)."""
+    if diff.get("format_change_ci") is None:
+        return []
+    (flo, fhi), (vlo, vhi) = diff["format_change_ci"], diff["both_valid_change_ci"]
+    return [f"{'  format':12}{diff['format_change']:>+8.3f} [{flo:+.3f}, {fhi:+.3f}]  {diff['n_became_valid']} "
+            f"output(s) became valid, {diff['n_became_invalid']} invalid",
+            f"{'  answers':12}{diff['both_valid_change']:>+8.3f} [{vlo:+.3f}, {vhi:+.3f}]  over the "
+            f"{diff['n_both_valid']} valid before and after"]
 
 
 def check_rates(ev: dict) -> tuple[dict[str, dict], float | None]:

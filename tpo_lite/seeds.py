@@ -168,6 +168,11 @@ def share_seed_model_eval(sd: SeedsDir, cfgs: dict, allow_config_change: bool = 
     return done
 
 
+# the parts of the held-out change (tpo_lite.metrics.compare_heldout): from outputs that changed format validity,
+# and from outputs valid before and after
+SPLIT = ("format_change", "both_valid_change")
+
+
 def summarize_seeds(summaries: dict[int, dict], confidence: float = 0.95) -> dict:
     """The record of ``seeds.json`` from ``{seed: run summary}`` (each with ``heldout_before`` / ``heldout_after``
     / ``heldout_change`` as :func:`tpo_lite.loop.run` writes them)."""
@@ -184,7 +189,8 @@ def summarize_seeds(summaries: dict[int, dict], confidence: float = 0.95) -> dic
                      "before": before["mean_score"], "after": after["mean_score"],
                      "after_model": after.get("model"), "change": change["score_diff"], "change_ci": [lo, hi],
                      "significant": "up" if lo > 0 else "down" if hi < 0 else None,
-                     "valid_before": before.get("valid_rate"), "valid_after": after.get("valid_rate")})
+                     "valid_before": before.get("valid_rate"), "valid_after": after.get("valid_rate"),
+                     **{k: change.get(k) for k in SPLIT}, **{f"{k}_ci": change.get(f"{k}_ci") for k in SPLIT}})
     changes = [r["change"] for r in rows]
     t = t_interval(changes, alpha=1.0 - confidence)
     over = {"n_runs": len(rows), "mean_change": t["mean"], "sd_change": t["sd"], "mean_change_ci": t["ci"],
@@ -193,33 +199,50 @@ def summarize_seeds(summaries: dict[int, dict], confidence: float = 0.95) -> dic
             "n_improved": sum(c > 0 for c in changes),
             "n_significant_up": sum(r["significant"] == "up" for r in rows),
             "n_significant_down": sum(r["significant"] == "down" for r in rows)}
+    for k in SPLIT:  # the same interval for each part of the change, where every run has the split
+        if all(r[k] is not None for r in rows):
+            t = t_interval([r[k] for r in rows], alpha=1.0 - confidence)
+            over.update({f"mean_{k}": t["mean"], f"mean_{k}_ci": t["ci"]})
     return {"confidence": confidence, "judges": sorted({str(r["judge"]) for r in rows}), "runs": rows,
             "over_seeds": over}
+
+
+def _arrow(ci) -> str:
+    """' ↑' / ' ↓' where a CI excludes 0 upward / downward."""
+    return "" if not ci else " ↑" if ci[0] > 0 else " ↓" if ci[1] < 0 else ""
 
 
 def render_markdown(record: dict, seed_options: Sequence[str], heading: bool = True) -> str:
     """The summary as Markdown: one row per seed, then the mean over runs (``heading``: under a title)."""
     conf = int(round(100 * record["confidence"]))
     o = record["over_seeds"]
+    split = any(r.get(k) is not None for r in record["runs"] for k in SPLIT)
     L = (["# Held-out change over seeds", ""] if heading else []) + [
          f"Each run is the same config with {', '.join(f'`{x}`' for x in seed_options)} set to its seed. Judge: "
          f"{', '.join(f'`{j}`' for j in record['judges'])}. Per run: the paired-bootstrap {conf}% CI of the change "
          "(resamples instructions). Over runs: the Student-t interval of the mean change (each run one draw), "
          "which also covers the run-to-run spread.", "",
-         "| seed | n | before | after | change [CI] | valid before → after |", "|---:|---:|---:|---:|---|---|"]
+         "| seed | n | before | after | change [CI] | valid before → after |" + (" format / answers |" if split else ""),
+         "|---:|---:|---:|---:|---|---|" + ("---|" if split else "")]
     for r in record["runs"]:
         lo, hi = r["change_ci"]
-        mark = " ↑" if r["significant"] == "up" else " ↓" if r["significant"] == "down" else ""
+        mark = _arrow(r["change_ci"])
         vb, va = (("–" if v is None else f"{100 * v:.0f}%") for v in (r["valid_before"], r["valid_after"]))
+        parts = " / ".join("–" if r.get(k) is None else f"{r[k]:+.3f}" + _arrow(r.get(f"{k}_ci")) for k in SPLIT)
         L.append(f"| {r['seed']} | {r['n']} | {r['before']:.3f} | {r['after']:.3f} | "
-                 f"{r['change']:+.3f} [{lo:+.3f}, {hi:+.3f}]{mark} | {vb} → {va} |")
-    ci = o["mean_change_ci"]
-    interval = f" [{ci[0]:+.3f}, {ci[1]:+.3f}]" if ci else " (one run: no interval)"
+                 f"{r['change']:+.3f} [{lo:+.3f}, {hi:+.3f}]{mark} | {vb} → {va} |" + (f" {parts} |" if split else ""))
+    interval = lambda ci: f" [{ci[0]:+.3f}, {ci[1]:+.3f}]" if ci else " (one run: no interval)"  # noqa: E731
     sd = "" if o["sd_change"] is None else f", sd between runs {o['sd_change']:.3f}"
-    L += ["", f"**Mean change over {o['n_runs']} runs: {o['mean_change']:+.3f}{interval}**{sd}; "
+    L += ["", f"**Mean change over {o['n_runs']} runs: {o['mean_change']:+.3f}{interval(o['mean_change_ci'])}**{sd}; "
               f"{o['n_improved']} of {o['n_runs']} improved, {o['n_significant_up']} significantly "
               f"(↑), {o['n_significant_down']} significantly worse (↓). Mean score {o['mean_before']:.3f} → "
               f"{o['mean_after']:.3f}."]
+    if "mean_format_change" in o:
+        L += ["", "Format / answers: the change from outputs whose format validity changed (invalid → valid gains the "
+                  "output's whole score) and from outputs valid before and after; the two add up to the change (↑: "
+                  "its paired-bootstrap CI excludes 0). "
+                  f"Mean over runs: format {o['mean_format_change']:+.3f}{interval(o['mean_format_change_ci'])}, "
+                  f"answers {o['mean_both_valid_change']:+.3f}{interval(o['mean_both_valid_change_ci'])}."]
     return "\n".join(L) + "\n"
 
 
