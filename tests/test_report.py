@@ -118,6 +118,26 @@ def test_report_tables_held_out_checks_per_type(tmp_path):
     assert report._check_table({1: _absolute(0.3, [0.1, 0.5], 0.9)}) == []
 
 
+def test_report_tables_the_change_per_iteration_with_its_split(tmp_path):
+    """With per-instruction results, each iteration's paired change over the seed model and its two parts."""
+    rd = RunDir(tmp_path / "r")
+    items = lambda vs: [{"id": f"q{i}", "valid": v, "score": x} for i, (v, x) in enumerate(vs)]  # noqa: E731
+    _dump(rd.eval_base.result, {**_absolute(0.5, [0.1, 0.9], 0.75),
+                                "items": items([(False, 0.0), (True, 1.0), (True, 0.5), (True, 0.5)])})
+    # q0 became valid (+1), q1 became invalid (-1), q2 +0.5 and q3 0 in the same format
+    _dump(rd.iteration(1).heldout.result, {**_absolute(0.625, [0.1, 0.9], 0.75),
+                                           "items": items([(True, 1.0), (False, 0.0), (True, 1.0), (True, 0.5)])})
+    _dump(rd.iteration(2).heldout.result, _absolute(0.6, [0.1, 0.9], 0.9))  # without items: no row
+    md = open(report.make_report([str(rd.path)], tmp_path / "rep")["report.md"]).read()
+    rows = [line for line in md.splitlines() if line.startswith("| iteration ") and "became" not in line]
+    row = next(line for line in rows if "+0.125 [" in line)
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[0] == "iteration 1" and cells[1] == "4" and cells[2].startswith("+0.125 [")
+    assert cells[3].startswith("+0.000 [") and cells[4].startswith("+0.125 [") and cells[5] == "1 / 1"
+    assert not any(line.startswith("| iteration 2 | 4 |") for line in md.splitlines())
+    assert report._change_table({1: _absolute(0.3, [0.1, 0.5], 0.9)}) == []
+
+
 def test_report_on_a_plain_run_dir_without_evals(tmp_path):
     rd = str(tmp_path / "runs" / "solo")
     _dump(RunDir(rd).iteration(1).metrics, {"iteration": 1, "generate": {"valid_rate": 0.25}})

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 
 from .errors import TpoError
 from .jsonl import read_json, read_records, write_text_atomic
-from .metrics import check_rates
+from .metrics import check_rates, compare_heldout
 from .records import Judgement, Pair
 from .rundir import RECORD_KEYS, ExperimentDir, RunDir, SeedsDir
 
@@ -435,6 +435,27 @@ def _check_table(heldout: dict[int, dict]) -> list[str]:
     return L + [""]
 
 
+def _change_table(heldout: dict[int, dict]) -> list[str]:
+    """Each iteration's held-out change over the seed model, paired by instruction, with its split into the part
+    from outputs that changed format validity and the part from outputs valid before and after
+    (:func:`tpo_lite.metrics.compare_heldout`). Empty without the seed model's per-instruction results."""
+    base = heldout.get(0)
+    its = [t for t in sorted(heldout) if t > 0 and base and "items" in base and "items" in heldout[t]]
+    if not its:
+        return []
+    ci = lambda v, c: "–" if v is None or c is None else f"{v:+.3f} [{c[0]:+.3f}, {c[1]:+.3f}]"  # noqa: E731
+    L = ["| change vs seed model | n | change [CI] | from format [CI] | from answers [CI] | became valid / invalid |",
+         "|---|---:|---|---|---|---|"]
+    for t in its:
+        d = compare_heldout(base, heldout[t])
+        moved = (f"{d['n_became_valid']} / {d['n_became_invalid']}" if "n_became_valid" in d else "–")
+        L.append(f"| iteration {t} | {d['n']} | {ci(d['score_diff'], d['score_diff_ci'])} | "
+                 f"{ci(d.get('format_change'), d.get('format_change_ci'))} | "
+                 f"{ci(d.get('both_valid_change'), d.get('both_valid_change_ci'))} | {moved} |")
+    return L + ["", "*from format*: outputs whose format validity changed (invalid → valid gains the whole score); "
+                "*from answers*: outputs valid before and after. The two add up to the change.", ""]
+
+
 def render_markdown(runs: list[RunData], comparisons: dict[str, dict], images: dict[str, str]) -> str:
     """The Markdown summary: per-iteration tables, eval results and the embedded plots."""
     L = ["# TPO report", ""]
@@ -459,6 +480,7 @@ def render_markdown(runs: list[RunData], comparisons: dict[str, dict], images: d
                          f"{_f(res.get('valid_rate'), '.1%')} | {_f(ml.get('response_chars_mean'), '.0f')} | "
                          f"{_f(ml.get('thought_chars_mean'), '.0f')} |")
             L.append("")
+            L += _change_table(r.heldout)
             L += _check_table(r.heldout)
         if r.metrics:
             L += ["| iteration | valid rate | forced rate | thought chars | response chars | mean score | pairs | "
