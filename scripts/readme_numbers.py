@@ -217,14 +217,15 @@ def render(rec: dict) -> str:
 
 def render_seeds(records: dict[int, dict]) -> str:
     """``{seed: record}`` of runs of one recipe -> the Markdown of :func:`tpo_lite.seeds.render_markdown` (each
-    run's change with its CI; the mean change over runs with its Student-t interval), plus each run's commit and
-    CPU."""
+    run's change with its CI; the mean change over runs with its Student-t interval), plus each run's commit, CPU
+    and dtype."""
     from tpo_lite.seeds import DEFAULT_SEED_OPTIONS, render_markdown, summarize_seeds
 
     summary = summarize_seeds(records)
-    def origin(rec: dict) -> str:  # greedy outputs of one commit differ between CPUs (tpo_lite/fingerprint.py)
-        cpu = ((rec.get("environment") or {}).get("cpu") or {}).get("model") or "?"
-        return f"`{(rec.get('commit') or '?')[:7]}` on {cpu}"
+    def origin(rec: dict) -> str:  # greedy outputs of one commit differ between CPUs and dtypes (fingerprint.py)
+        env = rec.get("environment") or {}
+        cpu = (env.get("cpu") or {}).get("model") or "?"
+        return f"`{(rec.get('commit') or '?')[:7]}` on {cpu}" + (f" ({env['dtype']})" if env.get("dtype") else "")
 
     runs = ", ".join(f"seed {s}: {origin(records[s])}" for s in sorted(records))
     return render_markdown(summary, DEFAULT_SEED_OPTIONS, heading=False) + f"\nMeasured at: {runs}.\n"
@@ -333,6 +334,8 @@ def main(argv=None) -> int:
     p.add_argument("record", type=Path)
     sd = sub.add_parser("seeds", help="summarise records of one recipe run with different seeds")
     sd.add_argument("records", nargs="+", metavar="SEED=RECORD.json")
+    sd.add_argument("--plot", type=Path, default=None,
+                    help="also draw the forest plot of `tpo-lite seeds` (seeds.png) of these records to this file")
     e = sub.add_parser("experiment", help="write the record of a measured `tpo-lite experiment` directory")
     e.add_argument("exp_dir", type=Path)
     e.add_argument("--command", required=True)
@@ -358,7 +361,13 @@ def main(argv=None) -> int:
         args.record.write_text(json.dumps(rec, indent=1) + "\n", encoding="utf-8")
         print(f"refreshed {args.record} from {args.run_dir}", file=sys.stderr)
     elif args.cmd == "seeds":
-        print(render_seeds(dict(_seed_record(a) for a in args.records)), end="")
+        records = dict(_seed_record(a) for a in args.records)
+        print(render_seeds(records), end="")
+        if args.plot:
+            from tpo_lite.seeds import plot_seeds, summarize_seeds
+
+            plot_seeds(summarize_seeds(records), args.plot)
+            print(f"wrote {args.plot}", file=sys.stderr)
     else:
         rec = json.loads(args.record.read_text(encoding="utf-8"))
         print(render(rec) if args.cmd == "render" else render_experiment(rec))

@@ -167,8 +167,9 @@ def test_memory_line_of_a_run_in_stage_processes_and_of_one_process(tmp_path):
     assert "Memory: one process; it peaked at 3000 MB RSS = 1.50 x its largest train (DPO) stage (2000 MB)." in md
 
 
-def test_seeds_summary_of_records(tmp_path):
-    """`readme_numbers.py seeds` summarises recorded runs with tpo_lite.seeds' own code, commits and CPUs named."""
+def test_seeds_summary_of_records(tmp_path, capsys):
+    """`readme_numbers.py seeds` summarises recorded runs with tpo_lite.seeds' own code, commits, CPUs and dtypes
+    named."""
     mod = _module()
     recs = {}
     for seed, (diff, ci) in {0: (0.1, [0.04, 0.16]), 1: (0.02, [-0.03, 0.07])}.items():
@@ -184,7 +185,11 @@ def test_seeds_summary_of_records(tmp_path):
     assert "| 0 | 100 | 0.200 | 0.300 | +0.100 [+0.040, +0.160] ↑ | 80% → 95% |" in md
     assert "| 1 | 100 | 0.200 | 0.220 | +0.020 [-0.030, +0.070] | 80% → 95% |" in md
     assert "**Mean change over 2 runs: +0.060 [-0.448, +0.568]**, sd between runs 0.057" in md
-    assert md.endswith("Measured at: seed 0: `abc123` on CPU X, seed 1: `abc123` on CPU X.\n")
+    assert md.endswith("Measured at: seed 0: `abc123` on CPU X (bfloat16), seed 1: `abc123` on CPU X (bfloat16).\n")
+    # the command line prints the same and, with --plot, draws the records' forest plot
+    mod.main(["seeds", f"0={recs[0]}", f"1={recs[1]}", "--plot", str(tmp_path / "seeds.png")])
+    assert capsys.readouterr().out == md
+    assert (tmp_path / "seeds.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_docs_hold_the_rendered_seeds_summaries(monkeypatch):

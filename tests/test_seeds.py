@@ -103,6 +103,37 @@ def test_summary_over_seeds_splits_the_change_into_format_and_answers():
     assert "format / answers" not in render_markdown(summarize_seeds(runs), ["sampling.seed"])
 
 
+def test_seeds_plot_has_a_panel_per_part_of_the_change(tmp_path):
+    """seeds.png: the change per run and its mean over runs, and a panel each for the format and answers parts with
+    their own intervals, where every run has that part; without the split, the change alone."""
+    from tpo_lite.seeds import forest_panels, plot_seeds, summarize_seeds
+
+    runs = {}
+    for s, (fmt, ans) in {0: (0.07, 0.05), 1: (0.04, 0.04), 2: (0.03, -0.03)}.items():
+        runs[s] = _summary(0.2, 0.2 + fmt + ans, fmt + ans, (fmt + ans - 0.08, fmt + ans + 0.08))
+        runs[s]["heldout_change"].update(format_change=fmt, both_valid_change=ans,
+                                         format_change_ci=[fmt - 0.04, fmt + 0.04])
+    rec = summarize_seeds(runs)
+    panels = forest_panels(rec)
+    assert [p["key"] for p in panels] == ["change", "format_change", "both_valid_change"]
+    change, fmt, ans = panels
+    assert change["runs"][0] == (0, pytest.approx(0.12), pytest.approx([0.04, 0.2]))
+    assert fmt["runs"][2] == (2, 0.03, pytest.approx([-0.01, 0.07]))
+    assert ans["runs"][1] == (1, 0.04, None)  # a part without its CI: a point without a bar
+    t = t_interval([0.05, 0.04, -0.03])
+    assert ans["mean"][0] == pytest.approx(t["mean"]) and ans["mean"][1] == pytest.approx(t["ci"])
+    plot_seeds(rec, tmp_path / "split.png")
+    assert (tmp_path / "split.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    del runs[1]["heldout_change"]["format_change"]  # a part that one run lacks: no panel for it
+    assert [p["key"] for p in forest_panels(summarize_seeds(runs))] == ["change", "both_valid_change"]
+    del runs[1]["heldout_change"]["both_valid_change"]
+    assert [p["key"] for p in forest_panels(summarize_seeds(runs))] == ["change"]
+    single = summarize_seeds({0: runs[0]})  # one run: no interval over runs, the mean still drawn
+    assert forest_panels(single)[0]["mean"] == (pytest.approx(0.12), None)
+    plot_seeds(single, tmp_path / "one.png")
+    assert (tmp_path / "one.png").stat().st_size > 0
+
+
 def test_seed_configs_set_the_options_and_refuse_bad_input():
     from tpo_lite.config import RunConfig
     from tpo_lite.seeds import seed_configs

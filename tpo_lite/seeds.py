@@ -16,7 +16,8 @@ Directory (``<loop.runs_root>/<loop.name>_seeds/``, :class:`tpo_lite.rundir.Seed
     seed_0/  seed_1/ ...      ordinary run directories (resumable like any run)
     seed_<S>.log              the output of a run started in a child process (``parallel`` > 1)
     seeds.json  seeds.md      the summary (per seed and over seeds)
-    seeds.png                 each run's change with its CI, and the mean over runs with its interval
+    seeds.png                 each run's change with its CI and the mean over runs with its interval, and the
+                              same for the change's format and answers parts
 
 With ``parallel`` > 1 the runs go to child processes (``python -m tpo_lite run seed_<S>/``), that many at a
 time: on a GPU that small models leave mostly idle, runs share it well; on a CPU each child gets
@@ -246,28 +247,52 @@ def render_markdown(record: dict, seed_options: Sequence[str], heading: bool = T
     return "\n".join(L) + "\n"
 
 
+PANEL_TITLES = {"change": "held-out change", "format_change": "from format (validity changed)",
+                "both_valid_change": "from answers (valid before and after)"}
+
+
+def forest_panels(record: dict) -> list[dict]:
+    """What :func:`plot_seeds` draws: one panel for the change and one for each of its parts (format / answers)
+    that every run has; each ``{"key", "title", "runs": [(seed, value, ci or None)], "mean": (value,
+    ci or None)}``, the mean with its t interval over runs."""
+    rows, o = record["runs"], record["over_seeds"]
+    panels = [{"key": "change", "runs": [(r["seed"], r["change"], r["change_ci"]) for r in rows],
+               "mean": (o["mean_change"], o["mean_change_ci"])}]
+    for k in SPLIT:
+        if f"mean_{k}" in o:  # summarize_seeds sets it only when every run has the part
+            panels.append({"key": k, "runs": [(r["seed"], r[k], r.get(f"{k}_ci")) for r in rows],
+                           "mean": (o[f"mean_{k}"], o[f"mean_{k}_ci"])})
+    for p in panels:
+        p["title"] = PANEL_TITLES[p["key"]]
+    return panels
+
+
 def plot_seeds(record: dict, path: str | os.PathLike) -> None:
-    """Each run's change with its CI, and the mean over runs with its t interval (a forest plot)."""
+    """A forest plot: each run's change with its paired-bootstrap CI and the mean over runs with its t interval;
+    beside it, where the runs have the split, the same for the format and answers parts of the change."""
     from .report import pyplot, save_figure
 
     plt = pyplot()
-    rows, o = record["runs"], record["over_seeds"]
-    fig, ax = plt.subplots(figsize=(6.4, 1.2 + 0.35 * (len(rows) + 1)))
-    ys = list(range(len(rows), 0, -1))
-    for y, r in zip(ys, rows):
-        lo, hi = r["change_ci"]
-        ax.errorbar([r["change"]], [y], xerr=[[r["change"] - lo], [hi - r["change"]]], fmt="o", capsize=3,
-                    color="C0")
-    if o["mean_change_ci"]:
-        lo, hi = o["mean_change_ci"]
-        ax.errorbar([o["mean_change"]], [0], xerr=[[o["mean_change"] - lo], [hi - o["mean_change"]]], fmt="D",
-                    capsize=4, color="C3")
-    else:
-        ax.plot([o["mean_change"]], [0], "D", color="C3")
-    ax.axvline(0.0, color="0.5", lw=0.8, ls="--")
-    ax.set_yticks(ys + [0], [f"seed {r['seed']}" for r in rows] + [f"mean of {o['n_runs']}"])
-    ax.set_ylim(-0.8, len(rows) + 0.8)
-    ax.set_xlabel(f"held-out change after training ({int(round(100 * record['confidence']))}% CI)")
+    panels = forest_panels(record)
+    n = len(record["runs"])
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 1.4 + 0.35 * (n + 1)), sharey=True,
+                             squeeze=False)
+    ys = list(range(n, 0, -1))
+
+    def point(ax, x, y, ci, **kw):
+        err = None if not ci else [[x - ci[0]], [ci[1] - x]]
+        ax.errorbar([x], [y], xerr=err, capsize=3, **kw)
+
+    for ax, p in zip(axes[0], panels):
+        for y, (_, v, ci) in zip(ys, p["runs"]):
+            point(ax, v, y, ci, fmt="o", color="C0")
+        point(ax, p["mean"][0], 0, p["mean"][1], fmt="D", color="C3")
+        ax.axvline(0.0, color="0.5", lw=0.8, ls="--")
+        ax.set_title(p["title"], fontsize=10)
+        ax.set_xlabel(f"score change ({int(round(100 * record['confidence']))}% CI)")
+    axes[0][0].set_yticks(ys + [0], [f"seed {s}" for s, _, _ in panels[0]["runs"]] +
+                          [f"mean of {record['over_seeds']['n_runs']}"])
+    axes[0][0].set_ylim(-0.8, n + 0.8)
     save_figure(plt, fig, str(path))
 
 
