@@ -106,7 +106,7 @@ def test_summary_over_seeds_splits_the_change_into_format_and_answers():
 def test_seeds_plot_has_a_panel_per_part_of_the_change(tmp_path):
     """seeds.png: the change per run and its mean over runs, and a panel each for the format and answers parts with
     their own intervals, where every run has that part; without the split, the change alone."""
-    from tpo_lite.seeds import forest_panels, plot_seeds, summarize_seeds
+    from tpo_lite.seeds import forest_panels, plot_seeds, render_markdown, summarize_seeds
 
     runs = {}
     for s, (fmt, ans) in {0: (0.07, 0.05), 1: (0.04, 0.04), 2: (0.03, -0.03)}.items():
@@ -130,6 +130,7 @@ def test_seeds_plot_has_a_panel_per_part_of_the_change(tmp_path):
     assert [p["key"] for p in forest_panels(summarize_seeds(runs))] == ["change"]
     single = summarize_seeds({0: runs[0]})  # one run: no interval over runs, the mean still drawn
     assert forest_panels(single)[0]["mean"] == (pytest.approx(0.12), None)
+    assert "**Mean change over 1 run: +0.120 (one run: no interval)**" in render_markdown(single, ["train.seed"])
     plot_seeds(single, tmp_path / "one.png")
     assert (tmp_path / "one.png").stat().st_size > 0
 
