@@ -47,28 +47,20 @@ def _with_items(run_dir: Path, result: dict | None) -> dict | None:
     return result
 
 
-def _eval_options(run_dir: Path) -> dict:
-    """The run's bootstrap settings (its resolved config.toml's [eval]), as loop.run passed them to compare_heldout."""
-    import tomllib
-
-    f = run_dir / "config.toml"
-    ev = tomllib.loads(f.read_text(encoding="utf-8")).get("eval", {}) if f.exists() else {}
-    return {k: ev[k] for k in ("n_boot", "alpha", "seed") if k in ev}
-
-
-def heldout_change(before: dict | None, after: dict | None, recorded: dict | None, options: dict) -> dict | None:
+def heldout_change(before: dict | None, after: dict | None, recorded: dict | None, run_dir: Path) -> dict | None:
     """The change as tpo_lite.metrics.compare_heldout computes it today (with its split into format / answers)
-    from the per-instruction items; it must reproduce the ``recorded`` change, else the items are not that run's.
-    ``recorded`` as it is when either side lacks items."""
-    from tpo_lite.metrics import compare_heldout
+    from the per-instruction items, with the run's bootstrap settings; it must reproduce the ``recorded`` change,
+    else the items are not that run's. ``recorded`` as it is when either side lacks items."""
+    from tpo_lite.metrics import compare_heldout, run_bootstrap_options
 
     if not (before and after and "items" in before and "items" in after):
         return recorded
-    change = compare_heldout(before, after, **options)
+    change = compare_heldout(before, after, **run_bootstrap_options(run_dir))
     if recorded is not None:
         differ = sorted(k for k in recorded if change.get(k) != recorded[k])
         if differ:
-            raise SystemExit(f"readme_numbers: the held-out items do not reproduce the recorded change ({', '.join(differ)})")
+            raise SystemExit("readme_numbers: the held-out items do not reproduce the recorded change "
+                             f"({', '.join(differ)})")
     return change
 
 
@@ -102,7 +94,7 @@ def record(run_dir: Path, command: str, wall_seconds: float | None, load: str, t
             "commit": (env or {}).get("tpo_lite_commit"), "environment": env,
             "iterations": summary["iterations"],
             "heldout_before": before, "heldout_after": after,
-            "heldout_change": heldout_change(before, after, summary.get("heldout_change"), _eval_options(run_dir)),
+            "heldout_change": heldout_change(before, after, summary.get("heldout_change"), run_dir),
             "memory": summary.get("memory"), "tree_memory": tree_memory}
 
 
@@ -236,15 +228,17 @@ ARM_NAMES = {"tpo": "TPO (thoughts)", "direct": "direct (no thoughts)"}
 
 def _paired_changes(run_dir: Path, iterations: list[int]) -> dict[int, dict | None]:
     """Each iteration's held-out change over the seed model, paired by instruction (the run's own final change is
-    computed the same way, with the same bootstrap defaults); None where the per-instruction results are missing."""
-    from tpo_lite.metrics import compare_heldout
+    computed the same way, with the run's bootstrap settings); None where the per-instruction results are missing."""
+    from tpo_lite.metrics import compare_heldout, run_bootstrap_options
+
+    options = run_bootstrap_options(run_dir)
 
     def read(f: Path) -> dict | None:
         return json.loads(f.read_text(encoding="utf-8")) if f.exists() else None
 
     before = read(run_dir / "eval_base" / "eval.json")
     afters = {t: read(run_dir / f"iter_{t:02d}" / "heldout" / "eval.json") for t in iterations}
-    return {t: compare_heldout(before, a) if before and a else None for t, a in afters.items()}
+    return {t: compare_heldout(before, a, **options) if before and a else None for t, a in afters.items()}
 
 
 def experiment_record(exp_dir: Path, command: str, wall_seconds: float | None, load: str, note: str = "",

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 
+import numpy as np
 import pytest
 
 from tpo_lite import report
@@ -135,7 +136,30 @@ def test_report_tables_the_change_per_iteration_with_its_split(tmp_path):
     assert cells[0] == "iteration 1" and cells[1] == "4" and cells[2].startswith("+0.125 [")
     assert cells[3].startswith("+0.000 [") and cells[4].startswith("+0.125 [") and cells[5] == "1 / 1"
     assert not any(line.startswith("| iteration 2 | 4 |") for line in md.splitlines())
-    assert report._change_table({1: _absolute(0.3, [0.1, 0.5], 0.9)}) == []
+    assert report._change_table({1: _absolute(0.3, [0.1, 0.5], 0.9)}, {}) == []
+
+
+def test_report_recomputes_the_change_with_the_runs_bootstrap_settings(tmp_path):
+    """The change table uses the run's own [eval] n_boot / alpha / seed (its config.toml), so the last row is the
+    change the run printed, not one with the library's defaults."""
+    from tpo_lite.config import load_config, to_toml
+    from tpo_lite.metrics import compare_heldout
+
+    rd = RunDir(tmp_path / "r")
+    rd.path.mkdir(parents=True)
+    rd.config.write_text(to_toml(load_config(None).replace("eval", n_boot=300, alpha=0.2, seed=7)))
+    rng = np.random.default_rng(3)
+    items = lambda xs: [{"id": f"q{i}", "valid": True, "score": float(x)} for i, x in enumerate(xs)]  # noqa: E731
+    base = {**_absolute(0.5, [0.1, 0.9], 1.0), "items": items(rng.random(40))}
+    after = {**_absolute(0.6, [0.1, 0.9], 1.0), "items": items(rng.random(40))}
+    _dump(rd.eval_base.result, base)
+    _dump(rd.iteration(1).heldout.result, after)
+    assert report.load_run(rd.path).bootstrap == {"n_boot": 300, "alpha": 0.2, "seed": 7}
+    ours, default = compare_heldout(base, after, n_boot=300, alpha=0.2, seed=7), compare_heldout(base, after)
+    lo, hi = ours["score_diff_ci"]
+    assert [round(x, 3) for x in (lo, hi)] != [round(x, 3) for x in default["score_diff_ci"]]
+    md = open(report.make_report([str(rd.path)], tmp_path / "rep")["report.md"]).read()
+    assert f"| iteration 1 | 40 | {ours['score_diff']:+.3f} [{lo:+.3f}, {hi:+.3f}] |" in md
 
 
 def test_report_on_a_plain_run_dir_without_evals(tmp_path):

@@ -23,8 +23,8 @@ from .config import RunConfig, to_toml
 from .guard import check_inputs, check_run_dir, prepare_run_dir
 from .heldout import existing_heldout, heldout_producer, heldout_stage, validation_stage
 from .jsonl import read_records, write_json_atomic
-from .metrics import compare_heldout, format_before_after, format_table, iteration_memory, iteration_metrics, \
-    run_memory
+from .metrics import bootstrap_options, compare_heldout, format_before_after, format_table, iteration_memory, \
+    iteration_metrics, run_memory
 from .rundir import RunDir, resolve_run_dir
 from .stage_process import call_in_fresh_process
 from .stages import STAGES, adapter_for, final_adapter
@@ -191,7 +191,7 @@ def run(config: RunConfig, run_dir: str | os.PathLike | None = None, progress: b
                                        fresh_process=isolate, mmap_threshold=heap)
         diff = None
         if before and after:
-            diff = compare_heldout(before, after, config.eval.n_boot, config.eval.alpha, config.eval.seed)
+            diff = compare_heldout(before, after, **bootstrap_options(config.eval))
         slim = lambda r: None if r is None else {k: v for k, v in r.items() if k != "items"}  # noqa: E731
         summary = {"run_dir": str(rd), "iterations": all_metrics, "final_adapter": final,
                    "heldout_before": slim(before), "heldout_after": slim(after), "heldout_change": diff,

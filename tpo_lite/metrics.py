@@ -136,6 +136,22 @@ def format_table(metrics: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def bootstrap_options(eval_config) -> dict:
+    """The keyword arguments of :func:`compare_heldout` that an ``[eval]`` table sets (n_boot, alpha, seed)."""
+    return {"n_boot": eval_config.n_boot, "alpha": eval_config.alpha, "seed": eval_config.seed}
+
+
+def run_bootstrap_options(run_dir) -> dict:
+    """:func:`bootstrap_options` of a run directory's resolved config.toml (the settings ``loop.run`` used for its
+    held-out change), so a change re-computed later from the run's results is the same; the defaults where the
+    directory has no config.toml."""
+    from .config import load_config
+    from .rundir import RunDir
+
+    f = RunDir(run_dir).config
+    return bootstrap_options(load_config(f if f.exists() else None).eval)
+
+
 def compare_heldout(before: dict, after: dict, n_boot: int = 2000, alpha: float = 0.05, seed: int = 0) -> dict:
     """Paired before/after difference of the per-instruction held-out scores, with a bootstrap CI, and where it
     comes from.

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 
 from .errors import TpoError
 from .jsonl import read_json, read_records, write_text_atomic
-from .metrics import check_rates, compare_heldout
+from .metrics import check_rates, compare_heldout, run_bootstrap_options
 from .records import Judgement, Pair
 from .rundir import RECORD_KEYS, ExperimentDir, RunDir, SeedsDir
 
@@ -49,6 +49,7 @@ class RunData:
     pair_scores: dict[int, tuple[list[float], list[float]]] = field(default_factory=dict)  # chosen, rejected
     sample_scores: dict[int, list[float]] = field(default_factory=dict)  # all valid judged scores
     finals: dict[str, dict] = field(default_factory=dict)  # label -> pairwise RUN/{compare,eval}/<label>/eval.json
+    bootstrap: dict = field(default_factory=dict)  # the run's compare_heldout settings (metrics.run_bootstrap_options)
 
     @property
     def iterations(self) -> list[int]:
@@ -72,6 +73,7 @@ def load_run(run_dir: str | os.PathLike, name: str | None = None) -> RunData:
         raise TpoError("not a directory (expected a run directory made by `tpo-lite run`)", path=run_dir)
     data = RunData(name=name or os.path.basename(os.path.normpath(run_dir)), path=run_dir)
     run = RunDir(run_dir)
+    data.bootstrap = run_bootstrap_options(run_dir)
     if run.eval_base.result.exists():
         data.heldout[0] = _read_json_checked(run.eval_base.result)
     for d in run.iterations():
@@ -435,10 +437,11 @@ def _check_table(heldout: dict[int, dict]) -> list[str]:
     return L + [""]
 
 
-def _change_table(heldout: dict[int, dict]) -> list[str]:
+def _change_table(heldout: dict[int, dict], bootstrap: dict) -> list[str]:
     """Each iteration's held-out change over the seed model, paired by instruction, with its split into the part
     from outputs that changed format validity and the part from outputs valid before and after
-    (:func:`tpo_lite.metrics.compare_heldout`). Empty without the seed model's per-instruction results."""
+    (:func:`tpo_lite.metrics.compare_heldout` with the run's ``bootstrap`` settings, so the last iteration's row is
+    the change the run printed). Empty without the seed model's per-instruction results."""
     base = heldout.get(0)
     its = [t for t in sorted(heldout) if t > 0 and base and "items" in base and "items" in heldout[t]]
     if not its:
@@ -447,7 +450,7 @@ def _change_table(heldout: dict[int, dict]) -> list[str]:
     L = ["| change vs seed model | n | change [CI] | from format [CI] | from answers [CI] | became valid / invalid |",
          "|---|---:|---|---|---|---|"]
     for t in its:
-        d = compare_heldout(base, heldout[t])
+        d = compare_heldout(base, heldout[t], **bootstrap)
         moved = (f"{d['n_became_valid']} / {d['n_became_invalid']}" if "n_became_valid" in d else "–")
         L.append(f"| iteration {t} | {d['n']} | {ci(d['score_diff'], d['score_diff_ci'])} | "
                  f"{ci(d.get('format_change'), d.get('format_change_ci'))} | "
@@ -480,7 +483,7 @@ def render_markdown(runs: list[RunData], comparisons: dict[str, dict], images: d
                          f"{_f(res.get('valid_rate'), '.1%')} | {_f(ml.get('response_chars_mean'), '.0f')} | "
                          f"{_f(ml.get('thought_chars_mean'), '.0f')} |")
             L.append("")
-            L += _change_table(r.heldout)
+            L += _change_table(r.heldout, r.bootstrap)
             L += _check_table(r.heldout)
         if r.metrics:
             L += ["| iteration | valid rate | forced rate | thought chars | response chars | mean score | pairs | "

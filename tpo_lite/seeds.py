@@ -234,7 +234,8 @@ def render_markdown(record: dict, seed_options: Sequence[str], heading: bool = T
                  f"{r['change']:+.3f} [{lo:+.3f}, {hi:+.3f}]{mark} | {vb} → {va} |" + (f" {parts} |" if split else ""))
     interval = lambda ci: f" [{ci[0]:+.3f}, {ci[1]:+.3f}]" if ci else " (one run: no interval)"  # noqa: E731
     sd = "" if o["sd_change"] is None else f", sd between runs {o['sd_change']:.3f}"
-    L += ["", f"**Mean change over {o['n_runs']} run{'s' if o['n_runs'] != 1 else ''}: {o['mean_change']:+.3f}{interval(o['mean_change_ci'])}**{sd}; "
+    runs = f"{o['n_runs']} run{'s' if o['n_runs'] != 1 else ''}"
+    L += ["", f"**Mean change over {runs}: {o['mean_change']:+.3f}{interval(o['mean_change_ci'])}**{sd}; "
               f"{o['n_improved']} of {o['n_runs']} improved, {o['n_significant_up']} significantly "
               f"(↑), {o['n_significant_down']} significantly worse (↓). Mean score {o['mean_before']:.3f} → "
               f"{o['mean_after']:.3f}."]
