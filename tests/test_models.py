@@ -120,6 +120,26 @@ def test_hidden_states_times_head_are_the_logits(tiny_dir):
     assert lm_head_options(model) == {"logit_scale": 1.0, "softcap": None}
 
 
+def test_right_padding_runs_unmasked_and_keeps_the_real_positions(tiny_dir):
+    """A right-padded batch reaches the body without a mask (causal attention's fast path); every real position's
+    state is the one of its sequence run alone. A left-padded mask is passed on."""
+    model, _ = load_model(cfg_for(tiny_dir, lora_r=4), trainable=True)
+    model.eval()
+    seen = []
+    decoder(model).register_forward_pre_hook(lambda m, a, kw: seen.append(kw.get("attention_mask")), with_kwargs=True)
+    lengths = (11, 6, 9)
+    ids = torch.randint(0, VOCAB, (3, 11))
+    mask = (torch.arange(11) < torch.tensor(lengths)[:, None]).long()
+    with torch.no_grad():
+        h = final_hidden_states(model, ids.masked_fill(mask == 0, 0), mask)
+        assert seen[-1] is None
+        for row, n in enumerate(lengths):
+            alone = final_hidden_states(model, ids[row:row + 1, :n])[0]
+            torch.testing.assert_close(h[row, :n], alone, rtol=1e-5, atol=1e-5)
+        final_hidden_states(model, ids, mask.flip(1))  # left padding
+    assert seen[-1] is not None and torch.equal(seen[-1], mask.flip(1))
+
+
 def test_softcap_model_gemma2(tmp_path):
     """Gemma 2 caps its logits; lm_head_options + the fused op reproduce the model's log-probs."""
     from transformers import Gemma2Config, Gemma2ForCausalLM

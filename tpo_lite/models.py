@@ -405,6 +405,12 @@ def decoder_layers(model) -> list:
     return []
 
 
+def only_right_padding(attention_mask: Optional[torch.Tensor]) -> bool:
+    """Whether ``attention_mask`` is a [B, T] padding mask whose rows are ones, then zeros."""
+    return (attention_mask is not None and attention_mask.dim() == 2
+            and bool((attention_mask[:, 1:] <= attention_mask[:, :-1]).all()))
+
+
 def final_hidden_states(model, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
                         position_ids: Optional[torch.Tensor] = None):
     """Final hidden states [B, T, d] from the body alone, so no [B, T, V] logits are ever computed.
@@ -412,8 +418,15 @@ def final_hidden_states(model, input_ids: torch.Tensor, attention_mask: Optional
     ``attention_mask`` is the usual [B, T] padding mask, or a [B, T, T] boolean mask (True = the query may attend
     to the key; it replaces the causal mask, so it must be causal itself, and no row may be all False), which
     needs ``position_ids`` and 'sdpa' (given the boolean mask) or 'eager' attention (an additive float32 mask).
+
+    A [B, T] mask that only right-pads (each row ones, then zeros) is not passed on: under causal attention no real
+    token attends to a later position, so the real positions' states are the same without it, and attention takes
+    its plain causal path (SDPA's CPU kernel then skips the blocks above the diagonal). The states at the padded
+    positions are then not those of a masked run; nothing may read them.
     """
     body = decoder(model)
+    if position_ids is None and only_right_padding(attention_mask):
+        attention_mask = None
     if attention_mask is not None and attention_mask.dim() == 3:
         impl = getattr(unwrap(model).config, "_attn_implementation", None)
         if impl not in CUSTOM_MASK_ATTENTION:

@@ -23,7 +23,9 @@ Methods: ``tpo-lite`` (``tpo_lite.train.train_iteration`` with the ``[train]`` d
 (the same with ``grad_checkpointing = false``), ``tpo-lite-shared`` / ``tpo-lite-nogc-shared`` (those two with
 ``share_prompt = true``: one row per pair, the prompt run once; tokens/s still counts the prompt twice, as the
 work done for the same pairs), ``tpo-lite-nogc-peft-lora`` (``tpo-lite-nogc`` with ``fuse_lora = false``:
-peft's own LoRA forward instead of :mod:`tpo_lite.ops.lora_linear`), ``trl`` (needs ``trl`` importable by ``trl_python``, else it is reported as n/a).
+peft's own LoRA forward instead of :mod:`tpo_lite.ops.lora_linear`), ``tpo-lite-nogc-padmask`` (``tpo-lite-nogc`` with
+the [B, T] padding mask passed to attention, which :func:`tpo_lite.models.final_hidden_states` drops for right-padded
+batches), ``trl`` (needs ``trl`` importable by ``trl_python``, else it is reported as n/a).
 """
 from __future__ import annotations
 
@@ -41,10 +43,11 @@ from pathlib import Path
 from typing import Callable, Optional, Union
 from ..options import option
 
-METHODS = ("tpo-lite", "tpo-lite-nogc", "tpo-lite-shared", "tpo-lite-nogc-shared", "tpo-lite-nogc-peft-lora", "trl")
+METHODS = ("tpo-lite", "tpo-lite-nogc", "tpo-lite-shared", "tpo-lite-nogc-shared", "tpo-lite-nogc-peft-lora",
+           "tpo-lite-nogc-padmask", "trl")
 # the tpo-lite ratios a/b reported besides each one over trl
 _RATIOS = {("tpo-lite", "tpo-lite-nogc"), ("tpo-lite-shared", "tpo-lite"), ("tpo-lite-nogc-shared", "tpo-lite-nogc"),
-           ("tpo-lite-nogc", "tpo-lite-nogc-peft-lora")}
+           ("tpo-lite-nogc", "tpo-lite-nogc-peft-lora"), ("tpo-lite-nogc", "tpo-lite-nogc-padmask")}
 _RESULT = "TPO_BENCH_RESULT "
 
 
@@ -173,6 +176,10 @@ def _model_cfg(spec: dict):
 def _run_tpo_lite(spec: dict, pairs: list[dict], out_dir: str) -> dict:
     from tpo_lite.train import TrainConfig, train_iteration
 
+    if spec["method"].endswith("-padmask"):
+        import tpo_lite.models
+
+        tpo_lite.models.only_right_padding = lambda mask: False  # every mask reaches the model, as before
     kw = {"grad_checkpointing": "-nogc" not in spec["method"], "share_prompt": spec["method"].endswith("-shared"),
           "fuse_lora": not spec["method"].endswith("-peft-lora")}
     tcfg = TrainConfig(epochs=1, batch_size=spec["batch_size"], grad_accum=spec["grad_accum"],
@@ -183,6 +190,7 @@ def _run_tpo_lite(spec: dict, pairs: list[dict], out_dir: str) -> dict:
             "cpu_seconds": m["memory"]["reference"]["cpu_seconds"] + m["memory"]["dpo"]["cpu_seconds"],
             "train_seconds": m["train_seconds"], "steps": m["steps"], "grad_checkpointing": tcfg.grad_checkpointing,
             "share_prompt": tcfg.share_prompt, "fuse_lora": tcfg.fuse_lora,
+            "padding_mask_passed": spec["method"].endswith("-padmask"),
             "initial_loss": m["initial_loss"], "final_loss": m["final_loss"], "model": m["model"],
             "phases": m["memory"]}
 
