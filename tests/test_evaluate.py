@@ -880,18 +880,3 @@ def test_the_experiment_example_trains_the_main_recipe():
     diff = {(sec, key) for sec, key, _, _ in _config_diff(main.to_dict(), tpo.to_dict())}
     assert diff and diff <= RESUME_SAFE
 
-
-def test_the_30min_example_is_the_main_recipe_at_half_the_compute():
-    """examples/smollm2_cpu_30min.toml (measured in the README) differs from examples/smollm2_cpu.toml in what its
-    header says and nothing else."""
-    from pathlib import Path
-
-    from tpo_lite.config import load_config
-    from tpo_lite.guard import _config_diff
-
-    examples = Path(__file__).resolve().parents[1] / "examples"
-    main = load_config(examples / "smollm2_cpu.toml")
-    fast = load_config(examples / "smollm2_cpu_30min.toml")
-    diff = {(sec, key): (a, b) for sec, key, a, b in _config_diff(main.to_dict(), fast.to_dict())}
-    assert diff == {("loop", "name"): ("smollm2_cpu", "smollm2_cpu_30min"), ("loop", "prompts_per_iteration"): (96, 64),
-                    ("train", "epochs"): (2, 1), ("train", "learning_rate"): (1e-4, 2e-4)}
